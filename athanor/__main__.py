@@ -1,0 +1,3 @@
+from athanor.cli.main import main
+
+main()

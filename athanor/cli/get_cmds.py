@@ -1,0 +1,255 @@
+"""get and describe: reading desired and observed state."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+import click
+
+from athanor import actions, catalog, views
+from athanor.cli.common import emit, output_option, store
+from athanor.errors import InvalidValueError, NotFoundError
+from athanor.managers import resolve_manager, service_file_path
+
+RESOURCE_TYPES = {
+    "models": "model", "model": "model", "mo": "model",
+    "gateway": "gateway", "gateways": "gateway", "gw": "gateway",
+    "recipes": "recipe", "recipe": "recipe",
+}
+
+
+def _complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    try:
+        doc = store().models.load()
+    except Exception:  # noqa: BLE001 - completion must never fail loudly
+        return []
+    return sorted(n for n in doc["models"] if n.startswith(incomplete))
+
+
+def parse_selector(text: str | None) -> list[tuple[str, str, str | None]]:
+    """``a=b,c!=d,e`` -> [(a, '=', b), (c, '!=', d), (e, 'exists', None)]."""
+    if not text:
+        return []
+    terms = []
+    for raw in text.split(","):
+        term = raw.strip()
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            terms.append((key.strip(), "!=", value.strip()))
+        elif "=" in term:
+            key, value = term.split("==", 1) if "==" in term else term.split("=", 1)
+            terms.append((key.strip(), "=", value.strip()))
+        elif term:
+            terms.append((term, "exists", None))
+        if not terms or not terms[-1][0]:
+            raise InvalidValueError(f"bad label selector {text!r}: expected key=value, key!=value or key")
+    return terms
+
+
+def matches(labels: dict[str, str], selector: list[tuple[str, str, str | None]]) -> bool:
+    for key, op, value in selector:
+        if op == "exists" and key not in labels:
+            return False
+        if op == "=" and labels.get(key) != value:
+            return False
+        if op == "!=" and labels.get(key) == value:
+            return False
+    return True
+
+
+@click.command("get")
+@click.argument("resource", type=click.Choice(sorted(RESOURCE_TYPES)), metavar="RESOURCE")
+@click.argument("name", required=False, shell_complete=_complete_model)
+@output_option
+@click.option("-l", "--selector", help="Label selector: key=value, key!=value or key, comma-separated.")
+def get_cmd(resource: str, name: str | None, output: str | None, selector: str | None) -> None:
+    """List RESOURCE (models, gateway, recipes), or show the one called NAME."""
+    kind = RESOURCE_TYPES[resource]
+    st = store()
+    doc = st.models.load()
+    if kind == "gateway":
+        _get_gateway(doc, output)
+        return
+    if kind == "recipe":
+        _get_recipes(doc, name, output)
+        return
+    instances = st.state.load()["instances"]
+    terms = parse_selector(selector)
+    names = [actions.resolve_name(doc, name)] if name else sorted(doc["models"])
+    items = [
+        views.model_view(doc["models"][n], instances.get(n))
+        for n in names
+        if matches(doc["models"][n]["metadata"].get("labels", {}), terms)
+    ]
+    if output in ("json", "yaml"):
+        emit(items[0] if name else {"apiVersion": "v1", "kind": "List", "items": items}, output)
+    elif output == "name":
+        for item in items:
+            click.echo(f"model/{item['metadata']['name']}")
+    elif not items:
+        click.echo("No models found. Run 'athanor scan' or 'athanor apply -f specs/'.", err=True)
+    else:
+        click.echo(_models_table(items, wide=output == "wide"))
+
+
+def _models_table(items: list[dict[str, Any]], wide: bool) -> str:
+    header = ["NAME", "RUNTIME", "STATUS", "PORT", "SIZE", "AGE"]
+    if wide:
+        header += ["PARAMS", "QUANT", "CTX", "RECIPE", "ALIASES", "SOURCE"]
+    rows = []
+    for item in items:
+        status = item["status"]
+        artifact = status.get("artifact", {})
+        meta = artifact.get("metadata", {})
+        row = [
+            item["metadata"]["name"],
+            item["spec"]["runtime"],
+            views.display_status(item),
+            str(status.get("port") or "-"),
+            views.human_bytes(artifact.get("sizeBytes")),
+            views.age(item["metadata"].get("creationTimestamp")),
+        ]
+        if wide:
+            row += [
+                views.human_count(meta.get("parameters")),
+                str(meta.get("quantization") or "-"),
+                str(meta.get("contextLength") or "-"),
+                item["spec"].get("recipe", "balanced"),
+                ",".join(item["spec"].get("aliases", [])) or "-",
+                views.source_text(item["spec"]["source"]),
+            ]
+        rows.append(row)
+    return views.render_table(header, rows)
+
+
+def _get_gateway(doc: dict[str, Any], output: str | None) -> None:
+    gw = doc.get("gateway")
+    spec = catalog.gateway_spec(doc)
+    obj = {
+        "apiVersion": "athanor.dev/v1alpha1",
+        "kind": "Gateway",
+        "metadata": gw["metadata"] if gw else {"name": "default"},
+        "spec": spec,
+    }
+    obj["metadata"] = {k: v for k, v in obj["metadata"].items() if k != "annotations"}
+    if output in ("json", "yaml"):
+        emit(obj, output)
+    elif output == "name":
+        click.echo(f"gateway/{obj['metadata']['name']}")
+    else:
+        residency = spec["residency"]
+        policy = residency["policy"] + (f" ({residency['budget']})" if residency.get("budget") else "")
+        ports = spec["portRange"]
+        header = ["NAME", "LISTEN", "MANAGER", "RESIDENCY", "IDLE", "PORTS", "APPLIED"]
+        row = [obj["metadata"]["name"], spec["listen"], spec["serviceManager"], policy, spec["idleTimeout"],
+               f"{ports['start']}-{ports['end']}", "yes" if gw else "no (defaults)"]
+        click.echo(views.render_table(header, [row]))
+
+
+def _get_recipes(doc: dict[str, Any], name: str | None, output: str | None) -> None:
+    recipes = actions.recipes(doc)
+    if name:
+        if name not in recipes:
+            raise NotFoundError(f"recipe {name!r} not found (known: {', '.join(sorted(recipes))})")
+        recipes = {name: recipes[name]}
+    data = [
+        {"name": r.name, "builtin": r.builtin, "description": r.description,
+         "values": {k: dict(v) for k, v in r.values.items()}}
+        for r in recipes.values()
+    ]
+    if output in ("json", "yaml"):
+        emit(data[0] if name else data, output)
+    elif output == "name":
+        for r in data:
+            click.echo(f"recipe/{r['name']}")
+    else:
+        rows = [[r["name"], "built-in" if r["builtin"] else "user", ",".join(r["values"]), r["description"]]
+                for r in data]
+        click.echo(views.render_table(["NAME", "TYPE", "RUNTIMES", "DESCRIPTION"], rows))
+
+
+@click.command("describe")
+@click.argument("resource", type=click.Choice(["model", "models", "mo"]), metavar="model")
+@click.argument("name", shell_complete=_complete_model)
+def describe_cmd(resource: str, name: str) -> None:
+    """Show a model: spec, effective preset and where each value comes from, launch command, status, events."""
+    st = store()
+    doc = st.models.load()
+    state = st.state.load()
+    model_name = actions.resolve_name(doc, name)
+    obj = doc["models"][model_name]
+    view = views.model_view(obj, state["instances"].get(model_name))
+    spec, meta, status = view["spec"], view["metadata"], view["status"]
+    out: list[str] = []
+
+    def field(label: str, value: Any, indent: int = 0) -> None:
+        out.append(f"{' ' * indent}{label + ':':<{16 - indent}}{value}")
+
+    field("Name", meta["name"])
+    field("Labels", ",".join(f"{k}={v}" for k, v in meta.get("labels", {}).items()) or "<none>")
+    field("Annotations", ",".join(f"{k}={v}" for k, v in meta.get("annotations", {}).items()) or "<none>")
+    field("Created", f"{meta.get('creationTimestamp')} ({views.age(meta.get('creationTimestamp'))} ago)")
+    field("Generation", meta.get("generation", 1))
+    field("Runtime", spec["runtime"])
+    field("Source", views.source_text(spec["source"]))
+    field("Aliases", ", ".join(spec.get("aliases", [])) or "<none>")
+    field("Residency", spec.get("residency", "onDemand"))
+    field("Port", spec.get("port"))
+    artifact = status.get("artifact")
+    out.append("Artifact:")
+    if artifact:
+        field("Path", artifact["path"], 2)
+        field("Format", f"{artifact['format']}, {views.human_bytes(artifact['sizeBytes'])}", 2)
+        facts = artifact.get("metadata", {})
+        field("Metadata", " ".join(f"{k}={v}" for k, v in facts.items()) or "<unreadable>", 2)
+        field("Capabilities", ", ".join(artifact.get("capabilities", [])), 2)
+        if artifact.get("mmproj"):
+            field("Projector", artifact["mmproj"], 2)
+    else:
+        out.append("  <not found on disk>")
+    recipe = spec.get("recipe", "balanced")
+    recipes = actions.recipes(doc)
+    out.append(f"Preset (recipe {recipe}{'' if recipe in recipes else ', MISSING'}):")
+    effective = actions.effective_for(doc, obj)
+    rows = [[k, _show(v.value), v.source] for k, v in effective.items()]
+    out += ["  " + line for line in views.render_table(["KEY", "VALUE", "FROM"], rows).splitlines()]
+    out.append("Launch:")
+    launch = actions.launch_for(doc, obj)
+    if launch:
+        field("Command", shlex.join(launch.argv), 2)
+        field("Environment", " ".join(f"{k}={v}" for k, v in launch.env.items()) or "<none>", 2)
+        field("Serves as", launch.served_model, 2)
+    else:
+        out.append("  <cannot start: weights not found>")
+    gateway = catalog.gateway_spec(doc)
+    manager = resolve_manager(gateway["serviceManager"])
+    service_file = service_file_path(manager, model_name)
+    field("Manager", manager, 2)
+    field("Service file", service_file or "<none: the embedded supervisor runs it>", 2)
+    field("Log", st.logs_dir / f"{model_name}.log", 2)
+    out.append("Status:")
+    field("Phase", status["phase"], 2)
+    for key in ("pid", "startedAt"):
+        if key in status:
+            field(key[0].upper() + key[1:], status[key], 2)
+    if "lastFailure" in status:
+        failure = status["lastFailure"]
+        field("Last failure", f"{failure.get('reason')}: {failure.get('message')}", 2)
+    out.append("Conditions:")
+    cond_rows = [[c["type"], c["status"], c["reason"], c.get("message", "")] for c in status["conditions"]]
+    out += ["  " + line for line in views.render_table(["TYPE", "STATUS", "REASON", "MESSAGE"], cond_rows).splitlines()]
+    events = [e for e in state["events"] if e.get("kind") == "Model" and e.get("name") == model_name][-10:]
+    out.append("Events:")
+    if events:
+        ev_rows = [[views.age(e["time"]), e["type"], e["reason"], e["message"]] for e in events]
+        out += ["  " + line for line in views.render_table(["AGE", "TYPE", "REASON", "MESSAGE"], ev_rows).splitlines()]
+    else:
+        out.append("  <none>")
+    click.echo("\n".join(out))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

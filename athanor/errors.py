@@ -1,0 +1,71 @@
+"""The error tree. Every failure a user can cause or meet is one of these.
+
+    AthanorError                 root; the CLI prints str(err) on one line and exits with err.exit_code
+    ├── SpecError                desired state that does not validate (carries every SpecIssue of a run)
+    ├── StoreError               models.json / state.json cannot be used as they are
+    │   ├── StoreCorruptError    unparseable or malformed file; never silently replaced
+    │   └── StoreVersionError    written by a newer athanor than this one
+    ├── NotFoundError            a named object does not exist
+    ├── InvalidValueError        a value given on the command line is not acceptable
+    └── RuntimeNotFoundError     a runtime binary is not installed
+
+Dependency exceptions (yaml, jsonschema, OSError) are translated at the boundary that meets them,
+with ``raise ... from exc`` so the cause stays visible in debug logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class AthanorError(Exception):
+    """Root of all athanor errors."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True, order=True)
+class SpecIssue:
+    """One problem in one document, located like a compiler diagnostic."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class SpecError(AthanorError):
+    """Desired state that does not validate; holds every issue found, not just the first."""
+
+    def __init__(self, issues: list[SpecIssue]):
+        self.issues = sorted(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+class StoreError(AthanorError):
+    """A store file cannot be read or written."""
+
+
+class StoreCorruptError(StoreError):
+    """A store file exists but cannot be parsed; it is left untouched for the user to inspect."""
+
+
+class StoreVersionError(StoreError):
+    """A store file was written by a newer athanor; we refuse to downgrade it."""
+
+
+class NotFoundError(AthanorError):
+    """A named object (model, recipe, gateway) does not exist."""
+
+
+class InvalidValueError(AthanorError):
+    """A value given on the command line is not acceptable."""
+
+
+class RuntimeNotFoundError(AthanorError):
+    """A runtime binary is not installed where athanor looks for it."""

@@ -1,0 +1,104 @@
+"""Crash-safe file primitives: atomic replace and an inter-process lock.
+
+A reader must always see either the old or the new file, never a torn one, and a CLI ``apply`` racing the daemon
+must not lose either write. So: write a temp file in the same directory, fsync it, rename it over the target,
+fsync the directory; and serialise read-modify-write cycles with ``flock`` on a sidecar ``.lock`` file (the data
+file itself is replaced by rename, so it cannot carry the lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from athanor.errors import StoreCorruptError, StoreError
+
+LOCK_TIMEOUT_S = 30.0
+
+
+def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text`` so that a crash at any point leaves the old or the new content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold an exclusive lock for ``path`` (on ``path.lock``) across processes.
+
+    Blocks up to ``timeout`` seconds, then fails with the holder's pid so a stuck process can be found.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    raise StoreError(
+                        f"{path}: still locked after {timeout:.0f} s by another athanor process (pid {holder})"
+                    ) from exc
+                time.sleep(delay)  # lock back-off, not test synchronisation
+                delay = min(delay * 2, 0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> Any | None:
+    """Parse ``path``; ``None`` when it does not exist. Anything unparseable is an error naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as exc:
+        raise StoreCorruptError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); left untouched") from exc
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StoreCorruptError(
+            f"{path}:{exc.lineno}:{exc.colno}: corrupt JSON ({exc.msg}); left untouched, fix or move it away"
+        ) from exc

@@ -1,0 +1,131 @@
+"""Versioned JSON documents under ATHANOR_HOME and the locked read-modify-write cycle over them.
+
+Two files, split by writer: ``models.json`` holds desired state (applied objects, discovered models, user
+recipes) and is written by ``apply``/``scan``/``preset``; ``state.json`` holds observed state (instances, events)
+and is written mostly by the daemon. Each carries ``schemaVersion``; older files are migrated in memory on read
+and written back in the new shape on the next write. A newer file is refused rather than downgraded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from athanor.errors import StoreCorruptError, StoreVersionError
+from athanor.paths import athanor_home
+from athanor.store import migrations
+from athanor.store.files import atomic_write_text, locked, read_json
+
+Migration = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class DocumentType:
+    """The shape of one store file: its current version, how to build an empty one, how to migrate old ones."""
+
+    filename: str
+    version: int
+    empty: Callable[[], dict[str, Any]]
+    sections: dict[str, type]
+    migrations: dict[int, Migration] = field(default_factory=dict)
+
+
+MODELS = DocumentType(
+    filename="models.json",
+    version=1,
+    empty=lambda: {"schemaVersion": 1, "gateway": None, "models": {}, "recipes": {}, "ignoredSources": []},
+    sections={"models": dict, "recipes": dict, "ignoredSources": list},
+    migrations={0: migrations.models_v0_to_v1},
+)
+
+STATE = DocumentType(
+    filename="state.json",
+    version=1,
+    empty=lambda: {"schemaVersion": 1, "instances": {}, "daemon": None, "events": []},
+    sections={"instances": dict, "events": list},
+    migrations={0: migrations.state_v0_to_v1},
+)
+
+
+class VersionedFile:
+    """One store file. ``load()`` for a consistent snapshot; ``edit()`` for a locked read-modify-write."""
+
+    def __init__(self, path: Path, doctype: DocumentType):
+        self.path = path
+        self.doctype = doctype
+
+    def load(self) -> dict[str, Any]:
+        raw = read_json(self.path)
+        if raw is None:
+            return self.doctype.empty()
+        return self._upgrade(raw)
+
+    @contextlib.contextmanager
+    def edit(self) -> Iterator[dict[str, Any]]:
+        """Yield the document under the file lock; write it back atomically if the block changed it.
+
+        An exception inside the block writes nothing: a failed apply leaves the store as it was.
+        """
+        with locked(self.path):
+            doc = self.load()
+            before = copy.deepcopy(doc)
+            yield doc
+            if doc != before or doc.get("schemaVersion") != self.doctype.version:
+                self.write(doc)
+
+    def write(self, doc: dict[str, Any]) -> None:
+        """Write ``doc`` atomically. Callers outside ``edit()`` must hold the lock themselves."""
+        doc["schemaVersion"] = self.doctype.version
+        atomic_write_text(self.path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+    def _upgrade(self, raw: Any) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            raise StoreCorruptError(f"{self.path}: expected a JSON object at the top level; left untouched")
+        version = raw.get("schemaVersion", 0)
+        if not isinstance(version, int) or version < 0:
+            raise StoreCorruptError(f"{self.path}: schemaVersion must be a non-negative integer, not {version!r}")
+        if version > self.doctype.version:
+            raise StoreVersionError(
+                f"{self.path}: schemaVersion {version} was written by a newer athanor "
+                f"(this one reads up to {self.doctype.version}); upgrade athanor"
+            )
+        doc = raw
+        while version < self.doctype.version:
+            try:
+                doc = self.doctype.migrations[version](doc)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise StoreCorruptError(
+                    f"{self.path}: cannot migrate from schemaVersion {version}: {exc}; left untouched"
+                ) from exc
+            version += 1
+        empty = self.doctype.empty()
+        for key, value in empty.items():
+            doc.setdefault(key, value)
+        for key, kind in self.doctype.sections.items():
+            if not isinstance(doc[key], kind):
+                raise StoreCorruptError(
+                    f"{self.path}: '{key}' must be a JSON {'object' if kind is dict else 'array'}; left untouched"
+                )
+        return doc
+
+
+class Store:
+    """All of athanor's files under one home directory."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.models = VersionedFile(home / MODELS.filename, MODELS)
+        self.state = VersionedFile(home / STATE.filename, STATE)
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+
+def open_store(home: Path | None = None) -> Store:
+    return Store(home or athanor_home())

@@ -1,0 +1,117 @@
+"""Objects as users see them: stored desired state joined with observed state into a ``status``.
+
+``status`` is never stored with the object; it is derived on every read from the detected artifact and the
+instance the supervisor records in state.json, so it cannot go stale on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timezone
+from typing import Any
+
+from athanor import catalog
+
+PHASES = ("Standby", "Starting", "Ready", "Stopping", "Failed")
+
+
+def model_view(obj: dict[str, Any], instance: dict[str, Any] | None) -> dict[str, Any]:
+    """The model object with ``status``; the last-applied bookkeeping stays out of sight."""
+    view = copy.deepcopy(obj)
+    artifact = view.pop("artifact", None)
+    view["metadata"].get("annotations", {}).pop(catalog.LAST_APPLIED, None)
+    instance = instance or {}
+    phase = instance.get("phase", "Standby")
+    available = _available_condition(artifact, obj)
+    ready = {
+        "type": "Ready",
+        "status": "True" if phase == "Ready" else "False",
+        "reason": phase,
+        "message": instance.get("message", ""),
+        "lastTransitionTime": instance.get("phaseSince", obj["metadata"].get("creationTimestamp")),
+    }
+    status: dict[str, Any] = {
+        "phase": phase,
+        "port": obj["spec"].get("port"),
+        "observedGeneration": obj["metadata"].get("generation", 1),
+        "conditions": [available, ready],
+    }
+    for key in ("pid", "startedAt", "lastFailure"):
+        if instance.get(key) is not None:
+            status[key] = instance[key]
+    if artifact:
+        status["artifact"] = artifact
+    view["status"] = status
+    return view
+
+
+def _available_condition(artifact: dict[str, Any] | None, obj: dict[str, Any]) -> dict[str, Any]:
+    condition = {"type": "Available", "lastTransitionTime": obj["metadata"].get("creationTimestamp")}
+    if artifact is None:
+        source = obj["spec"]["source"]
+        where = source.get("path") or source.get("hf", {}).get("repo")
+        return {**condition, "status": "False", "reason": "NotFound",
+                "message": f"weights not found: {where} (not in the HF cache or not on disk)"}
+    if artifact.get("problem"):
+        return {**condition, "status": "False", "reason": "Unreadable", "message": artifact["problem"]}
+    return {**condition, "status": "True", "reason": "Found", "message": artifact["path"]}
+
+
+def display_status(view: dict[str, Any]) -> str:
+    """The one word a table shows: the phase, unless the model cannot run at all."""
+    available = view["status"]["conditions"][0]
+    if available["status"] != "True":
+        return available["reason"]
+    if view["spec"].get("residency") == "disabled":
+        return "Disabled"
+    return view["status"]["phase"]
+
+
+def age(timestamp: Any, now: datetime | None = None) -> str:
+    """kubectl-style age: 45s, 12m, 3h, 5d."""
+    if not isinstance(timestamp, str):
+        return "<unknown>"
+    try:
+        then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return "<unknown>"
+    seconds = int(((now or datetime.now(timezone.utc)) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size * (2 if unit != "m" else 1):
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def human_bytes(size: int | None) -> str:
+    if not size:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}TiB"
+
+
+def human_count(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}".replace(".0" + unit, unit)
+    return str(n)
+
+
+def source_text(source: dict[str, Any]) -> str:
+    if "hf" in source:
+        hf = source["hf"]
+        text = hf["repo"] + (f":{hf['file']}" if hf.get("file") else "")
+        return text + (f"@{hf['revision']}" if hf.get("revision") else "")
+    return source["path"]
+
+
+def render_table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell, three spaces apart, like kubectl."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["   ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
