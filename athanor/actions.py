@@ -54,8 +54,10 @@ def _models(store: Store, dry_run: bool) -> Iterator[dict[str, Any]]:
 
 
 def _read_resources(store: Store, targets: Iterable[str], stdin: IO[str] | None, doc: dict[str, Any]) -> list[Resource]:
-    docs = load_sources(targets, stdin)
-    return validate_documents(docs, stored_models=doc["models"], stored_recipes=doc["recipes"])
+    docs, parse_issues = load_sources(targets, stdin)
+    return validate_documents(
+        docs, stored_models=doc["models"], stored_recipes=doc["recipes"], parse_issues=parse_issues
+    )
 
 
 def apply(

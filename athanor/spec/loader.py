@@ -7,6 +7,8 @@ JSON-shaped data comes out (str, int, float, bool, None, list, dict): timestamps
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -57,10 +59,19 @@ class Document:
         return SpecIssue(self.file, line, column, format_path(path), message)
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def format_path(path: Iterable[str | int]) -> str:
+    """``spec.preset.ctxSize``, ``spec.aliases[0]``, ``metadata.labels["athanor.dev/x"]``."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{json.dumps(part)}]"
     return out
 
 
@@ -185,8 +196,11 @@ def spec_files(target: str) -> list[Path]:
     raise SpecError([SpecIssue(target, 1, 1, "", "no such file or directory")])
 
 
-def load_sources(targets: Iterable[str], stdin: Any = None) -> list[Document]:
-    """Parse every ``-f`` target (``-`` is stdin). Raises SpecError with every syntax issue of every file."""
+def load_sources(targets: Iterable[str], stdin: Any = None) -> tuple[list[Document], list[SpecIssue]]:
+    """Parse every ``-f`` target (``-`` is stdin): the documents that parsed and every syntax issue found.
+
+    Issues are returned rather than raised so that validation can report them together with its own.
+    """
     docs: list[Document] = []
     issues: list[SpecIssue] = []
     for target in targets:
@@ -196,7 +210,12 @@ def load_sources(targets: Iterable[str], stdin: Any = None) -> list[Document]:
             docs += found
             issues += problems
             continue
-        for path in spec_files(target):
+        try:
+            paths = spec_files(target)
+        except SpecError as exc:
+            issues += exc.issues
+            continue
+        for path in paths:
             try:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
@@ -205,6 +224,4 @@ def load_sources(targets: Iterable[str], stdin: Any = None) -> list[Document]:
             found, problems = parse_text(text, str(path))
             docs += found
             issues += problems
-    if issues:
-        raise SpecError(issues)
-    return docs
+    return docs, issues

@@ -55,9 +55,11 @@ def validate_documents(
     *,
     stored_models: Mapping[str, Mapping[str, Any]] = {},
     stored_recipes: Iterable[str] = (),
+    parse_issues: Iterable[SpecIssue] = (),
 ) -> list[Resource]:
-    """Check every document; return resources or raise SpecError listing every issue found."""
-    issues: list[SpecIssue] = []
+    """Check every document; return resources or raise SpecError listing every issue found (with the
+    ``parse_issues`` of documents that did not even parse, so one run reports everything)."""
+    issues: list[SpecIssue] = list(parse_issues)
     resources: list[Resource] = []
     checkable: list[Resource] = []
     for doc in docs:

@@ -60,10 +60,15 @@ class VersionedFile:
         self.doctype = doctype
 
     def load(self) -> dict[str, Any]:
+        return self._read()[0]
+
+    def _read(self) -> tuple[dict[str, Any], bool]:
+        """The document, and whether it was migrated (so the next edit writes it back in the new shape)."""
         raw = read_json(self.path)
         if raw is None:
-            return self.doctype.empty()
-        return self._upgrade(raw)
+            return self.doctype.empty(), False
+        migrated = isinstance(raw, dict) and raw.get("schemaVersion", 0) != self.doctype.version
+        return self._upgrade(raw), migrated
 
     @contextlib.contextmanager
     def edit(self) -> Iterator[dict[str, Any]]:
@@ -72,10 +77,10 @@ class VersionedFile:
         An exception inside the block writes nothing: a failed apply leaves the store as it was.
         """
         with locked(self.path):
-            doc = self.load()
+            doc, migrated = self._read()
             before = copy.deepcopy(doc)
             yield doc
-            if doc != before or doc.get("schemaVersion") != self.doctype.version:
+            if migrated or doc != before:
                 self.write(doc)
 
     def write(self, doc: dict[str, Any]) -> None:

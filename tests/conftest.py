@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated ATHANOR_HOME and HF cache per test, and the real `athanor` entry point."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from athanor.store import Store, open_store
+
+ATHANOR = shutil.which("athanor", path=str(Path(sys.executable).parent)) or "athanor"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private ATHANOR_HOME, and an empty HF cache so the developer's own cache never leaks in."""
+    athanor_home = tmp_path / "athanor-home"
+    monkeypatch.setenv("ATHANOR_HOME", str(athanor_home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.setenv("NO_COLOR", "1")
+    return athanor_home
+
+
+@pytest.fixture
+def hf_root(home: Path, tmp_path: Path) -> Path:
+    """The root that tests/fixtures/tiny_models.make_hf_cache builds into (its hub/ is HF_HUB_CACHE)."""
+    return tmp_path / "hf"
+
+
+@pytest.fixture
+def store(home: Path) -> Store:
+    return open_store(home)
+
+
+RunCLI = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cli(home: Path) -> RunCLI:
+    """Run the installed `athanor` console script as a user would, in a fresh process."""
+
+    def run(*args: str, input: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [ATHANOR, *args], input=input, capture_output=True, text=True, env=dict(os.environ),
+            cwd=cwd or REPO, timeout=120,
+        )
+
+    return run
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
