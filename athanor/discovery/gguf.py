@@ -1,0 +1,384 @@
+"""GGUF header reading without the `gguf` package.
+
+Discovery runs on every scan over files that can be tens of gigabytes, half-downloaded or not GGUF at all, so
+this reader only walks the header (metadata + tensor infos), seeks over the big tokenizer arrays instead of
+decoding them, and turns every kind of malformation into one `GGUFError` that names the file. It imports
+nothing heavier than `struct`.
+
+Layout (v2 and v3 share it; v1 used 32-bit counts and is refused):
+magic "GGUF" | u32 version | u64 tensor_count | u64 kv_count | kv pairs | tensor infos | padding | tensor data
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+__all__ = [
+    "GGUFError",
+    "GGUFInfo",
+    "is_gguf",
+    "quantization_from_filename",
+    "read_gguf_metadata",
+    "split_info",
+]
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+
+# llama.cpp's LLAMA_FTYPE values (general.file_type); gaps are retired types nobody should meet any more.
+FILE_TYPE_NAMES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
+    18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S",
+    25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M",
+    32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+}
+
+# Arrays up to this length are worth keeping in `kv` (per-layer head counts of small models, a few flags);
+# anything longer is tokenizer data that discovery never needs.
+MAX_KEPT_ARRAY = 64
+# Numeric arrays are decoded (one C-level unpack, no per-item Python work) up to this length so that a
+# per-layer head_count of a deep model is still seen; longer ones are skipped.
+_MAX_DECODED_NUMERIC_ARRAY = 4096
+# Strings longer than this (an embedded tokenizer.json, say) are skipped rather than kept in memory.
+_MAX_KEPT_STRING = 1 << 20
+_MAX_ARRAY_DEPTH = 8
+_MAX_DIMS = 8  # ggml has 4; a little slack, still far below anything that could hurt.
+_READ_CHUNK = 1 << 16
+_DEFAULT_ALIGNMENT = 32
+
+# GGUF value types: id -> (struct format, size). 8 = string, 9 = array.
+_STRING, _ARRAY = 8, 9
+_SCALARS: dict[int, struct.Struct] = {
+    0: struct.Struct("<B"), 1: struct.Struct("<b"), 2: struct.Struct("<H"), 3: struct.Struct("<h"),
+    4: struct.Struct("<I"), 5: struct.Struct("<i"), 6: struct.Struct("<f"), 7: struct.Struct("<?"),
+    10: struct.Struct("<Q"), 11: struct.Struct("<q"), 12: struct.Struct("<d"),
+}
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_BOOL = 7
+# Smallest encodings, used to refuse counts the remaining bytes could never hold before looping over them.
+_MIN_KV_SIZE = 8 + 4 + 1          # empty key, type, 1-byte value
+_MIN_TENSOR_INFO_SIZE = 8 + 4 + 4 + 8  # empty name, n_dims, type, offset
+_MIN_ARRAY_SIZE = 4 + 8           # nested array header: item type, count
+
+
+class GGUFError(ValueError):
+    """The file is not a GGUF file, or its header is truncated or corrupt."""
+
+
+_SKIPPED = object()
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """Facts about one GGUF file; `parameter_count` covers only the tensors in this file (one shard of a split)."""
+
+    architecture: str | None
+    name: str | None
+    parameter_count: int
+    context_length: int | None = None
+    block_count: int | None = None
+    head_count: int | None = None
+    head_count_kv: int | None = None
+    embedding_length: int | None = None
+    expert_count: int | None = None
+    expert_used_count: int | None = None
+    file_type: int | None = None
+    quantization: str | None = None
+    kv: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The named facts in the camelCase shape the API and CLI print, without unknowns."""
+        facts = {
+            "architecture": self.architecture,
+            "name": self.name,
+            "parameters": self.parameter_count,
+            "contextLength": self.context_length,
+            "layers": self.block_count,
+            "heads": self.head_count,
+            "kvHeads": self.head_count_kv,
+            "embeddingLength": self.embedding_length,
+            "experts": self.expert_count,
+            "expertsUsed": self.expert_used_count,
+            "quantization": self.quantization,
+        }
+        return {k: v for k, v in facts.items() if v is not None}
+
+
+class _Cursor:
+    """Reads through a window of the file so skipping 200k tokenizer strings costs no syscall per string.
+
+    Every read is checked against the file size first, which is what keeps a corrupt length or count from
+    turning into a huge allocation: nothing larger than the file is ever requested.
+    """
+
+    def __init__(self, f: BinaryIO, path: str, size: int) -> None:
+        self._f = f
+        self.path = path
+        self.size = size
+        self.pos = 0
+        self._buf = b""
+        self._start = 0
+
+    def error(self, what: str) -> GGUFError:
+        return GGUFError(f"{self.path}: {what}")
+
+    def _window(self, n: int) -> int:
+        """Make [pos, pos+n) readable from the buffer and return its start inside the buffer."""
+        if n < 0 or self.pos + n > self.size:
+            raise self.error(f"truncated GGUF header (wanted {n} bytes at offset {self.pos})")
+        rel = self.pos - self._start
+        if rel < 0 or rel + n > len(self._buf):
+            self._f.seek(self.pos)
+            self._buf = self._f.read(max(n, _READ_CHUNK))
+            self._start = self.pos
+            rel = 0
+            if len(self._buf) < n:  # the file shrank under us
+                raise self.error(f"truncated GGUF header (wanted {n} bytes at offset {self.pos})")
+        return rel
+
+    def remaining(self) -> int:
+        return self.size - self.pos
+
+    def unpack(self, st: struct.Struct) -> Any:
+        rel = self._window(st.size)
+        self.pos += st.size
+        return st.unpack_from(self._buf, rel)[0]
+
+    def unpack_many(self, st: struct.Struct, count: int) -> tuple[Any, ...]:
+        n = st.size * count
+        rel = self._window(n)
+        self.pos += n
+        return struct.unpack_from(f"<{count}{st.format[-1]}", self._buf, rel)
+
+    def take(self, n: int) -> bytes:
+        rel = self._window(n)
+        self.pos += n
+        return self._buf[rel:rel + n]
+
+    def skip(self, n: int) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise self.error(f"truncated GGUF header (wanted {n} bytes at offset {self.pos})")
+        self.pos += n
+
+    def string(self) -> object:
+        """The decoded string, or `_SKIPPED` for one too long to be metadata anyone reads."""
+        n = self.unpack(_U64)
+        if n > _MAX_KEPT_STRING:
+            self.skip(n)
+            return _SKIPPED
+        return self.take(n).decode("utf-8", errors="replace")
+
+    def skip_strings(self, count: int) -> None:
+        """Skip `count` length-prefixed strings, walking the buffer directly: this is the hot loop of a scan."""
+        while count:
+            rel = self._window(8)
+            buf, end = self._buf, len(self._buf)
+            while count and rel + 8 <= end:
+                rel += 8 + _U64.unpack_from(buf, rel)[0]
+                count -= 1
+                if rel > end:
+                    break
+            self.pos = self._start + rel
+            if self.pos > self.size:
+                raise self.error(f"truncated GGUF header (string runs past end of file at offset {self.pos})")
+
+
+def _past_end(cur: _Cursor, count: int, kind: str, key: str) -> GGUFError:
+    return cur.error(f"truncated or corrupt GGUF header: array of {count} {kind} for key {key!r} runs past end of file")
+
+
+def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> object:
+    """One value of type `vtype`; arrays too long to be useful come back as `_SKIPPED`, having been seeked over."""
+    scalar = _SCALARS.get(vtype)
+    if scalar is not None:
+        value = cur.unpack(scalar)
+        return bool(value) if vtype == _BOOL else value
+    if vtype == _STRING:
+        return cur.string()
+    if vtype != _ARRAY:
+        raise cur.error(f"unknown GGUF value type {vtype} for key {key!r} at offset {cur.pos - 4}")
+    if depth >= _MAX_ARRAY_DEPTH:
+        raise cur.error(f"arrays nested deeper than {_MAX_ARRAY_DEPTH} for key {key!r}")
+    item_type = cur.unpack(_U32)
+    count = cur.unpack(_U64)
+    item = _SCALARS.get(item_type)
+    if item is not None:
+        if item.size * count > cur.remaining():
+            raise _past_end(cur, count, "items", key)
+        if count > _MAX_DECODED_NUMERIC_ARRAY:
+            cur.skip(item.size * count)
+            return _SKIPPED
+        values = cur.unpack_many(item, count)
+        return [bool(v) for v in values] if item_type == _BOOL else list(values)
+    if item_type == _STRING:
+        if 8 * count > cur.remaining():
+            raise _past_end(cur, count, "strings", key)
+        if count > MAX_KEPT_ARRAY:
+            cur.skip_strings(count)
+            return _SKIPPED
+        return [cur.string() for _ in range(count)]
+    if item_type == _ARRAY:
+        if _MIN_ARRAY_SIZE * count > cur.remaining():
+            raise _past_end(cur, count, "arrays", key)
+        for _ in range(count):
+            _read_value(cur, _ARRAY, key, depth + 1)
+        return _SKIPPED
+    raise cur.error(f"unknown GGUF array item type {item_type} for key {key!r} at offset {cur.pos - 12}")
+
+
+def _read_header(cur: _Cursor) -> tuple[dict[str, object], int]:
+    magic = cur.take(4)
+    if magic != GGUF_MAGIC:
+        raise cur.error(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    version = cur.unpack(_U32)
+    if version not in SUPPORTED_VERSIONS:
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        if swapped in (1, *SUPPORTED_VERSIONS):
+            raise cur.error(f"big-endian GGUF (version {swapped} byte-swapped) is not supported")
+        raise cur.error(f"unsupported GGUF version {version} (supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
+    tensor_count = cur.unpack(_U64)
+    kv_count = cur.unpack(_U64)
+    if kv_count * _MIN_KV_SIZE + tensor_count * _MIN_TENSOR_INFO_SIZE > cur.remaining():
+        raise cur.error(
+            f"truncated or corrupt GGUF header ({tensor_count} tensors and {kv_count} metadata keys"
+            f" cannot fit in the remaining {cur.remaining()} bytes)"
+        )
+
+    values: dict[str, object] = {}
+    for _ in range(kv_count):
+        key = cur.string()
+        if not isinstance(key, str):
+            raise cur.error(f"metadata key longer than {_MAX_KEPT_STRING} bytes before offset {cur.pos}")
+        values[key] = _read_value(cur, cur.unpack(_U32), key)
+
+    parameters = 0
+    last_start = -1  # offset of the last non-empty tensor, relative to the data section
+    for _ in range(tensor_count):
+        cur.skip(cur.unpack(_U64))  # name: not needed to count
+        n_dims = cur.unpack(_U32)
+        if n_dims > _MAX_DIMS:
+            raise cur.error(f"tensor with {n_dims} dimensions at offset {cur.pos - 4}")
+        elements = math.prod(cur.unpack_many(_U64, n_dims))
+        cur.skip(4)  # ggml type: the count does not depend on it
+        offset = cur.unpack(_U64)
+        if elements:
+            last_start = max(last_start, offset)
+        parameters += elements
+
+    # Tensor sizes would need ggml's table of block sizes; a tensor that starts past the end is enough to
+    # catch the common case, a download cut short.
+    alignment = values.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise cur.error(f"invalid general.alignment {alignment!r}")
+    data_start = -(-cur.pos // alignment) * alignment
+    if last_start >= 0 and data_start + last_start >= cur.size:
+        raise cur.error(
+            f"truncated GGUF tensor data (file ends at {cur.size}, a tensor starts at {data_start + last_start})"
+        )
+    return values, parameters
+
+
+def _int(value: object) -> int | None:
+    """An integer fact; per-layer arrays (some models vary heads by layer) count as their maximum."""
+    if isinstance(value, list):
+        ints = [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+        return max(ints) if ints else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def read_gguf_metadata(path: str | os.PathLike[str]) -> GGUFInfo:
+    """Read the header of a GGUF file.
+
+    Raises GGUFError for anything that is not a well-formed v2/v3 little-endian GGUF header, and OSError
+    when the file cannot be opened or read at all.
+    """
+    display = os.fspath(path)
+    with open(path, "rb") as f:
+        cur = _Cursor(f, display, os.fstat(f.fileno()).st_size)
+        try:
+            values, parameters = _read_header(cur)
+        except (struct.error, OverflowError, MemoryError) as exc:  # belt and braces: bounds are checked first
+            raise cur.error(f"corrupt GGUF header near offset {cur.pos} ({exc})") from exc
+
+    arch = _str(values.get("general.architecture"))
+
+    def arch_int(suffix: str) -> int | None:
+        return _int(values.get(f"{arch}.{suffix}")) if arch else None
+
+    file_type = _int(values.get("general.file_type"))
+    quantization = FILE_TYPE_NAMES.get(file_type) if file_type is not None else None
+    if quantization is None:
+        quantization = quantization_from_filename(os.path.basename(display))
+    kept = {
+        k: v for k, v in values.items()
+        if v is not _SKIPPED and not (isinstance(v, list) and (len(v) > MAX_KEPT_ARRAY or _SKIPPED in v))
+    }
+    return GGUFInfo(
+        architecture=arch,
+        name=_str(values.get("general.name")),
+        parameter_count=parameters,
+        context_length=arch_int("context_length"),
+        block_count=arch_int("block_count"),
+        head_count=arch_int("attention.head_count"),
+        head_count_kv=arch_int("attention.head_count_kv"),
+        embedding_length=arch_int("embedding_length"),
+        expert_count=arch_int("expert_count"),
+        expert_used_count=arch_int("expert_used_count"),
+        file_type=file_type,
+        quantization=quantization,
+        kv=kept,
+    )
+
+
+# Quantization names as they appear in file names: Q4_K_M, IQ4_XS, Q8_0, Q4_0_4_4, UD-Q4_K_XL, TQ1_0, BF16, ...
+_QUANT_RE = re.compile(
+    r"(?<![a-z0-9])("
+    r"i?q[1-8]_(?:k(?:_(?:xxs|xs|s|m|l|xl))?|[01](?:_[48]_[48])?|xxs|xs|s|m|nl|xl)"
+    r"|tq[12]_0|mxfp4(?:_moe)?|bf16|fp?16|fp?32"
+    r")(?![a-z0-9])",
+    re.IGNORECASE,
+)
+_QUANT_ALIASES = {"FP16": "F16", "FP32": "F32"}
+
+
+def quantization_from_filename(filename: str) -> str | None:
+    """The quantization named in a file name, upper-cased; the last one wins since it sits next to the extension."""
+    found = _QUANT_RE.findall(os.path.basename(filename))
+    if not found:
+        return None
+    name = found[-1].upper()
+    return _QUANT_ALIASES.get(name, name)
+
+
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    """Whether the file starts with the GGUF magic; cheap enough to call on every file of a scan."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+
+
+def split_info(filename: str) -> tuple[int, int] | None:
+    """(part, total) for llama.cpp's split naming `name-00001-of-00003.gguf`, parts counted from 1."""
+    m = _SPLIT_RE.search(filename)
+    if m is None:
+        return None
+    part, total = int(m.group(1)), int(m.group(2))
+    return (part, total) if 1 <= part <= total else None
