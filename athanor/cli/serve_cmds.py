@@ -1,0 +1,211 @@
+"""serve, up, down, start, stop, restart, logs, wait: running the gateway and its models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import click
+
+from athanor import actions, views
+from athanor.cli.common import store, warn
+from athanor.cli.get_cmds import _complete_model
+from athanor.errors import AthanorError, InvalidValueError, NotFoundError
+
+
+@click.command("serve")
+@click.option("--listen", metavar="HOST:PORT", help="Override the Gateway's spec.listen.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
+def serve_cmd(listen: str | None, verbose: bool) -> None:
+    """Run the gateway in the foreground: ingress and controller. Ctrl-C stops it and its runtimes."""
+    import asyncio
+    import logging
+
+    from athanor.daemon import serve
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    st = store()
+    result = actions.scan(st)
+    for message in result.warnings:
+        warn(message)
+    asyncio.run(serve(st, listen))
+
+
+@click.command("up")
+@click.option("--listen", metavar="HOST:PORT", help="Override the Gateway's spec.listen.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the gateway to listen.")
+def up_cmd(listen: str | None, timeout: float) -> None:
+    """Start the gateway in the background (logs in $ATHANOR_HOME/logs/daemon.log)."""
+    from athanor import catalog
+    from athanor.daemon import daemon_record, parse_listen, wait_for_port
+
+    st = store()
+    running = daemon_record(st)
+    if running:
+        click.echo(f"athanor already up on http://{running['listen']} (pid {running['pid']})")
+        return
+    address = listen or catalog.gateway_spec(st.models.load())["listen"]
+    st.logs_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "athanor", "serve"] + (["--listen", listen] if listen else [])
+    with open(st.logs_dir / "daemon.log", "ab") as log_file:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    host, port = parse_listen(address)
+    if not wait_for_port(host, port, timeout) or proc.poll() is not None:
+        raise AthanorError(f"the gateway did not start listening on {address}; see {st.logs_dir / 'daemon.log'}")
+    click.echo(f"athanor up on http://{address} (pid {proc.pid})")
+
+
+@click.command("down")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for a clean stop.")
+def down_cmd(timeout: float) -> None:
+    """Stop the background gateway and every runtime it started."""
+    import psutil
+
+    from athanor.daemon import daemon_record
+    from athanor.managers.process import ProcessHandle, ProcessSupervisor
+
+    st = store()
+    record = daemon_record(st)
+    if record:
+        proc = psutil.Process(record["pid"])
+        proc.send_signal(signal.SIGTERM)
+        if not _wait_exit(proc, timeout):
+            proc.kill()
+            warn(f"the gateway did not stop in {timeout:.0f} s and was killed")
+        click.echo(f"gateway (pid {record['pid']}) stopped")
+    # Runtimes a dead daemon left behind (kill -9) are still recorded: stop them too.
+    supervisor = ProcessSupervisor(st.logs_dir)
+    with st.state.edit() as state:
+        for name, instance in state["instances"].items():
+            if instance.get("handle"):
+                handle = ProcessHandle.from_json(instance["handle"])
+                if supervisor.alive(handle):
+                    supervisor.stop(handle)
+                    click.echo(f"model/{name} stopped (pid {handle.pid})")
+            state["instances"][name] = {"phase": "Standby", "message": "stopped by athanor down"}
+        state["daemon"] = None
+    if not record:
+        click.echo("athanor is down")
+
+
+def _wait_exit(proc: "psutil.Process", timeout: float) -> bool:
+    """Wait for a process that is not our child: gone, or a zombie its parent has yet to reap, both count."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(delay)  # polling a foreign process's exit
+        delay = min(delay * 1.5, 0.2)
+    return False
+
+
+def _admin(path: str, timeout: float = 600.0) -> dict[str, Any]:
+    from athanor.daemon import ADMIN, daemon_record
+
+    record = daemon_record(store())
+    if not record:
+        raise AthanorError("the gateway is not running; start it with 'athanor up' (or 'athanor serve')")
+    request = urllib.request.Request(f"http://{record['listen']}{ADMIN}{path}", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = str(exc)
+        raise (NotFoundError if exc.code == 404 else AthanorError)(message) from exc
+    except OSError as exc:
+        raise AthanorError(f"cannot reach the gateway at {record['listen']}: {exc}") from exc
+
+
+def _lifecycle(action: str):  # noqa: ANN202 - a small factory for three identical commands
+    @click.command(action)
+    @click.argument("name", shell_complete=_complete_model)
+    def command(name: str) -> None:
+        result = _admin(f"/models/{name}/{action}")
+        click.echo(f"model/{result['name']} {result['phase'].lower()}")
+
+    command.help = f"{action.capitalize()} the runtime of model NAME in the running gateway."
+    return command
+
+
+start_cmd = _lifecycle("start")
+stop_cmd = _lifecycle("stop")
+restart_cmd = _lifecycle("restart")
+
+
+@click.command("logs")
+@click.argument("name", shell_complete=_complete_model)
+@click.option("-n", "--lines", default=50, show_default=True, help="Lines to show from the end.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+def logs_cmd(name: str, lines: int, follow: bool) -> None:
+    """Show the runtime log of model NAME."""
+    from athanor.managers.process import ProcessSupervisor
+
+    st = store()
+    model = actions.resolve_name(st.models.load(), name)
+    path = st.logs_dir / f"{model}.log"
+    if not path.exists():
+        raise NotFoundError(f"no log yet for {model} ({path}); it has not been started")
+    for line in ProcessSupervisor(st.logs_dir).log_tail(model, lines):
+        click.echo(line)
+    if not follow:
+        return
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        while True:
+            chunk = fh.read()
+            if chunk:
+                click.echo(chunk.decode(errors="replace"), nl=False)
+            elif fh.tell() > path.stat().st_size:  # rotated (truncated in place)
+                fh.seek(0)
+            else:
+                time.sleep(0.2)  # follow-mode polling interval
+
+
+@click.command("wait")
+@click.argument("resource", type=click.Choice(["model"]), metavar="model")
+@click.argument("name", shell_complete=_complete_model)
+@click.option("--for", "condition", default="condition=Ready", show_default=True,
+              help="condition=Ready|Available, or phase=PHASE.")
+@click.option("--timeout", default="60s", show_default=True, help="Give up after this long (e.g. 30s, 5m).")
+def wait_cmd(resource: str, name: str, condition: str, timeout: str) -> None:
+    """Wait until model NAME meets a condition (exit 1 on timeout)."""
+    from athanor.units import parse_duration
+
+    what, _, value = condition.partition("=")
+    if what not in ("condition", "phase") or not value:
+        raise InvalidValueError(f"--for {condition!r}: expected condition=TYPE or phase=PHASE")
+    limit = parse_duration(timeout) if timeout.strip() else None
+    deadline = time.monotonic() + (limit if limit is not None else 10**9)
+    st = store()
+    while True:
+        doc = st.models.load()
+        model = actions.resolve_name(doc, name)
+        view = views.model_view(doc["models"][model], st.state.load()["instances"].get(model))
+        if what == "phase" and view["status"]["phase"] == value:
+            break
+        if what == "condition" and any(c["type"] == value and c["status"] == "True"
+                                       for c in view["status"]["conditions"]):
+            break
+        if time.monotonic() > deadline:
+            raise AthanorError(f"timed out after {timeout} waiting for model/{model} {condition} "
+                               f"(phase {view['status']['phase']})")
+        time.sleep(0.1)  # polling interval
+    click.echo(f"model/{model} condition met")

@@ -1,0 +1,58 @@
+"""Is a runtime ready to answer? One probe per runtime, because their health endpoints differ.
+
+llama-server's ``/health`` is 503 while loading and 200 when ready. mlx_lm.server's ``/health`` says ok before the
+weights are loaded, so the only honest probe is a one-token completion. Polling starts at 20 ms and backs off to
+250 ms, so a fast runtime is noticed within tens of milliseconds and a slow one is not hammered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aiohttp
+
+from athanor.runtimes.launch import LaunchSpec
+
+FIRST_DELAY = 0.02
+MAX_DELAY = 0.25
+
+
+class NotReady(Exception):
+    """The runtime exited or did not become ready in time; the message says which."""
+
+
+async def probe_once(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: float) -> bool:
+    base = f"http://127.0.0.1:{launch.port}"
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    try:
+        if launch.runtime == "mlx-lm":
+            body = {"model": launch.served_model, "prompt": "hi", "max_tokens": 1, "stream": False}
+            async with session.post(f"{base}/v1/completions", json=body, timeout=client_timeout) as resp:
+                await resp.read()
+                return resp.status == 200
+        async with session.get(f"{base}{launch.health_path}", timeout=client_timeout) as resp:
+            await resp.read()
+            return resp.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return False
+
+
+async def wait_ready(
+    session: aiohttp.ClientSession, launch: LaunchSpec, *, timeout: float, alive: Callable[[], bool]
+) -> float:
+    """Poll until ready; returns seconds waited. Raises NotReady if the process dies or time runs out."""
+    started = time.monotonic()
+    deadline = started + timeout
+    delay = FIRST_DELAY
+    while True:
+        if not alive():
+            raise NotReady("the runtime exited while starting")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise NotReady(f"not ready after {timeout:.0f} s (startupTimeout)")
+        if await probe_once(session, launch, timeout=max(remaining, 0.05)):
+            return time.monotonic() - started
+        await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))  # poll interval, backing off
+        delay = min(delay * 1.5, MAX_DELAY)

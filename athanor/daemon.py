@@ -1,0 +1,137 @@
+"""The daemon: ingress + controller in one process, with a small admin API the CLI talks to.
+
+Start-up re-attaches to runtimes a previous daemon left running (a crash or ``kill -9`` of the daemon does not
+restart models). A clean shutdown (SIGTERM, SIGINT, ``athanor down``) stops every runtime it manages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from athanor import catalog
+from athanor.controller.controller import Controller, ModelUnavailable
+from athanor.ingress.app import CONTROLLER, create_app, error_response
+from athanor.managers.process import ProcessSupervisor
+from athanor.store import Store
+
+log = logging.getLogger("athanor.daemon")
+ADMIN = "/athanor/v1"
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def _admin_action(request: web.Request) -> web.Response:
+    controller = request.app[CONTROLLER]
+    requested, action = request.match_info["model"], request.match_info["action"]
+    name = controller.resolve(requested)
+    if name is None:
+        return error_response(404, f"model {requested!r} not found", "model_not_found")
+    try:
+        if action == "start":
+            await controller.ensure_ready(name)
+        elif action == "stop":
+            await controller.stop(name)
+        elif action == "restart":
+            await controller.restart(name)
+        else:
+            return error_response(404, f"unknown action {action!r}")
+    except ModelUnavailable as exc:
+        return error_response(503, str(exc), "model_unavailable")
+    inst = controller.instance(name)
+    return web.json_response({"name": name, "phase": inst.phase.value, "message": inst.message})
+
+
+async def _admin_status(request: web.Request) -> web.Response:
+    controller = request.app[CONTROLLER]
+    return web.json_response({"pid": os.getpid(), "instances": {
+        n: {"phase": i.phase.value, "inflight": i.inflight} for n, i in controller.instances.items()}})
+
+
+async def serve(store: Store, listen: str | None = None) -> None:
+    """Run until SIGTERM/SIGINT. ``listen`` overrides the Gateway's ``spec.listen``."""
+    gateway = catalog.gateway_spec(store.models.load())
+    host, port = parse_listen(listen or gateway["listen"])
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+        controller = Controller(store, ProcessSupervisor(store.logs_dir), session)
+        adopted = await controller.reattach()
+        if adopted:
+            log.info("re-attached to %s", ", ".join(adopted))
+        controller.start_monitor()
+        app = create_app(controller, session)
+        app.router.add_post(ADMIN + "/models/{model}/{action}", _admin_action)
+        app.router.add_get(ADMIN + "/status", _admin_status)
+        # Idle keep-alive connections must not hold a shutdown for aiohttp's default 60 s.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        _record_daemon(store, {"pid": os.getpid(), "listen": f"{host}:{port}",
+                               "startedAt": catalog.now_iso(), "createTime": _create_time()})
+        log.info("athanor serving on http://%s:%s", host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down: stopping runtimes")
+            await controller.close()
+            await runner.cleanup()
+            _record_daemon(store, None)
+
+
+def _create_time() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def _record_daemon(store: Store, record: dict[str, Any] | None) -> None:
+    with store.state.edit() as state:
+        state["daemon"] = record
+
+
+def daemon_record(store: Store) -> dict[str, Any] | None:
+    """The running daemon's record, or None if there is none (a stale record of a dead daemon counts as none)."""
+    import psutil
+
+    record = store.state.load().get("daemon")
+    if not record:
+        return None
+    try:
+        proc = psutil.Process(record["pid"])
+        if abs(proc.create_time() - record.get("createTime", 0)) > 0.01:
+            return None
+    except (psutil.Error, KeyError, TypeError):
+        return None
+    return record
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> bool:
+    """Poll until something accepts connections on host:port (used by ``athanor up``)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex((host, port)) == 0:
+                return True
+        time.sleep(delay)  # polling interval for a start-up wait, not test synchronisation
+        delay = min(delay * 1.5, 0.25)
+    return False

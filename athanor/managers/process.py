@@ -1,0 +1,284 @@
+"""The embedded supervisor: model runtimes as detached processes that outlive the daemon.
+
+A runtime must survive a daemon restart, so it runs in its own session (``start_new_session``), writes to a log
+file rather than a pipe, and is found again from a ``ProcessHandle`` the caller keeps in state.json. A PID alone
+is not an identity (the kernel reuses them), so a handle also carries the process create time, and nothing here
+signals a PID whose create time does not match.
+
+Stopping follows llama-swap: SIGTERM the process group, wait, SIGKILL the group, always reap. The tree is
+collected before the first signal because a descendant that left the group (``setsid``) is reachable only through
+its parent, which is about to die.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from athanor.errors import InvalidValueError, RuntimeNotFoundError
+
+DEFAULT_LOG_MAX_BYTES = 20 * 1024 * 1024
+CREATE_TIME_TOLERANCE_S = 0.01
+KILL_WAIT_S = 5.0
+_TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
+_TAIL_BLOCK = 64 * 1024
+_HANDLE_FIELDS = ("name", "pid", "create_time", "log_path", "started_at")
+
+
+@dataclass(frozen=True)
+class ProcessHandle:
+    """Everything needed to find a runtime again after the daemon that started it is gone."""
+
+    name: str
+    pid: int
+    create_time: float
+    log_path: str
+    started_at: str
+
+    def __post_init__(self) -> None:
+        # A handle can come from a hand-edited state.json, and a bad pid is dangerous (killpg(0) is our own group).
+        def bad(field: str, expected: str) -> ValueError:
+            return ValueError(f"invalid process handle: {field} must be {expected}, got {getattr(self, field)!r}")
+
+        if not isinstance(self.name, str) or not self.name:
+            raise bad("name", "a non-empty string")
+        if not isinstance(self.pid, int) or isinstance(self.pid, bool) or self.pid <= 0:
+            raise bad("pid", "a positive integer")
+        ct = self.create_time
+        if not isinstance(ct, (int, float)) or isinstance(ct, bool) or not math.isfinite(ct) or ct < 0:
+            raise bad("create_time", "a non-negative number")
+        if not isinstance(self.log_path, str) or not self.log_path:
+            raise bad("log_path", "a non-empty string")
+        try:
+            datetime.strptime(self.started_at, _TIMESTAMP)
+        except (TypeError, ValueError):
+            raise bad("started_at", "an ISO-8601 UTC time like 2026-11-25T05:00:00Z") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return {field: getattr(self, field) for field in _HANDLE_FIELDS}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ProcessHandle:
+        """Unknown keys are ignored so a newer athanor's state.json still reads."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"invalid process handle: expected an object, got {type(data).__name__}")
+        missing = [field for field in _HANDLE_FIELDS if field not in data]
+        if missing:
+            raise ValueError(f"invalid process handle: missing {', '.join(missing)}")
+        return cls(**{field: data[field] for field in _HANDLE_FIELDS})
+
+
+class ProcessSupervisor:
+    """Starts, watches and stops runtimes; keeps no state of its own beyond the children it started itself."""
+
+    def __init__(self, logs_dir: Path, *, log_max_bytes: int = DEFAULT_LOG_MAX_BYTES):
+        self.logs_dir = Path(logs_dir)
+        self.log_max_bytes = log_max_bytes
+        # Only our own children can be reaped and give an exit code; handles from an earlier daemon have no entry.
+        self._children: dict[int, tuple[ProcessHandle, subprocess.Popen[bytes]]] = {}
+
+    def start(
+        self, name: str, argv: list[str], env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> ProcessHandle:
+        """Start ``argv`` detached, its output appended to ``logs/<name>.log``.
+
+        O_APPEND lets copytruncate rotation shrink the file under the runtime without leaving a hole.
+        """
+        if not argv:
+            raise ValueError("argv must not be empty")
+        argv = [os.fspath(arg) for arg in argv]
+        log_path = self._log_path(name)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._rotate(log_path)
+        started_at = _utc_now()
+        # 0600: the command line may carry an API key.
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, f"=== {started_at} starting: {shlex.join(argv)}\n".encode())
+            try:
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=fd,
+                    stderr=subprocess.STDOUT,
+                    close_fds=True,
+                    start_new_session=True,
+                    env={**os.environ, **(env or {})},
+                    cwd=cwd,
+                )
+            except OSError as exc:
+                reason = f"{exc.filename or argv[0]}: {exc.strerror or exc}"
+                os.write(fd, f"=== {_utc_now()} failed: {reason}\n".encode())
+                raise RuntimeNotFoundError(f"cannot start {name}: {reason}") from exc
+        finally:
+            os.close(fd)
+        try:
+            create_time = psutil.Process(popen.pid).create_time()
+        except psutil.NoSuchProcess:
+            create_time = 0.0  # already dead and unreadable: the handle can then never match a live process
+        handle = ProcessHandle(name, popen.pid, create_time, str(log_path), started_at)
+        self._children[popen.pid] = (handle, popen)
+        return handle
+
+    def alive(self, handle: ProcessHandle) -> bool:
+        """A zombie counts as dead: it holds a PID but serves nothing."""
+        popen = self._popen(handle)
+        if popen is not None and popen.poll() is not None:
+            return False
+        proc = self._process(handle)
+        return proc is not None and _running(proc)
+
+    def exit_code(self, handle: ProcessHandle) -> int | None:
+        """Negative means killed by that signal; None while running or when the process is not our child."""
+        popen = self._popen(handle)
+        return popen.poll() if popen is not None else None
+
+    def stop(self, handle: ProcessHandle, timeout: float = 10.0) -> int | None:
+        """SIGTERM, up to ``timeout`` seconds of grace, then SIGKILL; safe on a dead process and when repeated."""
+        leader = self._process(handle)
+        if leader is None:
+            return self.exit_code(handle)
+        tree = [leader]
+        with contextlib.suppress(psutil.Error):
+            tree += leader.children(recursive=True)
+        self._signal_group(handle, signal.SIGTERM)
+        for proc in tree[1:]:
+            if _left_group(proc, handle.pid):
+                _signal(proc, signal.SIGTERM)
+        survivors = _wait_gone(tree, timeout)
+        # Also unconditionally: it reaches group members whose parent died before we could collect them.
+        self._signal_group(handle, signal.SIGKILL)
+        for proc in survivors:
+            _signal(proc, signal.SIGKILL)
+        _wait_gone(survivors, KILL_WAIT_S)
+        return self.exit_code(handle)
+
+    def rotate_logs(self, handle: ProcessHandle) -> bool:
+        return self._rotate(Path(handle.log_path))
+
+    def log_tail(self, name: str, lines: int = 50) -> list[str]:
+        """Reads backwards from the end, so a huge log costs only the blocks holding the last lines."""
+        if lines <= 0:
+            return []
+        try:
+            fh = open(self._log_path(name), "rb")
+        except FileNotFoundError:
+            return []
+        with fh:
+            pos = fh.seek(0, os.SEEK_END)
+            data = b""
+            while pos > 0 and data.count(b"\n") <= lines:
+                step = min(_TAIL_BLOCK, pos)
+                pos -= step
+                fh.seek(pos)
+                data = fh.read(step) + data
+        text = data.decode("utf-8", errors="replace")
+        # split("\n"), not splitlines(): a progress bar's "\r" is not a line of its own.
+        rows = text.split("\n")
+        if rows and rows[-1] == "":
+            rows.pop()
+        return rows[-lines:]
+
+    def _rotate(self, path: Path) -> bool:
+        """copytruncate: the runtime keeps its fd, so the file is copied and emptied in place, never renamed.
+
+        Lines written between the copy and the truncate are lost; that is the known price of copytruncate.
+        """
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        if size <= self.log_max_bytes:
+            return False
+        rotated = path.with_name(path.name + ".1")
+        tmp = path.with_name(path.name + ".1.tmp")
+        with open(path, "rb") as src, open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as dst:
+            src.seek(size - size // 2)
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, rotated)
+        os.truncate(path, 0)
+        return True
+
+    def _log_path(self, name: str) -> Path:
+        if not name or "/" in name or "\0" in name or name in {".", ".."}:
+            raise InvalidValueError(f"not a usable process name: {name!r}")
+        return self.logs_dir / f"{name}.log"
+
+    def _popen(self, handle: ProcessHandle) -> subprocess.Popen[bytes] | None:
+        entry = self._children.get(handle.pid)
+        if entry is None or not _same_start(entry[0].create_time, handle.create_time):
+            return None
+        return entry[1]
+
+    def _process(self, handle: ProcessHandle) -> psutil.Process | None:
+        """The process behind ``handle`` if the PID still names it (alive or an unreaped zombie)."""
+        try:
+            proc = psutil.Process(handle.pid)
+            return proc if _same_start(proc.create_time(), handle.create_time) else None
+        except psutil.Error:
+            return None
+
+    def _signal_group(self, handle: ProcessHandle, sig: int) -> None:
+        """The group id is the leader's PID, which is ours only while the leader (or its zombie) still holds it."""
+        if self._process(handle) is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(handle.pid, sig)
+
+
+def _same_start(a: float, b: float) -> bool:
+    return abs(a - b) <= CREATE_TIME_TOLERANCE_S
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime(_TIMESTAMP)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _left_group(proc: psutil.Process, pgid: int) -> bool:
+    try:
+        return os.getpgid(proc.pid) != pgid
+    except ProcessLookupError:
+        return False
+
+
+def _signal(proc: psutil.Process, sig: int) -> None:
+    """psutil refuses to signal a PID that was reused since ``proc`` was looked up."""
+    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+        proc.send_signal(sig)
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process is dead; return those still running at the deadline.
+
+    Not psutil.wait_procs: it waits until an orphan's zombie is reaped, which never happens under a PID 1 that does
+    not reap (a bare container), so every stop would last the full timeout. Dead but unreaped is gone enough.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        alive = [proc for proc in procs if _running(proc)]
+        remaining = deadline - time.monotonic()
+        if not alive or remaining <= 0:
+            return alive
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.1)

