@@ -50,6 +50,6 @@ spec:
   runtime: llama-server
   source: {path: $demo}  # a JSON-quoted string, valid YAML whatever the path holds
   aliases: [smollm2-135m]
-  preset: {ctxSize: 2048}
+  preset: {ctxSize: 2048, temperature: 0.0, maxTokens: 256}
 SPEC
 echo "athanor ready: $(.venv/bin/athanor version)"
