@@ -1,0 +1,144 @@
+"""Proxy overhead: the gateway against the same runtime called directly, measured in the same run.
+
+    .venv/bin/python benchmarks/proxy_overhead.py [--requests 300] [--concurrency 8] [--seconds 5]
+
+Prints p50 added latency, requests/s ratio, streaming throughput ratio and swap overhead beyond the runtime's
+own start. Targets (from the serving issue): added p50 <= 0.5 ms, rps >= 0.85x, streaming >= 0.99x, swap
+overhead <= 100 ms. Uses a tiny random-weight GGUF so the runtime's own work is as small as it gets, which makes
+the proxy's share as large as it gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from fixtures.tiny_models import write_tiny_llama_gguf  # noqa: E402
+
+ATHANOR = str(Path(sys.executable).parent / "athanor")
+BODY = {"model": "m1", "prompt": "hi", "max_tokens": 1, "temperature": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def timed(session: aiohttp.ClientSession, url: str, body: dict) -> float:
+    started = time.perf_counter()
+    async with session.post(url, json=body) as resp:
+        await resp.read()
+        assert resp.status == 200, resp.status
+    return time.perf_counter() - started
+
+
+async def latency(session: aiohttp.ClientSession, direct: str, proxied: str, n: int) -> tuple[float, float]:
+    d, p = [], []
+    for _ in range(n):  # interleaved, so drift in machine load hits both sides alike
+        d.append(await timed(session, direct, {**BODY, "model": "m1"}))
+        p.append(await timed(session, proxied, BODY))
+    return statistics.median(d), statistics.median(p)
+
+
+async def throughput(session: aiohttp.ClientSession, url: str, concurrency: int, seconds: float) -> float:
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await timed(session, url, BODY)
+            done += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done / seconds
+
+
+async def stream_rate(session: aiohttp.ClientSession, url: str, tokens: int) -> float:
+    body = {**BODY, "max_tokens": tokens, "stream": True, "ignore_eos": True}
+    started = time.perf_counter()
+    received = 0
+    async with session.post(url, json=body) as resp:
+        async for _ in resp.content.iter_any():
+            received += 1
+    return tokens / (time.perf_counter() - started)
+
+
+async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        env = {**os.environ, "ATHANOR_HOME": str(root / "home"), "HF_HUB_CACHE": str(root / "hub")}
+        specs = []
+        for name in ("m1", "m2"):
+            gguf = write_tiny_llama_gguf(root / f"{name}.gguf", context_length=2048, name=name)
+            specs.append(f"apiVersion: athanor.dev/v1alpha1\nkind: Model\nmetadata: {{name: {name}}}\n"
+                         f"spec:\n  runtime: llama-server\n  source: {{path: {json.dumps(str(gguf))}}}\n"
+                         f"  preset: {{ctxSize: 2048, parallel: {args.concurrency}}}\n")
+        subprocess.run([ATHANOR, "apply", "-f", "-"], input="---\n".join(specs), text=True, env=env, check=True,
+                       capture_output=True)
+        port = free_port()
+        daemon = subprocess.Popen([ATHANOR, "serve", "--listen", f"127.0.0.1:{port}"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            gateway = f"http://127.0.0.1:{port}"
+            connector = aiohttp.TCPConnector(limit=0)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                for _ in range(200):
+                    try:
+                        await timed(session, gateway + "/v1/completions", BODY)
+                        break
+                    except (aiohttp.ClientError, AssertionError):
+                        await asyncio.sleep(0.05)
+                state = json.loads((root / "home" / "state.json").read_text())
+                direct = f"http://127.0.0.1:{state['instances']['m1']['port']}/v1/completions"
+                proxied = gateway + "/v1/completions"
+                for _ in range(20):  # warm both paths
+                    await timed(session, direct, BODY)
+                    await timed(session, proxied, BODY)
+                d50, p50 = await latency(session, direct, proxied, args.requests)
+                d_rps = await throughput(session, direct, args.concurrency, args.seconds)
+                p_rps = await throughput(session, proxied, args.concurrency, args.seconds)
+                d_stream = await stream_rate(session, direct, args.tokens)
+                p_stream = await stream_rate(session, proxied, args.tokens)
+                # Swap: m2 through the gateway (stop m1, start m2, probe) against m2's own start measured by
+                # the controller (its "ready in X s" message).
+                started = time.perf_counter()
+                await timed(session, gateway + "/v1/completions", {**BODY, "model": "m2"})
+                swap = time.perf_counter() - started
+                message = json.loads((root / "home" / "state.json").read_text())["instances"]["m2"]["message"]
+                runtime_start = float(message.split("ready in ")[1].split(" s")[0])
+        finally:
+            subprocess.run([ATHANOR, "down"], env=env, capture_output=True)
+            daemon.wait(30)
+    print(f"latency p50: direct {d50 * 1000:.2f} ms, proxied {p50 * 1000:.2f} ms, "
+          f"added {(p50 - d50) * 1000:.2f} ms (target <= 0.5 ms)")
+    print(f"requests/s at concurrency {args.concurrency}: direct {d_rps:.0f}, proxied {p_rps:.0f}, "
+          f"ratio {p_rps / d_rps:.2f}x (target >= 0.85x)")
+    print(f"streaming {args.tokens} tokens: direct {d_stream:.0f} tok/s, proxied {p_stream:.0f} tok/s, "
+          f"ratio {p_stream / d_stream:.2f}x (target >= 0.99x)")
+    print(f"swap m1 -> m2: {swap * 1000:.0f} ms, runtime's own start {runtime_start * 1000:.0f} ms, "
+          f"overhead {(swap - runtime_start) * 1000:.0f} ms (target <= 100 ms)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--tokens", type=int, default=400)
+    asyncio.run(main(parser.parse_args()))
