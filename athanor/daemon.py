@@ -64,7 +64,9 @@ async def serve(store: Store, listen: str | None = None) -> None:
     host, port = parse_listen(listen or gateway["listen"])
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+    session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                    cookie_jar=aiohttp.DummyCookieJar())  # a proxy keeps no cookies
+    async with session:
         controller = Controller(store, ProcessSupervisor(store.logs_dir), session)
         adopted = await controller.reattach()
         if adopted:

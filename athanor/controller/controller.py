@@ -42,6 +42,7 @@ CRASH_WINDOW_S = 120.0
 CRASH_LIMIT = 3
 DRAIN_TIMEOUT_S = 30.0
 MONITOR_INTERVAL_S = 0.5
+RELOAD_CHECK_S = 0.5
 
 
 class ModelUnavailable(AthanorError):
@@ -69,12 +70,22 @@ class Controller:
         self._swapping = 0
         self._doc: dict[str, Any] = {"models": {}, "recipes": {}, "gateway": None, "ignoredSources": []}
         self._doc_stamp: tuple[int, int] | None = None
+        self._doc_checked = float("-inf")
+        self._names: dict[str, str] = {}
         self._monitor: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ desired state
 
-    def doc(self) -> dict[str, Any]:
-        """models.json, re-read whenever it changed on disk: ``apply`` reaches a running daemon this way."""
+    def doc(self, *, fresh: bool = False) -> dict[str, Any]:
+        """models.json, re-read when it changed on disk: ``apply`` reaches a running daemon this way.
+
+        The file is stat'ed at most every ``RELOAD_CHECK_S`` on the request path (``fresh`` forces a check), so a
+        busy gateway does not pay a syscall per request.
+        """
+        now = time.monotonic()
+        if not fresh and now - self._doc_checked < RELOAD_CHECK_S:
+            return self._doc
+        self._doc_checked = now
         try:
             st = os.stat(self.store.models.path)
             stamp = (st.st_mtime_ns, st.st_size)
@@ -83,24 +94,34 @@ class Controller:
         if stamp != self._doc_stamp:
             self._doc = self.store.models.load()
             self._doc_stamp = stamp
+            self._names = self._index(self._doc["models"])
         return self._doc
+
+    @staticmethod
+    def _index(models: dict[str, Any]) -> dict[str, str]:
+        """Every name a client may use -> the model's name. Names win over aliases, aliases over HF ids."""
+        names: dict[str, str] = {}
+        for name, obj in models.items():
+            hf = obj["spec"]["source"].get("hf")
+            if hf:
+                names[hf["repo"]] = name
+                names[f"{hf['repo']}:{hf.get('file')}"] = name
+        for name, obj in models.items():
+            names.update((alias, name) for alias in obj["spec"].get("aliases", ()))
+        names.update((name, name) for name in models)
+        return names
 
     def gateway(self) -> dict[str, Any]:
         return catalog.gateway_spec(self.doc())
 
     def resolve(self, requested: str) -> str | None:
         """A model's name from its name, an alias, or its discovered id (``org/repo`` or ``org/repo:file``)."""
-        models = self.doc()["models"]
-        if requested in models:
-            return requested
-        for name, obj in models.items():
-            spec = obj["spec"]
-            if requested in spec.get("aliases", ()):
-                return name
-            hf = spec["source"].get("hf")
-            if hf and requested in (hf["repo"], f"{hf['repo']}:{hf.get('file')}"):
-                return name
-        return None
+        self.doc()
+        name = self._names.get(requested)
+        if name is None:  # perhaps applied a moment ago
+            self.doc(fresh=True)
+            name = self._names.get(requested)
+        return name
 
     @property
     def swap_pending(self) -> bool:
