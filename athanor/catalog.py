@@ -38,6 +38,7 @@ GATEWAY_DEFAULTS: dict[str, Any] = {
     "portRange": {"start": DEFAULT_RANGE[0], "end": DEFAULT_RANGE[1]},
     "discovery": {"hfCache": True, "paths": []},
     "runtimes": {},
+    "limits": {"maxRequestBytes": 32 * 2**20, "maxQueue": 64},
 }
 
 Resolver = Callable[[dict[str, Any]], Artifact | None]

@@ -72,7 +72,7 @@ async def serve(store: Store, listen: str | None = None) -> None:
         if adopted:
             log.info("re-attached to %s", ", ".join(adopted))
         controller.start_monitor()
-        app = create_app(controller, session)
+        app = create_app(controller, session, gateway["limits"]["maxRequestBytes"])
         app.router.add_post(ADMIN + "/models/{model}/{action}", _admin_action)
         app.router.add_get(ADMIN + "/status", _admin_status)
         # Idle keep-alive connections must not hold a shutdown for aiohttp's default 60 s.

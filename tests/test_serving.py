@@ -307,3 +307,94 @@ spec:
     finally:
         gw.athanor("down")
         proc.wait(30)
+
+
+def _apply_gateway(gateway: Gateway, tmp_path: Path, spec_lines: str) -> None:
+    spec = write(tmp_path / "gateway.yaml", "apiVersion: athanor.dev/v1alpha1\nkind: Gateway\n"
+                                           "metadata: {name: default}\nspec:\n" + spec_lines)
+    result = gateway.athanor("apply", "-f", str(spec))
+    assert result.returncode == 0, result.stderr
+
+
+def _raw_stream(gateway: Gateway, model: str) -> tuple[int, str, str]:
+    body = json.dumps({"model": model, "stream": True, "max_tokens": 4,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = urllib.request.Request(gateway.url + "/v1/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
+
+
+def test_queue_full_answers_429(gateway, tmp_path):
+    _apply_gateway(gateway, tmp_path, "  limits: {maxQueue: 1}\n")
+    results: list[object] = []
+
+    def call() -> None:
+        try:
+            results.append(chat(gateway.client, "tiny-mlx").model)
+        except openai.RateLimitError as exc:
+            results.append(exc.body["code"])
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert "tiny-mlx" in results and "queue_full" in results, results
+
+
+def test_idle_model_is_unloaded(gateway, tmp_path):
+    _apply_gateway(gateway, tmp_path, "  idleTimeout: 1s\n")
+    chat(gateway.client, "tiny-gguf")
+    pid = gateway.runtime_pid("tiny-gguf")
+    wait_until(lambda: gateway.state()["instances"]["tiny-gguf"]["phase"] == "Standby", 20, "idle unload")
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10, "exit")
+
+
+def test_streaming_request_is_kept_alive_while_a_slow_runtime_loads(gateway, tmp_path):
+    """A wrapper that waits 4 s before exec'ing the real llama-server stands for a big model's load."""
+    from athanor.runtimes.launch import find_runtime
+
+    real = find_runtime("llama-server")
+    slow = write(tmp_path / "slow-llama-server", f"#!/bin/sh\nsleep 4\nexec {real} \"$@\"\n")
+    slow.chmod(0o755)
+    _apply_gateway(gateway, tmp_path, f"  runtimes:\n    llama-server: {{path: {json.dumps(str(slow))}}}\n")
+    status, content_type, text = _raw_stream(gateway, "tiny-gguf")
+    assert status == 200 and content_type.startswith("text/event-stream")
+    assert text.startswith(": loading tiny-gguf, 3 s\n\n"), text[:200]
+    assert '"model":"tiny-gguf"' in text.replace(" ", "") and "data: [DONE]" in text
+
+
+def test_failed_load_is_503_with_reason_or_an_error_event(gateway, tmp_path):
+    broken = write(tmp_path / "broken.gguf", "GGUF but not really")
+    spec = write(tmp_path / "broken.yaml", f"""\
+apiVersion: athanor.dev/v1alpha1
+kind: Model
+metadata: {{name: broken}}
+spec:
+  runtime: llama-server
+  source: {{path: {json.dumps(str(broken))}}}
+""")
+    assert gateway.athanor("apply", "-f", str(spec)).returncode == 0
+    with pytest.raises(openai.APIStatusError) as err:
+        chat(gateway.client, "broken")
+    assert err.value.status_code == 503 and "failed to start" in err.value.message
+    status, _, text = _raw_stream(gateway, "broken")
+    assert status == 200
+    event = json.loads(text.strip().splitlines()[-1].removeprefix("data: "))
+    assert event["error"]["code"] == "model_unavailable"
+    described = gateway.athanor("describe", "model", "broken").stdout
+    assert "Phase:        Failed" in described and "Last failure" in described
+
+
+def test_cli_start_wait_logs_stop(gateway):
+    assert gateway.athanor("start", "tiny-alias").stdout.strip() == "model/tiny-gguf ready"
+    waited = gateway.athanor("wait", "model", "tiny-gguf", "--for=condition=Ready", "--timeout=30s")
+    assert waited.returncode == 0, waited.stderr
+    logs = gateway.athanor("logs", "tiny-gguf", "-n", "500").stdout
+    assert "=== " in logs and "starting:" in logs
+    listed = gateway.athanor("get", "models", "tiny-gguf", "-o", "json")
+    assert json.loads(listed.stdout)["status"]["pid"] == gateway.runtime_pid("tiny-gguf")
+    assert gateway.athanor("stop", "tiny-gguf").stdout.strip() == "model/tiny-gguf standby"
+    timed_out = gateway.athanor("wait", "model", "tiny-gguf", "--for=condition=Ready", "--timeout=1s")
+    assert timed_out.returncode == 1 and "timed out" in timed_out.stderr

@@ -49,6 +49,10 @@ class ModelUnavailable(AthanorError):
     """The model cannot be served now (failed to start, disabled, weights missing)."""
 
 
+class QueueFull(AthanorError):
+    """Too many requests are already waiting for this model."""
+
+
 @dataclass(frozen=True)
 class Upstream:
     name: str
@@ -150,12 +154,17 @@ class Controller:
         inst = self.instance(name)
         if inst.phase is Phase.READY and not self._swapping:
             return inst
+        limit = self.gateway()["limits"]["maxQueue"]
+        if inst.waiting >= limit:
+            raise QueueFull(f"{inst.waiting} requests already wait for model {name!r} (limits.maxQueue {limit})")
+        inst.waiting += 1
         self._swapping += 1
         try:
             async with self._swap_lock:
                 return await self._make_ready(name)
         finally:
             self._swapping -= 1
+            inst.waiting -= 1
 
     async def _make_ready(self, name: str) -> Instance:
         inst = self.instance(name)

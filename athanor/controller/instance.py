@@ -55,6 +55,7 @@ class Instance:
     launch: LaunchSpec | None = None
     generation: int = 0
     inflight: int = 0
+    waiting: int = 0
     last_used: float = 0.0
     failures: list[float] = field(default_factory=list)
     last_failure: dict[str, Any] | None = None
@@ -72,6 +73,8 @@ class Instance:
             raise TransitionError(f"{self.name}: {old.value} -> {new.value} is not a valid transition")
         self.phase = new
         self.phase_since = time.time()
+        if new is Phase.READY:
+            self.last_used = time.monotonic()  # idle time counts from readiness, not from the last request
         self.message = message
         # Wake everyone waiting on any change, then arm a fresh event for the next one.
         self.changed.set()

@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from athanor import views
-from athanor.controller.controller import Controller, ModelUnavailable, Upstream
+from athanor.controller.controller import Controller, ModelUnavailable, QueueFull, Upstream
 from athanor.controller.instance import Phase
 
 log = logging.getLogger("athanor.ingress")
@@ -38,7 +38,12 @@ MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else ("server_error" if status != 503 else "service_unavailable")
+    if status == 429:
+        kind = "rate_limit_error"
+    elif status < 500:
+        kind = "invalid_request_error"
+    else:
+        kind = "service_unavailable" if status == 503 else "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -128,6 +133,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                 return await _forward(request, upstream, requested, payload, body, None)
         except ModelUnavailable as exc:
             return error_response(503, str(exc), "model_unavailable")
+        except QueueFull as exc:
+            return error_response(429, str(exc), "queue_full")
         except aiohttp.ClientConnectorError as exc:
             # Nothing reached the runtime: it died since it was last seen. Let the controller notice, then retry
             # once (a restart) before giving up.
@@ -153,8 +160,9 @@ async def _stream_after_load(
         ready.result()
         async with controller.use(name) as upstream:
             return await _forward(request, upstream, requested, payload, body, response)
-    except ModelUnavailable as exc:
-        await response.write(b"data: " + json.dumps(error_body(503, str(exc), "model_unavailable")).encode() + b"\n\n")
+    except (ModelUnavailable, QueueFull) as exc:
+        status, code = (429, "queue_full") if isinstance(exc, QueueFull) else (503, "model_unavailable")
+        await response.write(b"data: " + json.dumps(error_body(status, str(exc), code)).encode() + b"\n\n")
         await response.write_eof()
         return response
     finally:
