@@ -39,10 +39,36 @@ def model_view(obj: dict[str, Any], instance: dict[str, Any] | None) -> dict[str
     for key in ("pid", "startedAt", "lastFailure"):
         if instance.get(key) is not None:
             status[key] = instance[key]
+    if phase in ("Ready", "Starting") and instance.get("handle"):
+        status.update(_live(instance["handle"]))
     if artifact:
         status["artifact"] = artifact
     view["status"] = status
     return view
+
+
+def _live(handle: dict[str, Any]) -> dict[str, Any]:
+    """Uptime and resident memory of the runtime, read from the process itself (if it is still ours)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(handle["pid"])
+        if abs(proc.create_time() - handle["create_time"]) > 0.01:
+            return {}
+        rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+        return {"uptimeSeconds": int(datetime.now(timezone.utc).timestamp() - proc.create_time()), "rssBytes": rss}
+    except (psutil.Error, KeyError, TypeError):
+        return {}
+
+
+def human_duration(seconds: int | None) -> str:
+    """kubectl-style: 45s, 12m, 3h, 5d."""
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
 
 
 def _available_condition(artifact: dict[str, Any] | None, obj: dict[str, Any]) -> dict[str, Any]:
@@ -68,18 +94,14 @@ def display_status(view: dict[str, Any]) -> str:
 
 
 def age(timestamp: Any, now: datetime | None = None) -> str:
-    """kubectl-style age: 45s, 12m, 3h, 5d."""
+    """How long ago an ISO timestamp was, kubectl-style."""
     if not isinstance(timestamp, str):
         return "<unknown>"
     try:
         then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
     except ValueError:
         return "<unknown>"
-    seconds = int(((now or datetime.now(timezone.utc)) - then).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size * (2 if unit != "m" else 1):
-            return f"{seconds // size}{unit}"
-    return f"{max(seconds, 0)}s"
+    return human_duration(int(((now or datetime.now(timezone.utc)) - then).total_seconds()))
 
 
 def human_bytes(size: int | None) -> str:

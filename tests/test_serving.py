@@ -384,7 +384,8 @@ spec:
     event = json.loads(text.strip().splitlines()[-1].removeprefix("data: "))
     assert event["error"]["code"] == "model_unavailable"
     described = gateway.athanor("describe", "model", "broken").stdout
-    assert "Phase:        Failed" in described and "Last failure" in described
+    assert "Phase:        Failed" in described and "Last failure: StartFailed" in described
+    assert "Log tail:" in described
 
 
 def test_cli_start_wait_logs_stop(gateway):
@@ -398,3 +399,57 @@ def test_cli_start_wait_logs_stop(gateway):
     assert gateway.athanor("stop", "tiny-gguf").stdout.strip() == "model/tiny-gguf standby"
     timed_out = gateway.athanor("wait", "model", "tiny-gguf", "--for=condition=Ready", "--timeout=1s")
     assert timed_out.returncode == 1 and "timed out" in timed_out.stderr
+
+
+def test_concurrent_first_requests_share_one_start(gateway):
+    threads = [threading.Thread(target=chat, args=(gateway.client, "tiny-gguf")) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    starts = [e for e in gateway.state()["events"] if e["name"] == "tiny-gguf" and e["reason"] == "Starting"
+              and e["message"].startswith("Standby")]
+    assert len(starts) == 1
+
+
+def test_apply_reaches_the_running_gateway(gateway, tmp_path):
+    gguf = write_tiny_llama_gguf(tmp_path / "weights" / "late.gguf", seed=3)
+    spec = write(tmp_path / "late.yaml", f"""\
+apiVersion: athanor.dev/v1alpha1
+kind: Model
+metadata: {{name: late}}
+spec:
+  runtime: llama-server
+  source: {{path: {json.dumps(str(gguf))}}}
+""")
+    assert gateway.athanor("apply", "-f", str(spec)).returncode == 0
+    assert chat(gateway.client, "late").model == "late"
+    wide = gateway.athanor("get", "models", "late", "-o", "wide").stdout.splitlines()
+    header, row = wide[0].split(), wide[1].split()
+    assert row[header.index("PID")] == str(gateway.runtime_pid("late"))
+    assert row[header.index("RSS")].endswith("iB")
+
+
+def test_client_disconnect_mid_stream_frees_the_runtime_slot(gateway):
+    chat(gateway.client, "tiny-gguf")
+    port = gateway.state()["instances"]["tiny-gguf"]["port"]
+    body = json.dumps({"model": "tiny-gguf", "stream": True, "max_tokens": 100000,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    host, gw_port = gateway.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(gw_port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    received = b""
+    while b"data:" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, "the stream ended early"
+        received += chunk
+
+    def busy() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/slots", timeout=10) as resp:
+            return any(slot.get("is_processing") for slot in json.loads(resp.read()))
+
+    assert busy(), "the runtime is generating for the stream"
+    sock.close()
+    wait_until(lambda: not busy(), 15, "the runtime to stop generating for a gone client")
+    assert chat(gateway.client, "tiny-gguf").model == "tiny-gguf"

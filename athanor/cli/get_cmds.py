@@ -96,7 +96,7 @@ def get_cmd(resource: str, name: str | None, output: str | None, selector: str |
 def _models_table(items: list[dict[str, Any]], wide: bool) -> str:
     header = ["NAME", "RUNTIME", "STATUS", "PORT", "SIZE", "AGE"]
     if wide:
-        header += ["PARAMS", "QUANT", "CTX", "RECIPE", "ALIASES", "SOURCE"]
+        header += ["PID", "UPTIME", "RSS", "PARAMS", "QUANT", "CTX", "RECIPE", "ALIASES", "SOURCE"]
     rows = []
     for item in items:
         status = item["status"]
@@ -112,6 +112,9 @@ def _models_table(items: list[dict[str, Any]], wide: bool) -> str:
         ]
         if wide:
             row += [
+                str(status.get("pid") or "-"),
+                views.human_duration(status.get("uptimeSeconds")),
+                views.human_bytes(status.get("rssBytes")),
                 views.human_count(meta.get("parameters")),
                 str(meta.get("quantization") or "-"),
                 str(meta.get("contextLength") or "-"),
@@ -233,9 +236,17 @@ def describe_cmd(resource: str, name: str) -> None:
     for key in ("pid", "startedAt"):
         if key in status:
             field(key[0].upper() + key[1:], status[key], 2)
+    if "uptimeSeconds" in status:
+        field("Uptime", views.human_duration(status["uptimeSeconds"]), 2)
+        field("Memory (RSS)", views.human_bytes(status["rssBytes"]), 2)
     if "lastFailure" in status:
         failure = status["lastFailure"]
-        field("Last failure", f"{failure.get('reason')}: {failure.get('message')}", 2)
+        field("Last failure", f"{failure.get('reason')} at {failure.get('time')}: {failure.get('message')}"
+              f" (exit code {failure.get('exitCode')})", 2)
+        tail = failure.get("logTail") or []
+        if tail:
+            out.append("  Log tail:")
+            out += [f"    {line}" for line in tail[-10:]]
     out.append("Conditions:")
     cond_rows = [[c["type"], c["status"], c["reason"], c.get("message", "")] for c in status["conditions"]]
     out += ["  " + line for line in views.render_table(["TYPE", "STATUS", "REASON", "MESSAGE"], cond_rows).splitlines()]
