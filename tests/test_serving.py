@@ -417,3 +417,18 @@ def test_client_disconnect_mid_stream_frees_the_runtime_slot(gateway):
     sock.close()
     wait_until(lambda: not busy(), 15, "the runtime to stop generating for a gone client")
     assert chat(gateway.client, "tiny-gguf").model == "tiny-gguf"
+
+
+def test_crash_loop_ends_in_failed_with_the_reason(gateway):
+    """A runtime that keeps dying is restarted with backoff, then left Failed rather than restarted forever."""
+    for attempt in range(3):
+        chat(gateway.client, "tiny-gguf")
+        pid = gateway.runtime_pid("tiny-gguf")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: gateway.state()["instances"]["tiny-gguf"]["phase"] == "Failed", 10, "crash noticed")
+    with pytest.raises(openai.APIStatusError) as err:
+        chat(gateway.client, "tiny-gguf")
+    assert err.value.status_code == 503 and "failed 3 times" in err.value.message
+    failure = gateway.state()["instances"]["tiny-gguf"]["lastFailure"]
+    assert failure["reason"] == "Crashed" and failure["exitCode"] == -9
+    assert gateway.athanor("restart", "tiny-gguf").stdout.strip() == "model/tiny-gguf ready"

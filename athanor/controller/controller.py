@@ -177,9 +177,11 @@ class Controller:
             if inst.phase is Phase.STOPPING:
                 await inst.changed.wait()
                 continue
-            if inst.phase is Phase.FAILED and self._crash_looping(inst):
-                raise ModelUnavailable(f"model {name!r} failed {CRASH_LIMIT} times in {CRASH_WINDOW_S:.0f} s: "
-                                       f"{inst.message} (athanor restart {name} retries)")
+            if inst.phase is Phase.FAILED:
+                if self._crash_looping(inst):
+                    raise ModelUnavailable(f"model {name!r} failed {CRASH_LIMIT} times in {CRASH_WINDOW_S:.0f} s: "
+                                           f"{inst.message} (athanor restart {name} retries)")
+                await asyncio.sleep(self._backoff(inst))  # restart backoff: 0.5 s, 1 s, 2 s ... after a failure
             obj = self.doc()["models"].get(name)
             if obj is None:
                 raise ModelUnavailable(f"model {name!r} no longer exists")
@@ -234,6 +236,13 @@ class Controller:
         inst.handle = None
         inst.move(Phase.FAILED, reason)
 
+    @staticmethod
+    def _backoff(inst: Instance) -> float:
+        if not inst.failures:
+            return 0.0
+        delay = min(0.5 * 2 ** (len(inst.failures) - 1), 8.0)
+        return max(0.0, inst.failures[-1] + delay - time.time())
+
     def _crash_looping(self, inst: Instance) -> bool:
         now = time.time()
         return len([t for t in inst.failures if now - t < CRASH_WINDOW_S]) >= CRASH_LIMIT
@@ -268,6 +277,11 @@ class Controller:
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(name, drain=False) for name in list(self.instances)))
+
+    def running(self, name: str) -> bool:
+        """Whether the runtime process of ``name`` is still alive (a cheap check after a stream ends)."""
+        inst = self.instances.get(name)
+        return bool(inst and inst.handle and self.supervisor.alive(inst.handle))
 
     async def check(self, name: str) -> None:
         """Called when a request could not reach a runtime: if it died, record the crash now rather than at

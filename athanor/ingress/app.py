@@ -206,6 +206,10 @@ async def _forward(
                 response.set_status(resp.status)
                 await response.prepare(request)
             await _pump(resp, response, swap)
+            controller = request.app[CONTROLLER]
+            if not controller.running(upstream.name):
+                # The stream ended because the runtime died (some event loops report that as a clean EOF).
+                raise aiohttp.ServerDisconnectedError("the runtime exited during the stream")
             await response.write_eof()
             return response
     except aiohttp.ClientConnectorError:
