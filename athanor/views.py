@@ -135,5 +135,5 @@ def source_text(source: dict[str, Any]) -> str:
 def render_table(header: list[str], rows: list[list[str]]) -> str:
     """Columns padded to their widest cell, three spaces apart, like kubectl."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["   ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines = ["   ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)

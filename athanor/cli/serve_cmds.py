@@ -102,7 +102,7 @@ def down_cmd(timeout: float) -> None:
         click.echo("athanor is down")
 
 
-def _wait_exit(proc: "psutil.Process", timeout: float) -> bool:
+def _wait_exit(proc: Any, timeout: float) -> bool:
     """Wait for a process that is not our child: gone, or a zombie its parent has yet to reap, both count."""
     import psutil
 
