@@ -431,3 +431,16 @@ def test_crash_loop_ends_in_failed_with_the_reason(gateway):
     failure = gateway.state()["instances"]["tiny-gguf"]["lastFailure"]
     assert failure["reason"] == "Crashed" and failure["exitCode"] == -9
     assert gateway.athanor("restart", "tiny-gguf").stdout.strip() == "model/tiny-gguf ready"
+
+
+def test_changed_spec_restarts_the_runtime_on_next_use_and_delete_stops_it(gateway):
+    chat(gateway.client, "tiny-gguf")
+    pid = gateway.runtime_pid("tiny-gguf")
+    assert gateway.athanor("preset", "set", "tiny-gguf", "ctxSize=128").returncode == 0
+    chat(gateway.client, "tiny-gguf")
+    new_pid = gateway.runtime_pid("tiny-gguf")
+    assert new_pid != pid
+    assert "--ctx-size 128" in " ".join(psutil.Process(new_pid).cmdline())
+    assert gateway.athanor("delete", "model", "tiny-gguf").returncode == 0
+    wait_until(lambda: not psutil.pid_exists(new_pid) or psutil.Process(new_pid).status() == "zombie", 15,
+               "the deleted model's runtime to stop")
