@@ -76,7 +76,10 @@ async def serve(store: Store, listen: str | None = None) -> None:
         app.router.add_post(ADMIN + "/models/{model}/{action}", _admin_action)
         app.router.add_get(ADMIN + "/status", _admin_status)
         # Idle keep-alive connections must not hold a shutdown for aiohttp's default 60 s.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        # A client that goes away cancels its handler: a request still waiting for a load never reaches the
+        # runtime, and a forwarded one is closed upstream, so no generation runs for nobody.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
+                               handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()

@@ -330,7 +330,7 @@ def test_idle_model_is_unloaded(gateway, tmp_path):
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10, "exit")
 
 
-def test_streaming_request_is_kept_alive_while_a_slow_runtime_loads(gateway, tmp_path):
+def _slow_llama_server(gateway: Gateway, tmp_path: Path) -> None:
     """A wrapper that waits 4 s before exec'ing the real llama-server stands for a big model's load."""
     from athanor.runtimes.launch import find_runtime
 
@@ -338,6 +338,25 @@ def test_streaming_request_is_kept_alive_while_a_slow_runtime_loads(gateway, tmp
     slow = write(tmp_path / "slow-llama-server", f"#!/bin/sh\nsleep 4\nexec {real} \"$@\"\n")
     slow.chmod(0o755)
     _apply_gateway(gateway, tmp_path, f"  runtimes:\n    llama-server: {{path: {json.dumps(str(slow))}}}\n")
+
+
+def _send_raw(gateway: Gateway, body: dict) -> socket.socket:
+    data = json.dumps(body).encode()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    return sock
+
+
+def _slots_busy(gateway: Gateway, name: str) -> bool:
+    port = gateway.state()["instances"][name]["port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/slots", timeout=10) as resp:
+        return any(slot.get("is_processing") for slot in json.loads(resp.read()))
+
+
+def test_streaming_request_is_kept_alive_while_a_slow_runtime_loads(gateway, tmp_path):
+    _slow_llama_server(gateway, tmp_path)
     status, content_type, text = _raw_stream(gateway, "tiny-gguf")
     assert status == 200 and content_type.startswith("text/event-stream")
     assert text.startswith(": loading tiny-gguf, 3 s\n\n"), text[:200]
@@ -395,26 +414,17 @@ def test_apply_reaches_the_running_gateway(gateway, tmp_path):
 
 def test_client_disconnect_mid_stream_frees_the_runtime_slot(gateway):
     chat(gateway.client, "tiny-gguf")
-    port = gateway.state()["instances"]["tiny-gguf"]["port"]
-    body = json.dumps({"model": "tiny-gguf", "stream": True, "max_tokens": 100000,
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
-    host, gw_port = gateway.url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(gw_port)))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock = _send_raw(gateway, {"model": "tiny-gguf", "stream": True, "max_tokens": 100000,
+                               "messages": [{"role": "user", "content": "hi"}]})
     received = b""
     while b"data:" not in received:
         chunk = sock.recv(65536)
         assert chunk, "the stream ended early"
         received += chunk
 
-    def busy() -> bool:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/slots", timeout=10) as resp:
-            return any(slot.get("is_processing") for slot in json.loads(resp.read()))
-
-    assert busy(), "the runtime is generating for the stream"
+    assert _slots_busy(gateway, "tiny-gguf"), "the runtime is generating for the stream"
     sock.close()
-    wait_until(lambda: not busy(), 15, "the runtime to stop generating for a gone client")
+    wait_until(lambda: not _slots_busy(gateway, "tiny-gguf"), 15, "the runtime to stop generating for a gone client")
     assert chat(gateway.client, "tiny-gguf").model == "tiny-gguf"
 
 
@@ -444,3 +454,15 @@ def test_changed_spec_restarts_the_runtime_on_next_use_and_delete_stops_it(gatew
     assert gateway.athanor("delete", "model", "tiny-gguf").returncode == 0
     wait_until(lambda: not psutil.pid_exists(new_pid) or psutil.Process(new_pid).status() == "zombie", 15,
                "the deleted model's runtime to stop")
+
+
+def test_client_gone_while_waiting_for_a_load_sends_nothing_upstream(gateway, tmp_path):
+    _slow_llama_server(gateway, tmp_path)
+    sock = _send_raw(gateway, {"model": "tiny-gguf", "max_tokens": 100000,
+                               "messages": [{"role": "user", "content": "hi"}]})
+    wait_until(lambda: gateway.state()["instances"].get("tiny-gguf", {}).get("phase") == "Starting", 10, "loading")
+    sock.close()
+    wait_until(lambda: gateway.state()["instances"]["tiny-gguf"]["phase"] == "Ready", 30, "the shared load")
+    chat(gateway.client, "tiny-gguf")  # queued after anything the gateway might still have forwarded
+    tasks = (gateway.home / "logs" / "tiny-gguf.log").read_text().count("processing task")
+    assert tasks == 1, "only our own request reached the runtime, not the abandoned one"
