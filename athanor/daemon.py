@@ -55,7 +55,7 @@ async def _admin_action(request: web.Request) -> web.Response:
 async def _admin_status(request: web.Request) -> web.Response:
     controller = request.app[CONTROLLER]
     return web.json_response({"pid": os.getpid(), "instances": {
-        n: {"phase": i.phase.value, "inflight": i.inflight} for n, i in controller.instances.items()}})
+        n: {"phase": i.phase.value, "inflight": i.inflight, "waiting": i.waiting} for n, i in controller.instances.items()}})
 
 
 async def serve(store: Store, listen: str | None = None) -> None:

@@ -466,3 +466,26 @@ def test_client_gone_while_waiting_for_a_load_sends_nothing_upstream(gateway, tm
     chat(gateway.client, "tiny-gguf")  # queued after anything the gateway might still have forwarded
     tasks = (gateway.home / "logs" / "tiny-gguf.log").read_text().count("processing task")
     assert tasks == 1, "only our own request reached the runtime, not the abandoned one"
+
+
+def test_requests_for_the_loaded_model_go_before_a_swap(gateway, tmp_path):
+    """A queue that reads mlx gguf mlx gguf while gguf loads is served gguf gguf, then mlx mlx: one swap, not four."""
+    _slow_llama_server(gateway, tmp_path)  # tiny-gguf takes 4 s to load: time to line the queue up behind it
+    chat(gateway.client, "tiny-mlx")
+    answered: list[str] = []
+
+    def waiting() -> int:
+        with urllib.request.urlopen(gateway.url + "/athanor/v1/status", timeout=10) as resp:
+            return sum(i["waiting"] for i in json.loads(resp.read())["instances"].values())
+
+    threads = []
+    for queued, model in enumerate(["tiny-gguf", "tiny-mlx", "tiny-gguf", "tiny-mlx", "tiny-gguf"], start=1):
+        threads.append(threading.Thread(target=lambda m=model: answered.append(chat(gateway.client, m).model)))
+        threads[-1].start()
+        wait_until(lambda n=queued: waiting() == n, 10, f"{queued} requests in the gate")
+    assert gateway.state()["instances"]["tiny-gguf"]["phase"] == "Starting", "the queue formed during the load"
+    for t in threads:
+        t.join(120)
+    assert sorted(answered) == ["tiny-gguf"] * 3 + ["tiny-mlx"] * 2
+    starts = [e["name"] for e in gateway.state()["events"] if e["reason"] == "Starting"]
+    assert starts == ["tiny-mlx", "tiny-gguf", "tiny-mlx"]

@@ -4,10 +4,11 @@ The ingress asks for exactly one thing: ``async with controller.use(name) as ups
 whether that means nothing (ready), waiting (a start is under way: everyone shares it), starting, or swapping.
 
 Swap policy (anti-thrash). Requests for the loaded model take a fast path while no swap is pending. A request
-that needs a different model takes the swap lock (FIFO), and from then on new requests queue behind it; the
-requests already in flight on the old model finish first (bounded by ``drainTimeout``), then the old model stops
-and the new one starts. Requests for the old model that arrived during the swap are served after it, in order,
-so two clients alternating models are served in batches rather than one swap per request.
+that needs a different model enters the swap gate (``gate.py``), and from then on new requests queue behind it;
+the requests already in flight on the old model finish first (bounded by ``DRAIN_TIMEOUT_S``), then the old model
+stops and the new one starts. Whenever the gate passes on, waiters whose model is loaded go ahead of waiters that
+need a swap (bounded by ``MAX_JUMPS``), so clients alternating between models are served in batches, one swap
+per batch, rather than one swap per request.
 
 Residency: ``single`` keeps one model loaded; ``memory`` keeps several while their estimates fit the budget,
 evicting the least recently used first. ``pinned`` models are never evicted; ``disabled`` ones never start.
@@ -28,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from athanor import actions, catalog
+from athanor.controller.gate import SwapGate
 from athanor.controller.instance import Instance, Phase
 from athanor.controller.readiness import NotReady, probe_once, wait_ready
 from athanor.errors import AthanorError
@@ -69,8 +71,7 @@ class Controller:
         self.supervisor = supervisor
         self.session = session
         self.instances: dict[str, Instance] = {}
-        self._swap_lock = asyncio.Lock()
-        self._swapping = 0
+        self._gate = SwapGate(self._loaded)
         self._doc: dict[str, Any] = {"models": {}, "recipes": {}, "gateway": None, "ignoredSources": []}
         self._doc_stamp: tuple[int, int, int] | None = None
         self._names: dict[str, str] = {}
@@ -121,9 +122,14 @@ class Controller:
         obj = self.doc()["models"].get(inst.name)
         return bool(obj and inst.generation and obj["metadata"].get("generation", 1) != inst.generation)
 
+    def _loaded(self, name: str) -> bool:
+        """Ready to serve ``name`` without a start or a restart."""
+        inst = self.instances.get(name)
+        return inst is not None and inst.phase is Phase.READY and not self._outdated(inst)
+
     @property
     def swap_pending(self) -> bool:
-        return self._swapping > 0
+        return self._gate.busy
 
     def instance(self, name: str) -> Instance:
         inst = self.instances.get(name)
@@ -146,18 +152,16 @@ class Controller:
 
     async def ensure_ready(self, name: str) -> Instance:
         inst = self.instance(name)
-        if inst.phase is Phase.READY and not self._swapping and not self._outdated(inst):
+        if inst.phase is Phase.READY and not self._gate.busy and not self._outdated(inst):
             return inst
         limit = self.gateway()["limits"]["maxQueue"]
         if inst.waiting >= limit:
             raise QueueFull(f"{inst.waiting} requests already wait for model {name!r} (limits.maxQueue {limit})")
         inst.waiting += 1
-        self._swapping += 1
         try:
-            async with self._swap_lock:
+            async with self._gate.hold(name):
                 return await self._make_ready(name)
         finally:
-            self._swapping -= 1
             inst.waiting -= 1
 
     async def _make_ready(self, name: str) -> Instance:
@@ -291,7 +295,7 @@ class Controller:
     # ------------------------------------------------------------------ residency
 
     async def _make_room(self, name: str) -> None:
-        """Stop what must go before ``name`` starts (the caller holds the swap lock)."""
+        """Stop what must go before ``name`` starts (the caller holds the swap gate)."""
         models = self.doc()["models"]
         loaded = [i for i in self.instances.values()
                   if i.name != name and i.phase in (Phase.READY, Phase.STARTING)]
@@ -340,7 +344,8 @@ class Controller:
                  "reason": inst.phase.value, "message": f"{old.value} -> {inst.phase.value}: {inst.message}"}
         with self.store.state.edit() as state:
             state["instances"][inst.name] = record
-            state["events"] = (state["events"] + [event])[-actions.MAX_EVENTS:]
+            if old is not inst.phase:  # a refresh of the record (the pid is known now) is no event
+                state["events"] = (state["events"] + [event])[-actions.MAX_EVENTS:]
 
     async def reattach(self) -> list[str]:
         """Adopt runtimes a previous daemon left running and healthy; forget the rest."""
