@@ -19,6 +19,7 @@ from aiohttp import web
 from athanor import catalog
 from athanor.controller.controller import Controller, ModelUnavailable
 from athanor.ingress.app import CONTROLLER, create_app, error_response
+from athanor.ingress.upstream import UpstreamPool
 from athanor.managers.process import ProcessSupervisor
 from athanor.store import Store
 
@@ -62,17 +63,17 @@ async def serve(store: Store, listen: str | None = None) -> None:
     """Run until SIGTERM/SIGINT. ``listen`` overrides the Gateway's ``spec.listen``."""
     gateway = catalog.gateway_spec(store.models.load())
     host, port = parse_listen(listen or gateway["listen"])
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-    session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                    cookie_jar=aiohttp.DummyCookieJar())  # a proxy keeps no cookies
+    # The controller's probes use aiohttp; proxied requests go through the lean pool in ingress/upstream.py.
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                                    cookie_jar=aiohttp.DummyCookieJar())
     async with session:
         controller = Controller(store, ProcessSupervisor(store.logs_dir), session)
         adopted = await controller.reattach()
         if adopted:
             log.info("re-attached to %s", ", ".join(adopted))
         controller.start_monitor()
-        app = create_app(controller, session, gateway["limits"]["maxRequestBytes"])
+        pool = UpstreamPool()
+        app = create_app(controller, pool, gateway["limits"]["maxRequestBytes"])
         app.router.add_post(ADMIN + "/models/{model}/{action}", _admin_action)
         app.router.add_get(ADMIN + "/status", _admin_status)
         # Idle keep-alive connections must not hold a shutdown for aiohttp's default 60 s.
@@ -96,6 +97,7 @@ async def serve(store: Store, listen: str | None = None) -> None:
             log.info("shutting down: stopping runtimes")
             await controller.close()
             await runner.cleanup()
+            pool.close()
             _record_daemon(store, None)
 
 

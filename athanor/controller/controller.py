@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -57,7 +56,7 @@ class QueueFull(AthanorError):
 @dataclass(frozen=True)
 class Upstream:
     name: str
-    base_url: str
+    port: int
     served_model: str
 
 
@@ -118,8 +117,11 @@ class Controller:
         return self._names.get(requested)
 
     def _outdated(self, inst: Instance) -> bool:
-        """Started from an older generation of its spec (a re-attached instance of unknown generation is not)."""
-        obj = self.doc()["models"].get(inst.name)
+        """Started from an older generation of its spec (a re-attached instance of unknown generation is not).
+
+        Reads the document as last loaded: every request resolves its model first, which re-reads it if changed.
+        """
+        obj = self._doc["models"].get(inst.name)
         return bool(obj and inst.generation and obj["metadata"].get("generation", 1) != inst.generation)
 
     def _loaded(self, name: str) -> bool:
@@ -139,16 +141,9 @@ class Controller:
 
     # ------------------------------------------------------------------ the one entry point
 
-    @contextlib.asynccontextmanager
-    async def use(self, name: str) -> AsyncIterator[Upstream]:
-        """Hold ``name`` ready for the duration of one request."""
-        inst = await self.ensure_ready(name)
-        inst.enter()
-        try:
-            assert inst.launch is not None
-            yield Upstream(name, f"http://127.0.0.1:{inst.launch.port}", inst.launch.served_model)
-        finally:
-            inst.leave()
+    def use(self, name: str) -> _Use:
+        """Hold ``name`` ready for the duration of one request: ``async with controller.use(name) as upstream``."""
+        return _Use(self, name)
 
     async def ensure_ready(self, name: str) -> Instance:
         inst = self.instance(name)
@@ -167,6 +162,7 @@ class Controller:
     async def _make_ready(self, name: str) -> Instance:
         inst = self.instance(name)
         while True:
+            self.doc()  # it may have changed while this request waited
             if inst.phase is Phase.READY and self._outdated(inst):
                 await self.stop(name)  # its spec changed since it started: drain, then start it anew
                 continue
@@ -420,6 +416,26 @@ class Controller:
             if idle_limit and not pinned and inst.inflight == 0 and idle_for > idle_limit:
                 log.info("%s idle for %.0f s: unloading", inst.name, idle_for)
                 await self.stop(inst.name)
+
+
+class _Use:
+    """``Controller.use`` as a class rather than a generator: it runs on every request."""
+
+    __slots__ = ("_controller", "_name", "_instance")
+
+    def __init__(self, controller: Controller, name: str):
+        self._controller, self._name = controller, name
+        self._instance: Instance | None = None
+
+    async def __aenter__(self) -> Upstream:
+        inst = self._instance = await self._controller.ensure_ready(self._name)
+        inst.enter()
+        assert inst.launch is not None
+        return Upstream(self._name, inst.launch.port, inst.launch.served_model)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._instance is not None
+        self._instance.leave()
 
 
 def estimate_bytes(obj: dict[str, Any] | None) -> int:

@@ -2,7 +2,7 @@
 
 The request path, top to bottom: read the body (bounded) -> find ``model`` -> resolve it -> ``controller.use``
 (start or swap, shared) -> rewrite ``model`` to what the runtime answers to -> forward with Content-Length over
-one pooled session -> stream the answer back chunk by chunk, rewriting ``model`` back to what the client asked.
+one pool of keep-alive connections (``upstream.py``) -> stream the answer back chunk by chunk, rewriting ``model`` back to what the client asked.
 Bodies are re-serialised only when the model name must change, and streamed chunks are only scanned when it must.
 
 Errors are OpenAI error objects. Before the response has started they carry the right status; after (a stream
@@ -17,12 +17,13 @@ import logging
 import time
 from typing import Any
 
-import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from athanor import views
 from athanor.controller.controller import Controller, ModelUnavailable, QueueFull, Upstream
 from athanor.controller.instance import Phase
+from athanor.ingress.upstream import Response, UpstreamClosed, UpstreamPool, UpstreamUnreachable
 
 log = logging.getLogger("athanor.ingress")
 
@@ -32,8 +33,10 @@ HOP_BY_HOP = frozenset(
     h.lower() for h in ("Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
                         "Transfer-Encoding", "Upgrade", "Host", "Content-Length")
 )
+# Forwarded as they came, except what the gateway sets itself (framing, the runtime's address, the body type).
+REQUEST_SKIP = HOP_BY_HOP | {"content-type"}
 CONTROLLER: web.AppKey[Controller] = web.AppKey("controller", Controller)
-SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
+POOL: web.AppKey[UpstreamPool] = web.AppKey("pool", UpstreamPool)
 MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
 
 
@@ -135,7 +138,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             return error_response(503, str(exc), "model_unavailable")
         except QueueFull as exc:
             return error_response(429, str(exc), "queue_full")
-        except aiohttp.ClientConnectorError as exc:
+        except UpstreamUnreachable as exc:
             # Nothing reached the runtime: it died since it was last seen. Let the controller notice, then retry
             # once (a restart) before giving up.
             await controller.check(name)
@@ -184,19 +187,19 @@ async def _forward(
         swap = (json.dumps(upstream.served_model).encode(), json.dumps(requested).encode())
     else:
         swap = None
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-    headers["Content-Type"] = "application/json"
-    url = upstream.base_url + request.rel_url.path_qs
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_SKIP]
+    headers.append(("Content-Type", "application/json"))
     response = started
     try:
-        async with request.app[SESSION].request(request.method, url, data=body, headers=headers) as resp:
-            is_sse = "text/event-stream" in resp.headers.get("Content-Type", "")
+        async with request.app[POOL].request(upstream.port, request.method, request.rel_url.path_qs, headers,
+                                             body) as resp:
+            is_sse = "text/event-stream" in resp.content_type
             if response is None and not is_sse:
                 data = await resp.read()
                 if swap:
                     data = data.replace(swap[0], swap[1])
-                out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
-                return web.Response(body=data, status=resp.status, headers=out_headers)
+                out_headers = [(k, v) for k, v in resp.headers if k.lower() not in HOP_BY_HOP]
+                return web.Response(body=data, status=resp.status, headers=CIMultiDict(out_headers))
             if response is not None and not is_sse:  # headers already sent: an error becomes an SSE event
                 await response.write(b"data: " + await resp.read() + b"\n\n")
                 await response.write_eof()
@@ -206,38 +209,37 @@ async def _forward(
                 response.set_status(resp.status)
                 await response.prepare(request)
             await _pump(resp, response, swap)
-            controller = request.app[CONTROLLER]
-            if not controller.running(upstream.name):
-                # The stream ended because the runtime died (some event loops report that as a clean EOF).
-                raise aiohttp.ServerDisconnectedError("the runtime exited during the stream")
+            if resp.close_delimited and not request.app[CONTROLLER].running(upstream.name):
+                # A body that ends with the connection cannot tell a finished stream from a dead runtime.
+                raise UpstreamClosed("the runtime exited during the stream")
             await response.write_eof()
             return response
-    except aiohttp.ClientConnectorError:
+    except UpstreamUnreachable:
         raise  # nothing was sent: the caller may retry
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as exc:
+    except UpstreamClosed as exc:
         asyncio.get_running_loop().create_task(request.app[CONTROLLER].check(upstream.name))
-        message = f"runtime for {upstream.name!r} failed mid-request: {type(exc).__name__}: {exc}"
+        message = f"runtime for {upstream.name!r} failed mid-request: {exc}"
         log.warning(message)
         if response is None:
             return error_response(502, message, "upstream_failed")
         await response.write(b"data: " + json.dumps(error_body(502, message, "upstream_failed")).encode() + b"\n\n")
         return response
     except ConnectionResetError:
-        # The client went away: leaving the block above closed the upstream request, so the runtime stops
+        # The client went away: leaving the block above closed the upstream connection, so the runtime stops
         # generating for it and the slot is freed.
         assert response is not None
         return response
 
 
-async def _pump(resp: aiohttp.ClientResponse, response: web.StreamResponse, swap: tuple[bytes, bytes] | None) -> None:
+async def _pump(resp: Response, response: web.StreamResponse, swap: tuple[bytes, bytes] | None) -> None:
     """Copy the upstream stream as it arrives. When the model id must be rewritten, work on whole lines so an
     id split across two chunks is still found."""
     if swap is None:
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp.iter_chunks():
             await response.write(chunk)
         return
     carry = b""
-    async for chunk in resp.content.iter_any():
+    async for chunk in resp.iter_chunks():
         data = carry + chunk
         cut = data.rfind(b"\n") + 1
         carry = data[cut:]
@@ -247,10 +249,10 @@ async def _pump(resp: aiohttp.ClientResponse, response: web.StreamResponse, swap
         await response.write(carry.replace(swap[0], swap[1]))
 
 
-def create_app(controller: Controller, session: aiohttp.ClientSession, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
+def create_app(controller: Controller, pool: UpstreamPool, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[openai_errors])
     app[CONTROLLER] = controller
-    app[SESSION] = session
+    app[POOL] = pool
     app[MAX_BODY] = max_body
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", list_models)

@@ -1,0 +1,306 @@
+"""A lean HTTP/1.1 client for the one hop that is hot: the gateway to a runtime on loopback.
+
+aiohttp's ClientSession is general (cookies, redirects, proxies, tracing, decompression) and that generality costs
+a few hundred microseconds of CPU per request, which on a small machine comes straight out of the runtime's share.
+This hop needs far less: keep-alive connections per port, a request written in one call, the response parsed by
+llhttp (``httptools``) and its body handed over chunk by chunk, with reading paused while the client lags.
+
+Failures are typed by what the caller may do about them: ``UpstreamUnreachable`` means nothing reached the runtime
+(safe to retry); ``UpstreamClosed`` means the connection ended before the response did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Iterable
+
+import httptools
+
+BUFFER_HIGH = 256 * 1024  # pause reading from the runtime above this many unread bytes
+BUFFER_LOW = 64 * 1024
+MAX_IDLE_PER_PORT = 32
+
+
+class UpstreamError(Exception):
+    """The runtime could not be reached or broke off its answer."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection could be made: the request never reached the runtime."""
+
+
+class UpstreamClosed(UpstreamError):
+    """The runtime closed the connection (or sent garbage) before its response was complete."""
+
+
+class _Stale(UpstreamClosed):
+    """A reused keep-alive connection closed before answering: the runtime dropped it while idle."""
+
+
+class Response:
+    """One response being read off a connection. Headers are available when ``send`` returns."""
+
+    def __init__(self, connection: _Connection):
+        self._connection = connection
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+        self.content_type = ""
+
+    async def read(self) -> bytes:
+        connection = self._connection
+        parts: list[bytes] = []
+        while True:
+            parts += connection.take_all()  # also while incomplete: a paused connection resumes only when drained
+            if connection.complete:
+                return b"".join(parts)
+            if connection.error is not None:
+                raise connection.error
+            await connection.wait()
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; raises UpstreamClosed if the connection ends before the body does."""
+        connection = self._connection
+        while True:
+            chunk = connection.next_chunk()
+            if chunk is not None:
+                yield chunk
+            elif connection.complete:
+                return
+            elif connection.error is not None:
+                raise connection.error
+            else:
+                await connection.wait()
+
+    @property
+    def close_delimited(self) -> bool:
+        """The body ends where the connection ends (HTTP/1.0 style): a dying runtime looks like a clean end."""
+        return self._connection.close_delimited
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection and the response currently being read on it."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.reused = False
+        self.error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.response: Response | None = None
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.close_delimited = False
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamClosed(f"invalid HTTP from the runtime: {exc}"))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.response is None or self.complete:
+            self._wake()
+            return
+        if self.close_delimited:
+            self.complete = True  # the body ran to the end of the connection, as announced
+        elif not self.headers_done and self.reused:
+            self._fail(_Stale("the runtime closed an idle connection"))
+        else:
+            detail = f": {exc}" if exc else ""
+            self._fail(UpstreamClosed(f"the runtime closed the connection before the response was complete{detail}"))
+        self._wake()
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.response is not None
+        self.response.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        assert response is not None
+        response.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        names = set()
+        for name, value in response.headers:
+            lower = name.lower()
+            names.add(lower)
+            if lower == "content-type":
+                response.content_type = value
+        self.close_delimited = (not {"content-length", "transfer-encoding"} & names
+                                and response.status not in (204, 304) and not 100 <= response.status < 200)
+        self.headers_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(bytes(body))
+        self._buffered += len(body)
+        if self._buffered > BUFFER_HIGH and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # the reading side
+    def next_chunk(self) -> bytes | None:
+        if not self._chunks:
+            return None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered < BUFFER_LOW and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    def take_all(self) -> list[bytes]:
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return chunks
+
+    async def wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.error is None:
+            self.error = error
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # one exchange
+    async def send(self, head: bytes, body: bytes) -> Response:
+        self._reset()
+        self.error = None
+        self.response = Response(self)
+        assert self.transport is not None
+        self.transport.write(head + body if len(body) < 16384 else head)
+        if len(body) >= 16384:
+            self.transport.write(body)
+        while not self.headers_done:
+            if self.error is not None:
+                raise self.error
+            if self.closed:
+                raise UpstreamClosed("the runtime closed the connection without answering")
+            await self.wait()
+        return self.response
+
+    @property
+    def reusable(self) -> bool:
+        return self.complete and self.keep_alive and not self.closed and self.error is None
+
+
+class UpstreamPool:
+    """Keep-alive connections to runtimes, by port. One request at a time per connection."""
+
+    def __init__(self) -> None:
+        self._idle: dict[int, list[_Connection]] = {}
+
+    def request(
+        self, port: int, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
+    ) -> _Exchange:
+        """Send one request: ``async with pool.request(...) as response``. The body must be read inside the block;
+        leaving it early (an error, a cancelled handler) closes the connection, so the runtime stops working for
+        nobody."""
+        lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        lines.append(f"Content-Length: {len(body)}")
+        return _Exchange(self, port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), body)
+
+    async def _acquire(self, port: int) -> _Connection:
+        idle = self._idle.get(port)
+        while idle:
+            connection = idle.pop()
+            if not connection.closed:
+                connection.reused = True
+                return connection
+        return await self._connect(port)
+
+    async def _connect(self, port: int) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await loop.create_connection(lambda: _Connection(port), "127.0.0.1", port)
+        except OSError as exc:
+            raise UpstreamUnreachable(f"cannot connect to 127.0.0.1:{port}: {exc.strerror or exc}") from exc
+        return connection
+
+    def _release(self, connection: _Connection) -> None:
+        idle = self._idle.setdefault(connection.port, [])
+        if connection.reusable and len(idle) < MAX_IDLE_PER_PORT:
+            connection.reused = False
+            idle.append(connection)
+        else:
+            connection.close()
+
+    def forget(self, port: int) -> None:
+        """Close idle connections to a runtime that stopped (its port may be served by another one later)."""
+        for connection in self._idle.pop(port, []):
+            connection.close()
+
+    def close(self) -> None:
+        for port in list(self._idle):
+            self.forget(port)
+
+
+class _Exchange:
+    """One request on a pooled connection (a class rather than a generator: it runs on every request)."""
+
+    __slots__ = ("_pool", "_port", "_head", "_body", "_connection")
+
+    def __init__(self, pool: UpstreamPool, port: int, head: bytes, body: bytes):
+        self._pool, self._port, self._head, self._body = pool, port, head, body
+        self._connection: _Connection | None = None
+
+    async def __aenter__(self) -> Response:
+        self._connection = await self._pool._acquire(self._port)
+        try:
+            return await self._connection.send(self._head, self._body)
+        except _Stale:
+            self._connection.close()
+            self._connection = await self._pool._connect(self._port)  # once, on a fresh connection
+            return await self._connection.send(self._head, self._body)
+        except BaseException:
+            self._connection.close()
+            raise
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        assert self._connection is not None
+        if exc_type is None:
+            self._pool._release(self._connection)
+        else:
+            self._connection.close()

@@ -1,0 +1,231 @@
+"""The lean upstream client against real sockets: every framing a runtime uses, and every way a runtime fails.
+
+The servers here are raw asyncio servers speaking bytes on loopback, so each test controls exactly what the
+"runtime" sends and when it hangs up. The real runtimes are exercised through the gateway in test_serving.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from athanor.ingress.upstream import BUFFER_HIGH, UpstreamClosed, UpstreamPool, UpstreamUnreachable
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    return head, await reader.readexactly(length)
+
+
+def run(handler: Handler, scenario: Callable[[UpstreamPool, int], Awaitable[object]]) -> object:
+    async def main() -> object:
+        handlers: set[asyncio.Task[None]] = set()
+
+        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handlers.add(asyncio.current_task())  # type: ignore[arg-type]
+            await handler(reader, writer)
+
+        server = await asyncio.start_server(tracked, "127.0.0.1", 0)
+        pool = UpstreamPool()
+        try:
+            return await scenario(pool, server.sockets[0].getsockname()[1])
+        finally:
+            pool.close()  # the handlers see EOF and finish
+            if handlers:
+                await asyncio.wait(handlers, timeout=10)
+            server.close()
+            await server.wait_closed()
+
+    return asyncio.run(main())
+
+
+async def get(pool: UpstreamPool, port: int, body: bytes = b"{}") -> tuple[int, str, bytes]:
+    async with pool.request(port, "POST", "/v1/x?y=1", [("Authorization", "Bearer k")], body) as resp:
+        return resp.status, resp.content_type, await resp.read()
+
+
+def test_content_length_responses_reuse_one_connection():
+    connections: list[int] = []
+    seen: list[bytes] = []
+
+    async def handler(reader, writer):
+        connections.append(1)
+        while not reader.at_eof():
+            try:
+                head, body = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                break
+            seen.append(head + body)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+        writer.close()
+
+    async def scenario(pool, port):
+        return [await get(pool, port, b'{"n": %d}' % i) for i in range(3)]
+
+    results = run(handler, scenario)
+    assert results == [(200, "application/json", b'{"n": %d}' % i) for i in range(3)]
+    assert len(connections) == 1, "keep-alive: one connection for three requests"
+    assert seen[0].startswith(b"POST /v1/x?y=1 HTTP/1.1\r\n") and b"Authorization: Bearer k\r\n" in seen[0]
+    assert b"Content-Length: 8\r\n" in seen[0]
+
+
+def test_chunked_stream_arrives_chunk_by_chunk():
+    release = asyncio.Event()
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"8\r\ndata: 1\n\r\n")
+        await writer.drain()
+        await release.wait()  # the second event only after the client has seen the first
+        writer.write(b"8\r\ndata: 2\n\r\n0\r\n\r\n")
+        await writer.drain()
+
+    async def scenario(pool, port):
+        got = []
+        async with pool.request(port, "POST", "/", [], b"") as resp:
+            async for chunk in resp.iter_chunks():
+                got.append(chunk)
+                release.set()
+        return resp.content_type, got
+
+    content_type, chunks = run(handler, scenario)
+    assert content_type == "text/event-stream" and chunks == [b"data: 1\n", b"data: 2\n"]
+
+
+def test_close_delimited_body_is_complete_at_eof_and_says_so():
+    """mlx_lm.server answers HTTP/1.0 style: no length, the body ends with the connection."""
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: a\n\ndata: b\n\n")
+        await writer.drain()
+        writer.close()
+
+    async def scenario(pool, port):
+        async with pool.request(port, "POST", "/", [], b"") as resp:
+            return resp.close_delimited, await resp.read()
+
+    assert run(handler, scenario) == (True, b"data: a\n\ndata: b\n\n")
+
+
+@pytest.mark.parametrize("cut", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",         # fewer bytes than announced
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",  # no terminating chunk
+    b"HTTP/1.1 200 OK\r\nContent-Le",                                    # headers cut off
+    b"",                                                                # nothing at all on a fresh connection
+])
+def test_a_runtime_dying_mid_response_is_upstream_closed(cut):
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(cut)
+        await writer.drain()
+        writer.transport.abort()
+
+    async def scenario(pool, port):
+        with pytest.raises(UpstreamClosed):
+            await get(pool, port)
+        return True
+
+    assert run(handler, scenario)
+
+
+def test_garbage_is_upstream_closed():
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+        await writer.drain()
+
+    async def scenario(pool, port):
+        with pytest.raises(UpstreamClosed, match="invalid HTTP"):
+            await get(pool, port)
+        return True
+
+    assert run(handler, scenario)
+
+
+def test_a_kept_alive_connection_the_runtime_dropped_is_retried_once_on_a_new_one():
+    connections: list[int] = []
+
+    async def handler(reader, writer):
+        connections.append(1)
+        _, body = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        await reader.read(1)  # the client's next request, or EOF
+        writer.transport.abort()  # drop the kept-alive connection without answering
+
+    async def scenario(pool, port):
+        return [await get(pool, port, b"one"), await get(pool, port, b"two")]
+
+    assert run(handler, scenario) == [(200, "", b"one"), (200, "", b"two")]
+    assert len(connections) == 2
+
+
+def test_nothing_listening_is_unreachable():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound but not listening: connections are refused
+
+        async def scenario():
+            pool = UpstreamPool()
+            with pytest.raises(UpstreamUnreachable, match=f"127.0.0.1:{port}"):
+                await get(pool, port)
+
+        asyncio.run(scenario())
+
+
+def test_leaving_early_closes_the_connection_so_the_runtime_stops():
+    closed = asyncio.Event()
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await writer.drain()
+        await reader.read()  # returns at EOF: the gateway hung up
+        closed.set()
+
+    async def scenario(pool, port):
+        async with pool.request(port, "POST", "/", [], b"") as resp:
+            async for _ in resp.iter_chunks():
+                break  # a client that went away after the first token
+        await asyncio.wait_for(closed.wait(), 10)
+        return True
+
+    assert run(handler, scenario)
+
+
+def test_a_slow_reader_pauses_the_runtime_instead_of_buffering_everything():
+    total = BUFFER_HIGH * 16
+    sent = [0]
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        block = b"x" * 65536
+        while sent[0] < total:
+            writer.write(block)
+            await writer.drain()  # blocks once the gateway stops reading and the socket buffers fill
+            sent[0] += len(block)
+
+    async def scenario(pool, port):
+        async with pool.request(port, "POST", "/", [], b"") as resp:
+            connection = resp._connection
+            deadline = asyncio.get_running_loop().time() + 10
+            while not connection._paused:  # nobody reads: the client must stop reading from the runtime
+                assert asyncio.get_running_loop().time() < deadline, "reading never paused"
+                await asyncio.sleep(0.01)
+            buffered_at_pause = connection._buffered
+            body = await resp.read()
+        return buffered_at_pause, len(body), sent[0]
+
+    buffered, received, sent_total = run(handler, scenario)
+    assert BUFFER_HIGH < buffered < BUFFER_HIGH + 2**20, "paused just past the high-water mark"
+    assert received == sent_total == total, "and resumed: the whole body arrives"
