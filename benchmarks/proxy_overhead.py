@@ -9,7 +9,8 @@ start, and the gateway's own CPU time per proxied request (the steadiest figure 
 Uses a tiny random-weight GGUF so the runtime's own work is as small as it gets, which makes the proxy's share as
 large as it gets. The runtime gets ``--runtime-threads`` (default 1): llama-server's default spins a thread per
 core while it waits for work, and on a 2-core machine that spinning, not the proxy, would decide the figures.
-Throughput rounds alternate direct and proxied so drift in machine load hits both alike; the ratio is of medians.
+Throughput and streaming rounds alternate direct and proxied so drift in machine load hits both alike; ratios
+are of medians.
 """
 
 from __future__ import annotations
@@ -125,8 +126,11 @@ async def main(args: argparse.Namespace) -> None:
                     cpu_per_request.append((sum(gateway_proc.cpu_times()[:2]) - cpu_before)
                                            / (p_rounds[-1] * args.seconds))
                 d_rps, p_rps = statistics.median(d_rounds), statistics.median(p_rounds)
-                d_stream = await stream_rate(session, direct, args.tokens)
-                p_stream = await stream_rate(session, proxied, args.tokens)
+                d_streams, p_streams = [], []
+                for _ in range(args.rounds):
+                    d_streams.append(await stream_rate(session, direct, args.tokens))
+                    p_streams.append(await stream_rate(session, proxied, args.tokens))
+                d_stream, p_stream = statistics.median(d_streams), statistics.median(p_streams)
                 # Swap: m2 through the gateway (stop m1, start m2, probe) against m2's own start measured by
                 # the controller (its "ready in X s" message).
                 started = time.perf_counter()

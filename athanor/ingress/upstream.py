@@ -17,8 +17,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import httptools
 
-BUFFER_HIGH = 256 * 1024  # pause reading from the runtime above this many unread bytes
-BUFFER_LOW = 64 * 1024
+BUFFER_HIGH = 256 * 1024  # pause reading from the runtime above this many unread bytes, until they are taken
 MAX_IDLE_PER_PORT = 32
 
 
@@ -59,12 +58,13 @@ class Response:
             await connection.wait()
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; raises UpstreamClosed if the connection ends before the body does."""
+        """The body as it arrives, everything received so far in one piece (under load several events go out in
+        one write); raises UpstreamClosed if the connection ends before the body does."""
         connection = self._connection
         while True:
-            chunk = connection.next_chunk()
-            if chunk is not None:
-                yield chunk
+            chunks = connection.take_all()
+            if chunks:
+                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
             elif connection.complete:
                 return
             elif connection.error is not None:
@@ -163,16 +163,6 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     # the reading side
-    def next_chunk(self) -> bytes | None:
-        if not self._chunks:
-            return None
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._paused and self._buffered < BUFFER_LOW and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
-        return chunk
-
     def take_all(self) -> list[bytes]:
         chunks = list(self._chunks)
         self._chunks.clear()
