@@ -229,3 +229,22 @@ def test_a_slow_reader_pauses_the_runtime_instead_of_buffering_everything():
     buffered, received, sent_total = run(handler, scenario)
     assert BUFFER_HIGH < buffered < BUFFER_HIGH + 2**20, "paused just past the high-water mark"
     assert received == sent_total == total, "and resumed: the whole body arrives"
+
+
+def test_header_bytes_a_client_sent_reach_the_runtime_unchanged():
+    """aiohttp hands the gateway header values decoded as UTF-8 with surrogateescape, invalid bytes included."""
+    seen: list[bytes] = []
+
+    async def handler(reader, writer):
+        head, _ = await read_request(reader)
+        seen.append(head)
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+
+    async def scenario(pool, port):
+        value = b"caf\xc3\xa9 \xff".decode("utf-8", "surrogateescape")
+        async with pool.request(port, "POST", "/", [("X-Note", value)], b"") as resp:
+            return resp.status, await resp.read()
+
+    assert run(handler, scenario) == (204, b"")
+    assert b"X-Note: caf\xc3\xa9 \xff\r\n" in seen[0]

@@ -19,6 +19,7 @@ import httptools
 
 BUFFER_HIGH = 256 * 1024  # pause reading from the runtime above this many unread bytes, until they are taken
 MAX_IDLE_PER_PORT = 32
+ONE_WRITE_BODY = 16 * 1024  # bodies up to this size go out with the head in one write (copying beats a syscall)
 
 
 class UpstreamError(Exception):
@@ -120,7 +121,7 @@ class _Connection(asyncio.Protocol):
         if self.response is None or self.complete:
             self._wake()
             return
-        if self.close_delimited:
+        if self.close_delimited and self.error is None:
             self.complete = True  # the body ran to the end of the connection, as announced
         elif not self.headers_done and self.reused:
             self._fail(_Stale("the runtime closed an idle connection"))
@@ -199,8 +200,10 @@ class _Connection(asyncio.Protocol):
         self.error = None
         self.response = Response(self)
         assert self.transport is not None
-        self.transport.write(head + body if len(body) < 16384 else head)
-        if len(body) >= 16384:
+        if len(body) <= ONE_WRITE_BODY:
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
             self.transport.write(body)
         while not self.headers_done:
             if self.error is not None:
@@ -230,7 +233,8 @@ class UpstreamPool:
         lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
         lines += [f"{name}: {value}" for name, value in headers]
         lines.append(f"Content-Length: {len(body)}")
-        return _Exchange(self, port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), body)
+        # aiohttp decoded the client's header bytes as UTF-8 with surrogateescape: this gives back the same bytes.
+        return _Exchange(self, port, ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape"), body)
 
     async def _acquire(self, port: int) -> _Connection:
         idle = self._idle.get(port)
