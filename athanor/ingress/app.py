@@ -116,7 +116,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     controller = request.app[CONTROLLER]
     body = await request.read()
     try:
-        payload = json.loads(body) if body else None
+        payload = json.loads(body.decode()) if body else None  # UTF-8, as OpenAI clients send; skips detection
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return error_response(400, f"request body is not valid JSON: {exc}", "invalid_json")
     requested = payload.get("model") if isinstance(payload, dict) else None

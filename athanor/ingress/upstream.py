@@ -94,6 +94,7 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.response: Response | None = None
+        self._raw_headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
         self.complete = False
         self.keep_alive = False
@@ -132,22 +133,23 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.response is not None
-        self.response.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
-        response.status = self.parser.get_status_code()
-        self.keep_alive = self.parser.should_keep_alive()
-        names = set()
-        for name, value in response.headers:
+        response.status = status = self.parser.get_status_code()
+        response.headers = headers = [(name.decode("latin-1"), value.decode("latin-1"))
+                                      for name, value in self._raw_headers]
+        framed = False
+        for name, value in headers:
             lower = name.lower()
-            names.add(lower)
             if lower == "content-type":
                 response.content_type = value
-        self.close_delimited = (not {"content-length", "transfer-encoding"} & names
-                                and response.status not in (204, 304) and not 100 <= response.status < 200)
+            elif lower in ("content-length", "transfer-encoding"):
+                framed = True
+        self.keep_alive = self.parser.should_keep_alive()
+        self.close_delimited = not framed and status >= 200 and status not in (204, 304)
         self.headers_done = True
         self._wake()
 
