@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/proxy_overhead.py [--requests 300] [--concurrency 8] [--seconds 3] [--rounds 3]
 
 Prints p50 added latency, requests/s ratio, streaming throughput ratio, swap overhead beyond the runtime's own
-start, and the gateway's own CPU time per proxied request (the steadiest figure on a noisy machine). Targets
+start, and the gateway's own CPU time per proxied request next to that of a minimal aiohttp app under the same
+load (the floor under any aiohttp-based ingress). Targets
 (from the serving issue): added p50 <= 0.5 ms, rps >= 0.85x, streaming >= 0.99x, swap overhead <= 100 ms.
 
 Uses a tiny random-weight GGUF so the runtime's own work is as small as it gets, which makes the proxy's share as
@@ -37,6 +38,22 @@ from fixtures.tiny_models import write_tiny_llama_gguf  # noqa: E402
 
 ATHANOR = str(Path(sys.executable).parent / "athanor")
 BODY = {"model": "m1", "prompt": "hi", "max_tokens": 1, "temperature": 0}
+# The floor under any aiohttp-based ingress: an app with one route that reads the body and answers a fixed one.
+MINIMAL_AIOHTTP_APP = """
+import asyncio, sys, uvloop
+from aiohttp import web
+async def answer(request):
+    await request.read()
+    return web.json_response({"ok": True})
+async def main():
+    app = web.Application()
+    app.router.add_post("/v1/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", int(sys.argv[1])).start()
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
 
 
 def free_port() -> int:
@@ -73,6 +90,27 @@ async def throughput(session: aiohttp.ClientSession, url: str, concurrency: int,
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return done / seconds
+
+
+async def minimal_app_cpu(session: aiohttp.ClientSession, args: argparse.Namespace) -> float:
+    """CPU seconds per request of MINIMAL_AIOHTTP_APP under the same load."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", MINIMAL_AIOHTTP_APP, str(port)])
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    try:
+        for _ in range(200):
+            try:
+                await timed(session, url, BODY)
+                break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)  # polling while the app starts
+        process = psutil.Process(proc.pid)
+        before = sum(process.cpu_times()[:2])
+        rps = await throughput(session, url, args.concurrency, args.seconds)
+        return (sum(process.cpu_times()[:2]) - before) / (rps * args.seconds)
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 async def stream_rate(session: aiohttp.ClientSession, url: str, tokens: int) -> float:
@@ -126,6 +164,7 @@ async def main(args: argparse.Namespace) -> None:
                     cpu_per_request.append((sum(gateway_proc.cpu_times()[:2]) - cpu_before)
                                            / (p_rounds[-1] * args.seconds))
                 d_rps, p_rps = statistics.median(d_rounds), statistics.median(p_rounds)
+                floor = await minimal_app_cpu(session, args)
                 d_streams, p_streams = [], []
                 for _ in range(args.rounds):
                     d_streams.append(await stream_rate(session, direct, args.tokens))
@@ -145,7 +184,8 @@ async def main(args: argparse.Namespace) -> None:
           f"added {(p50 - d50) * 1000:.2f} ms (target <= 0.5 ms)")
     print(f"requests/s at concurrency {args.concurrency}: direct {d_rps:.0f}, proxied {p_rps:.0f}, "
           f"ratio {p_rps / d_rps:.2f}x (target >= 0.85x; rounds {' '.join(f'{p / d:.2f}' for d, p in zip(d_rounds, p_rounds))})")
-    print(f"gateway CPU per proxied request: {statistics.median(cpu_per_request) * 1e6:.0f} us (user + system)")
+    print(f"gateway CPU per proxied request: {statistics.median(cpu_per_request) * 1e6:.0f} us (user + system); "
+          f"a minimal aiohttp app answering a fixed body: {floor * 1e6:.0f} us")
     print(f"streaming {args.tokens} tokens: direct {d_stream:.0f} tok/s, proxied {p_stream:.0f} tok/s, "
           f"ratio {p_stream / d_stream:.2f}x (target >= 0.99x)")
     print(f"swap m1 -> m2: {swap * 1000:.0f} ms, runtime's own start {runtime_start * 1000:.0f} ms, "
