@@ -55,8 +55,9 @@ async def _admin_action(request: web.Request) -> web.Response:
 
 async def _admin_status(request: web.Request) -> web.Response:
     controller = request.app[CONTROLLER]
-    return web.json_response({"pid": os.getpid(), "instances": {
-        n: {"phase": i.phase.value, "inflight": i.inflight, "waiting": i.waiting} for n, i in controller.instances.items()}})
+    instances = {name: {"phase": inst.phase.value, "inflight": inst.inflight, "waiting": inst.waiting}
+                 for name, inst in controller.instances.items()}
+    return web.json_response({"pid": os.getpid(), "instances": instances})
 
 
 async def serve(store: Store, listen: str | None = None) -> None:

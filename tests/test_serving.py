@@ -227,6 +227,12 @@ def test_openai_error_objects(gateway):
     assert status == 413 and body["error"]["code"] == "request_too_large"
 
 
+def test_expect_100_continue_is_answered_by_the_gateway(gateway):
+    body = json.dumps({"model": "tiny-gguf", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    status, reply = gateway.post("/v1/chat/completions", body.encode(), {"Expect": "100-continue"})
+    assert status == 200 and reply["model"] == "tiny-gguf"
+
+
 def test_runtime_killed_mid_stream_fails_promptly_and_recovers(gateway):
     chat(gateway.client, "tiny-gguf")
     pid = gateway.runtime_pid("tiny-gguf")

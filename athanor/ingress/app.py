@@ -2,7 +2,8 @@
 
 The request path, top to bottom: read the body (bounded) -> find ``model`` -> resolve it -> ``controller.use``
 (start or swap, shared) -> rewrite ``model`` to what the runtime answers to -> forward with Content-Length over
-one pool of keep-alive connections (``upstream.py``) -> stream the answer back chunk by chunk, rewriting ``model`` back to what the client asked.
+one pool of keep-alive connections (``upstream.py``) -> stream the answer back chunk by chunk, rewriting ``model``
+back to what the client asked.
 Bodies are re-serialised only when the model name must change, and streamed chunks are only scanned when it must.
 
 Errors are OpenAI error objects. Before the response has started they carry the right status; after (a stream
@@ -33,8 +34,10 @@ HOP_BY_HOP = frozenset(
     h.lower() for h in ("Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
                         "Transfer-Encoding", "Upgrade", "Host", "Content-Length")
 )
-# Forwarded as they came, except what the gateway sets itself (framing, the runtime's address, the body type).
-REQUEST_SKIP = HOP_BY_HOP | {"content-type"}
+# Forwarded as they came, except what the gateway sets itself (framing, the runtime's address, the body type),
+# Expect (the gateway already answered it; a runtime's 100 Continue would only precede the real answer) and
+# Accept-Encoding (a compressed answer could not have its model id rewritten, and loopback needs no compression).
+REQUEST_SKIP = HOP_BY_HOP | {"content-type", "expect", "accept-encoding"}
 CONTROLLER: web.AppKey[Controller] = web.AppKey("controller", Controller)
 POOL: web.AppKey[UpstreamPool] = web.AppKey("pool", UpstreamPool)
 MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
