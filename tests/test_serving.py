@@ -214,6 +214,20 @@ def test_memory_residency_keeps_both_loaded(gateway, tmp_path):
     assert gateway.state()["instances"]["tiny-mlx"]["phase"] == "Ready"
 
 
+def test_memory_residency_serves_a_loaded_model_while_another_loads(gateway, tmp_path):
+    _slow_llama_server(gateway, tmp_path, keep_gateway_spec="  residency: {policy: memory, budget: 90%}\n")
+    chat(gateway.client, "tiny-mlx")
+    loading = threading.Thread(target=chat, args=(gateway.client, "tiny-gguf"))
+    loading.start()
+    try:
+        wait_until(lambda: gateway.state()["instances"].get("tiny-gguf", {}).get("phase") == "Starting", 10, "load")
+        assert chat(gateway.client, "tiny-mlx", stream=True) and chat(gateway.client, "tiny-mlx").model == "tiny-mlx"
+        assert gateway.state()["instances"]["tiny-gguf"]["phase"] == "Starting", "answered during the other's load"
+    finally:
+        loading.join(120)
+    assert gateway.state()["instances"]["tiny-gguf"]["phase"] == "Ready"
+
+
 def test_openai_error_objects(gateway):
     status, body = gateway.post("/v1/chat/completions", b"{not json")
     assert status == 400 and body["error"]["code"] == "invalid_json" and body["error"]["type"]
@@ -336,14 +350,15 @@ def test_idle_model_is_unloaded(gateway, tmp_path):
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10, "exit")
 
 
-def _slow_llama_server(gateway: Gateway, tmp_path: Path) -> None:
+def _slow_llama_server(gateway: Gateway, tmp_path: Path, keep_gateway_spec: str = "") -> None:
     """A wrapper that waits 4 s before exec'ing the real llama-server stands for a big model's load."""
     from athanor.runtimes.launch import find_runtime
 
     real = find_runtime("llama-server")
     slow = write(tmp_path / "slow-llama-server", f"#!/bin/sh\nsleep 4\nexec {real} \"$@\"\n")
     slow.chmod(0o755)
-    _apply_gateway(gateway, tmp_path, f"  runtimes:\n    llama-server: {{path: {json.dumps(str(slow))}}}\n")
+    _apply_gateway(gateway, tmp_path,
+                   keep_gateway_spec + f"  runtimes:\n    llama-server: {{path: {json.dumps(str(slow))}}}\n")
 
 
 def _send_raw(gateway: Gateway, body: dict) -> socket.socket:

@@ -3,12 +3,13 @@
 The ingress asks for exactly one thing: ``async with controller.use(name) as upstream``. The controller decides
 whether that means nothing (ready), waiting (a start is under way: everyone shares it), starting, or swapping.
 
-Swap policy (anti-thrash). Requests for the loaded model take a fast path while no swap is pending. A request
-that needs a different model enters the swap gate (``gate.py``), and from then on new requests queue behind it;
-the requests already in flight on the old model finish first (bounded by ``DRAIN_TIMEOUT_S``), then the old model
-stops and the new one starts. Whenever the gate passes on, waiters whose model is loaded go ahead of waiters that
-need a swap (bounded by ``MAX_JUMPS``), so clients alternating between models are served in batches, one swap
-per batch, rather than one swap per request.
+Swap policy (anti-thrash). Requests for a model that is serving (ready, not being stopped) go straight to it,
+whatever else is loading: under ``memory`` residency one model keeps answering while another loads. Every other
+request enters the swap gate (``gate.py``). A swap marks the models it stops as draining: their requests already
+in flight finish first (bounded by ``DRAIN_TIMEOUT_S``), new ones queue in the gate, then the old model stops and
+the new one starts. Whenever the gate passes on, waiters whose model is serving go ahead of waiters that need a
+swap (bounded by ``MAX_JUMPS``), so clients alternating between models are served in batches, one swap per batch,
+rather than one swap per request.
 
 Residency: ``single`` keeps one model loaded; ``memory`` keeps several while their estimates fit the budget,
 evicting the least recently used first. ``pinned`` models are never evicted; ``disabled`` ones never start.
@@ -70,7 +71,7 @@ class Controller:
         self.supervisor = supervisor
         self.session = session
         self.instances: dict[str, Instance] = {}
-        self._gate = SwapGate(self._loaded)
+        self._gate = SwapGate(self.serving)
         self._doc: dict[str, Any] = {"models": {}, "recipes": {}, "gateway": None, "ignoredSources": []}
         self._doc_stamp: tuple[int, int, int] | None = None
         self._names: dict[str, str] = {}
@@ -124,14 +125,10 @@ class Controller:
         obj = self._doc["models"].get(inst.name)
         return bool(obj and inst.generation and obj["metadata"].get("generation", 1) != inst.generation)
 
-    def _loaded(self, name: str) -> bool:
-        """Ready to serve ``name`` without a start or a restart."""
+    def serving(self, name: str) -> bool:
+        """A request for ``name`` can go straight to its runtime: ready, not being stopped, spec unchanged."""
         inst = self.instances.get(name)
-        return inst is not None and inst.phase is Phase.READY and not self._outdated(inst)
-
-    @property
-    def swap_pending(self) -> bool:
-        return self._gate.busy
+        return inst is not None and inst.phase is Phase.READY and not inst.draining and not self._outdated(inst)
 
     def instance(self, name: str) -> Instance:
         inst = self.instances.get(name)
@@ -147,7 +144,7 @@ class Controller:
 
     async def ensure_ready(self, name: str) -> Instance:
         inst = self.instance(name)
-        if inst.phase is Phase.READY and not self._gate.busy and not self._outdated(inst):
+        if self.serving(name):
             return inst
         limit = self.gateway()["limits"]["maxQueue"]
         if inst.waiting >= limit:
@@ -165,6 +162,9 @@ class Controller:
             self.doc()  # it may have changed while this request waited
             if inst.phase is Phase.READY and self._outdated(inst):
                 await self.stop(name)  # its spec changed since it started: drain, then start it anew
+                continue
+            if inst.phase is Phase.READY and inst.draining:
+                await inst.changed.wait()  # an idle unload is stopping it: start it again once it stopped
                 continue
             if inst.phase is Phase.READY:
                 return inst
@@ -248,6 +248,7 @@ class Controller:
         inst = self.instances.get(name)
         if inst is None:
             return
+        inst.draining = True
         if inst.phase is Phase.STARTING and inst.start_task is not None:
             inst.start_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

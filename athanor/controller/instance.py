@@ -56,6 +56,7 @@ class Instance:
     generation: int = 0
     inflight: int = 0
     waiting: int = 0
+    draining: bool = False  # being stopped: requests already in flight finish, new ones wait for what comes next
     last_used: float = 0.0
     failures: list[float] = field(default_factory=list)
     last_failure: dict[str, Any] | None = None
@@ -73,6 +74,8 @@ class Instance:
             raise TransitionError(f"{self.name}: {old.value} -> {new.value} is not a valid transition")
         self.phase = new
         self.phase_since = time.time()
+        if new is Phase.STARTING:
+            self.draining = False
         if new is Phase.READY:
             self.last_used = time.monotonic()  # idle time counts from readiness, not from the last request
         self.message = message

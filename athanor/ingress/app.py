@@ -130,8 +130,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         return error_response(404, f"model {requested!r} not found; GET /v1/models lists them",
                               "model_not_found", "model")
     streaming = payload.get("stream") is True
-    inst = controller.instance(name)
-    if streaming and (inst.phase is not Phase.READY or controller.swap_pending):
+    if streaming and not controller.serving(name):
         return await _stream_after_load(request, controller, name, requested, payload, body)
     for attempt in (1, 2):
         try:
