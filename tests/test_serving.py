@@ -247,21 +247,22 @@ def test_expect_100_continue_is_answered_by_the_gateway(gateway):
     assert status == 200 and reply["model"] == "tiny-gguf"
 
 
-def test_runtime_killed_mid_stream_fails_promptly_and_recovers(gateway):
-    chat(gateway.client, "tiny-gguf")
-    pid = gateway.runtime_pid("tiny-gguf")
-    stream = chat(gateway.client, "tiny-gguf", stream=True, max_tokens=100000)
+@pytest.mark.parametrize("model", ["tiny-gguf", "tiny-mlx"])  # chunked, and HTTP/1.0 ended by the connection
+def test_runtime_killed_mid_stream_fails_promptly_and_recovers(gateway, model):
+    chat(gateway.client, model)
+    pid = gateway.runtime_pid(model)
+    stream = chat(gateway.client, model, stream=True, max_tokens=100000)
     first = next(iter(stream))
-    assert first.model == "tiny-gguf"
+    assert first.model == model
     os.kill(pid, signal.SIGKILL)
     started = time.monotonic()
     with pytest.raises(openai.APIError, match="failed mid-request"):
         for _ in stream:
             pass
     assert time.monotonic() - started < 10
-    reply = chat(gateway.client, "tiny-gguf")
-    assert reply.model == "tiny-gguf"
-    assert gateway.runtime_pid("tiny-gguf") != pid
+    reply = chat(gateway.client, model)
+    assert reply.model == model
+    assert gateway.runtime_pid(model) != pid
 
 
 def test_daemon_killed_and_restarted_reattaches_to_the_same_runtime(gateway):
