@@ -511,3 +511,17 @@ def test_requests_for_the_loaded_model_go_before_a_swap(gateway, tmp_path):
     assert sorted(answered) == ["tiny-gguf"] * 3 + ["tiny-mlx"] * 2
     starts = [e["name"] for e in gateway.state()["events"] if e["reason"] == "Starting"]
     assert starts == ["tiny-mlx", "tiny-gguf", "tiny-mlx"]
+
+
+def test_a_model_s_own_timeouts_override_the_gateway_s(gateway, tmp_path):
+    _slow_llama_server(gateway, tmp_path)  # a 4 s load
+    gguf = write_tiny_llama_gguf(tmp_path / "weights" / "impatient.gguf", seed=5)
+    apply_models(tmp_path / "impatient.yaml", model_spec("impatient", gguf, extra="  startupTimeout: 1s\n"),
+                 model_spec("tiny-mlx", tmp_path / "weights" / "tiny-mlx", "mlx-lm", "  idleTimeout: 1s\n"))
+    with pytest.raises(openai.APIStatusError) as err:
+        chat(gateway.client, "impatient")
+    assert err.value.status_code == 503 and "not ready after 1 s" in err.value.message
+    described = gateway.athanor("describe", "model", "impatient").stdout
+    assert "Startup limit:  1s\n" in described and "Idle unload:    30m (gateway)\n" in described
+    chat(gateway.client, "tiny-mlx")
+    wait_until(lambda: gateway.state()["instances"]["tiny-mlx"]["phase"] == "Standby", 20, "the model's idle unload")

@@ -198,6 +198,9 @@ def describe_cmd(resource: str, name: str) -> None:
     field("Source", views.source_text(spec["source"]))
     field("Aliases", ", ".join(spec.get("aliases", [])) or "<none>")
     field("Residency", spec.get("residency", "onDemand"))
+    gateway = catalog.gateway_spec(doc)
+    for label, key in (("Startup limit", "startupTimeout"), ("Idle unload", "idleTimeout")):
+        field(label, spec[key] if key in spec else f"{gateway[key]} (gateway)")
     field("Port", spec.get("port"))
     artifact = status.get("artifact")
     out.append("Artifact:")
@@ -225,7 +228,6 @@ def describe_cmd(resource: str, name: str) -> None:
         field("Serves as", launch.served_model, 2)
     else:
         out.append("  <cannot start: weights not found>")
-    gateway = catalog.gateway_spec(doc)
     manager = resolve_manager(gateway["serviceManager"])
     service_file = service_file_path(manager, model_name)
     field("Manager", manager, 2)

@@ -112,6 +112,11 @@ class Controller:
     def gateway(self) -> dict[str, Any]:
         return catalog.gateway_spec(self.doc())
 
+    def _setting(self, obj: dict[str, Any] | None, key: str) -> Any:
+        """A model's own ``spec.<key>``, else the Gateway's (startupTimeout, idleTimeout)."""
+        own = (obj or {}).get("spec", {}).get(key)
+        return own if own is not None else self.gateway()[key]
+
     def resolve(self, requested: str) -> str | None:
         """A model's name from its name, an alias, or its discovered id (``org/repo`` or ``org/repo:file``)."""
         self.doc()
@@ -205,7 +210,7 @@ class Controller:
             inst.generation = obj["metadata"].get("generation", 1)
             inst.handle = await asyncio.to_thread(self.supervisor.start, inst.name, launch.argv, launch.env)
             self._persist(inst, inst.phase)
-            timeout = parse_duration(self.gateway()["startupTimeout"]) or 3600.0
+            timeout = parse_duration(self._setting(obj, "startupTimeout")) or 3600.0
             waited = await wait_ready(self.session, launch, timeout=timeout, alive=lambda: self._alive(inst))
         except (NotReady, AthanorError) as exc:
             await self._fail(inst, str(exc))
@@ -398,7 +403,6 @@ class Controller:
                 log.exception("monitor check failed")
 
     async def _check(self) -> None:
-        idle_limit = parse_duration(self.gateway()["idleTimeout"])
         models = self.doc()["models"]
         for inst in list(self.instances.values()):
             if inst.phase is not Phase.READY or inst.handle is None:
@@ -412,7 +416,8 @@ class Controller:
                 await self.check(inst.name)
                 continue
             self.supervisor.rotate_logs(inst.handle)
-            pinned = models.get(inst.name, {}).get("spec", {}).get("residency") == "pinned"
+            pinned = models[inst.name]["spec"].get("residency") == "pinned"
+            idle_limit = parse_duration(self._setting(models[inst.name], "idleTimeout"))
             idle_for = time.monotonic() - inst.last_used
             if idle_limit and not pinned and inst.inflight == 0 and idle_for > idle_limit:
                 log.info("%s idle for %.0f s: unloading", inst.name, idle_for)
