@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -215,7 +216,8 @@ def test_memory_residency_keeps_both_loaded(gateway, tmp_path):
 
 
 def test_memory_residency_serves_a_loaded_model_while_another_loads(gateway, tmp_path):
-    _slow_llama_server(gateway, tmp_path, keep_gateway_spec="  residency: {policy: memory, budget: 90%}\n")
+    # A long load, so the other model's answers surely come while it lasts.
+    _slow_llama_server(gateway, tmp_path, keep_gateway_spec="  residency: {policy: memory, budget: 90%}\n", delay=8)
     chat(gateway.client, "tiny-mlx")
     loading = threading.Thread(target=chat, args=(gateway.client, "tiny-gguf"))
     loading.start()
@@ -351,12 +353,12 @@ def test_idle_model_is_unloaded(gateway, tmp_path):
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10, "exit")
 
 
-def _slow_llama_server(gateway: Gateway, tmp_path: Path, keep_gateway_spec: str = "") -> None:
-    """A wrapper that waits 4 s before exec'ing the real llama-server stands for a big model's load."""
+def _slow_llama_server(gateway: Gateway, tmp_path: Path, keep_gateway_spec: str = "", delay: int = 4) -> None:
+    """A wrapper that waits ``delay`` s before exec'ing the real llama-server stands for a big model's load."""
     from athanor.runtimes.launch import find_runtime
 
     real = find_runtime("llama-server")
-    slow = write(tmp_path / "slow-llama-server", f"#!/bin/sh\nsleep 4\nexec {real} \"$@\"\n")
+    slow = write(tmp_path / "slow-llama-server", f"#!/bin/sh\nsleep {delay}\nexec {shlex.quote(str(real))} \"$@\"\n")
     slow.chmod(0o755)
     _apply_gateway(gateway, tmp_path,
                    keep_gateway_spec + f"  runtimes:\n    llama-server: {{path: {json.dumps(str(slow))}}}\n")
