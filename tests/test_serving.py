@@ -230,6 +230,19 @@ def test_memory_residency_serves_a_loaded_model_while_another_loads(gateway, tmp
     assert gateway.state()["instances"]["tiny-gguf"]["phase"] == "Ready"
 
 
+def test_a_busy_port_fails_the_start_at_once_naming_the_holder(gateway):
+    port = json.loads(gateway.athanor("get", "models", "tiny-mlx", "-o", "json").stdout)["spec"]["port"]
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as err:
+            chat(gateway.client, "tiny-mlx")
+        assert err.value.status_code == 503 and f"port {port} is in use by pid {os.getpid()}" in err.value.message
+        assert time.monotonic() - started < 10, "not the startup timeout"
+    assert chat(gateway.client, "tiny-mlx").model == "tiny-mlx"
+
+
 def test_openai_error_objects(gateway):
     status, body = gateway.post("/v1/chat/completions", b"{not json")
     assert status == 400 and body["error"]["code"] == "invalid_json" and body["error"]["type"]

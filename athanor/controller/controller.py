@@ -34,6 +34,7 @@ from athanor.controller.instance import Instance, Phase
 from athanor.controller.readiness import NotReady, probe_once, wait_ready
 from athanor.errors import AthanorError
 from athanor.managers.process import ProcessHandle, ProcessSupervisor
+from athanor.ports import port_holder, port_is_free
 from athanor.runtimes.launch import find_runtime
 from athanor.store import Store
 from athanor.units import parse_budget, parse_duration
@@ -206,6 +207,9 @@ class Controller:
                 raise NotReady("weights not found on disk (see 'athanor describe model')")
             configured = self.gateway()["runtimes"].get(launch.runtime, {}).get("path")
             find_runtime(launch.runtime, configured)  # a missing runtime fails here, naming the install command
+            if not await asyncio.to_thread(port_is_free, launch.port, reuse_address=True):
+                raise NotReady(f"port {launch.port} is in use by {await asyncio.to_thread(port_holder, launch.port)}; "
+                               f"set spec.port to a free one, or stop what holds it")
             inst.launch = launch
             inst.generation = obj["metadata"].get("generation", 1)
             inst.handle = await asyncio.to_thread(self.supervisor.start, inst.name, launch.argv, launch.env)
