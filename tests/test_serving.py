@@ -415,6 +415,19 @@ def test_failed_load_is_503_with_reason_or_an_error_event(gateway, tmp_path):
     assert "Log tail:" in described
 
 
+def test_mlx_weights_that_fail_to_load_fail_the_start_at_once(gateway, tmp_path):
+    """mlx_lm.server keeps running when its model fails to load and answers every request with an error: the
+    probe takes that answer as final instead of polling until the startup timeout."""
+    broken = write_tiny_mlx_llama(tmp_path / "weights" / "broken-mlx")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    apply_models(tmp_path / "broken.yaml", model_spec("broken-mlx", broken, "mlx-lm"))
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as err:
+        chat(gateway.client, "broken-mlx")
+    assert err.value.status_code == 503 and "generation thread died" in err.value.message
+    assert time.monotonic() - started < 30, "not the 120 s startup timeout"
+
+
 def test_cli_start_wait_logs_stop(gateway):
     assert gateway.athanor("start", "tiny-alias").stdout.strip() == "model/tiny-gguf ready"
     waited = gateway.athanor("wait", "model", "tiny-gguf", "--for=condition=Ready", "--timeout=30s")

@@ -35,7 +35,7 @@ from athanor.controller.readiness import NotReady, probe_once, wait_ready
 from athanor.errors import AthanorError
 from athanor.managers.process import ProcessHandle, ProcessSupervisor
 from athanor.ports import port_holder, port_is_free
-from athanor.runtimes.launch import find_runtime
+from athanor.runtimes.launch import LaunchSpec, find_runtime
 from athanor.store import Store
 from athanor.units import parse_budget, parse_duration
 
@@ -355,8 +355,6 @@ class Controller:
 
     async def reattach(self) -> list[str]:
         """Adopt runtimes a previous daemon left running and healthy; forget the rest."""
-        from athanor.runtimes.launch import LaunchSpec
-
         adopted: list[str] = []
         records = self.store.state.load()["instances"]
         for name, record in records.items():
@@ -369,7 +367,7 @@ class Controller:
                 continue
             launch = LaunchSpec(record.get("runtime", ""), [], {}, record.get("port", 0),
                                 record.get("servedModel", ""), record.get("healthPath", "/health"))
-            if self.supervisor.alive(handle) and await probe_once(self.session, launch, timeout=5.0):
+            if self.supervisor.alive(handle) and await self._healthy(launch):
                 inst = self.instance(name)
                 inst.handle, inst.launch, inst.generation = handle, launch, record.get("generation", 0)
                 inst.phase, inst.message = Phase.READY, f"re-attached to pid {handle.pid}"
@@ -384,6 +382,12 @@ class Controller:
                     state["instances"][name] = {"phase": "Standby", "phaseSince": _iso(time.time()),
                                                 "message": "", "generation": 0}
         return adopted
+
+    async def _healthy(self, launch: LaunchSpec) -> bool:
+        try:
+            return await probe_once(self.session, launch, timeout=5.0)
+        except NotReady:
+            return False
 
     # ------------------------------------------------------------------ background duties
 

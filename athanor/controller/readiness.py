@@ -8,6 +8,7 @@ weights are loaded, so the only honest probe is a one-token completion. Polling 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 
@@ -24,19 +25,31 @@ class NotReady(Exception):
 
 
 async def probe_once(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: float) -> bool:
+    """True when ready, False when not yet. Raises NotReady when the runtime answers that it never will:
+    mlx_lm.server keeps running after its model failed to load and answers every request with an error."""
     base = f"http://127.0.0.1:{launch.port}"
     client_timeout = aiohttp.ClientTimeout(total=timeout)
     try:
         if launch.runtime == "mlx-lm":
             body = {"model": launch.served_model, "prompt": "hi", "max_tokens": 1, "stream": False}
             async with session.post(f"{base}/v1/completions", json=body, timeout=client_timeout) as resp:
-                await resp.read()
-                return resp.status == 200
+                answer = await resp.read()
+                if resp.status in (200, 503):
+                    return resp.status == 200
+                raise NotReady(f"the runtime answered {resp.status}: {_error_text(answer)} (see 'athanor logs')")
         async with session.get(f"{base}{launch.health_path}", timeout=client_timeout) as resp:
             await resp.read()
             return resp.status == 200
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
         return False
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        error = json.loads(body)["error"]
+        return str(error.get("message", error) if isinstance(error, dict) else error)
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode("utf-8", "replace").strip() or "no details"
 
 
 async def wait_ready(
