@@ -207,9 +207,7 @@ class Controller:
                 raise NotReady("weights not found on disk (see 'athanor describe model')")
             configured = self.gateway()["runtimes"].get(launch.runtime, {}).get("path")
             find_runtime(launch.runtime, configured)  # a missing runtime fails here, naming the install command
-            if not await asyncio.to_thread(port_is_free, launch.port, reuse_address=True):
-                raise NotReady(f"port {launch.port} is in use by {await asyncio.to_thread(port_holder, launch.port)}; "
-                               f"set spec.port to a free one, or stop what holds it")
+            await asyncio.to_thread(_ensure_port_free, launch.port)
             inst.launch = launch
             inst.generation = obj["metadata"].get("generation", 1)
             inst.handle = await asyncio.to_thread(self.supervisor.start, inst.name, launch.argv, launch.env)
@@ -430,6 +428,13 @@ class Controller:
             if idle_limit and not pinned and inst.inflight == 0 and idle_for > idle_limit:
                 log.info("%s idle for %.0f s: unloading", inst.name, idle_for)
                 await self.stop(inst.name)
+
+
+def _ensure_port_free(port: int) -> None:
+    """Fail a start at once when something else holds its port: a runtime that cannot bind may never exit."""
+    if not port_is_free(port, reuse_address=True):
+        raise NotReady(f"port {port} is in use by {port_holder(port)}; set spec.port to a free one, "
+                       "or stop what holds it")
 
 
 class _Use:

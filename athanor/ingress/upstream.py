@@ -88,11 +88,12 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.reused = False
-        self.error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._reset()
 
     def _reset(self) -> None:
+        """Fresh per-exchange state: a kept-alive connection reads one response after another."""
+        self.error: UpstreamError | None = None
         self.response: Response | None = None
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
@@ -199,7 +200,6 @@ class _Connection(asyncio.Protocol):
     # one exchange
     async def send(self, head: bytes, body: bytes) -> Response:
         self._reset()
-        self.error = None
         self.response = Response(self)
         assert self.transport is not None
         if len(body) <= ONE_WRITE_BODY:
