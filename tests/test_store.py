@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from athanor import actions
-from athanor.errors import StoreCorruptError, StoreVersionError
+from athanor.errors import StoreCorruptError, StoreError, StoreVersionError
+from athanor.paths import ensure_private_dir, open_private_file
 from athanor.store import Store, atomic_write_text, open_store
 from conftest import write
+from fixtures.tiny_models import add_gguf_repo
 
 MODEL = """\
 apiVersion: athanor.dev/v1alpha1
@@ -132,3 +136,73 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path):
         atomic_write_text(target, 42)  # type: ignore[arg-type]
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(store: Store, home):
+    with store.models.edit() as doc:
+        doc["recipes"]["first"] = {"spec": {}}
+    # What a writer killed between mkstemp and the rename leaves behind, named exactly as atomic_write_text names it.
+    fd, stale = tempfile.mkstemp(prefix=".models.json.", suffix=".tmp", dir=home)
+    os.write(fd, b'{"schemaVersion": 1, "models": {')
+    os.close(fd)
+    other_target = tempfile.mkstemp(prefix=".models.json.bak.", suffix=".tmp", dir=home)[1]
+    with store.models.edit() as doc:
+        doc["recipes"]["second"] = {"spec": {}}
+    assert not Path(stale).exists()
+    assert Path(other_target).exists(), "a temp file of another target is not this write's to remove"
+    assert sorted(json.loads((home / "models.json").read_text())["recipes"]) == ["first", "second"]
+
+
+@pytest.fixture
+def umask_0():
+    """Run the block (and the processes it starts) under umask 000, the worst case for file modes."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _modes(directory: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.lstat().st_mode) for p in [directory, *directory.iterdir()]}
+
+
+def test_home_and_store_files_are_private_under_umask_0(cli, home, hf_root, tmp_path, umask_0):
+    add_gguf_repo(hf_root, "test-org/tiny-GGUF")
+    assert cli("apply", "-f", str(write(tmp_path / "m.yaml", MODEL.format(i=1)))).returncode == 0
+    assert cli("scan").returncode == 0
+    assert _modes(home) == {
+        home.name: 0o700, "models.json": 0o600, "models.json.lock": 0o600, "state.json": 0o600,
+        "state.json.lock": 0o600,
+    }
+
+
+def test_a_home_others_can_write_into_is_tightened(cli, home, tmp_path):
+    home.mkdir()
+    os.chmod(home, 0o777)
+    (home / "models.json.lock").touch(mode=0o666)
+    os.chmod(home / "models.json.lock", 0o666)
+    assert cli("apply", "-f", str(write(tmp_path / "m.yaml", MODEL.format(i=1)))).returncode == 0
+    modes = _modes(home)
+    assert modes[home.name] == 0o700
+    assert modes["models.json.lock"] == 0o600 and modes["models.json"] == 0o600
+
+
+def test_private_dirs_and_files_whatever_the_umask(tmp_path, umask_0):
+    logs = ensure_private_dir(tmp_path / "a" / "b" / "logs")
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "a", tmp_path / "a" / "b", logs)] == [0o700] * 3
+    assert ensure_private_dir(logs) == logs
+    os.close(open_private_file(logs / "daemon.log", os.O_WRONLY | os.O_APPEND))
+    assert stat.S_IMODE((logs / "daemon.log").stat().st_mode) == 0o600
+    old_log = logs / "old.log"
+    old_log.write_text("written by an older athanor\n")
+    os.chmod(old_log, 0o644)
+    os.close(open_private_file(old_log, os.O_WRONLY | os.O_APPEND))
+    assert stat.S_IMODE(old_log.stat().st_mode) == 0o600
+    readable = tmp_path / "readable"
+    readable.mkdir(mode=0o755)
+    ensure_private_dir(readable)
+    assert stat.S_IMODE(readable.stat().st_mode) == 0o755, "only group/other write access is taken away"
+    not_a_dir = write(tmp_path / "file", "")
+    with pytest.raises(StoreError, match=f"{not_a_dir}: exists but is not a directory"):
+        ensure_private_dir(not_a_dir)

@@ -18,6 +18,7 @@ from athanor import actions, views
 from athanor.cli.common import store, warn
 from athanor.cli.get_cmds import _complete_model
 from athanor.errors import AthanorError, InvalidValueError, NotFoundError
+from athanor.paths import ensure_private_dir, open_private_file
 
 
 @click.command("serve")
@@ -58,9 +59,9 @@ def up_cmd(listen: str | None, timeout: float) -> None:
         click.echo(f"athanor already up on http://{running['listen']} (pid {running['pid']})")
         return
     address = listen or catalog.gateway_spec(st.models.load())["listen"]
-    st.logs_dir.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(st.logs_dir)
     argv = [sys.executable, "-m", "athanor", "serve"] + (["--listen", listen] if listen else [])
-    with open(st.logs_dir / "daemon.log", "ab") as log_file:
+    with open(open_private_file(st.logs_dir / "daemon.log", os.O_WRONLY | os.O_APPEND), "ab") as log_file:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     host, port = parse_listen(address)

@@ -4,6 +4,9 @@ A reader must always see either the old or the new file, never a torn one, and a
 must not lose either write. So: write a temp file in the same directory, fsync it, rename it over the target,
 fsync the directory; and serialise read-modify-write cycles with ``flock`` on a sidecar ``.lock`` file (the data
 file itself is replaced by rename, so it cannot carry the lock).
+
+A writer killed between creating its temp file and the rename leaves ``.<name>.<random>.tmp`` behind; the next
+write of the same target removes it. Directories and files made here are private (see ``athanor.paths``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,13 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from athanor.errors import StoreCorruptError, StoreError
+from athanor.paths import PRIVATE_FILE_MODE, ensure_private_dir, open_private_file
 
 LOCK_TIMEOUT_S = 30.0
 
 
-def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``text`` so that a crash at any point leaves the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_write_text(path: Path, text: str, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Replace ``path`` with ``text`` so that a crash at any point leaves the old or the new content.
+
+    Writes of one target must be serialised by the caller (the store holds ``locked(path)``): that is what makes
+    any temp file of this target found here a leftover of a killed writer, safe to remove.
+    """
+    ensure_private_dir(path.parent)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -40,6 +50,23 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete ``.<name>.<random>.tmp`` files of ``path`` left by a writer that died before its rename.
+
+    The random part never holds a dot, so the temp files of another target (``models.json.bak`` for
+    ``models.json``) never match.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[^.]+\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except OSError as exc:
+        raise StoreError(f"{path.parent}: cannot list directory: {exc.strerror}") from exc
+    for name in names:
+        if pattern.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path.parent / name)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -57,8 +84,8 @@ def locked(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     Blocks up to ``timeout`` seconds, then fails with the holder's pid so a stuck process can be found.
     """
     lock_path = path.with_name(path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    ensure_private_dir(lock_path.parent)
+    fd = open_private_file(lock_path, os.O_RDWR)
     try:
         deadline = time.monotonic() + timeout
         delay = 0.001
