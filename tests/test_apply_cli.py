@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from conftest import REPO, write
-from fixtures.tiny_models import add_gguf_repo, add_mlx_repo
+from fixtures.tiny_models import add_gguf_repo, add_mlx_repo, write_tiny_llama_gguf
 
 GGUF_MODEL = """\
 apiVersion: athanor.dev/v1alpha1
@@ -36,6 +36,17 @@ spec:
   runtime: mlx-lm
   source:
     hf: {repo: mlx-community/tiny-llama-4bit}
+"""
+
+PATH_MODEL = """\
+apiVersion: athanor.dev/v1alpha1
+kind: Model
+metadata:
+  name: mine
+spec:
+  runtime: llama-server
+  source:
+    path: {path}
 """
 
 
@@ -226,3 +237,67 @@ def test_describe_shows_provenance_argv_and_events(cli, hf_root, tmp_path):
     assert "--alias tiny" in out and "--ctx-size 128" in out and "--host 127.0.0.1" in out
     assert "Adopted" in out or "Created" in out
     assert "Available   True" in out
+
+
+def _found(model: dict) -> str:
+    """The Available condition's reason: Found, or NotFound when the weights are not where the spec says."""
+    return model["status"]["conditions"][0]["reason"]
+
+
+def test_relative_source_path_is_relative_to_the_spec_file(cli, tmp_path):
+    tmp_path = tmp_path.resolve()  # the child's getcwd() is the physical path
+    gguf = write_tiny_llama_gguf(tmp_path / "specs" / "sub" / "smol.gguf")
+    spec = write(tmp_path / "specs" / "models.yaml", PATH_MODEL.format(path="sub/smol.gguf"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dry = cli("apply", "-f", str(spec), "--dry-run", cwd=elsewhere)
+    assert dry.stdout == "model/mine created (dry run)\n", dry.stdout + dry.stderr
+    assert cli("apply", "-f", str(spec), cwd=elsewhere).returncode == 0
+    model = models_json(cli)["mine"]
+    assert model["spec"]["source"] == {"path": str(gguf)}
+    assert (_found(model), model["status"]["phase"]) == ("Found", "Standby")
+    # The same file named relatively from its own directory means the same model: nothing to change.
+    again = cli("apply", "-f", "models.yaml", cwd=tmp_path / "specs")
+    assert again.stdout == "model/mine unchanged\n", again.stdout + again.stderr
+    for where in (elsewhere, tmp_path / "specs"):
+        same = cli("diff", "-f", str(spec), cwd=where)
+        assert (same.returncode, same.stdout) == (0, ""), same.stderr
+
+
+def test_relative_source_path_from_stdin_is_relative_to_the_working_directory(cli, tmp_path):
+    work = tmp_path.resolve() / "work"
+    gguf = write_tiny_llama_gguf(work / "models" / "smol.gguf")
+    text = PATH_MODEL.format(path="models/smol.gguf")
+    assert cli("apply", "-f", "-", input=text, cwd=work).returncode == 0
+    model = models_json(cli)["mine"]
+    assert model["spec"]["source"] == {"path": str(gguf)}
+    assert _found(model) == "Found"
+    same = cli("diff", "-f", "-", input=text, cwd=work)
+    assert (same.returncode, same.stdout) == (0, ""), same.stderr
+    moved = cli("diff", "-f", "-", input=text, cwd=tmp_path)
+    assert moved.returncode == 1 and f"+    path: {tmp_path.resolve() / 'models' / 'smol.gguf'}" in moved.stdout
+
+
+def test_tilde_source_path_is_stored_expanded_and_diffs_clean(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    gguf = write_tiny_llama_gguf(tmp_path / "user" / "models" / "smol.gguf")
+    spec = write(tmp_path / "m.yaml", PATH_MODEL.format(path="~/models/smol.gguf"))
+    assert cli("apply", "-f", str(spec)).returncode == 0
+    model = models_json(cli)["mine"]
+    assert model["spec"]["source"] == {"path": str(gguf)}
+    assert _found(model) == "Found"
+    assert cli("apply", "-f", str(spec)).stdout == "model/mine unchanged\n"
+    assert cli("diff", "-f", str(spec)).returncode == 0
+
+
+def test_relative_source_path_adopts_the_discovered_loose_file(cli, tmp_path):
+    tmp_path = tmp_path.resolve()
+    write_tiny_llama_gguf(tmp_path / "specs" / "sub" / "smol.gguf")
+    assert cli("scan", "--path", str(tmp_path / "specs" / "sub")).returncode == 0
+    port = models_json(cli)["smol"]["spec"]["port"]
+    spec = write(tmp_path / "specs" / "models.yaml", PATH_MODEL.format(path="sub/smol.gguf"))
+    diff = cli("diff", "-f", str(spec))
+    assert diff.returncode == 1 and "--- model/mine (live)" in diff.stdout
+    assert cli("apply", "-f", str(spec)).stdout == "model/mine adopted\n"
+    models = models_json(cli)
+    assert set(models) == {"mine"} and models["mine"]["spec"]["port"] == port

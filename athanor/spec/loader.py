@@ -8,6 +8,7 @@ JSON-shaped data comes out (str, int, float, bool, None, list, dict): timestamps
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from athanor.errors import SpecError, SpecIssue
 
 JSONPath = tuple[str | int, ...]
 _MAX_NODES = 200_000  # an alias bomb must fail fast, not eat the machine
+STDIN = "<stdin>"  # the file name of documents read from ``-f -``
 _JSON_TAGS = {
     "tag:yaml.org,2002:int",
     "tag:yaml.org,2002:float",
@@ -38,6 +40,15 @@ class Document:
     data: Any
     marks: dict[JSONPath, tuple[int, int]] = field(default_factory=dict)
     key_marks: dict[JSONPath, tuple[int, int]] = field(default_factory=dict)
+
+    def resolve_path(self, raw: str) -> str:
+        """A path written in this document, made absolute: relative to the file's directory (as kustomize does),
+        or to the working directory for stdin, with ``~`` expanded.
+
+        The store must not keep a relative path: the daemon that reads it runs in another directory.
+        """
+        base = os.getcwd() if self.file == STDIN else os.path.dirname(os.path.abspath(self.file))
+        return os.path.abspath(os.path.join(base, os.path.expanduser(raw)))
 
     def locate(self, path: JSONPath, *, key: bool = False) -> tuple[int, int]:
         """Position of ``path`` (its key when ``key``), else of its nearest located ancestor."""
@@ -206,7 +217,7 @@ def load_sources(targets: Iterable[str], stdin: Any = None) -> tuple[list[Docume
     for target in targets:
         if target == "-":
             stream = stdin if stdin is not None else sys.stdin
-            found, problems = parse_text(stream.read(), "<stdin>")
+            found, problems = parse_text(stream.read(), STDIN)
             docs += found
             issues += problems
             continue

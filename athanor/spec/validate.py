@@ -22,7 +22,10 @@ _MAX_REPR = 60
 
 @dataclass(frozen=True)
 class Resource:
-    """A validated document: ``body`` holds apiVersion, kind, metadata and spec (status is dropped)."""
+    """A validated document: ``body`` holds apiVersion, kind, metadata and spec (status is dropped).
+
+    ``body`` is normalised for storing: a Model's ``source.path`` is absolute (see ``Document.resolve_path``).
+    """
 
     kind: str
     name: str
@@ -86,7 +89,18 @@ def _identify(doc: Document) -> Resource | None:
     if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str) or not isinstance(spec, dict):
         return None
     body = {k: v for k, v in data.items() if k != "status"}
+    if data["kind"] == "Model":
+        body["spec"] = _absolute_source(doc, spec)
     return Resource(data["kind"], metadata["name"], body, doc)
+
+
+def _absolute_source(doc: Document, spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec with ``source.path`` made absolute against the document's file, so that apply, diff and the
+    daemon all mean the same file whatever their working directory. ``doc.data`` keeps what was written."""
+    source = spec.get("source")
+    if not isinstance(source, dict) or not isinstance(source.get("path"), str) or not source["path"]:
+        return spec
+    return {**spec, "source": {**source, "path": doc.resolve_path(source["path"])}}
 
 
 def _schema_issues(doc: Document) -> list[SpecIssue]:
