@@ -130,15 +130,31 @@ def _diff_text(obj: dict[str, Any] | None) -> str:
     return yaml.safe_dump(shown, sort_keys=True, default_flow_style=False)
 
 
-def scan(store: Store, extra_paths: tuple[str, ...] = (), *, prune: bool = False) -> ApplyResult:
+@dataclass
+class ScanResult:
+    """What a scan did: the changes to print and record, and how many models it left as they were (a rescan
+    that changed nothing must be able to say so)."""
+
+    changes: list[Change]
+    warnings: list[str]
+    unchanged: int
+
+    def count(self, action: str) -> int:
+        return sum(1 for c in self.changes if c.action == action)
+
+
+def scan(store: Store, extra_paths: tuple[str, ...] = (), *, prune: bool = False) -> ScanResult:
+    """Register what discovery finds and refresh every model's detected facts, in one store transaction."""
     with store.models.edit() as doc:
         spec = catalog.gateway_spec(doc)
         discovery = discover(spec["discovery"], extra_paths)
         changes = catalog.sync_discovered(doc, discovery.found, discovery.resolve)
         if prune:
             changes += catalog.prune_missing(doc)
+        changed = {c.name for c in changes}
+        unchanged = sum(1 for name in doc["models"] if name not in changed)
     record_events(store, changes)
-    return ApplyResult(changes, [], discovery.warnings)
+    return ScanResult(changes, discovery.warnings, unchanged)
 
 
 def delete_files(store: Store, targets: Iterable[str], stdin: IO[str] | None = None) -> list[Change]:

@@ -48,7 +48,7 @@ Resolver = Callable[[dict[str, Any]], Artifact | None]
 class Change:
     kind: str
     name: str
-    action: str  # created, configured, unchanged, adopted, discovered, pruned, deleted, missing
+    action: str  # created, configured, unchanged, adopted, discovered, refreshed, pruned, deleted, missing
 
     def __str__(self) -> str:
         return f"{self.kind.lower()}/{self.name} {self.action}"
@@ -254,12 +254,17 @@ def delete_resource(doc: dict[str, Any], kind: str, name: str) -> Change:
 
 
 def sync_discovered(doc: dict[str, Any], found: Iterable[Artifact], resolve: Resolver) -> list[Change]:
-    """Register new artifacts and refresh the detected facts of every model; touch nothing the user chose."""
+    """Register new artifacts and refresh the detected facts of every model; touch nothing the user chose.
+
+    Returns what changed: ``discovered`` (new), ``refreshed`` (the weights on disk changed), ``missing`` (they
+    are gone). A model with none of these is unchanged and has no Change, so callers can count it.
+    """
     changes: list[Change] = []
     by_key: dict[str, list[str]] = {}
     for name, obj in doc["models"].items():
         by_key.setdefault(source_key(obj["spec"]["source"]), []).append(name)
     ignored = set(doc["ignoredSources"])
+    new: set[str] = set()
     for artifact in found:
         if artifact.key in by_key or artifact.key in ignored:
             continue
@@ -269,15 +274,25 @@ def sync_discovered(doc: dict[str, Any], found: Iterable[Artifact], resolve: Res
         doc["models"][name] = obj
         by_key[artifact.key] = [name]
         _ensure_port(doc, obj)
+        new.add(name)
         changes.append(Change("Model", name, "discovered"))
     for name in sorted(doc["models"]):
-        obj = doc["models"][name]
-        artifact = resolve(obj["spec"]["source"])
-        detected = artifact.to_json() if artifact else None
-        if detected is None and obj.get("artifact") is not None:
-            changes.append(Change("Model", name, "missing"))
-        obj["artifact"] = detected
+        action = _refresh_artifact(doc["models"][name], resolve)
+        if action and name not in new:
+            changes.append(Change("Model", name, action))
     return changes
+
+
+def _refresh_artifact(obj: dict[str, Any], resolve: Resolver) -> str | None:
+    """Replace the model's detected facts with what is on disk now; say how they changed (None: not at all)."""
+    artifact = resolve(obj["spec"]["source"])
+    # Through JSON, so that the fresh facts compare equal to the stored ones when nothing changed on disk.
+    detected = json.loads(json.dumps(artifact.to_json())) if artifact else None
+    before = obj.get("artifact")
+    obj["artifact"] = detected
+    if detected == before:
+        return None
+    return "missing" if detected is None else "refreshed"
 
 
 def _naming_parts(artifact: Artifact) -> tuple[str | None, str | None]:

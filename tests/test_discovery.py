@@ -91,3 +91,35 @@ def test_corrupt_gguf_is_registered_with_its_problem(store, tmp_path, cli):
     available = out["status"]["conditions"][0]
     assert available["status"] == "False" and available["reason"] == "Unreadable"
     assert str(bad) in available["message"]
+
+
+def test_rescan_says_what_was_added_updated_and_unchanged(cli, hf_root):
+    add_gguf_repo(hf_root, "test-org/tiny-GGUF")
+    add_mlx_repo(hf_root, "mlx-community/tiny-llama-4bit", quantized_bits=4)
+    first = cli("scan")
+    assert sorted(first.stdout.splitlines()) == ["model/tiny-llama-4bit discovered", "model/tiny-llama-f32 discovered"]
+    assert first.stderr.splitlines()[-1] == "scan: 2 added, 0 updated, 0 unchanged"
+    again = cli("scan")
+    assert again.stdout == ""
+    assert again.stderr.splitlines()[-1] == "scan: 0 added, 0 updated, 2 unchanged"
+    # A new revision of one repo (other weights on disk) and a new repo beside it.
+    add_gguf_repo(hf_root, "test-org/tiny-GGUF", context_length=512)
+    add_gguf_repo(hf_root, "other/extra-GGUF", filename="extra.gguf")
+    changed = cli("scan")
+    assert sorted(changed.stdout.splitlines()) == ["model/extra discovered", "model/tiny-llama-f32 refreshed"]
+    assert changed.stderr.splitlines()[-1] == "scan: 1 added, 1 updated, 1 unchanged"
+
+
+def test_scan_counts_missing_and_pruned_models_apart(store, hf_root, cli):
+    gguf = add_gguf_repo(hf_root, "test-org/tiny-GGUF")
+    add_gguf_repo(hf_root, "other/extra-GGUF", filename="extra.gguf")
+    assert actions.scan(store).unchanged == 0
+    gguf.unlink()
+    gone = cli("scan")
+    assert gone.stdout == "model/tiny-llama-f32 missing\n"
+    assert gone.stderr.splitlines()[-1] == "scan: 0 added, 0 updated, 1 unchanged, 1 missing"
+    still = actions.scan(store)
+    assert (still.changes, still.unchanged) == ([], 2), "missing before and missing now is no change"
+    pruned = cli("scan", "--prune")
+    assert pruned.stdout == "model/tiny-llama-f32 pruned\n"
+    assert pruned.stderr.splitlines()[-1] == "scan: 0 added, 0 updated, 1 unchanged, 1 pruned"

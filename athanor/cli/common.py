@@ -39,7 +39,7 @@ def emit(data: Any, fmt: str) -> None:
 def echo_changes(changes: Iterable[Change], *, dry_run: bool = False, quiet_unchanged: bool = False) -> None:
     suffix = " (dry run)" if dry_run else ""
     colors = {"created": "green", "configured": "yellow", "adopted": "cyan", "discovered": "cyan",
-              "deleted": "red", "pruned": "red", "missing": "red"}
+              "refreshed": "yellow", "deleted": "red", "pruned": "red", "missing": "red"}
     for change in changes:
         if quiet_unchanged and change.action == "unchanged":
             continue

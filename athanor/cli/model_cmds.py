@@ -22,8 +22,16 @@ def scan_cmd(paths: tuple[str, ...], prune: bool) -> None:
     for message in result.warnings:
         warn(message)
     echo_changes(result.changes)
-    doc = store().models.load()
-    click.echo(f"{len(doc['models'])} models registered", err=True)
+    click.echo(scan_summary(result), err=True)
+
+
+def scan_summary(result: actions.ScanResult) -> str:
+    """``scan: 2 added, 1 updated, 5 unchanged`` (plus missing and pruned when there are any): what this scan did,
+    not how many models exist, so a rescan that changed nothing says so."""
+    parts = [f"{result.count('discovered')} added", f"{result.count('refreshed')} updated",
+             f"{result.unchanged} unchanged"]
+    parts += [f"{result.count(action)} {action}" for action in ("missing", "pruned") if result.count(action)]
+    return "scan: " + ", ".join(parts)
 
 
 @click.group("preset", invoke_without_command=False)
