@@ -12,7 +12,13 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from athanor.ingress.upstream import BUFFER_HIGH, UpstreamClosed, UpstreamPool, UpstreamUnreachable
+from athanor.ingress.upstream import (
+    BUFFER_HIGH,
+    UpstreamClosed,
+    UpstreamPool,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -248,3 +254,119 @@ def test_header_bytes_a_client_sent_reach_the_runtime_unchanged():
 
     assert run(handler, scenario) == (204, b"")
     assert b"X-Note: caf\xc3\xa9 \xff\r\n" in seen[0]
+
+
+def test_a_client_gone_during_the_stale_retry_closes_the_fresh_connection():
+    """The retry on a fresh connection is inside the clean-up too: cancelled while it waits for the answer, its
+    connection is closed, so the runtime stops generating for nobody."""
+    asked = asyncio.Event()
+    hung_up = asyncio.Event()
+    connections: list[int] = []
+
+    async def handler(reader, writer):
+        connections.append(1)
+        _, body = await read_request(reader)
+        if len(connections) == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            await reader.read(1)  # the next request on the kept-alive connection...
+            writer.transport.abort()  # ...is dropped unanswered: stale
+            return
+        asked.set()  # the retry's fresh connection: the runtime works on it and never answers
+        await reader.read()
+        hung_up.set()
+
+    async def scenario(pool, port):
+        await get(pool, port, b"one")
+        retried = asyncio.ensure_future(get(pool, port, b"two"))
+        await asyncio.wait_for(asked.wait(), 10)
+        retried.cancel()  # the client went away
+        await asyncio.wait_for(hung_up.wait(), 10)
+        return len(connections)
+
+    assert run(handler, scenario) == 2
+
+
+def test_at_most_limit_connections_and_the_rest_wait_in_order():
+    gate = asyncio.Event()
+    two_arrived = asyncio.Event()
+    open_now = [0]
+    most = [0]
+    arrived: list[bytes] = []
+    order: list[bytes] = []
+
+    async def handler(reader, writer):
+        open_now[0] += 1
+        most[0] = max(most[0], open_now[0])
+        try:
+            while True:
+                try:
+                    _, body = await read_request(reader)
+                except asyncio.IncompleteReadError:
+                    return
+                arrived.append(body)
+                if len(arrived) == 2:
+                    two_arrived.set()
+                await gate.wait()
+                order.append(body)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        finally:
+            open_now[0] -= 1
+
+    async def scenario(pool, port):
+        async def one(i):
+            async with pool.request(port, "POST", "/", [], b"%d" % i, limit=2) as resp:
+                return await resp.read()
+
+        calls = [asyncio.ensure_future(one(i)) for i in range(8)]  # tasks start, and queue, in this order
+        await asyncio.wait_for(two_arrived.wait(), 10)
+        gate.set()
+        return await asyncio.gather(*calls)
+
+    assert run(handler, scenario) == [b"%d" % i for i in range(8)]
+    assert most[0] == 2 and len(arrived) == 8
+    assert order[2:] == [b"%d" % i for i in range(2, 8)], "the waiting requests went out in order"
+
+
+def test_a_runtime_that_sends_nothing_times_out():
+    async def handler(reader, writer):
+        await read_request(reader)
+        await reader.read()  # never answers; returns when the client hangs up
+
+    async def scenario(port):
+        pool = UpstreamPool(idle_timeout=0.2)
+        try:
+            with pytest.raises(UpstreamTimeout, match="sent nothing for 0.2 s"):
+                await get(pool, port)
+        finally:
+            pool.close()
+
+    async def main():
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        async with server:
+            await scenario(server.sockets[0].getsockname()[1])
+
+    asyncio.run(main())
+
+
+def test_a_new_runtime_on_the_same_port_gets_new_connections():
+    connections: list[int] = []
+
+    async def handler(reader, writer):
+        connections.append(1)
+        while True:
+            try:
+                _, body = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+    async def scenario(pool, port):
+        for epoch in (1, 1, 2):
+            async with pool.request(port, "POST", "/", [], b"x", epoch=epoch) as resp:
+                await resp.read()
+        return len(connections)
+
+    assert run(handler, scenario) == 2

@@ -6,7 +6,13 @@ This hop needs far less: keep-alive connections per port, a request written in o
 llhttp (``httptools``) and its body handed over chunk by chunk, with reading paused while the client lags.
 
 Failures are typed by what the caller may do about them: ``UpstreamUnreachable`` means nothing reached the runtime
-(safe to retry); ``UpstreamClosed`` means the connection ended before the response did.
+(safe to retry); ``UpstreamClosed`` means the connection ended before the response did; ``UpstreamTimeout`` means
+the runtime sent nothing for the idle limit.
+
+The pool opens at most ``limit`` connections to one runtime (its incarnation: a restarted runtime on the same port
+starts a fresh pool). Requests beyond the limit wait here, in order, for a connection to come back: a runtime
+serves each kept-alive connection on a thread of its own, so connections it has no thread for would wait inside
+its accept queue, where nobody can see or cancel them (see ``runtimes/launch.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import AsyncIterator, Iterable
 import httptools
 
 BUFFER_HIGH = 256 * 1024  # pause reading from the runtime above this many unread bytes, until they are taken
-MAX_IDLE_PER_PORT = 32
+DEFAULT_LIMIT = 32
 ONE_WRITE_BODY = 16 * 1024  # bodies up to this size go out with the head in one write (copying beats a syscall)
 
 
@@ -32,6 +38,10 @@ class UpstreamUnreachable(UpstreamError):
 
 class UpstreamClosed(UpstreamError):
     """The runtime closed the connection (or sent garbage) before its response was complete."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The runtime sent nothing for longer than the idle limit."""
 
 
 class _Stale(UpstreamClosed):
@@ -82,8 +92,9 @@ class Response:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection and the response currently being read on it."""
 
-    def __init__(self, port: int):
-        self.port = port
+    def __init__(self, slot: _Slot, idle_timeout: float | None):
+        self.slot = slot
+        self.idle_timeout = idle_timeout
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -177,11 +188,20 @@ class _Connection(asyncio.Protocol):
         return chunks
 
     async def wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        """Until the runtime sends something (or the connection ends); at most ``idle_timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(self.idle_timeout, self._expire) if self.idle_timeout else None
         try:
             await self._waiter
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self) -> None:
+        self._fail(UpstreamTimeout(f"the runtime sent nothing for {self.idle_timeout:g} s (limits.upstreamIdleTimeout)"))
+        self.close()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -220,83 +240,170 @@ class _Connection(asyncio.Protocol):
         return self.complete and self.keep_alive and not self.closed and self.error is None
 
 
-class UpstreamPool:
-    """Keep-alive connections to runtimes, by port. One request at a time per connection."""
+class _Slot:
+    """The connections to one runtime incarnation: idle ones, how many are open, and who waits for one."""
 
-    def __init__(self) -> None:
-        self._idle: dict[int, list[_Connection]] = {}
+    __slots__ = ("epoch", "idle", "limit", "open", "port", "waiters")
+
+    def __init__(self, port: int, epoch: int, limit: int):
+        self.port, self.epoch, self.limit = port, epoch, limit
+        self.idle: list[_Connection] = []
+        self.open = 0
+        self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
+
+    def pass_on(self, connection: _Connection | None) -> bool:
+        """Hand a kept-alive connection (or, with None, the right to open one) to the oldest waiter."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(connection)
+                return True
+        return False
+
+
+class UpstreamPool:
+    """Keep-alive connections to runtimes: one request at a time per connection, at most ``limit`` connections
+    per runtime."""
+
+    def __init__(self, idle_timeout: float | None = None) -> None:
+        self._slots: dict[int, _Slot] = {}
+        self.idle_timeout = idle_timeout
 
     def request(
-        self, port: int, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
+        self, port: int, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes, *,
+        limit: int = DEFAULT_LIMIT, epoch: int = 0,
     ) -> _Exchange:
         """Send one request: ``async with pool.request(...) as response``. The body must be read inside the block;
         leaving it early (an error, a cancelled handler) closes the connection, so the runtime stops working for
-        nobody."""
+        nobody. ``epoch`` names the runtime process behind ``port``: a new one gets fresh connections."""
         lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
         lines += [f"{name}: {value}" for name, value in headers]
         lines.append(f"Content-Length: {len(body)}")
         # aiohttp decoded the client's header bytes as UTF-8 with surrogateescape: this gives back the same bytes.
-        return _Exchange(self, port, ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape"), body)
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+        return _Exchange(self, self._slot(port, epoch, limit), head, body)
 
-    async def _acquire(self, port: int) -> _Connection:
-        idle = self._idle.get(port)
-        while idle:
-            connection = idle.pop()
+    def _slot(self, port: int, epoch: int, limit: int) -> _Slot:
+        slot = self._slots.get(port)
+        if slot is None or slot.epoch != epoch:
+            if slot is not None:
+                self._retire(slot)
+            slot = self._slots[port] = _Slot(port, epoch, limit)
+        return slot
+
+    def _retire(self, slot: _Slot) -> None:
+        """The runtime behind ``slot`` is gone: close its idle connections and send its waiters to a new one."""
+        for connection in slot.idle:
+            connection.close()
+        slot.open -= len(slot.idle)
+        slot.idle.clear()
+        while slot.pass_on(None):
+            slot.open += 1
+
+    async def _acquire(self, slot: _Slot, fresh: bool) -> _Connection:
+        """A connection of ``slot``: an idle one (unless ``fresh``), a new one while under the limit and nobody
+        waits, else the next one released, in order. A waiter handed None holds a reservation: a connection
+        counted in ``open`` that it opens itself."""
+        while slot.idle and not fresh:
+            connection = slot.idle.pop()
             if not connection.closed:
                 connection.reused = True
                 return connection
-        return await self._connect(port)
+            self._free(slot)  # the runtime closed it while idle
+        if slot is not self._slots.get(slot.port) or (slot.open < slot.limit and not slot.waiters):
+            slot.open += 1
+            return await self._connect(slot)
+        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        slot.waiters.append(waiter)
+        try:
+            handed = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed something, then cancelled: pass it on
+                handed = waiter.result()
+                if handed is None:
+                    self._free(slot)
+                else:
+                    self._release(handed)
+            raise
+        if handed is None:
+            return await self._connect(slot)
+        handed.reused = True
+        return handed
 
-    async def _connect(self, port: int) -> _Connection:
+    async def _connect(self, slot: _Slot) -> _Connection:
+        """Open the connection ``slot.open`` already counts (or give the count back)."""
         loop = asyncio.get_running_loop()
         try:
-            _, connection = await loop.create_connection(lambda: _Connection(port), "127.0.0.1", port)
-        except OSError as exc:
-            raise UpstreamUnreachable(f"cannot connect to 127.0.0.1:{port}: {exc.strerror or exc}") from exc
+            _, connection = await loop.create_connection(lambda: _Connection(slot, self.idle_timeout),
+                                                         "127.0.0.1", slot.port)
+        except BaseException as exc:
+            self._free(slot)
+            if isinstance(exc, OSError):
+                raise UpstreamUnreachable(f"cannot connect to 127.0.0.1:{slot.port}: {exc.strerror or exc}") from exc
+            raise
         return connection
 
+    def _free(self, slot: _Slot) -> None:
+        """One connection of ``slot`` is gone: its place goes to the oldest waiter, or is free again."""
+        if not slot.pass_on(None):
+            slot.open -= 1
+
     def _release(self, connection: _Connection) -> None:
-        idle = self._idle.setdefault(connection.port, [])
-        if connection.reusable and len(idle) < MAX_IDLE_PER_PORT:
+        slot = connection.slot
+        if connection.reusable and slot is self._slots.get(slot.port):
             connection.reused = False
-            idle.append(connection)
-        else:
-            connection.close()
+            if not slot.pass_on(connection):
+                slot.idle.append(connection)
+            return
+        self._discard(connection)
+
+    def _discard(self, connection: _Connection) -> None:
+        connection.close()
+        self._free(connection.slot)
 
     def forget(self, port: int) -> None:
         """Close idle connections to a runtime that stopped (its port may be served by another one later)."""
-        for connection in self._idle.pop(port, []):
-            connection.close()
+        slot = self._slots.pop(port, None)
+        if slot is not None:
+            self._retire(slot)
 
     def close(self) -> None:
-        for port in list(self._idle):
+        for port in list(self._slots):
             self.forget(port)
 
 
 class _Exchange:
     """One request on a pooled connection (a class rather than a generator: it runs on every request)."""
 
-    __slots__ = ("_pool", "_port", "_head", "_body", "_connection")
+    __slots__ = ("_body", "_connection", "_head", "_pool", "_slot")
 
-    def __init__(self, pool: UpstreamPool, port: int, head: bytes, body: bytes):
-        self._pool, self._port, self._head, self._body = pool, port, head, body
+    def __init__(self, pool: UpstreamPool, slot: _Slot, head: bytes, body: bytes):
+        self._pool, self._slot, self._head, self._body = pool, slot, head, body
         self._connection: _Connection | None = None
 
     async def __aenter__(self) -> Response:
-        self._connection = await self._pool._acquire(self._port)
-        try:
-            return await self._connection.send(self._head, self._body)
-        except _Stale:
-            self._connection.close()
-            self._connection = await self._pool._connect(self._port)  # once, on a fresh connection
-            return await self._connection.send(self._head, self._body)
-        except BaseException:
-            self._connection.close()
-            raise
+        fresh = False
+        while True:
+            connection = self._connection = await self._pool._acquire(self._slot, fresh)
+            try:
+                return await connection.send(self._head, self._body)
+            except _Stale:
+                # A kept-alive connection the runtime had closed: once more, on a new connection.
+                self._connection = None
+                self._pool._discard(connection)
+                if fresh:
+                    raise
+                fresh = True
+            except BaseException:
+                self._connection = None
+                self._pool._discard(connection)  # also when cancelled: the runtime must not work for nobody
+                raise
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        assert self._connection is not None
+        connection = self._connection
+        assert connection is not None
+        self._connection = None
         if exc_type is None:
-            self._pool._release(self._connection)
+            self._pool._release(connection)
         else:
-            self._connection.close()
+            self._pool._discard(connection)
