@@ -8,6 +8,11 @@ signals a PID whose create time does not match.
 Stopping follows llama-swap: SIGTERM the process group, wait, SIGKILL the group, always reap. The tree is
 collected before the first signal because a descendant that left the group (``setsid``) is reachable only through
 its parent, which is about to die.
+
+Reaping happens in one place, ``_reap``, under one lock: the exit status of a child is collected exactly once and
+kept, whichever thread asks first (``Popen.poll`` quietly answers None to a second caller while another one
+holds its internal lock, which once left zombies and unknown exit codes behind). The daemon's monitor calls
+``reap`` every round, so a child that died unobserved never stays a zombie.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +35,7 @@ from typing import Any
 import psutil
 
 from athanor.errors import InvalidValueError, RuntimeNotFoundError
+from athanor.paths import ensure_private_dir, open_private_file
 
 DEFAULT_LOG_MAX_BYTES = 20 * 1024 * 1024
 CREATE_TIME_TOLERANCE_S = 0.01
@@ -88,7 +95,10 @@ class ProcessSupervisor:
         self.logs_dir = Path(logs_dir)
         self.log_max_bytes = log_max_bytes
         # Only our own children can be reaped and give an exit code; handles from an earlier daemon have no entry.
+        # The Popen objects stay referenced until forgotten: one dropped while its child runs would be reaped by
+        # the subprocess module's own collector, a second reaper.
         self._children: dict[int, tuple[ProcessHandle, subprocess.Popen[bytes]]] = {}
+        self._reap_lock = threading.Lock()
 
     def start(
         self, name: str, argv: list[str], env: Mapping[str, str] | None = None, cwd: Path | None = None
@@ -101,11 +111,11 @@ class ProcessSupervisor:
             raise ValueError("argv must not be empty")
         argv = [os.fspath(arg) for arg in argv]
         log_path = self._log_path(name)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(log_path.parent)
         self._rotate(log_path)
         started_at = _utc_now()
         # 0600: the command line may carry an API key.
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = open_private_file(log_path, os.O_WRONLY | os.O_APPEND)
         try:
             os.write(fd, f"=== {started_at} starting: {shlex.join(argv)}\n".encode())
             try:
@@ -136,7 +146,7 @@ class ProcessSupervisor:
     def alive(self, handle: ProcessHandle) -> bool:
         """A zombie counts as dead: it holds a PID but serves nothing."""
         popen = self._popen(handle)
-        if popen is not None and popen.poll() is not None:
+        if popen is not None and self._reap(popen) is not None:
             return False
         proc = self._process(handle)
         return proc is not None and _running(proc)
@@ -144,13 +154,40 @@ class ProcessSupervisor:
     def exit_code(self, handle: ProcessHandle) -> int | None:
         """Negative means killed by that signal; None while running or when the process is not our child."""
         popen = self._popen(handle)
-        return popen.poll() if popen is not None else None
+        return self._reap(popen) if popen is not None else None
+
+    def wait_exit(self, handle: ProcessHandle, timeout: float) -> bool:
+        """Whether the process is gone within ``timeout`` seconds. A runtime killed by a signal closes its
+        sockets before the kernel marks it dead, so a broken connection can come a moment before the death."""
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while self.alive(handle):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)  # polling a process's exit, bounded by the caller's timeout
+            delay = min(delay * 2, 0.05)
+        return True
+
+    def reap(self) -> list[ProcessHandle]:
+        """Collect every child of ours that has exited (so none stays a zombie); returns their handles."""
+        return [handle for handle, popen in list(self._children.values()) if self._reap(popen) is not None]
+
+    def forget(self, handle: ProcessHandle) -> None:
+        """Drop a child that has exited and whose exit the caller has recorded."""
+        popen = self._popen(handle)
+        if popen is not None and self._reap(popen) is not None:
+            del self._children[handle.pid]
+
+    def _reap(self, popen: subprocess.Popen[bytes]) -> int | None:
+        """The child's exit code, collected at most once (then kept by Popen); None while it runs."""
+        with self._reap_lock:
+            return popen.poll()
 
     def stop(self, handle: ProcessHandle, timeout: float = 10.0) -> int | None:
         """SIGTERM, up to ``timeout`` seconds of grace, then SIGKILL; safe on a dead process and when repeated."""
         leader = self._process(handle)
         if leader is None:
-            return self.exit_code(handle)
+            return self._reaped(handle)
         tree = [leader]
         with contextlib.suppress(psutil.Error):
             tree += leader.children(recursive=True)
@@ -164,7 +201,20 @@ class ProcessSupervisor:
         for proc in survivors:
             _signal(proc, signal.SIGKILL)
         _wait_gone(survivors, KILL_WAIT_S)
-        return self.exit_code(handle)
+        return self._reaped(handle)
+
+    def _reaped(self, handle: ProcessHandle) -> int | None:
+        """The exit code of a child of ours that is dead or dying, once the kernel hands it over (a process killed
+        a moment ago may not be collectable yet). None for a process that is not our child."""
+        popen = self._popen(handle)
+        if popen is None:
+            return None
+        deadline = time.monotonic() + KILL_WAIT_S
+        delay = 0.001
+        while (code := self._reap(popen)) is None and time.monotonic() < deadline:
+            time.sleep(delay)  # polling for a dying child's exit status, bounded
+            delay = min(delay * 2, 0.05)
+        return code
 
     def rotate_logs(self, handle: ProcessHandle) -> bool:
         return self._rotate(Path(handle.log_path))
@@ -205,7 +255,7 @@ class ProcessSupervisor:
             return False
         rotated = path.with_name(path.name + ".1")
         tmp = path.with_name(path.name + ".1.tmp")
-        with open(path, "rb") as src, open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as dst:
+        with open(path, "rb") as src, open(open_private_file(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as dst:
             src.seek(size - size // 2)
             shutil.copyfileobj(src, dst)
         os.replace(tmp, rotated)
