@@ -38,7 +38,10 @@ GATEWAY_DEFAULTS: dict[str, Any] = {
     "portRange": {"start": DEFAULT_RANGE[0], "end": DEFAULT_RANGE[1]},
     "discovery": {"hfCache": True, "paths": []},
     "runtimes": {},
-    "limits": {"maxRequestBytes": 32 * 2**20, "maxQueue": 64},
+    "limits": {"maxRequestBytes": 32 * 2**20, "maxQueue": 64, "upstreamIdleTimeout": "10m"},
+    "healthCheck": {"interval": "2s", "timeout": "3s", "failureThreshold": 3},
+    "allowedHosts": [],
+    "cors": {"allowOrigins": []},
 }
 
 Resolver = Callable[[dict[str, Any]], Artifact | None]

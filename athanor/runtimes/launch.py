@@ -1,8 +1,15 @@
 """How each runtime is started: pure functions from (model, effective preset, port) to argv and environment.
 
 Nothing here runs a process; the supervisor and the service-file renderers consume ``LaunchSpec``. Each runtime's
-quirks live in its row of ``RUNTIMES``: what it calls the model on the wire, where readiness is probed, and
-what environment keeps it offline.
+quirks live in its row of ``RUNTIMES``: what it calls the model on the wire, where readiness is probed, which
+OpenAI routes it serves, how many connections the gateway may hold to it, and what environment keeps it offline.
+
+Connections and HTTP threads are sized together. llama-server serves each kept-alive connection on one HTTP
+thread until the connection closes; it has ``--threads-http`` fixed threads and grows more only when it sees none
+idle, which a burst of new connections outruns. Connections beyond the fixed threads then wait, accepted but
+unserved, for a kept-alive one to time out (5 s). So athanor sets the thread count itself (``parallel`` + 8
+unless the preset says) and the gateway opens at most that many less ``HTTP_RESERVE`` connections: requests
+beyond it queue in the gateway, never in a socket, and the reserve keeps health probes and direct callers served.
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ class Target:
     mmproj: str | None = None
 
 
+HTTP_RESERVE = 4  # llama-server HTTP threads the gateway leaves free (health probes, /slots, direct callers)
+LLAMA_AUTO_PARALLEL = 4  # what llama-server's ``--parallel -1`` (auto) gives
+MLX_MAX_CONNECTIONS = 32  # mlx servers start a thread per connection: a bound, not a pool size
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     runtime: str
@@ -39,6 +51,7 @@ class LaunchSpec:
     port: int
     served_model: str  # the ``model`` value the runtime answers to; the ingress rewrites requests to it
     health_path: str
+    max_connections: int = MLX_MAX_CONNECTIONS  # the most connections the gateway opens to this runtime at once
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,8 @@ class RuntimeKind:
     model_args: Callable[[Target], list[str]]
     served_model: Callable[[Target], str]
     health_path: str
+    routes: frozenset[str]  # the /v1 routes it serves; a request for another never starts it
+    connections: Callable[[Mapping[str, EffectiveValue]], tuple[list[str], int]]  # (extra argv, max connections)
     env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -56,6 +71,27 @@ def _llama_args(t: Target) -> list[str]:
     args = ["--model", t.path, "--alias", t.name]
     return args + (["--mmproj", t.mmproj] if t.mmproj else [])
 
+
+def _llama_connections(preset: Mapping[str, EffectiveValue]) -> tuple[list[str], int]:
+    """``--threads-http`` (unless the preset sets it) and the connections the gateway may open."""
+    if "threadsHttp" in preset:
+        return [], max(1, preset["threadsHttp"].value - HTTP_RESERVE)
+    parallel = preset["parallel"].value if "parallel" in preset else LLAMA_AUTO_PARALLEL
+    threads = parallel + 2 * HTTP_RESERVE
+    return ["--threads-http", str(threads)], threads - HTTP_RESERVE
+
+
+def _thread_per_connection(preset: Mapping[str, EffectiveValue]) -> tuple[list[str], int]:
+    return [], MLX_MAX_CONNECTIONS
+
+
+_LLAMA_ROUTES = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/rerank", "/v1/reranking",
+    "/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions/input_tokens", "/v1/responses/input_tokens",
+})
+_MLX_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+_VLM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+ALL_ROUTES = _LLAMA_ROUTES | _MLX_ROUTES | _VLM_ROUTES
 
 # MLX servers must never reach for the network: the weights are local, and a missing file should fail fast.
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -70,6 +106,8 @@ RUNTIMES: dict[str, RuntimeKind] = {
             model_args=_llama_args,
             served_model=lambda t: t.name,  # --alias makes it answer to the model's name
             health_path="/health",  # 503 while loading, 200 when ready
+            routes=_LLAMA_ROUTES,
+            connections=_llama_connections,
         ),
         RuntimeKind(
             name="mlx-lm",
@@ -78,6 +116,8 @@ RUNTIMES: dict[str, RuntimeKind] = {
             model_args=lambda t: ["--model", t.path],
             served_model=lambda t: t.path,  # it loads whatever `model` names: send the path it already has
             health_path="/v1/models",  # /health is ok before the weights load; readiness needs a real probe
+            routes=_MLX_ROUTES,
+            connections=_thread_per_connection,
             env=_OFFLINE,
         ),
         RuntimeKind(
@@ -87,6 +127,8 @@ RUNTIMES: dict[str, RuntimeKind] = {
             model_args=lambda t: ["--model", t.path],
             served_model=lambda t: t.path,
             health_path="/health",
+            routes=_VLM_ROUTES,
+            connections=_thread_per_connection,
             env=_OFFLINE,
         ),
     )
@@ -97,13 +139,15 @@ def launch_spec(target: Target, preset: Mapping[str, EffectiveValue], port: int,
     kind = RUNTIMES[target.runtime]
     argv = [binary, *kind.model_args(target), "--host", LOOPBACK, "--port", str(port)]
     argv += preset_argv(target.runtime, preset)
+    extra, max_connections = kind.connections(preset)
     return LaunchSpec(
         runtime=target.runtime,
-        argv=argv,
+        argv=argv + extra,
         env=dict(kind.env),
         port=port,
         served_model=kind.served_model(target),
         health_path=kind.health_path,
+        max_connections=max_connections,
     )
 
 

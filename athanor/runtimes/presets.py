@@ -117,6 +117,8 @@ PRESET_KEYS: dict[str, PresetKey] = {
         _key("gpuLayers", "int", "layers offloaded to the GPU (999: all)", minimum=0,
              flags={_LLAMA: "--n-gpu-layers"}),
         _key("parallel", "int", "concurrent request slots", minimum=1, flags={_LLAMA: "--parallel"}),
+        _key("threadsHttp", "int", "HTTP threads; the gateway opens at most this many less 4 connections "
+             "(default: parallel + 8)", minimum=5, flags={_LLAMA: "--threads-http"}),
         _key("threads", "int", "CPU threads for generation", minimum=1, flags={_LLAMA: "--threads"}),
         _key("flashAttn", "onoff", "flash attention", flags={_LLAMA: "--flash-attn"}),
         _key("cacheTypeK", "choice", "KV cache type for K", choices=_KV_CACHE_TYPES,
