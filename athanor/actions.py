@@ -274,13 +274,18 @@ def effective_for(doc: dict[str, Any], obj: dict[str, Any]) -> dict[str, Effecti
     )
 
 
+def runtime_path(doc: dict[str, Any], runtime: str) -> str | None:
+    """The executable the Gateway names for ``runtime`` (None: look it up)."""
+    return catalog.gateway_spec(doc)["runtimes"].get(runtime, {}).get("path")
+
+
 def launch_for(doc: dict[str, Any], obj: dict[str, Any]) -> LaunchSpec | None:
     """How this model would be started now, or None while its weights are not on disk."""
     artifact = obj.get("artifact")
     if not artifact:
         return None
     spec = obj["spec"]
-    configured = catalog.gateway_spec(doc)["runtimes"].get(spec["runtime"], {}).get("path")
+    configured = runtime_path(doc, spec["runtime"])
     target = Target(obj["metadata"]["name"], spec["runtime"], artifact["path"], artifact.get("mmproj"))
     return launch_spec(target, effective_for(doc, obj), spec["port"], binary_or_name(spec["runtime"], configured))
 

@@ -13,18 +13,20 @@ import signal
 import time
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from athanor import catalog
-from athanor.controller.controller import Controller, ModelUnavailable
-from athanor.ingress.app import CONTROLLER, create_app, error_response
+from athanor.controller.controller import Controller
+from athanor.controller.readiness import probe_session
+from athanor.ingress.admin import ADMIN, add_admin_routes
+from athanor.ingress.app import create_app
 from athanor.ingress.upstream import UpstreamPool
 from athanor.managers.process import ProcessSupervisor
 from athanor.store import Store
+from athanor.units import parse_duration
 
 log = logging.getLogger("athanor.daemon")
-ADMIN = "/athanor/v1"
+__all__ = ["ADMIN", "daemon_record", "parse_listen", "serve", "wait_for_port"]
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -32,51 +34,20 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _admin_action(request: web.Request) -> web.Response:
-    controller = request.app[CONTROLLER]
-    requested, action = request.match_info["model"], request.match_info["action"]
-    name = controller.resolve(requested)
-    if name is None:
-        return error_response(404, f"model {requested!r} not found", "model_not_found")
-    try:
-        if action == "start":
-            await controller.ensure_ready(name)
-        elif action == "stop":
-            await controller.stop(name)
-        elif action == "restart":
-            await controller.restart(name)
-        else:
-            return error_response(404, f"unknown action {action!r}")
-    except ModelUnavailable as exc:
-        return error_response(503, str(exc), "model_unavailable")
-    inst = controller.instance(name)
-    return web.json_response({"name": name, "phase": inst.phase.value, "message": inst.message})
-
-
-async def _admin_status(request: web.Request) -> web.Response:
-    controller = request.app[CONTROLLER]
-    instances = {name: {"phase": inst.phase.value, "inflight": inst.inflight, "waiting": inst.waiting}
-                 for name, inst in controller.instances.items()}
-    return web.json_response({"pid": os.getpid(), "instances": instances})
-
-
 async def serve(store: Store, listen: str | None = None) -> None:
     """Run until SIGTERM/SIGINT. ``listen`` overrides the Gateway's ``spec.listen``."""
     gateway = catalog.gateway_spec(store.models.load())
     host, port = parse_listen(listen or gateway["listen"])
     # The controller's probes use aiohttp; proxied requests go through the lean pool in ingress/upstream.py.
-    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-                                    cookie_jar=aiohttp.DummyCookieJar())
-    async with session:
+    async with probe_session() as session:
         controller = Controller(store, ProcessSupervisor(store.logs_dir), session)
         adopted = await controller.reattach()
         if adopted:
             log.info("re-attached to %s", ", ".join(adopted))
         controller.start_monitor()
-        pool = UpstreamPool()
-        app = create_app(controller, pool, gateway["limits"]["maxRequestBytes"])
-        app.router.add_post(ADMIN + "/models/{model}/{action}", _admin_action)
-        app.router.add_get(ADMIN + "/status", _admin_status)
+        pool = UpstreamPool(parse_duration(gateway["limits"]["upstreamIdleTimeout"]))
+        app = create_app(controller, pool, host, gateway["limits"]["maxRequestBytes"])
+        add_admin_routes(app)
         # Idle keep-alive connections must not hold a shutdown for aiohttp's default 60 s.
         # A client that goes away cancels its handler: a request still waiting for a load never reaches the
         # runtime, and a forwarded one is closed upstream, so no generation runs for nobody.
@@ -85,8 +56,8 @@ async def serve(store: Store, listen: str | None = None) -> None:
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
-        _record_daemon(store, {"pid": os.getpid(), "listen": f"{host}:{port}",
-                               "startedAt": catalog.now_iso(), "createTime": _create_time()})
+        await asyncio.to_thread(_record_daemon, store, {"pid": os.getpid(), "listen": f"{host}:{port}",
+                                                        "startedAt": catalog.now_iso(), "createTime": _create_time()})
         log.info("athanor serving on http://%s:%s", host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -99,7 +70,7 @@ async def serve(store: Store, listen: str | None = None) -> None:
             await controller.close()
             await runner.cleanup()
             pool.close()
-            _record_daemon(store, None)
+            await asyncio.to_thread(_record_daemon, store, None)
 
 
 def _create_time() -> float:

@@ -7,7 +7,10 @@
     │   └── StoreVersionError    written by a newer athanor than this one
     ├── NotFoundError            a named object does not exist
     ├── InvalidValueError        a value given on the command line is not acceptable
-    └── RuntimeNotFoundError     a runtime binary is not installed
+    ├── RuntimeNotFoundError     a runtime binary is not installed
+    └── ServingError             a request cannot be served now (the ingress answers it as an OpenAI error)
+        ├── ModelUnavailable     the model cannot run now: disabled, weights missing, failed to start (503)
+        └── QueueFull            too many requests already wait for the model (429)
 
 Dependency exceptions (yaml, jsonschema, OSError) are translated at the boundary that meets them,
 with ``raise ... from exc`` so the cause stays visible in debug logs.
@@ -75,3 +78,15 @@ class InvalidValueError(AthanorError):
 
 class RuntimeNotFoundError(AthanorError):
     """A runtime binary is not installed where athanor looks for it."""
+
+
+class ServingError(AthanorError):
+    """A request cannot be served now; the message is for the client."""
+
+
+class ModelUnavailable(ServingError):
+    """The model cannot be served now (disabled, weights missing or unreadable, failed to start)."""
+
+
+class QueueFull(ServingError):
+    """Too many requests are already waiting for this model."""

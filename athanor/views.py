@@ -12,7 +12,7 @@ from typing import Any
 
 from athanor import catalog
 
-PHASES = ("Standby", "Starting", "Ready", "Stopping", "Failed")
+PHASES = ("Standby", "Starting", "Ready", "Draining", "Stopping", "Failed")
 
 
 def model_view(obj: dict[str, Any], instance: dict[str, Any] | None) -> dict[str, Any]:

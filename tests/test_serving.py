@@ -23,7 +23,6 @@ from pathlib import Path
 import openai
 import psutil
 import pytest
-
 from conftest import ATHANOR, write
 from fixtures.tiny_models import write_tiny_llama_gguf, write_tiny_mlx_llama
 
@@ -70,8 +69,29 @@ class Gateway:
     def state(self) -> dict:
         return json.loads((self.home / "state.json").read_text())
 
+    def status(self) -> dict:
+        """The daemon's live view (state.json follows it a few milliseconds later)."""
+        with urllib.request.urlopen(self.url + "/athanor/v1/status", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def live(self, name: str) -> dict:
+        return self.status()["instances"].get(name, {"phase": "Standby", "pid": None, "port": None})
+
+    def phase(self, name: str) -> str:
+        return self.live(name)["phase"]
+
     def runtime_pid(self, name: str) -> int | None:
-        return self.state()["instances"].get(name, {}).get("pid")
+        return self.live(name)["pid"]
+
+    def recorded(self) -> dict:
+        """state.json once it has caught up with the daemon (what the CLI reads)."""
+        def caught_up() -> bool:
+            live, stored = self.status()["instances"], self.state()["instances"]
+            return all(stored.get(n, {}).get("phase") == i["phase"] and stored[n].get("pid") == i["pid"]
+                       for n, i in live.items())
+
+        wait_until(caught_up, 10, "state.json to record the daemon's state")
+        return self.state()
 
     def athanor(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([ATHANOR, *args], env=self.env, capture_output=True, text=True, timeout=300)
@@ -211,23 +231,22 @@ def test_memory_residency_keeps_both_loaded(gateway, tmp_path):
     gguf_pid = gateway.runtime_pid("tiny-gguf")
     chat(gateway.client, "tiny-mlx")
     assert gateway.runtime_pid("tiny-gguf") == gguf_pid and psutil.pid_exists(gguf_pid)
-    assert gateway.state()["instances"]["tiny-gguf"]["phase"] == "Ready"
-    assert gateway.state()["instances"]["tiny-mlx"]["phase"] == "Ready"
+    assert gateway.phase("tiny-gguf") == "Ready" and gateway.phase("tiny-mlx") == "Ready"
 
 
 def test_memory_residency_serves_a_loaded_model_while_another_loads(gateway, tmp_path):
-    # A long load, so the other model's answers surely come while it lasts.
-    _slow_llama_server(gateway, tmp_path, keep_gateway_spec="  residency: {policy: memory, budget: 90%}\n", delay=8)
+    load = _gated_llama_server(gateway, tmp_path, keep_gateway_spec="  residency: {policy: memory, budget: 90%}\n")
     chat(gateway.client, "tiny-mlx")
     loading = threading.Thread(target=chat, args=(gateway.client, "tiny-gguf"))
     loading.start()
     try:
-        wait_until(lambda: gateway.state()["instances"].get("tiny-gguf", {}).get("phase") == "Starting", 10, "load")
+        wait_until(lambda: gateway.phase("tiny-gguf") == "Starting", 10, "load")
         assert chat(gateway.client, "tiny-mlx", stream=True) and chat(gateway.client, "tiny-mlx").model == "tiny-mlx"
-        assert gateway.state()["instances"]["tiny-gguf"]["phase"] == "Starting", "answered during the other's load"
+        assert gateway.phase("tiny-gguf") == "Starting", "answered during the other's load"
     finally:
+        load.touch()
         loading.join(120)
-    assert gateway.state()["instances"]["tiny-gguf"]["phase"] == "Ready"
+    assert gateway.phase("tiny-gguf") == "Ready"
 
 
 def test_a_busy_port_fails_the_start_at_once_naming_the_holder(gateway):
@@ -362,47 +381,59 @@ def test_idle_model_is_unloaded(gateway, tmp_path):
     _apply_gateway(gateway, tmp_path, "  idleTimeout: 1s\n")
     chat(gateway.client, "tiny-gguf")
     pid = gateway.runtime_pid("tiny-gguf")
-    wait_until(lambda: gateway.state()["instances"]["tiny-gguf"]["phase"] == "Standby", 20, "idle unload")
+    wait_until(lambda: gateway.phase("tiny-gguf") == "Standby", 20, "idle unload")
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10, "exit")
 
 
-def _slow_llama_server(gateway: Gateway, tmp_path: Path, keep_gateway_spec: str = "", delay: int = 4) -> None:
-    """A wrapper that waits ``delay`` s before exec'ing the real llama-server stands for a big model's load."""
+def _gated_llama_server(gateway: Gateway, tmp_path: Path, keep_gateway_spec: str = "") -> Path:
+    """llama-server behind a wrapper that execs it only once the returned gate file exists: a load that lasts
+    exactly as long as the test wants (a big model's load, without a clock)."""
     from athanor.runtimes.launch import find_runtime
 
     real = find_runtime("llama-server")
-    slow = write(tmp_path / "slow-llama-server", f"#!/bin/sh\nsleep {delay}\nexec {shlex.quote(str(real))} \"$@\"\n")
-    slow.chmod(0o755)
+    gate = tmp_path / "load-gate"
+    gated = write(tmp_path / "gated-llama-server", f"#!/bin/sh\nwhile [ ! -e {shlex.quote(str(gate))} ]; do sleep 0.01; "
+                                                   f"done\nexec {shlex.quote(str(real))} \"$@\"\n")
+    gated.chmod(0o755)
     _apply_gateway(gateway, tmp_path,
-                   keep_gateway_spec + f"  runtimes:\n    llama-server: {{path: {json.dumps(str(slow))}}}\n")
+                   keep_gateway_spec + f"  runtimes:\n    llama-server: {{path: {json.dumps(str(gated))}}}\n")
+    return gate
 
 
 def _send_raw(gateway: Gateway, body: dict) -> socket.socket:
     data = json.dumps(body).encode()
     host, port = gateway.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+    sock.sendall(head.encode() + b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
     return sock
 
 
 def _slots_busy(gateway: Gateway, name: str) -> bool:
-    port = gateway.state()["instances"][name]["port"]
+    port = gateway.live(name)["port"]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/slots", timeout=10) as resp:
         return any(slot.get("is_processing") for slot in json.loads(resp.read()))
 
 
 def test_streaming_request_is_kept_alive_while_a_slow_runtime_loads(gateway, tmp_path):
-    _slow_llama_server(gateway, tmp_path)
-    status, content_type, text = _raw_stream(gateway, "tiny-gguf")
-    assert status == 200 and content_type.startswith("text/event-stream")
-    assert text.startswith(": loading tiny-gguf, 3 s\n\n"), text[:200]
+    load = _gated_llama_server(gateway, tmp_path)
+    body = json.dumps({"model": "tiny-gguf", "stream": True, "max_tokens": 4,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = urllib.request.Request(gateway.url + "/v1/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        assert resp.readline() == b": loading tiny-gguf, 3 s\n"  # the headers came at once, then a comment
+        load.touch()
+        text = resp.read().decode()
     assert '"model":"tiny-gguf"' in text.replace(" ", "") and "data: [DONE]" in text
 
 
 def test_failed_load_is_503_with_reason_or_an_error_event(gateway, tmp_path):
-    broken = write(tmp_path / "broken.gguf", "GGUF but not really")
-    apply_models(tmp_path / "broken.yaml", model_spec("broken", broken))
+    gguf = write_tiny_llama_gguf(tmp_path / "weights" / "fine.gguf", seed=7)
+    # Good weights, settings the runtime refuses at load (a quantized V cache needs flash attention).
+    apply_models(tmp_path / "broken.yaml", model_spec("broken", gguf,
+                                                      extra="  preset: {flashAttn: 'off', cacheTypeV: q4_0}\n"))
     with pytest.raises(openai.APIStatusError) as err:
         chat(gateway.client, "broken")
     assert err.value.status_code == 503 and "failed to start" in err.value.message
@@ -410,9 +441,23 @@ def test_failed_load_is_503_with_reason_or_an_error_event(gateway, tmp_path):
     assert status == 200
     event = json.loads(text.strip().splitlines()[-1].removeprefix("data: "))
     assert event["error"]["code"] == "model_unavailable"
+    gateway.recorded()
     described = gateway.athanor("describe", "model", "broken").stdout
     assert "Phase:        Failed" in described and "Last failure: StartFailed" in described
     assert "Log tail:" in described
+
+
+def test_unreadable_weights_are_refused_without_evicting_the_loaded_model(gateway, tmp_path):
+    chat(gateway.client, "tiny-gguf")
+    pid = gateway.runtime_pid("tiny-gguf")
+    broken = write(tmp_path / "broken.gguf", "GGUF but not really")
+    apply_models(tmp_path / "broken.yaml", model_spec("broken", broken))
+    for stream in (False, True):  # known before anything starts: a plain 503 even for a stream
+        status, body = gateway.post("/v1/chat/completions", json.dumps(
+            {"model": "broken", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}).encode())
+        assert status == 503 and "weights unreadable" in body["error"]["message"]
+    assert gateway.runtime_pid("tiny-gguf") == pid and psutil.pid_exists(pid)
+    assert gateway.phase("tiny-gguf") == "Ready"
 
 
 def test_mlx_weights_that_fail_to_load_fail_the_start_at_once(gateway, tmp_path):
@@ -434,6 +479,7 @@ def test_cli_start_wait_logs_stop(gateway):
     assert waited.returncode == 0, waited.stderr
     logs = gateway.athanor("logs", "tiny-gguf", "-n", "500").stdout
     assert "=== " in logs and "starting:" in logs
+    gateway.recorded()
     listed = gateway.athanor("get", "models", "tiny-gguf", "-o", "json")
     assert json.loads(listed.stdout)["status"]["pid"] == gateway.runtime_pid("tiny-gguf")
     assert gateway.athanor("stop", "tiny-gguf").stdout.strip() == "model/tiny-gguf standby"
@@ -447,7 +493,7 @@ def test_concurrent_first_requests_share_one_start(gateway):
         t.start()
     for t in threads:
         t.join(120)
-    starts = [e for e in gateway.state()["events"] if e["name"] == "tiny-gguf" and e["reason"] == "Starting"
+    starts = [e for e in gateway.recorded()["events"] if e["name"] == "tiny-gguf" and e["reason"] == "Starting"
               and e["message"].startswith("Standby")]
     assert len(starts) == 1
 
@@ -456,6 +502,7 @@ def test_apply_reaches_the_running_gateway(gateway, tmp_path):
     gguf = write_tiny_llama_gguf(tmp_path / "weights" / "late.gguf", seed=3)
     apply_models(tmp_path / "late.yaml", model_spec("late", gguf))
     assert chat(gateway.client, "late").model == "late"
+    gateway.recorded()
     wide = gateway.athanor("get", "models", "late", "-o", "wide").stdout.splitlines()
     header, row = wide[0].split(), wide[1].split()
     assert row[header.index("PID")] == str(gateway.runtime_pid("late"))
@@ -484,11 +531,11 @@ def test_crash_loop_ends_in_failed_with_the_reason(gateway):
         chat(gateway.client, "tiny-gguf")
         pid = gateway.runtime_pid("tiny-gguf")
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: gateway.state()["instances"]["tiny-gguf"]["phase"] == "Failed", 10, "crash noticed")
+        wait_until(lambda: gateway.phase("tiny-gguf") == "Failed", 10, "crash noticed")
     with pytest.raises(openai.APIStatusError) as err:
         chat(gateway.client, "tiny-gguf")
     assert err.value.status_code == 503 and "failed 3 times" in err.value.message
-    failure = gateway.state()["instances"]["tiny-gguf"]["lastFailure"]
+    failure = gateway.recorded()["instances"]["tiny-gguf"]["lastFailure"]
     assert failure["reason"] == "Crashed" and failure["exitCode"] == -9
     assert gateway.athanor("restart", "tiny-gguf").stdout.strip() == "model/tiny-gguf ready"
 
@@ -507,12 +554,14 @@ def test_changed_spec_restarts_the_runtime_on_next_use_and_delete_stops_it(gatew
 
 
 def test_client_gone_while_waiting_for_a_load_sends_nothing_upstream(gateway, tmp_path):
-    _slow_llama_server(gateway, tmp_path)
+    load = _gated_llama_server(gateway, tmp_path)
     sock = _send_raw(gateway, {"model": "tiny-gguf", "max_tokens": 100000,
                                "messages": [{"role": "user", "content": "hi"}]})
-    wait_until(lambda: gateway.state()["instances"].get("tiny-gguf", {}).get("phase") == "Starting", 10, "loading")
+    wait_until(lambda: gateway.phase("tiny-gguf") == "Starting", 10, "loading")
     sock.close()
-    wait_until(lambda: gateway.state()["instances"]["tiny-gguf"]["phase"] == "Ready", 30, "the shared load")
+    wait_until(lambda: gateway.status()["instances"]["tiny-gguf"]["waiting"] == 0, 10, "the request to be dropped")
+    load.touch()
+    wait_until(lambda: gateway.phase("tiny-gguf") == "Ready", 30, "the shared load")
     chat(gateway.client, "tiny-gguf")  # queued after anything the gateway might still have forwarded
     tasks = (gateway.home / "logs" / "tiny-gguf.log").read_text().count("processing task")
     assert tasks == 1, "only our own request reached the runtime, not the abandoned one"
@@ -520,29 +569,29 @@ def test_client_gone_while_waiting_for_a_load_sends_nothing_upstream(gateway, tm
 
 def test_requests_for_the_loaded_model_go_before_a_swap(gateway, tmp_path):
     """A queue that reads mlx gguf mlx gguf while gguf loads is served gguf gguf, then mlx mlx: one swap, not four."""
-    _slow_llama_server(gateway, tmp_path)  # tiny-gguf takes 4 s to load: time to line the queue up behind it
+    load = _gated_llama_server(gateway, tmp_path)  # tiny-gguf loads when the queue is lined up behind it
     chat(gateway.client, "tiny-mlx")
     answered: list[str] = []
 
     def waiting() -> int:
-        with urllib.request.urlopen(gateway.url + "/athanor/v1/status", timeout=10) as resp:
-            return sum(i["waiting"] for i in json.loads(resp.read())["instances"].values())
+        return sum(i["waiting"] for i in gateway.status()["instances"].values())
 
     threads = []
     for queued, model in enumerate(["tiny-gguf", "tiny-mlx", "tiny-gguf", "tiny-mlx", "tiny-gguf"], start=1):
         threads.append(threading.Thread(target=lambda m=model: answered.append(chat(gateway.client, m).model)))
         threads[-1].start()
         wait_until(lambda n=queued: waiting() == n, 10, f"{queued} requests in the gate")
-    assert gateway.state()["instances"]["tiny-gguf"]["phase"] == "Starting", "the queue formed during the load"
+    assert gateway.phase("tiny-gguf") == "Starting", "the queue formed during the load"
+    load.touch()
     for t in threads:
         t.join(120)
     assert sorted(answered) == ["tiny-gguf"] * 3 + ["tiny-mlx"] * 2
-    starts = [e["name"] for e in gateway.state()["events"] if e["reason"] == "Starting"]
+    starts = [e["name"] for e in gateway.recorded()["events"] if e["reason"] == "Starting"]
     assert starts == ["tiny-mlx", "tiny-gguf", "tiny-mlx"]
 
 
 def test_a_model_s_own_timeouts_override_the_gateway_s(gateway, tmp_path):
-    _slow_llama_server(gateway, tmp_path)  # a 4 s load
+    _gated_llama_server(gateway, tmp_path)  # a load that never ends
     gguf = write_tiny_llama_gguf(tmp_path / "weights" / "impatient.gguf", seed=5)
     apply_models(tmp_path / "impatient.yaml", model_spec("impatient", gguf, extra="  startupTimeout: 1s\n"),
                  model_spec("tiny-mlx", tmp_path / "weights" / "tiny-mlx", "mlx-lm", "  idleTimeout: 1s\n"))
@@ -552,4 +601,4 @@ def test_a_model_s_own_timeouts_override_the_gateway_s(gateway, tmp_path):
     described = gateway.athanor("describe", "model", "impatient").stdout
     assert "Startup limit:  1s\n" in described and "Idle unload:    30m (gateway)\n" in described
     chat(gateway.client, "tiny-mlx")
-    wait_until(lambda: gateway.state()["instances"]["tiny-mlx"]["phase"] == "Standby", 20, "the model's idle unload")
+    wait_until(lambda: gateway.phase("tiny-mlx") == "Standby", 20, "the model's idle unload")

@@ -1,15 +1,27 @@
 """The controller: desired state from the store, instances in memory, processes through the supervisor.
 
-The ingress asks for exactly one thing: ``async with controller.use(name) as upstream``. The controller decides
-whether that means nothing (ready), waiting (a start is under way: everyone shares it), starting, or swapping.
+The ingress asks for exactly one thing: ``controller.use(name)``, a lease (``lease.py``) that admits or refuses the
+request at once, then yields the runtime to send it to. Behind it the controller decides whether that means
+nothing (ready), waiting (a start is under way: everyone shares it), starting, or swapping.
 
-Swap policy (anti-thrash). Requests for a model that is serving (ready, not being stopped) go straight to it,
-whatever else is loading: under ``memory`` residency one model keeps answering while another loads. Every other
-request enters the swap gate (``gate.py``). A swap marks the models it stops as draining: their requests already
-in flight finish first (bounded by ``DRAIN_TIMEOUT_S``), new ones queue in the gate, then the old model stops and
+Swap policy (anti-thrash). Requests for a model that is serving (ready, spec unchanged) go straight to it, whatever
+else is loading: under ``memory`` residency one model keeps answering while another loads. Every other request
+enters the swap gate (``gate.py``). A swap moves the models it stops to ``Draining``: their requests already in
+flight finish first (bounded by ``DRAIN_TIMEOUT_S``), new ones queue in the gate, then the old model stops and
 the new one starts. Whenever the gate passes on, waiters whose model is serving go ahead of waiters that need a
-swap (bounded by ``MAX_JUMPS``), so clients alternating between models are served in batches, one swap per batch,
-rather than one swap per request.
+swap (bounded by ``MAX_JUMPS``), so clients alternating between models are served in batches, one swap per batch.
+
+What can fail early fails before anything is evicted (``preflight.py``): a model that cannot start never costs
+the loaded one its place.
+
+Failures. A start that fails, a runtime that dies and a runtime that stops answering its liveness probe each
+record one failure against that runtime's incarnation (``instance.py``), however many requests noticed it; the
+next request restarts it after a short backoff, and ``CRASH_LIMIT`` failures in ``CRASH_WINDOW_S`` leave it
+``Failed`` until ``athanor restart``.
+
+Nothing here blocks the event loop: process starts and stops, file reads and the state.json writes
+(``persist.py``) run in worker threads, and the monitor only looks; stops, probes and clean-ups it decides on run
+as tasks of their own.
 
 Residency: ``single`` keeps one model loaded; ``memory`` keeps several while their estimates fit the budget,
 evicting the least recently used first. ``pinned`` models are never evicted; ``disabled`` ones never start.
@@ -18,11 +30,11 @@ evicting the least recently used first. ``pinned`` models are never evicted; ``d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
+import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Coroutine
 from datetime import datetime, timezone
 from typing import Any
 
@@ -30,12 +42,20 @@ import aiohttp
 
 from athanor import actions, catalog
 from athanor.controller.gate import SwapGate
-from athanor.controller.instance import Instance, Phase
-from athanor.controller.readiness import NotReady, probe_once, wait_ready
-from athanor.errors import AthanorError
+from athanor.controller.instance import RUNNING, Instance, Phase
+from athanor.controller.lease import Lease
+from athanor.controller.persist import StateWriter
+from athanor.controller.preflight import prepare_launch, unservable
+from athanor.controller.readiness import (
+    NotReady,
+    StartAborted,
+    answers,
+    probe_once,
+    wait_ready,
+)
+from athanor.errors import AthanorError, ModelUnavailable, QueueFull, StoreError
 from athanor.managers.process import ProcessHandle, ProcessSupervisor
-from athanor.ports import port_holder, port_is_free
-from athanor.runtimes.launch import LaunchSpec, find_runtime
+from athanor.runtimes.launch import LLAMA_AUTO_PARALLEL, MLX_MAX_CONNECTIONS, LaunchSpec
 from athanor.store import Store
 from athanor.units import parse_budget, parse_duration
 
@@ -45,21 +65,10 @@ CRASH_WINDOW_S = 120.0
 CRASH_LIMIT = 3
 DRAIN_TIMEOUT_S = 30.0
 MONITOR_INTERVAL_S = 0.5
-
-
-class ModelUnavailable(AthanorError):
-    """The model cannot be served now (failed to start, disabled, weights missing)."""
-
-
-class QueueFull(AthanorError):
-    """Too many requests are already waiting for this model."""
-
-
-@dataclass(frozen=True)
-class Upstream:
-    name: str
-    port: int
-    served_model: str
+ROTATE_INTERVAL_S = 10.0
+EXIT_GRACE_S = 0.5  # how long a broken connection waits for its runtime's death to show (it closes sockets first)
+STOP_GRACE_S = 5.0  # SIGTERM to SIGKILL for a failed runtime
+HUNG_GRACE_S = 1.0  # ... and for a frozen one, which cannot act on SIGTERM anyway
 
 
 def _iso(ts: float) -> str:
@@ -72,10 +81,19 @@ class Controller:
         self.supervisor = supervisor
         self.session = session
         self.instances: dict[str, Instance] = {}
-        self._gate = SwapGate(self.serving)
+        self.store_problem: str | None = None  # models.json is unreadable: serving goes on from the last good one
+        self._gate = SwapGate(lambda name: self.serving(self.instances[name]))
         self._doc: dict[str, Any] = {"models": {}, "recipes": {}, "gateway": None, "ignoredSources": []}
-        self._doc_stamp: tuple[int, int, int] | None = None
+        self._gateway = catalog.gateway_spec(self._doc)
+        self._doc_stamp: object = None
         self._names: dict[str, str] = {}
+        self._writer = StateWriter(store)
+        self._stops: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._next_probe: dict[str, float] = {}
+        self._next_rotation = 0.0
+        self._hurry = asyncio.Event()  # set at shutdown: drains end at once
         self._monitor: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ desired state
@@ -83,18 +101,38 @@ class Controller:
     def doc(self) -> dict[str, Any]:
         """models.json, re-read when it changed on disk: ``apply`` reaches a running daemon this way, at once.
 
-        One stat per call (about a microsecond); the parse and the name index are redone only on a change.
+        One stat per call (about a microsecond); the parse, the name index and the gateway spec are redone only
+        on a change. A document that does not parse is reported once and the last good one keeps serving.
         """
         try:
             st = os.stat(self.store.models.path)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # every atomic write is a new inode
+            stamp: object = (st.st_ino, st.st_mtime_ns, st.st_size)  # every atomic write is a new inode
         except FileNotFoundError:
             stamp = None
+        except OSError as exc:
+            stamp = str(exc)
         if stamp != self._doc_stamp:
-            self._doc = self.store.models.load()
             self._doc_stamp = stamp
-            self._names = self._index(self._doc["models"])
+            try:
+                doc = self.store.models.load()
+            except StoreError as exc:
+                self._store_broken(str(exc))
+            else:
+                self._doc, self._names, self._gateway = doc, self._index(doc["models"]), catalog.gateway_spec(doc)
+                if self.store_problem is not None:
+                    self._store_recovered()
         return self._doc
+
+    def _store_broken(self, problem: str) -> None:
+        log.error("%s; serving from the last good version", problem)
+        self.store_problem = problem
+        self._event("Store", "models.json", "Warning", "StoreUnreadable",
+                    f"{problem}; the gateway serves from the last good version")
+
+    def _store_recovered(self) -> None:
+        log.info("models.json is readable again")
+        self.store_problem = None
+        self._event("Store", "models.json", "Normal", "StoreReadable", "models.json is readable again")
 
     @staticmethod
     def _index(models: dict[str, Any]) -> dict[str, str]:
@@ -104,24 +142,30 @@ class Controller:
             hf = obj["spec"]["source"].get("hf")
             if hf:
                 names[hf["repo"]] = name
-                names[f"{hf['repo']}:{hf.get('file')}"] = name
+                if hf.get("file"):
+                    names[f"{hf['repo']}:{hf['file']}"] = name
         for name, obj in models.items():
             names.update((alias, name) for alias in obj["spec"].get("aliases", ()))
         names.update((name, name) for name in models)
         return names
 
     def gateway(self) -> dict[str, Any]:
-        return catalog.gateway_spec(self.doc())
+        self.doc()
+        return self._gateway
 
     def _setting(self, obj: dict[str, Any] | None, key: str) -> Any:
         """A model's own ``spec.<key>``, else the Gateway's (startupTimeout, idleTimeout)."""
         own = (obj or {}).get("spec", {}).get(key)
-        return own if own is not None else self.gateway()[key]
+        return own if own is not None else self._gateway[key]
 
     def resolve(self, requested: str) -> str | None:
         """A model's name from its name, an alias, or its discovered id (``org/repo`` or ``org/repo:file``)."""
         self.doc()
         return self._names.get(requested)
+
+    def model(self, name: str) -> dict[str, Any] | None:
+        """The stored object of a resolved model."""
+        return self._doc["models"].get(name)
 
     def _outdated(self, inst: Instance) -> bool:
         """Started from an older generation of its spec (a re-attached instance of unknown generation is not).
@@ -131,180 +175,251 @@ class Controller:
         obj = self._doc["models"].get(inst.name)
         return bool(obj and inst.generation and obj["metadata"].get("generation", 1) != inst.generation)
 
-    def serving(self, name: str) -> bool:
-        """A request for ``name`` can go straight to its runtime: ready, not being stopped, spec unchanged."""
-        inst = self.instances.get(name)
-        return inst is not None and inst.phase is Phase.READY and not inst.draining and not self._outdated(inst)
+    def serving(self, inst: Instance) -> bool:
+        """A request for this instance can go straight to its runtime: ready and started from the current spec."""
+        return inst.phase is Phase.READY and not self._outdated(inst)
 
     def instance(self, name: str) -> Instance:
         inst = self.instances.get(name)
         if inst is None:
-            inst = self.instances[name] = Instance(name, on_change=self._persist)
+            inst = self.instances[name] = Instance(name, observers=[self._phase_changed])
         return inst
 
     # ------------------------------------------------------------------ the one entry point
 
-    def use(self, name: str) -> _Use:
-        """Hold ``name`` ready for the duration of one request: ``async with controller.use(name) as upstream``."""
-        return _Use(self, name)
-
-    async def ensure_ready(self, name: str) -> Instance:
+    def use(self, name: str) -> Lease:
+        """Admit one request for the resolved model ``name``, or refuse it now, before any response has started:
+        ModelUnavailable when it cannot run, QueueFull when too many requests already wait for it."""
         inst = self.instance(name)
-        if self.serving(name):
-            return inst
-        limit = self.gateway()["limits"]["maxQueue"]
-        if inst.waiting >= limit:
-            raise QueueFull(f"{inst.waiting} requests already wait for model {name!r} (limits.maxQueue {limit})")
-        inst.waiting += 1
-        try:
-            async with self._gate.hold(name):
-                return await self._make_ready(name)
-        finally:
-            inst.waiting -= 1
+        if not self.serving(inst):
+            problem = unservable(self._doc["models"].get(name), name) or self._crash_loop(inst)
+            if problem:
+                raise ModelUnavailable(problem)
+            limit = self._gateway["limits"]["maxQueue"]
+            if inst.waiting >= limit:
+                raise QueueFull(f"{inst.waiting} requests already wait for model {name!r} (limits.maxQueue {limit})")
+        return Lease(self, inst)
 
-    async def _make_ready(self, name: str) -> Instance:
-        inst = self.instance(name)
+    async def make_ready(self, inst: Instance) -> None:
+        """Wait in the swap gate, then until the model serves: share the start under way, or start it (making
+        room first). Raises ModelUnavailable when it cannot be served."""
+        async with self._gate.hold(inst.name):
+            await self._make_ready(inst)
+
+    async def _make_ready(self, inst: Instance) -> None:
+        name = inst.name
         while True:
             self.doc()  # it may have changed while this request waited
-            if inst.phase is Phase.READY and self._outdated(inst):
-                await self.stop(name)  # its spec changed since it started: drain, then start it anew
+            if self.serving(inst):
+                return
+            if inst.phase is Phase.READY:  # its spec changed since it started: drain, then start it anew
+                await self.stop(name)
                 continue
-            if inst.phase is Phase.READY and inst.draining:
-                await inst.changed.wait()  # an idle unload is stopping it: start it again once it stopped
-                continue
-            if inst.phase is Phase.READY:
-                return inst
-            if inst.phase is Phase.STARTING and inst.start_task is not None:
-                await asyncio.shield(inst.start_task)
-                continue
-            if inst.phase is Phase.STOPPING:
+            if inst.phase in (Phase.DRAINING, Phase.STOPPING):
                 await inst.changed.wait()
                 continue
-            if inst.phase is Phase.FAILED:
-                if self._crash_looping(inst):
-                    raise ModelUnavailable(f"model {name!r} failed {CRASH_LIMIT} times in {CRASH_WINDOW_S:.0f} s: "
-                                           f"{inst.message} (athanor restart {name} retries)")
-                await asyncio.sleep(self._backoff(inst))  # restart backoff: 0.5 s, 1 s, 2 s ... after a failure
-            obj = self.doc()["models"].get(name)
-            if obj is None:
-                raise ModelUnavailable(f"model {name!r} no longer exists")
-            if obj["spec"].get("residency") == "disabled":
-                raise ModelUnavailable(f"model {name!r} is disabled (spec.residency)")
+            if inst.phase is Phase.STARTING:
+                assert inst.start_task is not None
+                await asyncio.wait({inst.start_task})  # its outcome is read from the phase on the next round
+                continue
+            obj = self._doc["models"].get(name)
+            problem = unservable(obj, name) or self._crash_loop(inst)
+            if problem:
+                raise ModelUnavailable(problem)
+            assert obj is not None
+            if inst.cleanup_task is not None and not inst.cleanup_task.done():
+                await asyncio.wait({inst.cleanup_task})  # the failed process must be gone before its port is reused
+                continue
+            delay = self._backoff(inst)
+            if delay > 0:
+                await asyncio.sleep(delay)  # restart backoff: 0.5 s, 1 s, 2 s ... after a failure
+                continue
+            try:
+                launch = await asyncio.to_thread(prepare_launch, self._doc, obj)
+            except ModelUnavailable as exc:
+                self._refused(inst, str(exc))
+                raise
             await self._make_room(name)
-            inst.start_task = asyncio.create_task(self._start(inst, obj), name=f"start-{name}")
-            await asyncio.shield(inst.start_task)
+            if inst.phase not in (Phase.STANDBY, Phase.FAILED) or self._doc["models"].get(name) is not obj:
+                continue  # something changed while room was made: look again
+            inst.start_task = asyncio.create_task(self._start(inst, obj, launch), name=f"start-{name}")
+            await asyncio.wait({inst.start_task})
             if inst.phase is Phase.FAILED:
                 raise ModelUnavailable(f"model {name!r} failed to start: {inst.message}")
 
     # ------------------------------------------------------------------ starting and stopping
 
-    async def _start(self, inst: Instance, obj: dict[str, Any]) -> None:
-        doc = self.doc()
+    async def _start(self, inst: Instance, obj: dict[str, Any], launch: LaunchSpec) -> None:
+        """Start one runtime and wait for it; ends Ready, Failed (process gone), or Standby when a stop aborted it.
+        Never raises: every outcome is a phase."""
+        inst.launch = launch
+        inst.generation = obj["metadata"].get("generation", 1)
         inst.move(Phase.STARTING, "starting")
         try:
-            launch = actions.launch_for(doc, obj)
-            if launch is None:
-                raise NotReady("weights not found on disk (see 'athanor describe model')")
-            configured = self.gateway()["runtimes"].get(launch.runtime, {}).get("path")
-            find_runtime(launch.runtime, configured)  # a missing runtime fails here, naming the install command
-            await asyncio.to_thread(_ensure_port_free, launch.port)
-            inst.launch = launch
-            inst.generation = obj["metadata"].get("generation", 1)
             inst.handle = await asyncio.to_thread(self.supervisor.start, inst.name, launch.argv, launch.env)
-            self._persist(inst, inst.phase)
+            self._save(inst)
             timeout = parse_duration(self._setting(obj, "startupTimeout")) or 3600.0
-            waited = await wait_ready(self.session, launch, timeout=timeout, alive=lambda: self._alive(inst))
-        except (NotReady, AthanorError) as exc:
-            await self._fail(inst, str(exc))
+            waited = await wait_ready(self.session, launch, timeout=timeout, alive=lambda: self._alive(inst),
+                                      abort=inst.abort)
+        except StartAborted:
+            await self._halt(inst, "start aborted by a stop")
             return
-        except asyncio.CancelledError:
-            await self._stop(inst)
-            raise
-        log.info("%s ready in %.2f s (pid %s)", inst.name, waited, inst.handle.pid)
-        inst.move(Phase.READY, f"ready in {waited:.2f} s")
+        except (NotReady, AthanorError) as exc:
+            self._fail(inst, str(exc), "StartFailed")
+        except Exception as exc:  # noqa: BLE001 - any surprise must end in a phase, never leave it Starting
+            log.exception("%s: unexpected error while starting", inst.name)
+            self._fail(inst, f"unexpected error while starting: {exc!r}", "StartFailed")
+        else:
+            log.info("%s ready in %.2f s (pid %s)", inst.name, waited, inst.handle.pid if inst.handle else "?")
+            inst.move(Phase.READY, f"ready in {waited:.2f} s")
+            return
+        if inst.cleanup_task is not None:
+            await asyncio.wait({inst.cleanup_task})
 
     def _alive(self, inst: Instance) -> bool:
         return inst.handle is not None and self.supervisor.alive(inst.handle)
 
-    async def _fail(self, inst: Instance, reason: str) -> None:
-        exit_code = None
-        if inst.handle is not None:
-            exit_code = await asyncio.to_thread(self.supervisor.stop, inst.handle, 5.0)
-            tail = self.supervisor.log_tail(inst.name, 20)
-        else:
-            tail = []
+    def _fail(self, inst: Instance, reason: str, kind: str) -> None:
+        """Record one failure and move to Failed at once (no await: nothing can slip in between); the process, if
+        any is left, is stopped by a clean-up task that a new start waits for."""
         now = time.time()
         inst.failures = [t for t in inst.failures if now - t < CRASH_WINDOW_S] + [now]
-        inst.last_failure = {"reason": "StartFailed" if inst.phase is Phase.STARTING else "Crashed",
-                             "message": reason, "time": _iso(now), "exitCode": exit_code, "logTail": tail}
-        inst.handle = None
+        handle = inst.handle
+        inst.last_failure = {"reason": kind, "message": reason, "time": _iso(now),
+                             "exitCode": self.supervisor.exit_code(handle) if handle else None, "logTail": []}
+        log.warning("%s: %s: %s", inst.name, kind, reason)
         inst.move(Phase.FAILED, reason)
+        if handle is not None:
+            grace = HUNG_GRACE_S if kind == "Hung" else STOP_GRACE_S
+            inst.cleanup_task = self._spawn(self._clean_up(inst, handle, inst.last_failure, grace),
+                                            f"clean-up-{inst.name}")
+
+    async def _clean_up(self, inst: Instance, handle: ProcessHandle, failure: dict[str, Any], grace: float) -> None:
+        code = await asyncio.to_thread(self.supervisor.stop, handle, grace)
+        tail = await asyncio.to_thread(self.supervisor.log_tail, inst.name, 20)
+        self.supervisor.forget(handle)
+        if inst.handle is handle:
+            inst.handle = None
+        if failure.get("exitCode") is None and code is not None:
+            failure["exitCode"] = code  # a process killed a moment ago is collected only now
+            if failure["reason"] == "Crashed":
+                failure["message"] = exit_text(code)
+        failure["logTail"] = tail
+        self._save(inst)
+
+    async def runtime_died(self, inst: Instance, incarnation: int) -> bool:
+        """A request says the runtime of ``incarnation`` failed it. True when that runtime is gone (replaced, or
+        dead now, in which case its crash is recorded here unless already recorded)."""
+        if inst.incarnation != incarnation or inst.phase not in (Phase.READY, Phase.DRAINING):
+            return True
+        handle = inst.handle
+        if handle is not None and self.supervisor.alive(handle):
+            if not await asyncio.to_thread(self.supervisor.wait_exit, handle, EXIT_GRACE_S):
+                return False  # still running: the failure was the connection's, not the runtime's
+        self._crashed(inst, incarnation)
+        return True
+
+    def _crashed(self, inst: Instance, incarnation: int) -> None:
+        """Record the death of runtime ``incarnation``: once, however many requests and monitor rounds see it."""
+        if inst.incarnation != incarnation or inst.phase not in (Phase.READY, Phase.DRAINING):
+            return
+        code = self.supervisor.exit_code(inst.handle) if inst.handle else None
+        self._fail(inst, exit_text(code), "Crashed")
+
+    def _refused(self, inst: Instance, reason: str) -> None:
+        """A start refused before anything was stopped: an event (once per distinct reason), not a failure."""
+        if inst.message != reason:
+            inst.message = reason
+            self._event("Model", inst.name, "Warning", "StartRefused", reason)
 
     @staticmethod
     def _backoff(inst: Instance) -> float:
-        if not inst.failures:
+        if inst.phase is not Phase.FAILED or not inst.failures:
             return 0.0
         delay = min(0.5 * 2 ** (len(inst.failures) - 1), 8.0)
         return max(0.0, inst.failures[-1] + delay - time.time())
 
-    def _crash_looping(self, inst: Instance) -> bool:
+    @staticmethod
+    def _crash_loop(inst: Instance) -> str | None:
+        if inst.phase is not Phase.FAILED:
+            return None
         now = time.time()
-        return len([t for t in inst.failures if now - t < CRASH_WINDOW_S]) >= CRASH_LIMIT
+        if len([t for t in inst.failures if now - t < CRASH_WINDOW_S]) < CRASH_LIMIT:
+            return None
+        return (f"model {inst.name!r} failed {CRASH_LIMIT} times in {CRASH_WINDOW_S:.0f} s: {inst.message} "
+                f"(athanor restart {inst.name} retries)")
 
     async def stop(self, name: str, *, drain: bool = True) -> None:
-        inst = self.instances.get(name)
-        if inst is None:
-            return
-        inst.draining = True
-        if inst.phase is Phase.STARTING and inst.start_task is not None:
-            inst.start_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await inst.start_task
-        if drain and inst.inflight:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(inst.idle.wait(), DRAIN_TIMEOUT_S)
-        await self._stop(inst)
+        """Stop ``name``'s runtime, letting requests in flight finish first unless ``drain`` is False. Concurrent
+        stops of one model share one; a caller that goes away does not interrupt it."""
+        task = self._stops.get(name)
+        if task is None or task.done():
+            task = self._stops[name] = self._spawn(self._stop(name, drain), f"stop-{name}")
+            task.add_done_callback(lambda done: self._stops.pop(name) if self._stops.get(name) is done else None)
+        await asyncio.wait({task})
 
-    async def _stop(self, inst: Instance) -> None:
-        if inst.phase in (Phase.STANDBY, Phase.STOPPING):
-            return
-        inst.move(Phase.STOPPING, "stopping")
-        if inst.handle is not None:
-            await asyncio.to_thread(self.supervisor.stop, inst.handle)
+    async def _stop(self, name: str, drain: bool) -> None:
+        inst = self.instances.get(name)
+        while inst is not None:
+            if inst.phase is Phase.STARTING:
+                inst.abort.set()
+                assert inst.start_task is not None
+                await asyncio.wait({inst.start_task})
+            elif inst.phase is Phase.READY:
+                inst.move(Phase.DRAINING, "draining requests in flight before stopping")
+            elif inst.phase is Phase.DRAINING:
+                if drain and inst.inflight:
+                    await self._drained(inst)
+                if inst.phase is Phase.DRAINING:  # unless it died while draining
+                    await self._halt(inst, "stopping")
+            elif inst.phase is Phase.FAILED:
+                if inst.cleanup_task is not None:
+                    await asyncio.wait({inst.cleanup_task})
+                if inst.phase is Phase.FAILED:
+                    await self._halt(inst, "clearing the failure")
+            elif inst.phase is Phase.STOPPING:
+                await inst.changed.wait()
+            else:
+                return
+
+    async def _drained(self, inst: Instance) -> None:
+        idle = asyncio.ensure_future(inst.idle.wait())
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait({idle, hurry}, timeout=DRAIN_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+        hurry.cancel()
+
+    async def _halt(self, inst: Instance, message: str) -> None:
+        inst.move(Phase.STOPPING, message)
+        handle = inst.handle
+        if handle is not None:
+            await asyncio.to_thread(self.supervisor.stop, handle)
+            self.supervisor.forget(handle)
         inst.handle = None
         inst.move(Phase.STANDBY, "stopped")
+
+    async def start(self, name: str) -> None:
+        """``athanor start``: serve ``name`` now, through the same gate as requests."""
+        await self.make_ready(self.instance(name))
 
     async def restart(self, name: str) -> None:
         inst = self.instance(name)
         inst.failures.clear()
         await self.stop(name)
-        await self.ensure_ready(name)
+        await self.make_ready(inst)
 
     async def stop_all(self) -> None:
+        self._hurry.set()
         await asyncio.gather(*(self.stop(name, drain=False) for name in list(self.instances)))
-
-    def running(self, name: str) -> bool:
-        """Whether the runtime process of ``name`` is still alive (a cheap check after a stream ends)."""
-        inst = self.instances.get(name)
-        return bool(inst and inst.handle and self.supervisor.alive(inst.handle))
-
-    async def check(self, name: str) -> None:
-        """Called when a request could not reach a runtime: if it died, record the crash now rather than at
-        the monitor's next round, so the next request restarts it."""
-        inst = self.instances.get(name)
-        if inst and inst.phase is Phase.READY and inst.handle and not self.supervisor.alive(inst.handle):
-            code = self.supervisor.exit_code(inst.handle)
-            await self._fail(inst, f"the runtime exited unexpectedly (exit code {code})")
 
     # ------------------------------------------------------------------ residency
 
     async def _make_room(self, name: str) -> None:
         """Stop what must go before ``name`` starts (the caller holds the swap gate)."""
-        models = self.doc()["models"]
-        loaded = [i for i in self.instances.values()
-                  if i.name != name and i.phase in (Phase.READY, Phase.STARTING)]
+        models = self._doc["models"]
+        loaded = [i for i in self.instances.values() if i.name != name and i.phase in RUNNING]
         evictable = [i for i in loaded if models.get(i.name, {}).get("spec", {}).get("residency") != "pinned"]
-        residency = self.gateway()["residency"]
+        residency = self._gateway["residency"]
         if residency["policy"] == "memory":
             evictable = self._over_budget(name, loaded, evictable, residency.get("budget", "80%"))
         await asyncio.gather(*(self.stop(i.name) for i in evictable))
@@ -312,25 +427,35 @@ class Controller:
     def _over_budget(self, name: str, loaded: list[Instance], evictable: list[Instance], budget: str) -> list[Instance]:
         import psutil
 
+        def estimate(model: str) -> int:
+            return estimate_bytes(self._doc, self._doc["models"].get(model))
+
         limit = parse_budget(budget, psutil.virtual_memory().total)
-        need = estimate_bytes(self.doc()["models"].get(name))
-        used = sum(estimate_bytes(self.doc()["models"].get(i.name)) for i in loaded)
+        need = estimate(name)
+        used = sum(estimate(i.name) for i in loaded)
         victims = []
         for inst in sorted(evictable, key=lambda i: i.last_used):  # least recently used first
             if used + need <= limit:
                 break
             victims.append(inst)
-            used -= estimate_bytes(self.doc()["models"].get(inst.name))
+            used -= estimate(inst.name)
         return victims
 
     # ------------------------------------------------------------------ observed state
 
-    def _persist(self, inst: Instance, old: Phase) -> None:
-        record = {
+    def _phase_changed(self, inst: Instance, old: Phase) -> None:
+        self._save(inst)
+        self._event("Model", inst.name, "Warning" if inst.phase is Phase.FAILED else "Normal", inst.phase.value,
+                    f"{old.value} -> {inst.phase.value}: {inst.message}")
+
+    def _save(self, inst: Instance) -> None:
+        """Queue the instance's record for state.json (written off the loop, newest wins)."""
+        record: dict[str, Any] = {
             "phase": inst.phase.value,
             "phaseSince": _iso(inst.phase_since),
             "message": inst.message,
             "generation": inst.generation,
+            "incarnation": inst.incarnation,
         }
         if inst.handle is not None:
             record["handle"] = inst.handle.to_json()
@@ -341,45 +466,78 @@ class Controller:
             record["servedModel"] = inst.launch.served_model
             record["runtime"] = inst.launch.runtime
             record["healthPath"] = inst.launch.health_path
+            record["maxConnections"] = inst.launch.max_connections
         if inst.last_failure:
             record["lastFailure"] = inst.last_failure
-        event = {"time": _iso(time.time()), "kind": "Model", "name": inst.name,
-                 "type": "Warning" if inst.phase is Phase.FAILED else "Normal",
-                 "reason": inst.phase.value, "message": f"{old.value} -> {inst.phase.value}: {inst.message}"}
-        with self.store.state.edit() as state:
-            state["instances"][inst.name] = record
-            if old is not inst.phase:  # a refresh of the record (the pid is known now) is no event
-                state["events"] = (state["events"] + [event])[-actions.MAX_EVENTS:]
+        self._writer.record(inst.name, record)
+
+    def _event(self, kind: str, name: str, type_: str, reason: str, message: str) -> None:
+        self._writer.event({"time": _iso(time.time()), "kind": kind, "name": name, "type": type_,
+                            "reason": reason, "message": message})
+
+    async def recorded(self, timeout: float = 5.0) -> bool:
+        """Wait until state.json holds every change made so far (the CLI reads it after a command)."""
+        return await self._writer.settled(timeout)
+
+    def status(self) -> dict[str, Any]:
+        """What the admin API reports: every instance's phase and load, and a store problem if there is one."""
+        instances = {name: {"phase": inst.phase.value, "message": inst.message, "inflight": inst.inflight,
+                            "waiting": inst.waiting, "incarnation": inst.incarnation,
+                            "pid": inst.handle.pid if inst.handle else None,
+                            "port": inst.launch.port if inst.launch else None}
+                     for name, inst in self.instances.items()}
+        return {"instances": instances, "storeProblem": self.store_problem}
 
     async def reattach(self) -> list[str]:
-        """Adopt runtimes a previous daemon left running and healthy; forget the rest."""
+        """Adopt runtimes a previous daemon left running and healthy; stop the other live ones (their model was
+        deleted, or they were being stopped or had failed), so none is left running untracked."""
+        state = await asyncio.to_thread(self.store.state.load)
+        self.doc()
         adopted: list[str] = []
-        records = self.store.state.load()["instances"]
-        for name, record in records.items():
-            handle_data = record.get("handle")
-            if not handle_data or record.get("phase") not in ("Ready", "Starting") or name not in self.doc()["models"]:
+        notes: dict[str, str] = {}
+        for name, record in state["instances"].items():
+            raw = record.get("handle")
+            if not raw:
                 continue
             try:
-                handle = ProcessHandle.from_json(handle_data)
-            except ValueError:
+                handle = ProcessHandle.from_json(raw)
+            except ValueError as exc:
+                notes[name] = (f"its state record is unreadable ({exc}); a runtime it names may still run "
+                               f"(pid {record.get('pid')!r})")
+                log.warning("%s: %s", name, notes[name])
+                self._event("Model", name, "Warning", "UnreadableRecord", notes[name])
                 continue
-            launch = LaunchSpec(record.get("runtime", ""), [], {}, record.get("port", 0),
-                                record.get("servedModel", ""), record.get("healthPath", "/health"))
-            if self.supervisor.alive(handle) and await self._healthy(launch):
-                inst = self.instance(name)
-                inst.handle, inst.launch, inst.generation = handle, launch, record.get("generation", 0)
-                inst.phase, inst.message = Phase.READY, f"re-attached to pid {handle.pid}"
-                inst.last_used = time.monotonic()
-                self._persist(inst, Phase.STANDBY)
+            if not self.supervisor.alive(handle):
+                continue
+            launch = _recorded_launch(record)
+            if name not in self._doc["models"]:
+                why = "its model was deleted"
+            elif record.get("phase") not in ("Ready", "Starting"):
+                why = f"it was {record.get('phase')}"
+            elif not await self._healthy(launch):
+                why = "it did not answer its health check"
+            else:
+                self._adopt(name, handle, launch, record)
                 adopted.append(name)
-            elif self.supervisor.alive(handle):
-                await asyncio.to_thread(self.supervisor.stop, handle)
-        with self.store.state.edit() as state:
-            for name in list(state["instances"]):
-                if name not in adopted:
-                    state["instances"][name] = {"phase": "Standby", "phaseSince": _iso(time.time()),
-                                                "message": "", "generation": 0}
+                continue
+            log.info("%s: stopping runtime pid %s left by the previous daemon: %s", name, handle.pid, why)
+            await asyncio.to_thread(self.supervisor.stop, handle)
+            notes[name] = f"stopped runtime pid {handle.pid} left running by the previous daemon: {why}"
+            self._event("Model", name, "Normal", "Orphan", notes[name])
+        for name, record in state["instances"].items():
+            if name not in adopted:
+                cleared = {"phase": "Standby", "phaseSince": _iso(time.time()), "message": notes.get(name, ""),
+                           "generation": 0}
+                if record.get("lastFailure"):
+                    cleared["lastFailure"] = record["lastFailure"]
+                self._writer.record(name, cleared)
         return adopted
+
+    def _adopt(self, name: str, handle: ProcessHandle, launch: LaunchSpec, record: dict[str, Any]) -> None:
+        inst = self.instance(name)
+        inst.handle, inst.launch, inst.generation = handle, launch, record.get("generation", 0)
+        inst.move(Phase.STARTING, f"re-attaching to pid {handle.pid}")
+        inst.move(Phase.READY, f"re-attached to pid {handle.pid}")
 
     async def _healthy(self, launch: LaunchSpec) -> bool:
         try:
@@ -389,76 +547,120 @@ class Controller:
 
     # ------------------------------------------------------------------ background duties
 
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """A task the controller owns: awaited at close, and its failure logged rather than lost."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed", task.get_name(), exc_info=task.exception())
+
     def start_monitor(self) -> None:
         self._monitor = asyncio.create_task(self._watch(), name="controller-monitor")
 
     async def close(self) -> None:
         if self._monitor:
             self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+            await asyncio.gather(self._monitor, return_exceptions=True)
         await self.stop_all()
+        for task in list(self._probes.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._writer.close()
 
     async def _watch(self) -> None:
-        """Notice crashes and idle models; rotate logs. Runs every half second."""
+        """Notice crashes, hung runtimes, deleted and idle models; reap; rotate logs. Every half second."""
         while True:
             await asyncio.sleep(MONITOR_INTERVAL_S)
             try:
-                await self._check()
+                self._check()
             except Exception:  # noqa: BLE001 - the monitor must outlive any one bad check
                 log.exception("monitor check failed")
 
-    async def _check(self) -> None:
+    def _check(self) -> None:
+        """One look at every instance. It never waits: what it decides (a stop, a probe) runs as a task."""
+        self.supervisor.reap()
         models = self.doc()["models"]
+        now = time.monotonic()
         for inst in list(self.instances.values()):
-            if inst.phase is not Phase.READY or inst.handle is None:
+            if inst.phase in (Phase.READY, Phase.DRAINING) and not self._alive(inst):
+                self._crashed(inst, inst.incarnation)
                 continue
-            if inst.name not in models:
+            if inst.phase is not Phase.READY or inst.name in self._stops:
+                continue
+            obj = models.get(inst.name)
+            if obj is None:
                 log.info("%s was deleted: stopping it", inst.name)
-                await self.stop(inst.name)
+                self._spawn(self.stop(inst.name), f"stop-deleted-{inst.name}")
                 continue
-            if not self.supervisor.alive(inst.handle):
-                log.warning("%s died", inst.name)
-                await self.check(inst.name)
-                continue
-            self.supervisor.rotate_logs(inst.handle)
-            pinned = models[inst.name]["spec"].get("residency") == "pinned"
-            idle_limit = parse_duration(self._setting(models[inst.name], "idleTimeout"))
-            idle_for = time.monotonic() - inst.last_used
+            idle_limit = parse_duration(self._setting(obj, "idleTimeout"))
+            idle_for = now - inst.last_used
+            pinned = obj["spec"].get("residency") == "pinned"
             if idle_limit and not pinned and inst.inflight == 0 and idle_for > idle_limit:
                 log.info("%s idle for %.0f s: unloading", inst.name, idle_for)
-                await self.stop(inst.name)
+                self._spawn(self.stop(inst.name), f"stop-idle-{inst.name}")
+                continue
+            self._maybe_probe(inst, now)
+        if now >= self._next_rotation:
+            self._next_rotation = now + ROTATE_INTERVAL_S
+            handles = [i.handle for i in self.instances.values() if i.handle is not None]
+            self._spawn(asyncio.to_thread(lambda: [self.supervisor.rotate_logs(h) for h in handles]), "rotate-logs")
+
+    def _maybe_probe(self, inst: Instance, now: float) -> None:
+        check = self._gateway["healthCheck"]
+        interval = parse_duration(check["interval"])
+        if not interval or inst.name in self._probes or now < self._next_probe.get(inst.name, 0.0):
+            return
+        self._next_probe[inst.name] = now + interval
+        timeout = parse_duration(check["timeout"]) or interval
+        self._probes[inst.name] = self._spawn(self._probe(inst, inst.incarnation, timeout, check["failureThreshold"]),
+                                              f"probe-{inst.name}")
+
+    async def _probe(self, inst: Instance, incarnation: int, timeout: float, threshold: int) -> None:
+        """Liveness after readiness: a runtime that misses ``threshold`` probes in a row is hung, and restarted
+        by the next request like a crashed one (its clients get their errors as its connections close)."""
+        try:
+            assert inst.launch is not None
+            answered = await answers(self.session, inst.launch.port, timeout)
+        finally:
+            self._probes.pop(inst.name, None)
+        if inst.incarnation != incarnation or inst.phase is not Phase.READY:
+            return
+        inst.missed_probes = 0 if answered else inst.missed_probes + 1
+        if inst.missed_probes >= threshold:
+            self._fail(inst, f"not answering its health check ({threshold} probes of {timeout:g} s missed): hung",
+                       "Hung")
 
 
-def _ensure_port_free(port: int) -> None:
-    """Fail a start at once when something else holds its port: a runtime that cannot bind may never exit."""
-    if not port_is_free(port, reuse_address=True):
-        raise NotReady(f"port {port} is in use by {port_holder(port)}; set spec.port to a free one, "
-                       "or stop what holds it")
+def exit_text(code: int | None) -> str:
+    """How a runtime ended, for people: 'killed by SIGKILL' rather than 'exit code -9'."""
+    if code is None:
+        return "the runtime exited unexpectedly"
+    if code < 0:
+        try:
+            return f"the runtime was killed by {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            return f"the runtime was killed by signal {-code} (exit code {code})"
+    return f"the runtime exited unexpectedly with code {code}"
 
 
-class _Use:
-    """``Controller.use`` as a class rather than a generator: it runs on every request."""
-
-    __slots__ = ("_controller", "_name", "_instance")
-
-    def __init__(self, controller: Controller, name: str):
-        self._controller, self._name = controller, name
-        self._instance: Instance | None = None
-
-    async def __aenter__(self) -> Upstream:
-        inst = self._instance = await self._controller.ensure_ready(self._name)
-        inst.enter()
-        assert inst.launch is not None
-        return Upstream(self._name, inst.launch.port, inst.launch.served_model)
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._instance is not None
-        self._instance.leave()
+def _recorded_launch(record: dict[str, Any]) -> LaunchSpec:
+    """How a runtime a previous daemon started is reached, from its state.json record."""
+    runtime = record.get("runtime", "")
+    default_connections = LLAMA_AUTO_PARALLEL if runtime == "llama-server" else MLX_MAX_CONNECTIONS
+    return LaunchSpec(runtime, [], {}, record.get("port", 0), record.get("servedModel", ""),
+                      record.get("healthPath", "/health"), record.get("maxConnections", default_connections))
 
 
-def estimate_bytes(obj: dict[str, Any] | None) -> int:
-    """Weights on disk plus the KV cache at the model's context (fp16), plus a fixed overhead."""
+def estimate_bytes(doc: dict[str, Any], obj: dict[str, Any] | None) -> int:
+    """Weights on disk plus the KV cache at the model's effective context (fp16), plus a fixed overhead.
+
+    The context is the one the runtime will get: defaults < recipe < the model's preset, as ``describe`` shows.
+    """
     if not obj or not obj.get("artifact"):
         return 0
     artifact = obj["artifact"]
@@ -466,7 +668,11 @@ def estimate_bytes(obj: dict[str, Any] | None) -> int:
     weights = artifact.get("sizeBytes", 0)
     layers, heads, kv_heads = meta.get("layers"), meta.get("heads"), meta.get("kvHeads") or meta.get("heads")
     embedding = meta.get("embeddingLength") or meta.get("hiddenSize")
-    ctx = obj["spec"].get("preset", {}).get("ctxSize") or min(meta.get("contextLength") or 8192, 32768)
+    effective = actions.effective_for(doc, obj).get("ctxSize")
+    if effective is None:  # MLX: the cache grows as it is used; count the model's window, bounded
+        ctx = min(meta.get("contextLength") or 8192, 32768)
+    else:
+        ctx = effective.value or meta.get("contextLength") or 8192  # 0: the model's own window
     kv = 0
     if layers and heads and kv_heads and embedding:
         head_dim = embedding // heads

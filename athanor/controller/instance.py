@@ -1,14 +1,20 @@
 """One model's runtime instance and the only code that changes its phase.
 
-    Standby -> Starting -> Ready -> Stopping -> Standby
-                  |          |
-                  v          v
-                Failed <-----+   (start error, or the process died)
-    Failed -> Starting (a new request retries, unless it keeps crashing) | Standby (stop)
+    Standby -> Starting -> Ready -> Draining -> Stopping -> Standby
+                  |          |         |
+                  v          v         v
+                Failed <-----+---------+   (a start error, a crash, or a runtime that stopped answering)
+    Starting -> Stopping (a stop aborts the start)
+    Failed -> Starting (a new request retries, unless it keeps failing) | Stopping (a stop, or cleaning up)
 
-Every move goes through ``Instance.move``, which checks the table, stamps the time, wakes every waiter and tells
-the listener (the controller persists it). Callers never read a phase and then act on it from outside; they
-ask the controller to ``use`` a model and it decides.
+``Draining`` is a stop under way that waits for the requests already in flight: new requests wait for what
+comes next instead of going to the runtime. Every move goes through ``Instance.move``, which checks the table,
+stamps the time, wakes every waiter and tells each observer ``(instance, old phase)``. Callers never read a
+phase and then act on it from outside; they ask the controller to ``use`` a model and it decides.
+
+A runtime process has an ``incarnation``: the count of processes this instance has run. Anything said about a
+runtime ("it died") carries the incarnation it is about, so a report about a process that is already replaced
+or already accounted for changes nothing: one crash is one failure, however many requests saw it.
 """
 
 from __future__ import annotations
@@ -28,24 +34,29 @@ class Phase(str, Enum):
     STANDBY = "Standby"
     STARTING = "Starting"
     READY = "Ready"
+    DRAINING = "Draining"
     STOPPING = "Stopping"
     FAILED = "Failed"
 
 
-ALLOWED: dict[Phase, set[Phase]] = {
-    Phase.STANDBY: {Phase.STARTING},
-    Phase.STARTING: {Phase.READY, Phase.FAILED, Phase.STOPPING},
-    Phase.READY: {Phase.STOPPING, Phase.FAILED},
-    Phase.STOPPING: {Phase.STANDBY},
-    Phase.FAILED: {Phase.STARTING, Phase.STANDBY, Phase.STOPPING},
+ALLOWED: dict[Phase, frozenset[Phase]] = {
+    Phase.STANDBY: frozenset({Phase.STARTING}),
+    Phase.STARTING: frozenset({Phase.READY, Phase.FAILED, Phase.STOPPING}),
+    Phase.READY: frozenset({Phase.DRAINING, Phase.FAILED}),
+    Phase.DRAINING: frozenset({Phase.STOPPING, Phase.FAILED}),
+    Phase.STOPPING: frozenset({Phase.STANDBY}),
+    Phase.FAILED: frozenset({Phase.STARTING, Phase.STOPPING}),
 }
+RUNNING = frozenset({Phase.STARTING, Phase.READY, Phase.DRAINING})  # a process of ours may be serving
+
+Observer = Callable[["Instance", Phase], None]
 
 
 class TransitionError(RuntimeError):
     """A phase change the table forbids: a bug in the controller, never a user error."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Instance:
     name: str
     phase: Phase = Phase.STANDBY
@@ -54,16 +65,19 @@ class Instance:
     handle: ProcessHandle | None = None
     launch: LaunchSpec | None = None
     generation: int = 0
+    incarnation: int = 0
     inflight: int = 0
     waiting: int = 0
-    draining: bool = False  # being stopped: requests already in flight finish, new ones wait for what comes next
     last_used: float = 0.0
     failures: list[float] = field(default_factory=list)
     last_failure: dict[str, Any] | None = None
+    missed_probes: int = 0  # consecutive liveness probes a ready runtime did not answer
     start_task: asyncio.Task[None] | None = None
+    cleanup_task: asyncio.Task[None] | None = None  # stopping a failed runtime's process; a new start waits for it
+    abort: asyncio.Event = field(default_factory=asyncio.Event)  # set: the start under way must give up
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
-    on_change: Callable[[Instance, Phase], None] | None = None
+    observers: list[Observer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -75,15 +89,17 @@ class Instance:
         self.phase = new
         self.phase_since = time.time()
         if new is Phase.STARTING:
-            self.draining = False
+            self.incarnation += 1
+            self.missed_probes = 0
+            self.abort = asyncio.Event()
         if new is Phase.READY:
             self.last_used = time.monotonic()  # idle time counts from readiness, not from the last request
         self.message = message
         # Wake everyone waiting on any change, then arm a fresh event for the next one.
         self.changed.set()
         self.changed = asyncio.Event()
-        if self.on_change:
-            self.on_change(self, old)
+        for observer in self.observers:
+            observer(self, old)
 
     def enter(self) -> None:
         self.inflight += 1

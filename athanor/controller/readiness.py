@@ -24,6 +24,18 @@ class NotReady(Exception):
     """The runtime exited or did not become ready in time; the message says which."""
 
 
+class StartAborted(Exception):
+    """A stop asked the start under way to give up."""
+
+
+def probe_session() -> aiohttp.ClientSession:
+    """The controller's client for readiness and liveness probes. It keeps no connection open between probes: an
+    idle kept-alive connection would pin one of the runtime's HTTP threads."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                                 cookie_jar=aiohttp.DummyCookieJar())
+
+
 async def probe_once(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: float) -> bool:
     """True when ready, False when not yet. Raises NotReady when the runtime answers that it never will:
     mlx_lm.server keeps running after its model failed to load and answers every request with an error."""
@@ -40,7 +52,7 @@ async def probe_once(session: aiohttp.ClientSession, launch: LaunchSpec, timeout
         async with session.get(f"{base}{launch.health_path}", timeout=client_timeout) as resp:
             await resp.read()
             return resp.status == 200
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    except (TimeoutError, aiohttp.ClientError, OSError):
         return False
 
 
@@ -53,19 +65,45 @@ def _error_text(body: bytes) -> str:
 
 
 async def wait_ready(
-    session: aiohttp.ClientSession, launch: LaunchSpec, *, timeout: float, alive: Callable[[], bool]
+    session: aiohttp.ClientSession, launch: LaunchSpec, *, timeout: float, alive: Callable[[], bool],
+    abort: asyncio.Event,
 ) -> float:
-    """Poll until ready; returns seconds waited. Raises NotReady if the process dies or time runs out."""
+    """Poll until ready; returns seconds waited. Raises NotReady if the process dies or time runs out, and
+    StartAborted as soon as ``abort`` is set (a probe in flight does not hold it up)."""
     started = time.monotonic()
     deadline = started + timeout
     delay = FIRST_DELAY
-    while True:
-        if not alive():
-            raise NotReady("the runtime exited while starting")
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise NotReady(f"not ready after {timeout:.0f} s (startupTimeout)")
-        if await probe_once(session, launch, timeout=max(remaining, 0.05)):
-            return time.monotonic() - started
-        await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))  # poll interval, backing off
-        delay = min(delay * 1.5, MAX_DELAY)
+    aborted = asyncio.ensure_future(abort.wait())
+    try:
+        while True:
+            if not alive():
+                raise NotReady("the runtime exited while starting")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NotReady(f"not ready after {timeout:.0f} s (startupTimeout)")
+            probe = asyncio.ensure_future(probe_once(session, launch, timeout=max(remaining, 0.05)))
+            await asyncio.wait({probe, aborted}, return_when=asyncio.FIRST_COMPLETED)
+            if aborted.done():
+                probe.cancel()
+                raise StartAborted()
+            if probe.result():
+                return time.monotonic() - started
+            pause = min(delay, max(deadline - time.monotonic(), 0))
+            await asyncio.wait({aborted}, timeout=pause)  # the poll interval, cut short by an abort
+            delay = min(delay * 1.5, MAX_DELAY)
+    finally:
+        aborted.cancel()
+
+
+async def answers(session: aiohttp.ClientSession, port: int, timeout: float) -> bool:
+    """Liveness after readiness: does the runtime answer ``GET /health`` at all, within ``timeout``?
+
+    Every runtime serves ``/health`` from its HTTP threads without touching the model, so a busy runtime still
+    answers it; one that does not (frozen, deadlocked, swapping itself to death) is not serving anyone.
+    """
+    try:
+        async with session.get(f"http://127.0.0.1:{port}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            await resp.read()
+            return True
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return False

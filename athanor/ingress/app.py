@@ -1,9 +1,12 @@
 """The ingress: one OpenAI-compatible port in front of every model.
 
-The request path, top to bottom: read the body (bounded) -> find ``model`` -> resolve it -> ``controller.use``
-(start or swap, shared) -> rewrite ``model`` to what the runtime answers to -> forward with Content-Length over
-one pool of keep-alive connections (``upstream.py``) -> stream the answer back chunk by chunk, rewriting ``model``
-back to what the client asked.
+The request path, top to bottom: the guard (``guard.py``: Host, Origin) -> a route some runtime serves -> read the
+body (bounded) -> find ``model`` -> resolve it -> ``controller.use`` admits the request or refuses it (429, 503),
+before any header is sent -> the lease waits for the runtime (start or swap, shared; a streaming client gets SSE
+comments meanwhile) -> rewrite ``model`` to what the runtime answers to -> forward with Content-Length over the
+pool of keep-alive connections (``upstream.py``) -> stream the answer back chunk by chunk, rewriting ``model``
+back to what the client asked. When the runtime turns out to be unreachable the lease hears of it (the
+controller records a death once) and the request is tried once more, on whatever runtime comes next.
 Bodies are re-serialised only when the model name must change, and streamed chunks are only scanned when it must.
 
 Errors are OpenAI error objects. Before the response has started they carry the right status; after (a stream
@@ -13,6 +16,7 @@ that was kept alive while its model loaded) they are sent as a final SSE ``data:
 from __future__ import annotations
 
 import asyncio
+import calendar
 import json
 import logging
 import time
@@ -22,14 +26,26 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from athanor import views
-from athanor.controller.controller import Controller, ModelUnavailable, QueueFull, Upstream
+from athanor.controller.controller import Controller
 from athanor.controller.instance import Phase
-from athanor.ingress.upstream import Response, UpstreamClosed, UpstreamPool, UpstreamUnreachable
+from athanor.controller.lease import Lease, Upstream
+from athanor.errors import ModelUnavailable, QueueFull, ServingError
+from athanor.ingress.guard import Guard
+from athanor.ingress.upstream import (
+    Response,
+    UpstreamClosed,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from athanor.runtimes.launch import ALL_ROUTES, RUNTIMES
 
 log = logging.getLogger("athanor.ingress")
 
 DEFAULT_MAX_BODY = 32 * 2**20
 KEEPALIVE_S = 3.0
+MAX_ECHO = 64  # characters of a client's value repeated in an error message
 HOP_BY_HOP = frozenset(
     h.lower() for h in ("Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
                         "Transfer-Encoding", "Upgrade", "Host", "Content-Length")
@@ -41,6 +57,7 @@ REQUEST_SKIP = HOP_BY_HOP | {"content-type", "expect", "accept-encoding"}
 CONTROLLER: web.AppKey[Controller] = web.AppKey("controller", Controller)
 POOL: web.AppKey[UpstreamPool] = web.AppKey("pool", UpstreamPool)
 MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
+GUARD: web.AppKey[Guard] = web.AppKey("guard", Guard)
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -53,13 +70,23 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> web.Response:
-    return web.json_response(error_body(status, message, code, param), status=status)
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(error_body(status, message, code, param), status=status, headers=headers)
+
+
+def short(value: str) -> str:
+    """A client's value for an error message: quoted, escaped, and cut to a readable length."""
+    return repr(value if len(value) <= MAX_ECHO else value[:MAX_ECHO] + "...")
 
 
 @web.middleware
-async def openai_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """aiohttp's own HTTP errors (413, 404, 405) become OpenAI error objects too."""
+async def guard_and_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Refuse foreign hosts and cross-site pages first; then every error, aiohttp's own HTTP errors (413, 404,
+    405) and unexpected ones alike, leaves as an OpenAI error object."""
+    refused = _refusal(request)
+    if refused is not None:
+        return refused
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
@@ -69,25 +96,69 @@ async def openai_errors(request: web.Request, handler: Any) -> web.StreamRespons
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason, None)
+        allow = exc.headers.get("Allow")
+        return error_response(exc.status, exc.reason, None, headers={"Allow": allow} if allow else None)
+    except Exception:  # noqa: BLE001 - a bug must still answer in the format clients parse
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return error_response(500, "internal error in the gateway (see its log)", "internal_error")
+
+
+def _refusal(request: web.Request) -> web.Response | None:
+    guard = request.app[GUARD]
+    refused = guard.refusal(request, guard.policy(request.app[CONTROLLER].gateway()))
+    return None if refused is None else error_response(refused[0], refused[1], "forbidden")
+
+
+async def expect_continue(request: web.Request) -> web.Response | None:
+    """``Expect: 100-continue``: answer a body that is refused anyway (a foreign host, too large) before the
+    client sends it, instead of taking it in and refusing it after."""
+    refused = _refusal(request)
+    if refused is not None:
+        return refused
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return error_response(417, f"unsupported Expect: {short(request.headers['Expect'])}", "expectation_failed")
+    limit = request.app[MAX_BODY]
+    if request.content_length is not None and request.content_length > limit:
+        return error_response(413, f"request body larger than the gateway's limit of {limit} bytes",
+                              "request_too_large")
+    request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    return None
+
+
+async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer, streamed ones included, gets CORS headers exactly when the Gateway allows the origin."""
+    if "Origin" in request.headers:
+        guard = request.app[GUARD]
+        response.headers.update(guard.cors_headers(request, guard.policy(request.app[CONTROLLER].gateway())))
+
+
+async def preflight(request: web.Request) -> web.Response:
+    guard = request.app[GUARD]
+    status, headers, problem = guard.preflight(request, guard.policy(request.app[CONTROLLER].gateway()))
+    if problem:
+        return error_response(status, problem, "cors_refused", headers=headers)
+    return web.Response(status=status, headers=headers)
 
 
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def _created(timestamp: str | None) -> int:
+    """Unix time of a stored UTC timestamp (``time.mktime`` would read it as local time)."""
+    try:
+        return calendar.timegm(time.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ")) if timestamp else 0
+    except (TypeError, ValueError):
+        return 0
+
+
 def _model_entry(controller: Controller, name: str, obj: dict[str, Any]) -> dict[str, Any]:
     inst = controller.instances.get(name)
     artifact = obj.get("artifact") or {}
-    created = obj["metadata"].get("creationTimestamp")
-    try:
-        created_ts = int(time.mktime(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))) if created else 0
-    except (TypeError, ValueError):
-        created_ts = 0
     return {
         "id": name,
         "object": "model",
-        "created": created_ts,
+        "created": _created(obj["metadata"].get("creationTimestamp")),
         "owned_by": "athanor",
         "runtime": obj["spec"]["runtime"],
         "phase": inst.phase.value if inst else Phase.STANDBY.value,
@@ -111,68 +182,104 @@ async def get_model(request: web.Request) -> web.Response:
     requested = request.match_info["model"]
     name = controller.resolve(requested)
     if name is None:
-        return error_response(404, f"model {requested!r} not found", "model_not_found", "model")
+        return error_response(404, f"model {short(requested)} not found", "model_not_found", "model")
     return web.json_response(_model_entry(controller, name, controller.doc()["models"][name]))
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     controller = request.app[CONTROLLER]
+    route = request.path
+    if route not in ALL_ROUTES:
+        return error_response(404, f"no route {short(route)}: the gateway serves {', '.join(sorted(ALL_ROUTES))}",
+                              "unknown_route")
     body = await request.read()
     try:
         payload = json.loads(body.decode()) if body else None  # UTF-8, as OpenAI clients send; skips detection
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:
         return error_response(400, f"request body is not valid JSON: {exc}", "invalid_json")
+    except RecursionError:
+        return error_response(400, "request body is not valid JSON: nested too deeply", "invalid_json")
     requested = payload.get("model") if isinstance(payload, dict) else None
     if not isinstance(requested, str) or not requested:
         return error_response(400, "the request needs a 'model' field naming a model", "missing_model", "model")
     name = controller.resolve(requested)
     if name is None:
-        return error_response(404, f"model {requested!r} not found; GET /v1/models lists them",
+        return error_response(404, f"model {short(requested)} not found; GET /v1/models lists them",
                               "model_not_found", "model")
-    streaming = payload.get("stream") is True
-    if streaming and not controller.serving(name):
-        return await _stream_after_load(request, controller, name, requested, payload, body)
-    for attempt in (1, 2):
-        try:
-            async with controller.use(name) as upstream:
-                return await _forward(request, upstream, requested, payload, body, None)
-        except ModelUnavailable as exc:
-            return error_response(503, str(exc), "model_unavailable")
-        except QueueFull as exc:
-            return error_response(429, str(exc), "queue_full")
-        except UpstreamUnreachable as exc:
-            # Nothing reached the runtime: it died since it was last seen. Let the controller notice, then retry
-            # once (a restart) before giving up.
-            await controller.check(name)
-            if attempt == 2:
-                return error_response(502, f"runtime for {name!r} is not reachable: {exc}", "upstream_failed")
+    obj = controller.model(name)
+    assert obj is not None  # resolved just now
+    runtime = obj["spec"]["runtime"]
+    if route not in RUNTIMES[runtime].routes:
+        return error_response(404, f"model {name!r} runs on {runtime}, which does not serve {route} (it serves "
+                              f"{', '.join(sorted(RUNTIMES[runtime].routes))})", "unsupported_route")
+    try:
+        lease = controller.use(name)
+    except ServingError as exc:
+        return error_response(*_status(exc))
+    async with lease:
+        return await _serve(request, lease, name, requested, payload, body)
+
+
+async def _serve(
+    request: web.Request, lease: Lease, name: str, requested: str, payload: dict[str, Any], body: bytes
+) -> web.StreamResponse:
+    """Wait for the runtime, forward, and try once more if it turned out to be gone before it got the request."""
+    response: web.StreamResponse | None = None
+    try:
+        if payload.get("stream") is True and not lease.ready:
+            response = _sse_response()
+            await response.prepare(request)
+        for attempt in (1, 2):
+            upstream = await _acquire(lease, response, name)
+            try:
+                return await _forward(request, lease, upstream, requested, payload, body, response)
+            except UpstreamUnreachable as exc:
+                # Nothing reached the runtime: it died since it was last seen. The lease reports it (a death is
+                # recorded once) and the second try gets whatever runtime comes next, a restarted one if need be.
+                await lease.runtime_died()
+                if attempt == 2:
+                    return await _failed(response, 502, f"runtime for {name!r} is not reachable: {exc}",
+                                         "upstream_failed")
+    except ServingError as exc:
+        return await _failed(response, *_status(exc))
+    except ConnectionResetError:
+        assert response is not None  # the client went away while being kept alive
+        return response
     raise AssertionError("unreachable")
 
 
-async def _stream_after_load(
-    request: web.Request, controller: Controller, name: str, requested: str, payload: dict[str, Any], body: bytes
-) -> web.StreamResponse:
-    """Headers at once, an SSE comment every few seconds while the model loads, then the model's stream."""
-    response = _sse_response()
-    await response.prepare(request)
+async def _acquire(lease: Lease, response: web.StreamResponse | None, name: str) -> Upstream:
+    """``lease.acquire()``; a streaming client whose headers are out gets an SSE comment every few seconds
+    meanwhile, so it and any proxy in between do not time out."""
+    if response is None or lease.ready:
+        return await lease.acquire()
     started = time.monotonic()
-    ready = asyncio.create_task(controller.ensure_ready(name))
+    ready = asyncio.ensure_future(lease.acquire())
     try:
-        while not ready.done():
+        while True:
             done, _ = await asyncio.wait({ready}, timeout=KEEPALIVE_S)
-            if not done:
-                await response.write(f": loading {name}, {time.monotonic() - started:.0f} s\n\n".encode())
-        ready.result()
-        async with controller.use(name) as upstream:
-            return await _forward(request, upstream, requested, payload, body, response)
-    except (ModelUnavailable, QueueFull) as exc:
-        status, code = (429, "queue_full") if isinstance(exc, QueueFull) else (503, "model_unavailable")
-        await response.write(b"data: " + json.dumps(error_body(status, str(exc), code)).encode() + b"\n\n")
-        await response.write_eof()
-        return response
+            if done:
+                return ready.result()
+            await response.write(f": loading {name}, {time.monotonic() - started:.0f} s\n\n".encode())
     finally:
         if not ready.done():
             ready.cancel()
+
+
+def _status(exc: ServingError) -> tuple[int, str, str]:
+    if isinstance(exc, QueueFull):
+        return 429, str(exc), "queue_full"
+    assert isinstance(exc, ModelUnavailable)
+    return 503, str(exc), "model_unavailable"
+
+
+async def _failed(response: web.StreamResponse | None, status: int, message: str, code: str) -> web.StreamResponse:
+    """An error as a response, or as the last SSE event of a stream whose headers are out."""
+    if response is None:
+        return error_response(status, message, code)
+    await response.write(b"data: " + json.dumps(error_body(status, message, code)).encode() + b"\n\n")
+    await response.write_eof()
+    return response
 
 
 def _sse_response() -> web.StreamResponse:
@@ -180,8 +287,14 @@ def _sse_response() -> web.StreamResponse:
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _response_headers(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
+    """The runtime's headers a client may see: no framing (aiohttp sets its own) and no CORS (the gateway decides)."""
+    return CIMultiDict((k, v) for k, v in headers
+                       if k.lower() not in HOP_BY_HOP and not k.lower().startswith("access-control-"))
+
+
 async def _forward(
-    request: web.Request, upstream: Upstream, requested: str, payload: dict[str, Any], body: bytes,
+    request: web.Request, lease: Lease, upstream: Upstream, requested: str, payload: dict[str, Any], body: bytes,
     started: web.StreamResponse | None,
 ) -> web.StreamResponse:
     if upstream.served_model != requested:
@@ -193,15 +306,14 @@ async def _forward(
     headers.append(("Content-Type", "application/json"))
     response = started
     try:
-        async with request.app[POOL].request(upstream.port, request.method, request.rel_url.path_qs, headers,
-                                             body) as resp:
+        async with request.app[POOL].request(upstream.port, request.method, request.rel_url.path_qs, headers, body,
+                                             limit=upstream.max_connections, epoch=upstream.incarnation) as resp:
             is_sse = "text/event-stream" in resp.content_type
             if response is None and not is_sse:
                 data = await resp.read()
                 if swap:
                     data = data.replace(swap[0], swap[1])
-                out_headers = [(k, v) for k, v in resp.headers if k.lower() not in HOP_BY_HOP]
-                return web.Response(body=data, status=resp.status, headers=CIMultiDict(out_headers))
+                return web.Response(body=data, status=resp.status, headers=_response_headers(resp.headers))
             if response is not None and not is_sse:  # headers already sent: an error becomes an SSE event
                 await response.write(b"data: " + await resp.read() + b"\n\n")
                 await response.write_eof()
@@ -210,22 +322,22 @@ async def _forward(
                 response = _sse_response()
                 response.set_status(resp.status)
                 await response.prepare(request)
-            await _pump(resp, response, swap)
-            if resp.close_delimited and not request.app[CONTROLLER].running(upstream.name):
+            tail = await _pump(resp, response, swap)
+            if resp.close_delimited and not tail.rstrip().endswith(b"data: [DONE]") and await lease.runtime_died():
                 # A body that ends with the connection cannot tell a finished stream from a dead runtime.
                 raise UpstreamClosed("the runtime exited during the stream")
             await response.write_eof()
             return response
     except UpstreamUnreachable:
         raise  # nothing was sent: the caller may retry
-    except UpstreamClosed as exc:
-        asyncio.get_running_loop().create_task(request.app[CONTROLLER].check(upstream.name))
-        message = f"runtime for {upstream.name!r} failed mid-request: {exc}"
+    except UpstreamError as exc:
+        if isinstance(exc, UpstreamTimeout):
+            status, message = 504, f"runtime for {upstream.name!r} stopped answering: {exc}"
+        else:
+            await lease.runtime_died()  # a death is recorded once, however many requests it broke
+            status, message = 502, f"runtime for {upstream.name!r} failed mid-request: {exc}"
         log.warning(message)
-        if response is None:
-            return error_response(502, message, "upstream_failed")
-        await response.write(b"data: " + json.dumps(error_body(502, message, "upstream_failed")).encode() + b"\n\n")
-        return response
+        return await _failed(response, status, message, "upstream_failed")
     except ConnectionResetError:
         # The client went away: leaving the block above closed the upstream connection, so the runtime stops
         # generating for it and the slot is freed.
@@ -233,31 +345,40 @@ async def _forward(
         return response
 
 
-async def _pump(resp: Response, response: web.StreamResponse, swap: tuple[bytes, bytes] | None) -> None:
-    """Copy the upstream stream as it arrives. When the model id must be rewritten, work on whole lines so an
-    id split across two chunks is still found."""
+async def _pump(resp: Response, response: web.StreamResponse, swap: tuple[bytes, bytes] | None) -> bytes:
+    """Copy the upstream stream as it arrives; returns the last bytes written. When the model id must be
+    rewritten, work on whole lines so an id split across two chunks is still found."""
+    last = b""
     if swap is None:
         async for chunk in resp.iter_chunks():
             await response.write(chunk)
-        return
+            last = chunk
+        return last[-64:]
     carry = b""
     async for chunk in resp.iter_chunks():
         data = carry + chunk
         cut = data.rfind(b"\n") + 1
         carry = data[cut:]
         if cut:
-            await response.write(data[:cut].replace(swap[0], swap[1]))
+            last = data[:cut].replace(swap[0], swap[1])
+            await response.write(last)
     if carry:
-        await response.write(carry.replace(swap[0], swap[1]))
+        last = carry.replace(swap[0], swap[1])
+        await response.write(last)
+    return last[-64:]
 
 
-def create_app(controller: Controller, pool: UpstreamPool, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
-    app = web.Application(client_max_size=max_body, middlewares=[openai_errors])
+def create_app(controller: Controller, pool: UpstreamPool, listen_host: str,
+               max_body: int = DEFAULT_MAX_BODY) -> web.Application:
+    app = web.Application(client_max_size=max_body, middlewares=[guard_and_errors])
     app[CONTROLLER] = controller
     app[POOL] = pool
     app[MAX_BODY] = max_body
+    app[GUARD] = Guard(listen_host)
+    app.on_response_prepare.append(add_cors)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
-    app.router.add_post("/v1/{tail:.*}", proxy)
+    app.router.add_post("/v1/{tail:.*}", proxy, expect_handler=expect_continue)
+    app.router.add_route("OPTIONS", "/v1/{tail:.*}", preflight)
     return app

@@ -1,0 +1,94 @@
+"""A request's hold on a model: what the ingress gets from ``controller.use(name)``.
+
+The data flows one way. The handler asks once, ``controller.use(name)``, which admits the request or refuses it
+at once (429 over the queue limit, 503 for a model that cannot run) before any response header is sent. The
+lease then answers the handler's two questions, "is it ready yet?" (``ready``, so a streaming client can be kept
+alive while it loads) and "where do I send it?" (``acquire``), and takes its one report, "the runtime failed me"
+(``runtime_died``), which the controller turns into at most one crash per runtime incarnation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from athanor.controller.controller import Controller
+    from athanor.controller.instance import Instance
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where one request goes: a runtime incarnation on a loopback port."""
+
+    name: str
+    port: int
+    served_model: str
+    incarnation: int
+    max_connections: int
+
+
+class Lease:
+    """Held for one request (``async with``): counted as waiting until acquired, then as in flight."""
+
+    __slots__ = ("_controller", "_instance", "_upstream", "_waiting")
+
+    def __init__(self, controller: Controller, instance: Instance):
+        self._controller = controller
+        self._instance = instance
+        self._waiting = False
+        self._upstream: Upstream | None = None
+        if not controller.serving(instance):
+            self._wait()
+
+    @property
+    def ready(self) -> bool:
+        """Whether the request can go to the runtime now, without waiting for a start or a swap."""
+        return self._controller.serving(self._instance)
+
+    async def acquire(self) -> Upstream:
+        """Wait until the model serves (sharing a start, waiting for a swap), then count this request in flight.
+        Called again after a failure, it lets go of the old runtime and waits for the next one (a retry)."""
+        inst = self._instance
+        self._leave()
+        if not self._controller.serving(inst):
+            self._wait()
+            await self._controller.make_ready(inst)
+        self._unwait()
+        inst.enter()
+        launch = inst.launch
+        assert launch is not None
+        self._upstream = Upstream(inst.name, launch.port, launch.served_model, inst.incarnation,
+                                  launch.max_connections)
+        return self._upstream
+
+    async def runtime_died(self) -> bool:
+        """Report that the runtime failed this request (unreachable, or the connection broke); True when it is
+        dead, in which case the crash is recorded, once, and the next ``acquire`` starts a new one."""
+        assert self._upstream is not None
+        return await self._controller.runtime_died(self._instance, self._upstream.incarnation)
+
+    def release(self) -> None:
+        self._leave()
+        self._unwait()
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def _wait(self) -> None:
+        if not self._waiting:
+            self._waiting = True
+            self._instance.waiting += 1
+
+    def _unwait(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._instance.waiting -= 1
+
+    def _leave(self) -> None:
+        if self._upstream is not None:
+            self._upstream = None
+            self._instance.leave()

@@ -1,0 +1,107 @@
+"""Observed state written to state.json off the event loop, coalesced.
+
+The daemon's record of its instances must never stall serving: state.json is shared with the CLI under a file
+lock, and a CLI holding that lock (or a slow disk) would freeze every request if the write ran on the loop. So
+phase changes only put the newest record of an instance (and any event) into a pending batch; one writer task
+writes the batch in a worker thread, and whatever arrives meanwhile goes into the next batch. A write that fails
+(the lock is held too long, the file is corrupt) is logged and retried with the next batch: serving goes on, and
+the newest record of each instance wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from athanor.actions import MAX_EVENTS
+from athanor.errors import StoreError
+from athanor.store import Store
+
+log = logging.getLogger("athanor.persist")
+
+RETRY_DELAY_S = 1.0
+
+
+class StateWriter:
+    def __init__(self, store: Store):
+        self._store = store
+        self._records: dict[str, dict[str, Any]] = {}
+        self._events: list[dict[str, Any]] = []
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        self._closing = False
+        self._queued = 0  # changes queued so far
+        self._written = 0  # ... of which written
+        self._progress = asyncio.Condition()
+
+    def record(self, name: str, record: dict[str, Any]) -> None:
+        """Queue the newest record of instance ``name``; an older one still pending is dropped."""
+        self._records[name] = record
+        self._wake()
+
+    def event(self, event: dict[str, Any]) -> None:
+        self._events.append(event)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._queued += 1
+        self._dirty.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="state-writer")
+
+    async def _run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            batch = self._queued
+            records, events = self._records, self._events
+            self._records, self._events = {}, []
+            try:
+                await asyncio.to_thread(self._write, records, events)
+            except (StoreError, OSError) as exc:
+                if self._closing:
+                    log.error("cannot record the final state: %s", exc)
+                    return
+                if not self._failing:
+                    log.error("cannot record state, serving goes on (retrying): %s", exc)
+                self._failing = True
+                self._records = {**records, **self._records}  # what arrived meanwhile is newer
+                self._events = events + self._events
+                self._dirty.set()
+                await asyncio.sleep(RETRY_DELAY_S)  # a retry interval, not synchronisation
+                continue
+            if self._failing:
+                log.info("recording state again")
+                self._failing = False
+            async with self._progress:
+                self._written = batch
+                self._progress.notify_all()
+            if self._closing and not self._dirty.is_set():
+                return
+
+    def _write(self, records: dict[str, dict[str, Any]], events: list[dict[str, Any]]) -> None:
+        with self._store.state.edit() as state:
+            state["instances"].update(records)
+            if events:
+                state["events"] = (state["events"] + events)[-MAX_EVENTS:]
+
+    async def settled(self, timeout: float) -> bool:
+        """Wait until everything queued so far is in state.json (at most ``timeout`` seconds), so that a command
+        that changed a model reads its own change. False if the file stayed locked or unwritable meanwhile."""
+        target = self._queued
+        async with self._progress:
+            try:
+                await asyncio.wait_for(self._progress.wait_for(lambda: self._written >= target), timeout)
+            except TimeoutError:
+                return False
+        return True
+
+    async def close(self) -> None:
+        """Write what is pending, then stop (shutdown)."""
+        self._closing = True
+        if self._task is not None:
+            self._dirty.set()
+            await self._task
+            self._task = None

@@ -1,0 +1,56 @@
+"""What can be known about a start before anything is stopped to make room for it.
+
+A start that is bound to fail must fail before the swap, not after: otherwise a model with unreadable weights,
+a missing runtime or a squatted port evicts the healthy model on every retry and then fails anyway. These checks
+touch the disk and the network stack (``find_runtime`` may even restore a wheel's library links), so the
+controller runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from athanor import actions, views
+from athanor.errors import ModelUnavailable, RuntimeNotFoundError
+from athanor.ports import port_holder, port_is_free
+from athanor.runtimes.launch import LaunchSpec, find_runtime
+
+
+def unservable(obj: dict[str, Any] | None, name: str) -> str | None:
+    """Why ``name`` cannot be served whatever happens next, from the stored document alone (cheap: no I/O)."""
+    if obj is None:
+        return f"model {name!r} no longer exists"
+    if obj["spec"].get("residency") == "disabled":
+        return f"model {name!r} is disabled (spec.residency)"
+    artifact = obj.get("artifact")
+    if not artifact:
+        return (f"model {name!r}: weights not found: {views.source_text(obj['spec']['source'])} "
+                "(see 'athanor describe model')")
+    if artifact.get("problem"):
+        return f"model {name!r}: weights unreadable: {artifact['problem']}"
+    return None
+
+
+def prepare_launch(doc: dict[str, Any], obj: dict[str, Any]) -> LaunchSpec:
+    """How to start ``obj`` now, after every check a start can fail early on. Raises ModelUnavailable."""
+    name = obj["metadata"]["name"]
+    problem = unservable(obj, name)
+    if problem:
+        raise ModelUnavailable(problem)
+    path = obj["artifact"]["path"]
+    if not os.path.exists(path):
+        raise ModelUnavailable(f"model {name!r}: weights not found on disk: {path} (moved or deleted since the "
+                               "last scan; 'athanor scan' refreshes it)")
+    runtime = obj["spec"]["runtime"]
+    configured = actions.runtime_path(doc, runtime)
+    try:
+        find_runtime(runtime, configured)
+    except RuntimeNotFoundError as exc:
+        raise ModelUnavailable(f"model {name!r}: {exc}") from exc
+    launch = actions.launch_for(doc, obj)
+    assert launch is not None  # the artifact was checked above
+    if not port_is_free(launch.port, reuse_address=True):  # a runtime that cannot bind may never exit
+        raise ModelUnavailable(f"model {name!r}: port {launch.port} is in use by {port_holder(launch.port)}; "
+                               "set spec.port to a free one, or stop what holds it")
+    return launch

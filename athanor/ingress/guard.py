@@ -1,0 +1,168 @@
+"""Who may talk to the gateway: the defences of a server on loopback against the web pages its user visits.
+
+A page on any site can make the browser send requests to 127.0.0.1:8080. Two attacks follow, both long known
+on local model servers:
+
+- DNS rebinding: the page's own host name starts resolving to 127.0.0.1, so its requests are same-origin for
+  the browser and it can read every answer. The request still says ``Host: attacker.example``. So only Host
+  values naming this machine are served: loopback names and addresses, the listen address (and, when listening
+  on every interface, this machine's names and addresses), and what ``spec.allowedHosts`` adds.
+- Cross-site requests: a ``text/plain`` POST needs no CORS preflight, so the browser sends it and only hides the
+  answer. Browsers mark such requests with ``Origin`` (and ``Sec-Fetch-Site``), so a request from a page whose
+  origin is not on this machine, and not in ``spec.cors.allowOrigins``, is refused before it does anything.
+
+The admin routes (``/athanor/...``) start and stop runtimes: they take no browser requests at all and only
+loopback peers. CORS headers are sent only to origins the Gateway lists; the runtimes' own ``Access-Control-*``
+headers (mlx_lm.server sends ``*``, llama-server echoes the origin) never reach a client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+ADMIN_PREFIX = "/athanor/"
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def host_part(value: str) -> str:
+    """``Host``/authority without the port, lower-case, brackets and a trailing dot removed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    head, sep, tail = value.rpartition(":")
+    host = head if sep and tail.isdigit() and ":" not in head else value
+    return host.rstrip(".")
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):  # RFC 6761: .localhost is always loopback
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _this_machine() -> set[str]:
+    """Names and addresses a client on the network may use for this machine (listening on every interface)."""
+    import psutil
+
+    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    names |= {name.split(".")[0] + ".local" for name in list(names) if name}
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family in (socket.AF_INET, socket.AF_INET6):
+                names.add(address.address.split("%")[0].lower())
+    return {name for name in names if name}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The Gateway's rules, resolved once per change of its spec."""
+
+    hosts: frozenset[str]
+    any_host: bool
+    cors_origins: frozenset[str]
+    any_origin: bool
+
+    @classmethod
+    def from_gateway(cls, gateway: dict[str, Any], listen_host: str) -> Policy:
+        listen = host_part(listen_host)
+        hosts = {host_part(h) for h in gateway.get("allowedHosts", []) if h != "*"}
+        hosts |= _this_machine() if listen in _WILDCARDS else {listen}
+        origins = gateway.get("cors", {}).get("allowOrigins", [])
+        return cls(frozenset(hosts), "*" in gateway.get("allowedHosts", []),
+                   frozenset(o.rstrip("/").lower() for o in origins if o != "*"), "*" in origins)
+
+    def host_allowed(self, host: str) -> bool:
+        return self.any_host or _is_loopback(host) or host in self.hosts
+
+    def cors_allowed(self, origin: str) -> bool:
+        return self.any_origin or origin.rstrip("/").lower() in self.cors_origins
+
+    def origin_allowed(self, origin: str) -> bool:
+        """A page served from this machine (its host passes the Host check), or one the Gateway lists."""
+        if self.cors_allowed(origin):
+            return True
+        parts = urlsplit(origin)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and self.host_allowed(host_part(parts.netloc))
+
+
+class Guard:
+    """The checks every request passes before any handler runs, and the CORS answers."""
+
+    def __init__(self, listen_host: str):
+        self._listen_host = listen_host
+        self._cached: tuple[object, Policy] | None = None
+
+    def policy(self, gateway: dict[str, Any]) -> Policy:
+        """The policy for this gateway spec (the controller keeps one dict per version of the spec)."""
+        if self._cached is None or self._cached[0] is not gateway:
+            self._cached = (gateway, Policy.from_gateway(gateway, self._listen_host))
+        return self._cached[1]
+
+    def refusal(self, request: web.Request, policy: Policy) -> tuple[int, str] | None:
+        """(status, reason) when the request must be refused, else None."""
+        host = request.headers.get("Host")
+        if host is not None and not policy.host_allowed(host_part(host)):
+            return 403, (f"host {host[:100]!r} is not served here (DNS-rebinding protection); add it to the "
+                         "Gateway's spec.allowedHosts to allow it")
+        origin = request.headers.get("Origin")
+        fetch_site = request.headers.get("Sec-Fetch-Site")
+        if request.path.startswith(ADMIN_PREFIX):
+            if not _loopback_peer(request):
+                return 403, "the admin API answers only on loopback"
+            if origin is not None or fetch_site not in (None, "none", "same-origin"):
+                return 403, "the admin API takes no requests from web pages"
+            return None
+        if origin is not None:
+            if origin == "null" or not policy.origin_allowed(origin):
+                return 403, (f"cross-site request from origin {origin[:100]!r} refused; add the origin to the "
+                             "Gateway's spec.cors.allowOrigins to allow it")
+        elif fetch_site == "cross-site":
+            return 403, "cross-site request refused"
+        return None
+
+    @staticmethod
+    def cors_headers(request: web.Request, policy: Policy) -> dict[str, str]:
+        """Headers for an answer to an allowed cross-origin request (none for anything else)."""
+        origin = request.headers.get("Origin")
+        if origin is None or request.path.startswith(ADMIN_PREFIX) or not policy.cors_allowed(origin):
+            return {}
+        return {"Access-Control-Allow-Origin": "*" if policy.any_origin else origin, "Vary": "Origin"}
+
+    def preflight(self, request: web.Request, policy: Policy) -> tuple[int, dict[str, str], str | None]:
+        """The answer to ``OPTIONS``: (status, headers, error message or None)."""
+        allow = {"Allow": "GET, POST, OPTIONS"}
+        origin = request.headers.get("Origin")
+        method = request.headers.get("Access-Control-Request-Method")
+        if origin is None or method is None:
+            return 204, allow, None
+        if not policy.cors_allowed(origin):
+            return 403, allow, (f"CORS is not enabled for origin {origin[:100]!r}; add it to the Gateway's "
+                                "spec.cors.allowOrigins")
+        if method not in ("GET", "POST"):
+            return 403, allow, f"method {method[:20]!r} is not allowed; GET and POST are"
+        requested = [h.strip() for h in request.headers.get("Access-Control-Request-Headers", "").split(",")]
+        headers = {**allow, **self.cors_headers(request, policy), "Access-Control-Allow-Methods": "GET, POST",
+                   "Access-Control-Max-Age": "600"}
+        names = [h for h in requested if h and _TOKEN.match(h)]
+        if names:
+            headers["Access-Control-Allow-Headers"] = ", ".join(names)
+        return 204, headers, None
+
+
+def _loopback_peer(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address((request.remote or "").split("%")[0]).is_loopback
+    except ValueError:
+        return False
