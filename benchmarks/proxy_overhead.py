@@ -70,6 +70,12 @@ async def timed(session: aiohttp.ClientSession, url: str, body: dict) -> float:
     return time.perf_counter() - started
 
 
+async def admin_status(session: aiohttp.ClientSession, gateway: str) -> dict:
+    """The daemon's live state (state.json follows it a moment later)."""
+    async with session.get(gateway + "/athanor/v1/status") as resp:
+        return await resp.json()
+
+
 async def latency(session: aiohttp.ClientSession, direct: str, proxied: str, n: int) -> tuple[float, float]:
     d, p = [], []
     for _ in range(n):  # interleaved, so drift in machine load hits both sides alike
@@ -148,14 +154,14 @@ async def main(args: argparse.Namespace) -> None:
                         break
                     except (aiohttp.ClientError, AssertionError):
                         await asyncio.sleep(0.05)
-                state = json.loads((root / "home" / "state.json").read_text())
-                direct = f"http://127.0.0.1:{state['instances']['m1']['port']}/v1/completions"
+                status = await admin_status(session, gateway)
+                direct = f"http://127.0.0.1:{status['instances']['m1']['port']}/v1/completions"
                 proxied = gateway + "/v1/completions"
                 for _ in range(20):  # warm both paths
                     await timed(session, direct, BODY)
                     await timed(session, proxied, BODY)
                 d50, p50 = await latency(session, direct, proxied, args.requests)
-                gateway_proc = psutil.Process(state["daemon"]["pid"])
+                gateway_proc = psutil.Process(status["pid"])
                 d_rounds, p_rounds, cpu_per_request = [], [], []
                 for _ in range(args.rounds):
                     d_rounds.append(await throughput(session, direct, args.concurrency, args.seconds))
@@ -175,7 +181,7 @@ async def main(args: argparse.Namespace) -> None:
                 started = time.perf_counter()
                 await timed(session, gateway + "/v1/completions", {**BODY, "model": "m2"})
                 swap = time.perf_counter() - started
-                message = json.loads((root / "home" / "state.json").read_text())["instances"]["m2"]["message"]
+                message = (await admin_status(session, gateway))["instances"]["m2"]["message"]
                 runtime_start = float(message.split("ready in ")[1].split(" s")[0])
         finally:
             subprocess.run([ATHANOR, "down"], env=env, capture_output=True)

@@ -93,10 +93,10 @@ async def main(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             await asyncio.gather(*(client(url, args.rounds, i % 2, latencies) for i in range(args.clients)))
             elapsed = time.perf_counter() - started
-            loads = load_times(home)
         finally:
             subprocess.run([ATHANOR, "down"], env=env, capture_output=True)
             daemon.wait(30)
+        loads = load_times(home)  # read after the shutdown, which writes every pending event
     latencies.sort()
     bound = 2 * max(loads) + SLACK_S
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]

@@ -30,6 +30,7 @@ from aiohttp import web
 ADMIN_PREFIX = "/athanor/"
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+MAX_REMEMBERED_HOSTS = 64
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
@@ -103,17 +104,28 @@ class Guard:
     def __init__(self, listen_host: str):
         self._listen_host = listen_host
         self._cached: tuple[object, Policy] | None = None
+        self._hosts: dict[str, bool] = {}  # Host header -> allowed, for the policy cached above
 
     def policy(self, gateway: dict[str, Any]) -> Policy:
         """The policy for this gateway spec (the controller keeps one dict per version of the spec)."""
         if self._cached is None or self._cached[0] is not gateway:
             self._cached = (gateway, Policy.from_gateway(gateway, self._listen_host))
+            self._hosts = {}
         return self._cached[1]
+
+    def _host_allowed(self, host: str, policy: Policy) -> bool:
+        """``policy.host_allowed`` remembered per header value: clients send the same few on every request."""
+        allowed = self._hosts.get(host)
+        if allowed is None:
+            allowed = policy.host_allowed(host_part(host))
+            if len(self._hosts) < MAX_REMEMBERED_HOSTS:
+                self._hosts[host] = allowed
+        return allowed
 
     def refusal(self, request: web.Request, policy: Policy) -> tuple[int, str] | None:
         """(status, reason) when the request must be refused, else None."""
         host = request.headers.get("Host")
-        if host is not None and not policy.host_allowed(host_part(host)):
+        if host is not None and not self._host_allowed(host, policy):
             return 403, (f"host {host[:100]!r} is not served here (DNS-rebinding protection); add it to the "
                          "Gateway's spec.allowedHosts to allow it")
         origin = request.headers.get("Origin")
