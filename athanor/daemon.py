@@ -7,6 +7,7 @@ restart models). A clean shutdown (SIGTERM, SIGINT, ``athanor down``) stops ever
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -34,6 +35,26 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def authority(host: str, port: int) -> str:
+    """``host:port`` as it goes in a URL (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def loopback_for(host: str) -> str | None:
+    """The loopback address the CLI reaches a daemon listening on ``host`` by, or None when it listens on one
+    address that is not loopback (the daemon then opens a loopback listener for the admin API)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        return host if ipaddress.ip_address(host).is_loopback else None
+    except ValueError:
+        return None
+
+
 async def serve(store: Store, listen: str | None = None) -> None:
     """Run until SIGTERM/SIGINT. ``listen`` overrides the Gateway's ``spec.listen``."""
     gateway = catalog.gateway_spec(store.models.load())
@@ -54,11 +75,21 @@ async def serve(store: Store, listen: str | None = None) -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
                                handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
-        await asyncio.to_thread(_record_daemon, store, {"pid": os.getpid(), "listen": f"{host}:{port}",
-                                                        "startedAt": catalog.now_iso(), "createTime": _create_time()})
-        log.info("athanor serving on http://%s:%s", host, port)
+        sites = [web.TCPSite(runner, host, port, reuse_address=True)]
+        await sites[0].start()
+        admin_host = loopback_for(host)
+        if admin_host is None:  # the admin API answers loopback peers only: give the CLI a way in
+            admin_host = "127.0.0.1"
+            sites.append(web.TCPSite(runner, admin_host, port, reuse_address=True))
+            try:
+                await sites[-1].start()
+            except OSError as exc:
+                log.warning("no loopback listener for the admin API on port %s (%s): athanor start/stop/restart "
+                            "will not reach this gateway", port, exc.strerror or exc)
+        record = {"pid": os.getpid(), "listen": authority(host, port), "admin": authority(admin_host, port),
+                  "startedAt": catalog.now_iso(), "createTime": _create_time()}
+        await asyncio.to_thread(_record_daemon, store, record)
+        log.info("athanor serving on http://%s", authority(host, port))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,6 +98,8 @@ async def serve(store: Store, listen: str | None = None) -> None:
             await stop.wait()
         finally:
             log.info("shutting down: stopping runtimes")
+            for site in sites:  # no new connections; requests under way go on until the runtimes stop
+                await site.stop()
             await controller.close()
             await runner.cleanup()
             pool.close()

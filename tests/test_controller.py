@@ -86,6 +86,66 @@ def test_a_stop_during_a_start_does_not_cancel_the_requests_waiting_on_it(tier: 
     tier.run(scenario)
 
 
+class _KillWhenAllAsk(ProcessSupervisor):
+    """Holds every "did it exit?" question until ``parties`` of them are asked, then kills the runtime: each
+    reporter has passed the controller's first look at a live runtime before any of them sees it dead."""
+
+    def __init__(self, logs: Path, parties: int):
+        super().__init__(logs)
+        import threading
+
+        self.barrier = threading.Barrier(parties, action=self._kill)
+        self.victim = 0
+
+    def _kill(self) -> None:
+        os.kill(self.victim, signal.SIGKILL)
+
+    def wait_exit(self, handle, timeout):  # type: ignore[no-untyped-def]
+        self.barrier.wait(10)
+        return super().wait_exit(handle, 5.0)
+
+
+def test_reports_racing_past_the_first_look_still_record_one_crash(tier: Tier):
+    tier.model("m")
+
+    async def scenario() -> None:
+        async with tier.controller() as c:
+            c.supervisor = racing = _KillWhenAllAsk(tier.store.logs_dir, 4)
+            leases = [c.use("m") for _ in range(4)]
+            await asyncio.gather(*(lease.acquire() for lease in leases))
+            inst = c.instances["m"]
+            racing.victim = pid_of(inst)
+            assert await asyncio.gather(*(lease.runtime_died() for lease in leases)) == [True] * 4
+            for lease in leases:
+                lease.release()
+            assert inst.phase is Phase.FAILED and len(inst.failures) == 1
+
+    tier.run(scenario)
+
+
+def test_shutdown_refuses_new_work_and_aborts_the_starts_under_way(tier: Tier):
+    load = tier.gate("load")
+    tier.model("m")
+    tier.script("m", loadGate=load)
+
+    async def scenario() -> None:
+        async with tier.controller() as c:
+            lease = c.use("m")
+            waiting = asyncio.ensure_future(lease.acquire())
+            await until(lambda: c.instance("m").handle is not None, "the runtime process")
+            pid = pid_of(c.instances["m"])
+            await c.stop_all()
+            with pytest.raises(ModelUnavailable, match="shutting down"):
+                await waiting
+            with pytest.raises(ModelUnavailable, match="shutting down"):
+                c.use("m")
+            assert c.instances["m"].phase is Phase.STANDBY
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            lease.release()
+
+    tier.run(scenario)
+
+
 class _BrokenSupervisor(ProcessSupervisor):
     """A fault injected where no real one can be provoked on demand: an unexpected error inside a start."""
 

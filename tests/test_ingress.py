@@ -202,6 +202,26 @@ def test_an_oversized_body_announced_with_expect_is_refused_before_it_is_sent(ti
     tier.run(scenario)
 
 
+def test_a_body_announced_with_expect_gets_100_continue_then_its_answer(tier: Tier):
+    tier.model("m")
+
+    async def scenario() -> None:
+        async with tier.controller() as c, tier.ingress(c):
+            payload = json.dumps(body()).encode()
+            reader, writer = await asyncio.open_connection("127.0.0.1", tier.port)
+            writer.write(f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1:{tier.port}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(payload)}\r\nExpect: 100-continue\r\n\r\n".encode())
+            await writer.drain()
+            assert await reader.readline() == b"HTTP/1.1 100 Continue\r\n"  # before any of the body is sent
+            assert await reader.readline() == b"\r\n"
+            writer.write(payload)
+            await writer.drain()
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            writer.close()
+
+    tier.run(scenario)
+
+
 def test_created_is_the_utc_timestamp_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("TZ", "America/New_York")
     time.tzset()
@@ -257,6 +277,11 @@ def test_cross_site_pages_cannot_drive_the_gateway(tier: Tier):
             assert (await _status(session, "POST", url + "/athanor/v1/models/m/stop",
                                   headers={"Origin": "http://localhost:3000"}))[0] == 403
             assert c.instances["m"].phase is Phase.READY
+            # Accepting any Host (a reverse proxy in front) does not accept any page.
+            tier.gateway(allowedHosts=["*"])
+            assert (await _status(session, "GET", url + "/v1/models", headers={"Host": "proxy.example"}))[0] == 200
+            status, _, _ = await post(session, url + CHAT, None, data=json.dumps(body()), headers=page)
+            assert status == 403
 
     tier.run(scenario)
 

@@ -106,8 +106,8 @@ class Gateway:
             return exc.code, json.loads(exc.read())
 
 
-def start_daemon(home: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([ATHANOR, "serve", "--listen", f"127.0.0.1:{port}"], env=dict(os.environ),
+def start_daemon(home: Path, port: int, host: str = "127.0.0.1") -> subprocess.Popen:
+    proc = subprocess.Popen([ATHANOR, "serve", "--listen", f"{host}:{port}"], env=dict(os.environ),
                             stdout=open(home / "daemon-test.log", "ab"), stderr=subprocess.STDOUT)
 
     def listening() -> bool:
@@ -602,3 +602,29 @@ def test_a_model_s_own_timeouts_override_the_gateway_s(gateway, tmp_path):
     assert "Startup limit:  1s\n" in described and "Idle unload:    30m (gateway)\n" in described
     chat(gateway.client, "tiny-mlx")
     wait_until(lambda: gateway.phase("tiny-mlx") == "Standby", 20, "the model's idle unload")
+
+
+def _lan_address() -> str | None:
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    return None
+
+
+@pytest.mark.parametrize("where", ["every interface", "one address that is not loopback"])
+def test_the_cli_reaches_the_admin_api_whatever_the_listen_address(home, models, where):
+    """The admin API answers loopback peers only, so the CLI must reach it on loopback whatever spec.listen says."""
+    host = "0.0.0.0" if where == "every interface" else _lan_address()
+    if host is None:
+        pytest.skip("this machine has no address besides loopback")
+    port = free_port()
+    proc = start_daemon(home, port, host)
+    gw = Gateway(f"http://127.0.0.1:{port}", home, proc, dict(os.environ))
+    try:
+        started = gw.athanor("start", "tiny-gguf")
+        assert started.returncode == 0 and started.stdout.strip() == "model/tiny-gguf ready", started.stderr
+        assert gw.athanor("stop", "tiny-gguf").stdout.strip() == "model/tiny-gguf standby"
+    finally:
+        gw.athanor("down")
+        proc.wait(30)

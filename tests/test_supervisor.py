@@ -421,3 +421,22 @@ def test_handle_round_trips_through_json() -> None:
 def test_bad_handle_data_is_rejected_clearly(data: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ProcessHandle.from_json(data)  # type: ignore[arg-type]
+
+
+def test_stop_after_the_leader_was_reaped_still_stops_what_it_left_in_its_group(lab: Lab) -> None:
+    """A wrapper that forked its runtime instead of exec'ing it dies; the monitor reaps it; the runtime it left
+    in the group must still be stopped, not left holding the model's port."""
+    handle = lab.start("wrapper", """
+        import signal, subprocess, sys
+        child = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()", sys.argv[1]])
+        print(f"pid {child.pid} .", flush=True)
+        signal.pause()
+    """)
+    lab.wait_log("wrapper", " .")
+    child = int(lab.log("wrapper").split("pid ")[1].split()[0])
+    child_created = lab.watch(child)
+    os.kill(handle.pid, signal.SIGKILL)
+    wait_for(lambda: lab.sup.reap() == [handle], what="the leader to be reaped")
+    assert psutil.pid_exists(child), "the child outlives its leader"
+    assert lab.sup.stop(handle, timeout=2.0) == -signal.SIGKILL
+    wait_for(lambda: gone(child, child_created), what="the child left in the group to be stopped")

@@ -370,3 +370,36 @@ def test_a_new_runtime_on_the_same_port_gets_new_connections():
         return len(connections)
 
     assert run(handler, scenario) == 2
+
+
+def test_a_request_whose_kept_alive_connection_was_stale_keeps_its_place():
+    served: list[bytes] = []
+    first = [True]
+
+    async def handler(reader, writer):
+        stale = first[0]
+        first[0] = False
+        while True:
+            try:
+                _, body = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if stale and served:  # the first connection's second request: dropped unanswered
+                writer.transport.abort()
+                return
+            served.append(body)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+    async def scenario(pool, port):
+        async def one(body):
+            async with pool.request(port, "POST", "/", [], body, limit=1) as resp:
+                return await resp.read()
+
+        await one(b"one")
+        two = asyncio.ensure_future(one(b"two"))  # takes the kept-alive (stale) connection
+        three = asyncio.ensure_future(one(b"three"))  # waits: the limit is one connection
+        return await asyncio.gather(two, three)
+
+    assert run(handler, scenario) == [b"two", b"three"]
+    assert served == [b"one", b"two", b"three"], "the retried request went before the one queued behind it"

@@ -126,7 +126,8 @@ def _admin(path: str, timeout: float = 600.0) -> dict[str, Any]:
     record = daemon_record(store())
     if not record:
         raise AthanorError("the gateway is not running; start it with 'athanor up' (or 'athanor serve')")
-    request = urllib.request.Request(f"http://{record['listen']}{ADMIN}{path}", method="POST", data=b"")
+    address = record.get("admin") or record["listen"]  # a loopback address: the admin API answers nothing else
+    request = urllib.request.Request(f"http://{address}{ADMIN}{path}", method="POST", data=b"")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return json.loads(resp.read())
@@ -137,7 +138,7 @@ def _admin(path: str, timeout: float = 600.0) -> dict[str, Any]:
             message = str(exc)
         raise (NotFoundError if exc.code == 404 else AthanorError)(message) from exc
     except OSError as exc:
-        raise AthanorError(f"cannot reach the gateway at {record['listen']}: {exc}") from exc
+        raise AthanorError(f"cannot reach the gateway at {address}: {exc}") from exc
 
 
 def _lifecycle(action: str):  # noqa: ANN202 - a small factory for three identical commands

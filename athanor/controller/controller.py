@@ -94,6 +94,7 @@ class Controller:
         self._next_probe: dict[str, float] = {}
         self._next_rotation = 0.0
         self._hurry = asyncio.Event()  # set at shutdown: drains end at once
+        self._closing = False  # set at shutdown: nothing new starts
         self._monitor: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ desired state
@@ -192,7 +193,7 @@ class Controller:
         ModelUnavailable when it cannot run, QueueFull when too many requests already wait for it."""
         inst = self.instance(name)
         if not self.serving(inst):
-            problem = unservable(self._doc["models"].get(name), name) or self._crash_loop(inst)
+            problem = self._shutting_down() or unservable(self._doc["models"].get(name), name) or self._crash_loop(inst)
             if problem:
                 raise ModelUnavailable(problem)
             limit = self._gateway["limits"]["maxQueue"]
@@ -223,7 +224,7 @@ class Controller:
                 await asyncio.wait({inst.start_task})  # its outcome is read from the phase on the next round
                 continue
             obj = self._doc["models"].get(name)
-            problem = unservable(obj, name) or self._crash_loop(inst)
+            problem = self._shutting_down() or unservable(obj, name) or self._crash_loop(inst)
             if problem:
                 raise ModelUnavailable(problem)
             assert obj is not None
@@ -240,9 +241,10 @@ class Controller:
                 self._refused(inst, str(exc))
                 raise
             await self._make_room(name)
-            if inst.phase not in (Phase.STANDBY, Phase.FAILED) or self._doc["models"].get(name) is not obj:
+            if (inst.phase not in (Phase.STANDBY, Phase.FAILED) or self._doc["models"].get(name) is not obj
+                    or self._closing):
                 continue  # something changed while room was made: look again
-            inst.start_task = asyncio.create_task(self._start(inst, obj, launch), name=f"start-{name}")
+            inst.start_task = self._spawn(self._start(inst, obj, launch), f"start-{name}")
             await asyncio.wait({inst.start_task})
             if inst.phase is Phase.FAILED:
                 raise ModelUnavailable(f"model {name!r} failed to start: {inst.message}")
@@ -275,6 +277,9 @@ class Controller:
             return
         if inst.cleanup_task is not None:
             await asyncio.wait({inst.cleanup_task})
+
+    def _shutting_down(self) -> str | None:
+        return "the gateway is shutting down" if self._closing else None
 
     def _alive(self, inst: Instance) -> bool:
         return inst.handle is not None and self.supervisor.alive(inst.handle)
@@ -390,13 +395,20 @@ class Controller:
         hurry.cancel()
 
     async def _halt(self, inst: Instance, message: str) -> None:
+        """Stop the process and end in Standby, whatever happens: a waiter must never find it Stopping for good."""
         inst.move(Phase.STOPPING, message)
         handle = inst.handle
-        if handle is not None:
-            await asyncio.to_thread(self.supervisor.stop, handle)
-            self.supervisor.forget(handle)
-        inst.handle = None
-        inst.move(Phase.STANDBY, "stopped")
+        result = "stopped"
+        try:
+            if handle is not None:
+                await asyncio.to_thread(self.supervisor.stop, handle)
+                self.supervisor.forget(handle)
+        except Exception as exc:  # noqa: BLE001 - recorded; the phase must still settle
+            log.exception("%s: stopping pid %s failed", inst.name, handle.pid if handle else "?")
+            result = f"stopped, but stopping pid {handle.pid if handle else '?'} failed: {exc!r}"
+        finally:
+            inst.handle = None
+            inst.move(Phase.STANDBY, result)
 
     async def start(self, name: str) -> None:
         """``athanor start``: serve ``name`` now, through the same gate as requests."""
@@ -409,8 +421,17 @@ class Controller:
         await self.make_ready(inst)
 
     async def stop_all(self) -> None:
+        """Stop every runtime, at once (shutdown): nothing new starts from here on, and the starts under way are
+        aborted."""
+        self._closing = True
         self._hurry.set()
-        await asyncio.gather(*(self.stop(name, drain=False) for name in list(self.instances)))
+        for _ in range(3):  # a start may still be ending when the first round looks; a stop that fails is logged
+            running = [name for name, inst in self.instances.items() if inst.phase is not Phase.STANDBY]
+            if not running:
+                return
+            await asyncio.gather(*(self.stop(name, drain=False) for name in running))
+        log.error("still not stopped at shutdown: %s", ", ".join(
+            name for name, inst in self.instances.items() if inst.phase is not Phase.STANDBY))
 
     # ------------------------------------------------------------------ residency
 

@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
 from athanor import views
@@ -121,7 +121,9 @@ async def expect_continue(request: web.Request) -> web.Response | None:
     if request.content_length is not None and request.content_length > limit:
         return error_response(413, f"request body larger than the gateway's limit of {limit} bytes",
                               "request_too_large")
-    request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    if request.version == HttpVersion11:  # an HTTP/1.0 client does not wait for it
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not part of the response
     return None
 
 

@@ -48,17 +48,22 @@ def _is_loopback(host: str) -> bool:
     if host in _LOOPBACK_NAMES or host.endswith(".localhost"):  # RFC 6761: .localhost is always loopback
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def _this_machine() -> set[str]:
-    """Names and addresses a client on the network may use for this machine (listening on every interface)."""
+    """Names and addresses a client on the network may use for this machine (listening on every interface).
+
+    Local facts only (no DNS lookup, which can take seconds): the host name, its ``.local`` (mDNS) name and the
+    interfaces' addresses as they are when the gateway starts.
+    """
     import psutil
 
-    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
-    names |= {name.split(".")[0] + ".local" for name in list(names) if name}
+    hostname = socket.gethostname().lower()
+    names = {hostname, hostname.split(".")[0] + ".local"}
     for addresses in psutil.net_if_addrs().values():
         for address in addresses:
             if address.family in (socket.AF_INET, socket.AF_INET6):
@@ -76,10 +81,11 @@ class Policy:
     any_origin: bool
 
     @classmethod
-    def from_gateway(cls, gateway: dict[str, Any], listen_host: str) -> Policy:
+    def from_gateway(cls, gateway: dict[str, Any], listen_host: str, machine: frozenset[str]) -> Policy:
+        """``machine``: this machine's names and addresses, when it listens on every interface."""
         listen = host_part(listen_host)
         hosts = {host_part(h) for h in gateway.get("allowedHosts", []) if h != "*"}
-        hosts |= _this_machine() if listen in _WILDCARDS else {listen}
+        hosts |= machine if listen in _WILDCARDS else {listen}
         origins = gateway.get("cors", {}).get("allowOrigins", [])
         return cls(frozenset(hosts), "*" in gateway.get("allowedHosts", []),
                    frozenset(o.rstrip("/").lower() for o in origins if o != "*"), "*" in origins)
@@ -91,11 +97,15 @@ class Policy:
         return self.any_origin or origin.rstrip("/").lower() in self.cors_origins
 
     def origin_allowed(self, origin: str) -> bool:
-        """A page served from this machine (its host passes the Host check), or one the Gateway lists."""
+        """A page served from this machine, or one the Gateway lists. ``allowedHosts: ["*"]`` (for a reverse
+        proxy in front) does not make every page's origin acceptable."""
         if self.cors_allowed(origin):
             return True
         parts = urlsplit(origin)
-        return parts.scheme in ("http", "https") and bool(parts.hostname) and self.host_allowed(host_part(parts.netloc))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return False
+        host = host_part(parts.netloc)
+        return _is_loopback(host) or host in self.hosts
 
 
 class Guard:
@@ -103,14 +113,20 @@ class Guard:
 
     def __init__(self, listen_host: str):
         self._listen_host = listen_host
+        self._machine = frozenset(_this_machine()) if host_part(listen_host) in _WILDCARDS else frozenset()
         self._cached: tuple[object, Policy] | None = None
         self._hosts: dict[str, bool] = {}  # Host header -> allowed, for the policy cached above
 
     def policy(self, gateway: dict[str, Any]) -> Policy:
-        """The policy for this gateway spec (the controller keeps one dict per version of the spec)."""
+        """The policy for this gateway spec (the controller keeps one dict per version of the spec): rebuilt only
+        when the settings it is made of change."""
         if self._cached is None or self._cached[0] is not gateway:
-            self._cached = (gateway, Policy.from_gateway(gateway, self._listen_host))
-            self._hosts = {}
+            policy = Policy.from_gateway(gateway, self._listen_host, self._machine)
+            if self._cached is None or self._cached[1] != policy:
+                self._hosts = {}
+            else:
+                policy = self._cached[1]
+            self._cached = (gateway, policy)
         return self._cached[1]
 
     def _host_allowed(self, host: str, policy: Policy) -> bool:
@@ -174,7 +190,4 @@ class Guard:
 
 
 def _loopback_peer(request: web.Request) -> bool:
-    try:
-        return ipaddress.ip_address((request.remote or "").split("%")[0]).is_loopback
-    except ValueError:
-        return False
+    return _is_loopback((request.remote or "").split("%")[0])  # an IPv4 peer of [::] arrives as ::ffff:a.b.c.d

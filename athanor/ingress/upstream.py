@@ -300,11 +300,11 @@ class UpstreamPool:
         while slot.pass_on(None):
             slot.open += 1
 
-    async def _acquire(self, slot: _Slot, fresh: bool) -> _Connection:
-        """A connection of ``slot``: an idle one (unless ``fresh``), a new one while under the limit and nobody
-        waits, else the next one released, in order. A waiter handed None holds a reservation: a connection
-        counted in ``open`` that it opens itself."""
-        while slot.idle and not fresh:
+    async def _acquire(self, slot: _Slot) -> _Connection:
+        """A connection of ``slot``: an idle one, a new one while under the limit and nobody waits, else the next
+        one released, in order. A waiter handed None holds a reservation: a connection counted in ``open`` that
+        it opens itself."""
+        while slot.idle:
             connection = slot.idle.pop()
             if not connection.closed:
                 connection.reused = True
@@ -382,22 +382,23 @@ class _Exchange:
         self._connection: _Connection | None = None
 
     async def __aenter__(self) -> Response:
-        fresh = False
-        while True:
-            connection = self._connection = await self._pool._acquire(self._slot, fresh)
+        pool, slot = self._pool, self._slot
+        self._connection = await pool._acquire(slot)
+        try:
             try:
-                return await connection.send(self._head, self._body)
+                return await self._connection.send(self._head, self._body)
             except _Stale:
-                # A kept-alive connection the runtime had closed: once more, on a new connection.
+                # A kept-alive connection the runtime had closed: once more, on a new connection in its place
+                # (the same place in the limit: this request already waited its turn).
+                self._connection.close()
                 self._connection = None
-                self._pool._discard(connection)
-                if fresh:
-                    raise
-                fresh = True
-            except BaseException:
+                self._connection = await pool._connect(slot)
+                return await self._connection.send(self._head, self._body)
+        except BaseException:
+            if self._connection is not None:  # also when cancelled: the runtime must not work for nobody
+                pool._discard(self._connection)
                 self._connection = None
-                self._pool._discard(connection)  # also when cancelled: the runtime must not work for nobody
-                raise
+            raise
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         connection = self._connection

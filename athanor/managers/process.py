@@ -184,16 +184,23 @@ class ProcessSupervisor:
             return popen.poll()
 
     def stop(self, handle: ProcessHandle, timeout: float = 10.0) -> int | None:
-        """SIGTERM, up to ``timeout`` seconds of grace, then SIGKILL; safe on a dead process and when repeated."""
+        """SIGTERM, up to ``timeout`` seconds of grace, then SIGKILL; safe on a dead process and when repeated.
+
+        A leader that is already gone may have left members of its group running (a wrapper script that did not
+        ``exec``): they are stopped the same way.
+        """
         leader = self._process(handle)
         if leader is None:
-            return self._reaped(handle)
-        tree = [leader]
-        with contextlib.suppress(psutil.Error):
-            tree += leader.children(recursive=True)
-        self._signal_group(handle, signal.SIGTERM)
-        for proc in tree[1:]:
-            if _left_group(proc, handle.pid):
+            tree = self._left_behind(handle)
+            if not tree:
+                return self._reaped(handle)
+        else:
+            tree = [leader]
+            with contextlib.suppress(psutil.Error):
+                tree += leader.children(recursive=True)
+            self._signal_group(handle, signal.SIGTERM)
+        for proc in tree[1:] if leader else tree:
+            if leader is None or _left_group(proc, handle.pid):
                 _signal(proc, signal.SIGTERM)
         survivors = _wait_gone(tree, timeout)
         # Also unconditionally: it reaches group members whose parent died before we could collect them.
@@ -202,6 +209,22 @@ class ProcessSupervisor:
             _signal(proc, signal.SIGKILL)
         _wait_gone(survivors, KILL_WAIT_S)
         return self._reaped(handle)
+
+    @staticmethod
+    def _left_behind(handle: ProcessHandle) -> list[psutil.Process]:
+        """Members of the group of a leader that is gone. A group id is not reused while the group has members,
+        so they are the runtime's; unless the leader's pid names a new process, which may lead a group of its own
+        under that id: then nothing is taken for ours."""
+        if psutil.pid_exists(handle.pid):
+            return []
+        members = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) == handle.pid:
+                    members.append(proc)
+            except (ProcessLookupError, PermissionError):
+                continue
+        return members
 
     def _reaped(self, handle: ProcessHandle) -> int | None:
         """The exit code of a child of ours that is dead or dying, once the kernel hands it over (a process killed
