@@ -387,6 +387,34 @@ def test_a_deleted_model_draining_does_not_hold_up_crash_detection(tier: Tier):
     tier.run(scenario)
 
 
+class _RecordingRotation(ProcessSupervisor):
+    def __init__(self, logs: Path):
+        super().__init__(logs)
+        self.rotated_on: list[str] = []
+
+    def rotate_logs(self, handle):  # type: ignore[no-untyped-def]
+        import threading
+
+        self.rotated_on.append(threading.current_thread().name)
+        return super().rotate_logs(handle)
+
+
+def test_log_rotation_runs_off_the_event_loop(tier: Tier):
+    """Rotation copies up to half of a 20 MB log: never on the thread that serves requests."""
+    tier.model("m")
+
+    async def scenario() -> None:
+        async with tier.controller() as c:
+            c.supervisor = recording = _RecordingRotation(tier.store.logs_dir)
+            await ready(c, "m")
+            c._next_rotation = 0.0
+            c._check()
+            await until(lambda: recording.rotated_on, "a rotation")
+            assert "MainThread" not in recording.rotated_on
+
+    tier.run(scenario)
+
+
 def test_models_json_corrupted_while_serving_keeps_the_last_good_version(tier: Tier):
     tier.model("m")
 

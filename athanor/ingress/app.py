@@ -63,6 +63,8 @@ GUARD: web.AppKey[Guard] = web.AppKey("guard", Guard)
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     if status == 429:
         kind = "rate_limit_error"
+    elif status == 403:
+        kind = "permission_error"
     elif status < 500:
         kind = "invalid_request_error"
     else:
