@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,13 +27,8 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+from _gateway import free_port, gateway
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from fixtures.tiny_models import write_tiny_llama_gguf  # noqa: E402
-
-ATHANOR = str(Path(sys.executable).parent / "athanor")
 BODY = {"model": "m1", "prompt": "hi", "max_tokens": 1, "temperature": 0}
 # The floor under any aiohttp-based ingress: an app with one route that reads the body and answers a fixed one.
 MINIMAL_AIOHTTP_APP = """
@@ -54,12 +46,6 @@ async def main():
     await asyncio.Event().wait()
 uvloop.run(main())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def timed(session: aiohttp.ClientSession, url: str, body: dict) -> float:
@@ -130,62 +116,39 @@ async def stream_rate(session: aiohttp.ClientSession, url: str, tokens: int) -> 
 
 
 async def main(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        env = {**os.environ, "ATHANOR_HOME": str(root / "home"), "HF_HUB_CACHE": str(root / "hub")}
-        specs = []
-        for name in ("m1", "m2"):
-            gguf = write_tiny_llama_gguf(root / f"{name}.gguf", context_length=2048, name=name)
-            specs.append(f"apiVersion: athanor.dev/v1alpha1\nkind: Model\nmetadata: {{name: {name}}}\n"
-                         f"spec:\n  runtime: llama-server\n  source: {{path: {json.dumps(str(gguf))}}}\n"
-                         f"  preset: {{ctxSize: 2048, parallel: {args.concurrency}, threads: {args.runtime_threads}}}\n")
-        subprocess.run([ATHANOR, "apply", "-f", "-"], input="---\n".join(specs), text=True, env=env, check=True,
-                       capture_output=True)
-        port = free_port()
-        daemon = subprocess.Popen([ATHANOR, "serve", "--listen", f"127.0.0.1:{port}"], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            gateway = f"http://127.0.0.1:{port}"
-            connector = aiohttp.TCPConnector(limit=0)
-            async with aiohttp.ClientSession(connector=connector) as session:
-                for _ in range(200):
-                    try:
-                        await timed(session, gateway + "/v1/completions", BODY)
-                        break
-                    except (aiohttp.ClientError, AssertionError):
-                        await asyncio.sleep(0.05)
-                status = await admin_status(session, gateway)
-                direct = f"http://127.0.0.1:{status['instances']['m1']['port']}/v1/completions"
-                proxied = gateway + "/v1/completions"
-                for _ in range(20):  # warm both paths
-                    await timed(session, direct, BODY)
-                    await timed(session, proxied, BODY)
-                d50, p50 = await latency(session, direct, proxied, args.requests)
-                gateway_proc = psutil.Process(status["pid"])
-                d_rounds, p_rounds, cpu_per_request = [], [], []
-                for _ in range(args.rounds):
-                    d_rounds.append(await throughput(session, direct, args.concurrency, args.seconds))
-                    cpu_before = sum(gateway_proc.cpu_times()[:2])
-                    p_rounds.append(await throughput(session, proxied, args.concurrency, args.seconds))
-                    cpu_per_request.append((sum(gateway_proc.cpu_times()[:2]) - cpu_before)
-                                           / (p_rounds[-1] * args.seconds))
-                d_rps, p_rps = statistics.median(d_rounds), statistics.median(p_rounds)
-                floor = await minimal_app_cpu(session, args)
-                d_streams, p_streams = [], []
-                for _ in range(args.rounds):
-                    d_streams.append(await stream_rate(session, direct, args.tokens))
-                    p_streams.append(await stream_rate(session, proxied, args.tokens))
-                d_stream, p_stream = statistics.median(d_streams), statistics.median(p_streams)
-                # Swap: m2 through the gateway (stop m1, start m2, probe) against m2's own start measured by
-                # the controller (its "ready in X s" message).
-                started = time.perf_counter()
-                await timed(session, gateway + "/v1/completions", {**BODY, "model": "m2"})
-                swap = time.perf_counter() - started
-                message = (await admin_status(session, gateway))["instances"]["m2"]["message"]
-                runtime_start = float(message.split("ready in ")[1].split(" s")[0])
-        finally:
-            subprocess.run([ATHANOR, "down"], env=env, capture_output=True)
-            daemon.wait(30)
+    preset = f"{{ctxSize: 2048, parallel: {args.concurrency}, threads: {args.runtime_threads}}}"
+    with tempfile.TemporaryDirectory() as tmp, gateway(Path(tmp), preset) as served:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            proxied = served.url + "/v1/completions"
+            await timed(session, proxied, BODY)  # starts m1
+            status = await admin_status(session, served.url)
+            direct = f"http://127.0.0.1:{status['instances']['m1']['port']}/v1/completions"
+            for _ in range(20):  # warm both paths
+                await timed(session, direct, BODY)
+                await timed(session, proxied, BODY)
+            d50, p50 = await latency(session, direct, proxied, args.requests)
+            gateway_proc = psutil.Process(status["pid"])
+            d_rounds, p_rounds, cpu_per_request = [], [], []
+            for _ in range(args.rounds):
+                d_rounds.append(await throughput(session, direct, args.concurrency, args.seconds))
+                cpu_before = sum(gateway_proc.cpu_times()[:2])
+                p_rounds.append(await throughput(session, proxied, args.concurrency, args.seconds))
+                cpu_per_request.append((sum(gateway_proc.cpu_times()[:2]) - cpu_before)
+                                       / (p_rounds[-1] * args.seconds))
+            d_rps, p_rps = statistics.median(d_rounds), statistics.median(p_rounds)
+            floor = await minimal_app_cpu(session, args)
+            d_streams, p_streams = [], []
+            for _ in range(args.rounds):
+                d_streams.append(await stream_rate(session, direct, args.tokens))
+                p_streams.append(await stream_rate(session, proxied, args.tokens))
+            d_stream, p_stream = statistics.median(d_streams), statistics.median(p_streams)
+            # Swap: m2 through the gateway (stop m1, start m2, probe) against m2's own start measured by the
+            # controller (its "ready in X s" message).
+            started = time.perf_counter()
+            await timed(session, proxied, {**BODY, "model": "m2"})
+            swap = time.perf_counter() - started
+            message = (await admin_status(session, served.url))["instances"]["m2"]["message"]
+            runtime_start = float(message.split("ready in ")[1].split(" s")[0])
     print(f"latency p50: direct {d50 * 1000:.2f} ms, proxied {p50 * 1000:.2f} ms, "
           f"added {(p50 - d50) * 1000:.2f} ms (target <= 0.5 ms)")
     print(f"requests/s at concurrency {args.concurrency}: direct {d_rps:.0f}, proxied {p_rps:.0f}, "

@@ -18,31 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
+from _gateway import gateway
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from fixtures.tiny_models import write_tiny_llama_gguf  # noqa: E402
-
-ATHANOR = str(Path(sys.executable).parent / "athanor")
 SLACK_S = 0.1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def client(url: str, rounds: int, first: int, latencies: list[float]) -> None:
@@ -65,38 +50,13 @@ def load_times(home: Path) -> list[float]:
 
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        home = root / "home"
-        env = {**os.environ, "ATHANOR_HOME": str(home), "HF_HUB_CACHE": str(root / "hub")}
-        specs = []
-        for name in ("m1", "m2"):
-            gguf = write_tiny_llama_gguf(root / f"{name}.gguf", context_length=2048, name=name)
-            specs.append(f"apiVersion: athanor.dev/v1alpha1\nkind: Model\nmetadata: {{name: {name}}}\n"
-                         f"spec:\n  runtime: llama-server\n  source: {{path: {json.dumps(str(gguf))}}}\n"
-                         f"  preset: {{ctxSize: 2048, threads: 1}}\n")
-        subprocess.run([ATHANOR, "apply", "-f", "-"], input="---\n".join(specs), text=True, env=env, check=True,
-                       capture_output=True)
-        port = free_port()
-        daemon = subprocess.Popen([ATHANOR, "serve", "--listen", f"127.0.0.1:{port}"], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}/v1/completions"
-        try:
-            async with aiohttp.ClientSession() as session:
-                for _ in range(200):
-                    try:
-                        async with session.get(f"http://127.0.0.1:{port}/health") as resp:
-                            if resp.status == 200:
-                                break
-                    except aiohttp.ClientError:
-                        await asyncio.sleep(0.05)  # polling while the gateway starts
+        with gateway(Path(tmp), "{ctxSize: 2048, threads: 1}") as served:
             latencies: list[float] = []
             started = time.perf_counter()
-            await asyncio.gather(*(client(url, args.rounds, i % 2, latencies) for i in range(args.clients)))
+            await asyncio.gather(*(client(served.url + "/v1/completions", args.rounds, i % 2, latencies)
+                                   for i in range(args.clients)))
             elapsed = time.perf_counter() - started
-        finally:
-            subprocess.run([ATHANOR, "down"], env=env, capture_output=True)
-            daemon.wait(30)
-        loads = load_times(home)  # read after the shutdown, which writes every pending event
+        loads = load_times(served.home)  # read after the shutdown, which writes every pending event
     latencies.sort()
     bound = 2 * max(loads) + SLACK_S
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]

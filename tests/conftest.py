@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fixtures.tier import Tier
 
 from athanor.store import Store, open_store
 
@@ -59,3 +61,25 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+@pytest.fixture
+def tier(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Tier]:
+    """The fast controller tier (fixtures/tier.py); no scripted runtime may outlive the test."""
+    monkeypatch.setenv("SCRIPTED_RUNTIME_DIR", str(tmp_path / "scripts"))
+    t = Tier(home, tmp_path)
+    try:
+        yield t
+    finally:
+        assert not t.kill_leftovers(), "a scripted runtime outlived its controller"
+
+
+def lan_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback, if it has one."""
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    return None

@@ -15,22 +15,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from fixtures.tier import Tier, phase, pid_of, until, zombies
 
 from athanor.controller.controller import Controller, estimate_bytes
 from athanor.controller.instance import Phase, TransitionError
 from athanor.errors import ModelUnavailable
 from athanor.managers.process import ProcessSupervisor
-
-
-@pytest.fixture
-def tier(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("SCRIPTED_RUNTIME_DIR", str(tmp_path / "scripts"))
-    t = Tier(home, tmp_path)
-    try:
-        yield t
-    finally:
-        assert not t.kill_leftovers(), "a scripted runtime outlived its controller"
+from fixtures.tier import Tier, phase, pid_of, until, zombies
 
 
 async def ready(controller: Controller, name: str) -> int:

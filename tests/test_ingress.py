@@ -10,30 +10,18 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 import pytest
-from fixtures.tier import Tier, pid_of, until
 
 from athanor.controller.instance import Phase
 from athanor.ingress.app import _created
+from conftest import lan_address
+from fixtures.tier import Tier, pid_of, until
 
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture
-def tier(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("SCRIPTED_RUNTIME_DIR", str(tmp_path / "scripts"))
-    t = Tier(home, tmp_path)
-    try:
-        yield t
-    finally:
-        assert not t.kill_leftovers(), "a scripted runtime outlived its controller"
 
 
 def body(model: str = "m", **extra: Any) -> dict[str, Any]:
@@ -314,18 +302,10 @@ def test_no_runtime_cors_header_reaches_a_client_and_configured_cors_is_answered
     tier.run(scenario)
 
 
-def _lan_address() -> str | None:
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family == socket.AF_INET and not address.address.startswith("127."):
-                return address.address
-    return None
-
-
-@pytest.mark.skipif(_lan_address() is None, reason="this machine has no address besides loopback")
+@pytest.mark.skipif(lan_address() is None, reason="this machine has no address besides loopback")
 def test_the_admin_api_answers_only_on_loopback(tier: Tier):
     tier.model("m")
-    lan = _lan_address()
+    lan = lan_address()
 
     async def scenario() -> None:
         async with tier.controller() as c, tier.ingress(c, host="0.0.0.0"), aiohttp.ClientSession() as session:

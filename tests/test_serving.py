@@ -23,7 +23,7 @@ from pathlib import Path
 import openai
 import psutil
 import pytest
-from conftest import ATHANOR, write
+from conftest import ATHANOR, lan_address, write
 from fixtures.tiny_models import write_tiny_llama_gguf, write_tiny_mlx_llama
 
 RUNTIME_NAMES = ("llama-server", "mlx_lm.server", "mlx_lm", "athanor serve")
@@ -604,18 +604,10 @@ def test_a_model_s_own_timeouts_override_the_gateway_s(gateway, tmp_path):
     wait_until(lambda: gateway.phase("tiny-mlx") == "Standby", 20, "the model's idle unload")
 
 
-def _lan_address() -> str | None:
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family == socket.AF_INET and not address.address.startswith("127."):
-                return address.address
-    return None
-
-
 @pytest.mark.parametrize("where", ["every interface", "one address that is not loopback"])
 def test_the_cli_reaches_the_admin_api_whatever_the_listen_address(home, models, where):
     """The admin API answers loopback peers only, so the CLI must reach it on loopback whatever spec.listen says."""
-    host = "0.0.0.0" if where == "every interface" else _lan_address()
+    host = "0.0.0.0" if where == "every interface" else lan_address()
     if host is None:
         pytest.skip("this machine has no address besides loopback")
     port = free_port()
