@@ -219,9 +219,11 @@ class Controller:
             if inst.phase in (Phase.DRAINING, Phase.STOPPING):
                 await inst.changed.wait()
                 continue
-            if inst.phase is Phase.STARTING:
+            if inst.phase is Phase.STARTING:  # a start this request did not make (its maker left): share it
                 assert inst.start_task is not None
-                await asyncio.wait({inst.start_task})  # its outcome is read from the phase on the next round
+                await asyncio.wait({inst.start_task})
+                if inst.phase is Phase.FAILED:
+                    raise ModelUnavailable(f"model {name!r} failed to start: {inst.message}")
                 continue
             obj = self._doc["models"].get(name)
             problem = self._shutting_down() or unservable(obj, name) or self._crash_loop(inst)
