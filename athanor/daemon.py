@@ -22,7 +22,8 @@ from athanor.controller.readiness import probe_session
 from athanor.ingress.admin import ADMIN, add_admin_routes
 from athanor.ingress.app import create_app
 from athanor.ingress.upstream import UpstreamPool
-from athanor.managers.process import ProcessSupervisor
+from athanor.liveness import daemon_record
+from athanor.managers import Managers
 from athanor.store import Store
 from athanor.units import parse_duration
 
@@ -61,7 +62,7 @@ async def serve(store: Store, listen: str | None = None) -> None:
     host, port = parse_listen(listen or gateway["listen"])
     # The controller's probes use aiohttp; proxied requests go through the lean pool in ingress/upstream.py.
     async with probe_session() as session:
-        controller = Controller(store, ProcessSupervisor(store.logs_dir), session)
+        controller = Controller(store, Managers(store.home), session)
         adopted = await controller.reattach()
         if adopted:
             log.info("re-attached to %s", ", ".join(adopted))
@@ -115,22 +116,6 @@ def _create_time() -> float:
 def _record_daemon(store: Store, record: dict[str, Any] | None) -> None:
     with store.state.edit() as state:
         state["daemon"] = record
-
-
-def daemon_record(store: Store) -> dict[str, Any] | None:
-    """The running daemon's record, or None if there is none (a stale record of a dead daemon counts as none)."""
-    import psutil
-
-    record = store.state.load().get("daemon")
-    if not record:
-        return None
-    try:
-        proc = psutil.Process(record["pid"])
-        if abs(proc.create_time() - record.get("createTime", 0)) > 0.01:
-            return None
-    except (psutil.Error, KeyError, TypeError):
-        return None
-    return record
 
 
 def wait_for_port(host: str, port: int, timeout: float) -> bool:

@@ -12,22 +12,30 @@ from typing import Any
 
 from athanor import catalog
 
-PHASES = ("Standby", "Starting", "Ready", "Draining", "Stopping", "Failed")
+PHASES = ("Standby", "Starting", "Ready", "Draining", "Stopping", "Failed", "Unknown")
+_LIVE_PHASES = ("Starting", "Ready", "Draining", "Stopping")
 
 
-def model_view(obj: dict[str, Any], instance: dict[str, Any] | None) -> dict[str, Any]:
-    """The model object with ``status``; the last-applied bookkeeping stays out of sight."""
+def model_view(obj: dict[str, Any], instance: dict[str, Any] | None, gateway_up: bool = True) -> dict[str, Any]:
+    """The model object with ``status``; the last-applied bookkeeping stays out of sight.
+
+    A phase that only a running gateway can keep true (Ready, Starting, ...) is ``Unknown`` when the gateway is
+    not running: its record says what was, not what is.
+    """
     view = copy.deepcopy(obj)
     artifact = view.pop("artifact", None)
     view["metadata"].get("annotations", {}).pop(catalog.LAST_APPLIED, None)
     instance = instance or {}
     phase = instance.get("phase", "Standby")
+    message = instance.get("message", "")
+    if not gateway_up and phase in _LIVE_PHASES:
+        phase, message = "Unknown", f"the gateway is not running (last recorded: {phase}, {message})"
     available = _available_condition(artifact, obj)
     ready = {
         "type": "Ready",
         "status": "True" if phase == "Ready" else "False",
-        "reason": phase,
-        "message": instance.get("message", ""),
+        "reason": "GatewayDown" if phase == "Unknown" else phase,
+        "message": message,
         "lastTransitionTime": instance.get("phaseSince", obj["metadata"].get("creationTimestamp")),
     }
     status: dict[str, Any] = {
@@ -39,7 +47,7 @@ def model_view(obj: dict[str, Any], instance: dict[str, Any] | None) -> dict[str
     for key in ("pid", "startedAt", "lastFailure"):
         if instance.get(key) is not None:
             status[key] = instance[key]
-    if phase in ("Ready", "Starting") and instance.get("handle"):
+    if instance.get("handle") and instance.get("phase") in _LIVE_PHASES:
         status.update(_live(instance["handle"]))
     if artifact:
         status["artifact"] = artifact

@@ -20,7 +20,7 @@ from athanor.controller.controller import Controller, estimate_bytes
 from athanor.controller.instance import Phase, TransitionError
 from athanor.errors import ModelUnavailable
 from athanor.managers.process import ProcessSupervisor
-from fixtures.tier import Tier, phase, pid_of, until, zombies
+from fixtures.tier import Tier, phase, pid_of, supervise_with, until, zombies
 
 
 async def ready(controller: Controller, name: str) -> int:
@@ -42,7 +42,7 @@ def test_one_crash_with_requests_in_flight_is_one_failure_and_the_next_use_resta
             os.kill(pid_of(inst), signal.SIGKILL)
             # Every request in flight reports it, and the monitor sees it too: one failure, no TransitionError.
             assert await asyncio.gather(*(lease.runtime_died() for lease in leases)) == [True] * 4
-            c._check()  # the monitor's look must not count it again
+            await c._check()  # the monitor's look must not count it again
             for lease in leases:
                 lease.release()
             assert inst.phase is Phase.FAILED and len(inst.failures) == 1
@@ -100,7 +100,8 @@ def test_reports_racing_past_the_first_look_still_record_one_crash(tier: Tier):
 
     async def scenario() -> None:
         async with tier.controller() as c:
-            c.supervisor = racing = _KillWhenAllAsk(tier.store.logs_dir, 4)
+            racing = _KillWhenAllAsk(tier.store.logs_dir, 4)
+            supervise_with(c, racing)
             leases = [c.use("m") for _ in range(4)]
             await asyncio.gather(*(lease.acquire() for lease in leases))
             inst = c.instances["m"]
@@ -148,7 +149,7 @@ def test_an_unexpected_error_in_a_start_ends_in_failed_and_shutdown_is_clean(tie
 
     async def scenario() -> None:
         async with tier.controller() as c:
-            c.supervisor = _BrokenSupervisor(tier.store.logs_dir)
+            supervise_with(c, _BrokenSupervisor(tier.store.logs_dir))
             with pytest.raises(ModelUnavailable, match="injected fault"):
                 await ready(c, "m")
             assert c.instances["m"].phase is Phase.FAILED
@@ -186,7 +187,7 @@ def test_reattach_stops_runtimes_it_does_not_adopt_instead_of_forgetting_them(ti
             records = tier.store.state.load()["instances"]
             assert "model was deleted" in records["deleted"]["message"]
             assert "it was Stopping" in records["stopping"]["message"]
-        first.supervisor.reap()  # they were this process's children: collect them
+        first.managers.get("process", first.gateway()).supervisor.reap()  # this process's children: collect them
 
     tier.run(scenario)
 
@@ -395,10 +396,11 @@ def test_log_rotation_runs_off_the_event_loop(tier: Tier):
 
     async def scenario() -> None:
         async with tier.controller() as c:
-            c.supervisor = recording = _RecordingRotation(tier.store.logs_dir)
+            recording = _RecordingRotation(tier.store.logs_dir)
+            supervise_with(c, recording)
             await ready(c, "m")
-            c._next_rotation = 0.0
-            c._check()
+            c._next_housekeeping = 0.0
+            await c._check()
             await until(lambda: recording.rotated_on, "a rotation")
             assert "MainThread" not in recording.rotated_on
 

@@ -283,6 +283,9 @@ def test_expect_100_continue_is_answered_by_the_gateway(gateway):
 
 @pytest.mark.parametrize("model", ["tiny-gguf", "tiny-mlx"])  # chunked, and HTTP/1.0 ended by the connection
 def test_runtime_killed_mid_stream_fails_promptly_and_recovers(gateway, model):
+    # A long answer, so the kill surely lands mid-stream (the fixture caps answers at 8 tokens).
+    longer = ["maxTokens=100000"] + (["ctxSize=8192"] if model == "tiny-gguf" else [])
+    assert gateway.athanor("preset", "set", model, *longer).returncode == 0
     chat(gateway.client, model)
     pid = gateway.runtime_pid(model)
     stream = chat(gateway.client, model, stream=True, max_tokens=100000)
@@ -302,13 +305,31 @@ def test_runtime_killed_mid_stream_fails_promptly_and_recovers(gateway, model):
 def test_daemon_killed_and_restarted_reattaches_to_the_same_runtime(gateway):
     chat(gateway.client, "tiny-gguf")
     pid = gateway.runtime_pid("tiny-gguf")
+    gateway.recorded()
     gateway.proc.send_signal(signal.SIGKILL)
     gateway.proc.wait(30)
     assert psutil.pid_exists(pid), "runtimes outlive the daemon"
+    shown = json.loads(gateway.athanor("get", "models", "tiny-gguf", "-o", "json").stdout)["status"]
+    assert shown["phase"] == "Unknown", "a record of a dead gateway is not shown as Ready"
     port = int(gateway.url.rsplit(":", 1)[1])
     gateway.proc = start_daemon(gateway.home, port)
     assert chat(gateway.client, "tiny-gguf").model == "tiny-gguf"
     assert gateway.runtime_pid("tiny-gguf") == pid, "re-attached, not restarted"
+
+
+def test_down_after_a_killed_gateway_stops_its_runtimes_through_the_state_machine(gateway):
+    chat(gateway.client, "tiny-gguf")
+    pid = gateway.runtime_pid("tiny-gguf")
+    gateway.recorded()
+    gateway.proc.send_signal(signal.SIGKILL)
+    gateway.proc.wait(30)
+    result = gateway.athanor("down")
+    assert result.returncode == 0 and f"model/tiny-gguf stopped (pid {pid})" in result.stdout, result.stderr
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10, "runtime exit")
+    state = gateway.state()
+    assert state["instances"]["tiny-gguf"]["phase"] == "Standby" and "handle" not in state["instances"]["tiny-gguf"]
+    moves = [e["message"].split(":")[0] for e in state["events"] if e["name"] == "tiny-gguf"][-3:]
+    assert moves == ["Ready -> Draining", "Draining -> Stopping", "Stopping -> Standby"]
 
 
 def test_down_leaves_no_runtime_behind(gateway):

@@ -9,8 +9,9 @@ import click
 
 from athanor import actions, catalog, views
 from athanor.cli.common import emit, output_option, store
-from athanor.errors import InvalidValueError, NotFoundError
-from athanor.managers import resolve_manager, service_file_path
+from athanor.errors import AthanorError, InvalidValueError, NotFoundError
+from athanor.liveness import daemon_record
+from athanor.managers import Managers, jobs
 
 RESOURCE_TYPES = {
     "models": "model", "model": "model", "mo": "model",
@@ -77,8 +78,9 @@ def get_cmd(resource: str, name: str | None, output: str | None, selector: str |
     instances = st.state.load()["instances"]
     terms = parse_selector(selector)
     names = [actions.resolve_name(doc, name)] if name else sorted(doc["models"])
+    gateway_up = daemon_record(st) is not None
     items = [
-        views.model_view(doc["models"][n], instances.get(n))
+        views.model_view(doc["models"][n], instances.get(n), gateway_up)
         for n in names
         if matches(doc["models"][n]["metadata"].get("labels", {}), terms)
     ]
@@ -182,7 +184,7 @@ def describe_cmd(resource: str, name: str) -> None:
     state = st.state.load()
     model_name = actions.resolve_name(doc, name)
     obj = doc["models"][model_name]
-    view = views.model_view(obj, state["instances"].get(model_name))
+    view = views.model_view(obj, state["instances"].get(model_name), daemon_record(st) is not None)
     spec, meta, status = view["spec"], view["metadata"], view["status"]
     out: list[str] = []
 
@@ -228,13 +230,17 @@ def describe_cmd(resource: str, name: str) -> None:
         field("Serves as", launch.served_model, 2)
     else:
         out.append("  <cannot start: weights not found>")
-    manager = resolve_manager(gateway["serviceManager"])
-    service_file = service_file_path(manager, model_name)
-    field("Manager", manager, 2)
-    field("Service file", service_file or "<none: the embedded supervisor runs it>", 2)
+    managers = Managers(st.home)
+    manager = managers.current(gateway)
+    field("Manager", manager.name, 2)
+    files = manager.files(jobs.model_job(model_name, launch, st.home)) if launch else {}
+    field("Service file", ", ".join(str(p) for p in files) or "<none: the embedded supervisor runs it>", 2)
     field("Log", st.logs_dir / f"{model_name}.log", 2)
     out.append("Status:")
     field("Phase", status["phase"], 2)
+    handle = state["instances"].get(model_name, {}).get("handle")
+    if handle:
+        field("Job", _job_view(managers, handle, gateway), 2)
     for key in ("pid", "startedAt"):
         if key in status:
             field(key[0].upper() + key[1:], status[key], 2)
@@ -260,6 +266,25 @@ def describe_cmd(resource: str, name: str) -> None:
     else:
         out.append("  <none>")
     click.echo("\n".join(out))
+
+
+def _job_view(managers: Any, handle: dict[str, Any], gateway: dict[str, Any]) -> str:
+    """The job as its manager sees it now (launchctl print, systemctl show, or the process itself)."""
+    import asyncio
+
+    try:
+        manager = managers.of(handle, gateway)
+        seen = asyncio.run(manager.observe(handle))
+    except (ValueError, TypeError, AthanorError) as exc:
+        return f"<cannot ask its manager: {exc}>"
+    words = [f"{manager.name}: {'running' if seen.running else 'not running'}"]
+    if seen.pid:
+        words.append(f"pid {seen.pid}")
+    if seen.restarts:
+        words.append(f"{seen.restarts} restarts by the manager")
+    if seen.exit_code is not None:
+        words.append(f"last exit code {seen.exit_code}")
+    return ", ".join(words) + (f" ({seen.detail})" if seen.detail else "")
 
 
 def _show(value: Any) -> str:

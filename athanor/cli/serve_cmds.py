@@ -18,6 +18,7 @@ from athanor import actions, views
 from athanor.cli.common import store, warn
 from athanor.cli.get_cmds import _complete_model
 from athanor.errors import AthanorError, InvalidValueError, NotFoundError
+from athanor.liveness import daemon_record
 from athanor.paths import ensure_private_dir, open_private_file
 
 
@@ -51,7 +52,7 @@ def serve_cmd(listen: str | None, verbose: bool) -> None:
 def up_cmd(listen: str | None, timeout: float) -> None:
     """Start the gateway in the background (logs in $ATHANOR_HOME/logs/daemon.log)."""
     from athanor import catalog
-    from athanor.daemon import daemon_record, parse_listen, wait_for_port
+    from athanor.daemon import parse_listen, wait_for_port
 
     st = store()
     running = daemon_record(st)
@@ -76,9 +77,6 @@ def down_cmd(timeout: float) -> None:
     """Stop the background gateway and every runtime it started."""
     import psutil
 
-    from athanor.daemon import daemon_record
-    from athanor.managers.process import ProcessHandle, ProcessSupervisor
-
     st = store()
     record = daemon_record(st)
     if record:
@@ -88,17 +86,15 @@ def down_cmd(timeout: float) -> None:
             proc.kill()
             warn(f"the gateway did not stop in {timeout:.0f} s and was killed")
         click.echo(f"gateway (pid {record['pid']}) stopped")
-    # Runtimes a dead daemon left behind (kill -9) are still recorded: stop them too.
-    supervisor = ProcessSupervisor(st.logs_dir)
-    with st.state.edit() as state:
-        for name, instance in state["instances"].items():
-            if instance.get("handle"):
-                handle = ProcessHandle.from_json(instance["handle"])
-                if supervisor.alive(handle):
-                    supervisor.stop(handle)
-                    click.echo(f"model/{name} stopped (pid {handle.pid})")
-            state["instances"][name] = {"phase": "Standby", "message": "stopped by athanor down"}
-        state["daemon"] = None
+    # Runtimes a dead gateway left behind (kill -9) are still recorded: stop them the way the gateway would.
+    left = {name: i.get("pid") for name, i in st.state.load()["instances"].items() if i.get("handle")}
+    if left:
+        import asyncio
+
+        from athanor.controller.controller import stop_left_behind
+
+        for name, pid in asyncio.run(stop_left_behind(st)).items():
+            click.echo(f"model/{name} stopped (pid {pid})")
     if not record:
         click.echo("athanor is down")
 
@@ -121,7 +117,7 @@ def _wait_exit(proc: Any, timeout: float) -> bool:
 
 
 def _admin(path: str, timeout: float = 600.0) -> dict[str, Any]:
-    from athanor.daemon import ADMIN, daemon_record
+    from athanor.ingress.admin import ADMIN
 
     record = daemon_record(store())
     if not record:
@@ -163,14 +159,14 @@ restart_cmd = _lifecycle("restart")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
 def logs_cmd(name: str, lines: int, follow: bool) -> None:
     """Show the runtime log of model NAME."""
-    from athanor.managers.process import ProcessSupervisor
+    from athanor.managers import logs
 
     st = store()
     model = actions.resolve_name(st.models.load(), name)
     path = st.logs_dir / f"{model}.log"
     if not path.exists():
         raise NotFoundError(f"no log yet for {model} ({path}); it has not been started")
-    for line in ProcessSupervisor(st.logs_dir).log_tail(model, lines):
+    for line in logs.tail(path, lines):
         click.echo(line)
     if not follow:
         return
@@ -205,7 +201,8 @@ def wait_cmd(resource: str, name: str, condition: str, timeout: str) -> None:
     while True:
         doc = st.models.load()
         model = actions.resolve_name(doc, name)
-        view = views.model_view(doc["models"][model], st.state.load()["instances"].get(model))
+        view = views.model_view(doc["models"][model], st.state.load()["instances"].get(model),
+                                daemon_record(st) is not None)
         if what == "phase" and view["status"]["phase"] == value:
             break
         if what == "condition" and any(c["type"] == value and c["status"] == "True"

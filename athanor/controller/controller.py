@@ -1,4 +1,4 @@
-"""The controller: desired state from the store, instances in memory, processes through the supervisor.
+"""The controller: desired state from the store, instances in memory, jobs through a service manager.
 
 The ingress asks for exactly one thing: ``controller.use(name)``, a lease (``lease.py``) that admits or refuses the
 request at once, then yields the runtime to send it to. Behind it the controller decides whether that means
@@ -42,7 +42,7 @@ import aiohttp
 
 from athanor import actions, catalog
 from athanor.controller.gate import SwapGate
-from athanor.controller.instance import RUNNING, Instance, Phase
+from athanor.controller.instance import RUNNING, Instance, Observer, Phase
 from athanor.controller.lease import Lease
 from athanor.controller.persist import StateWriter
 from athanor.controller.preflight import prepare_launch, unservable
@@ -54,7 +54,8 @@ from athanor.controller.readiness import (
     wait_ready,
 )
 from athanor.errors import AthanorError, ModelUnavailable, QueueFull, StoreError
-from athanor.managers.process import ProcessHandle, ProcessSupervisor
+from athanor.managers import Managers, jobs, logs
+from athanor.managers.base import Handle, JobState, ServiceManager
 from athanor.runtimes.launch import LLAMA_AUTO_PARALLEL, MLX_MAX_CONNECTIONS, LaunchSpec
 from athanor.store import Store
 from athanor.units import parse_budget, parse_duration
@@ -65,9 +66,10 @@ CRASH_WINDOW_S = 120.0
 CRASH_LIMIT = 3
 DRAIN_TIMEOUT_S = 30.0
 MONITOR_INTERVAL_S = 0.5
-ROTATE_INTERVAL_S = 10.0
+HOUSEKEEPING_INTERVAL_S = 2.0  # reaping exited children and rotating logs
 EXIT_GRACE_S = 0.5  # how long a broken connection waits for its runtime's death to show (it closes sockets first)
 STOP_GRACE_S = 5.0  # SIGTERM to SIGKILL for a failed runtime
+STOP_TIMEOUT_S = 10.0  # ... and for one that is stopped on purpose
 HUNG_GRACE_S = 1.0  # ... and for a frozen one, which cannot act on SIGTERM anyway
 
 
@@ -76,9 +78,9 @@ def _iso(ts: float) -> str:
 
 
 class Controller:
-    def __init__(self, store: Store, supervisor: ProcessSupervisor, session: aiohttp.ClientSession):
+    def __init__(self, store: Store, managers: Managers, session: aiohttp.ClientSession):
         self.store = store
-        self.supervisor = supervisor
+        self.managers = managers
         self.session = session
         self.instances: dict[str, Instance] = {}
         self.store_problem: str | None = None  # models.json is unreadable: serving goes on from the last good one
@@ -88,13 +90,16 @@ class Controller:
         self._doc_stamp: object = None
         self._names: dict[str, str] = {}
         self._writer = StateWriter(store)
+        self._observers: list[Observer] = [self._phase_changed]  # persistence first; metrics and the TUI later
         self._stops: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._next_probe: dict[str, float] = {}
-        self._next_rotation = 0.0
+        self._next_housekeeping = 0.0
+        self._housekeeper: asyncio.Task[None] | None = None
         self._hurry = asyncio.Event()  # set at shutdown: drains end at once
         self._closing = False  # set at shutdown: nothing new starts
+        self.orphans_stopped: dict[str, int | None] = {}  # runtimes re-attach found running and stopped
         self._monitor: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ desired state
@@ -183,8 +188,16 @@ class Controller:
     def instance(self, name: str) -> Instance:
         inst = self.instances.get(name)
         if inst is None:
-            inst = self.instances[name] = Instance(name, observers=[self._phase_changed])
+            inst = self.instances[name] = Instance(name)
+            for observer in self._observers:
+                inst.subscribe(observer)
         return inst
+
+    def subscribe(self, observer: Observer) -> None:
+        """``observer(instance, old, new)`` on every phase change of every instance, present and future."""
+        self._observers.append(observer)
+        for inst in self.instances.values():
+            inst.subscribe(observer)
 
     # ------------------------------------------------------------------ the one entry point
 
@@ -260,7 +273,8 @@ class Controller:
         inst.generation = obj["metadata"].get("generation", 1)
         inst.move(Phase.STARTING, "starting")
         try:
-            inst.handle = await asyncio.to_thread(self.supervisor.start, inst.name, launch.argv, launch.env)
+            manager = self.managers.current(self._gateway)
+            inst.handle = await manager.start(jobs.model_job(inst.name, launch, self.store.home))
             self._save(inst)
             timeout = parse_duration(self._setting(obj, "startupTimeout")) or 3600.0
             waited = await wait_ready(self.session, launch, timeout=timeout, alive=lambda: self._alive(inst),
@@ -274,7 +288,7 @@ class Controller:
             log.exception("%s: unexpected error while starting", inst.name)
             self._fail(inst, f"unexpected error while starting: {exc!r}", "StartFailed")
         else:
-            log.info("%s ready in %.2f s (pid %s)", inst.name, waited, inst.handle.pid if inst.handle else "?")
+            log.info("%s ready in %.2f s (pid %s)", inst.name, waited, _pid(inst.handle))
             inst.move(Phase.READY, f"ready in {waited:.2f} s")
             return
         if inst.cleanup_task is not None:
@@ -283,17 +297,26 @@ class Controller:
     def _shutting_down(self) -> str | None:
         return "the gateway is shutting down" if self._closing else None
 
-    def _alive(self, inst: Instance) -> bool:
-        return inst.handle is not None and self.supervisor.alive(inst.handle)
+    def _manager(self, handle: Handle) -> ServiceManager:
+        return self.managers.of(handle, self._gateway)
 
-    def _fail(self, inst: Instance, reason: str, kind: str) -> None:
+    async def _observe(self, inst: Instance) -> JobState | None:
+        """What the instance's manager says about its job now (None: it has no job)."""
+        handle = inst.handle
+        return None if handle is None else await self._manager(handle).observe(handle)
+
+    async def _alive(self, inst: Instance) -> bool:
+        state = await self._observe(inst)
+        return state is not None and state.running
+
+    def _fail(self, inst: Instance, reason: str, kind: str, exit_code: int | None = None) -> None:
         """Record one failure and move to Failed at once (no await: nothing can slip in between); the process, if
         any is left, is stopped by a clean-up task that a new start waits for."""
         now = time.time()
         inst.failures = [t for t in inst.failures if now - t < CRASH_WINDOW_S] + [now]
         handle = inst.handle
-        inst.last_failure = {"reason": kind, "message": reason, "time": _iso(now),
-                             "exitCode": self.supervisor.exit_code(handle) if handle else None, "logTail": []}
+        inst.last_failure = {"reason": kind, "message": reason, "time": _iso(now), "exitCode": exit_code,
+                             "logTail": []}
         log.warning("%s: %s: %s", inst.name, kind, reason)
         inst.move(Phase.FAILED, reason)
         if handle is not None:
@@ -301,10 +324,11 @@ class Controller:
             inst.cleanup_task = self._spawn(self._clean_up(inst, handle, inst.last_failure, grace),
                                             f"clean-up-{inst.name}")
 
-    async def _clean_up(self, inst: Instance, handle: ProcessHandle, failure: dict[str, Any], grace: float) -> None:
-        code = await asyncio.to_thread(self.supervisor.stop, handle, grace)
-        tail = await asyncio.to_thread(self.supervisor.log_tail, inst.name, 20)
-        self.supervisor.forget(handle)
+    async def _clean_up(self, inst: Instance, handle: Handle, failure: dict[str, Any], grace: float) -> None:
+        manager = self._manager(handle)
+        code = await manager.stop(handle, grace)
+        tail = await asyncio.to_thread(logs.tail, self.store.logs_dir / f"{inst.name}.log", 20)
+        manager.forget(handle)
         if inst.handle is handle:
             inst.handle = None
         if failure.get("exitCode") is None and code is not None:
@@ -320,18 +344,19 @@ class Controller:
         if inst.incarnation != incarnation or inst.phase not in (Phase.READY, Phase.DRAINING):
             return True
         handle = inst.handle
-        if handle is not None and self.supervisor.alive(handle):
-            if not await asyncio.to_thread(self.supervisor.wait_exit, handle, EXIT_GRACE_S):
+        state = await self._observe(inst)
+        if handle is not None and state is not None and state.running:
+            if not await self._manager(handle).wait_exit(handle, EXIT_GRACE_S):
                 return False  # still running: the failure was the connection's, not the runtime's
-        self._crashed(inst, incarnation)
+            state = await self._manager(handle).observe(handle)
+        self._crashed(inst, incarnation, state.exit_code if state else None)
         return True
 
-    def _crashed(self, inst: Instance, incarnation: int) -> None:
+    def _crashed(self, inst: Instance, incarnation: int, exit_code: int | None) -> None:
         """Record the death of runtime ``incarnation``: once, however many requests and monitor rounds see it."""
         if inst.incarnation != incarnation or inst.phase not in (Phase.READY, Phase.DRAINING):
             return
-        code = self.supervisor.exit_code(inst.handle) if inst.handle else None
-        self._fail(inst, exit_text(code), "Crashed")
+        self._fail(inst, exit_text(exit_code), "Crashed", exit_code)
 
     def _refused(self, inst: Instance, reason: str) -> None:
         """A start refused before anything was stopped: an event (once per distinct reason), not a failure."""
@@ -403,11 +428,12 @@ class Controller:
         result = "stopped"
         try:
             if handle is not None:
-                await asyncio.to_thread(self.supervisor.stop, handle)
-                self.supervisor.forget(handle)
+                manager = self._manager(handle)
+                await manager.stop(handle, STOP_TIMEOUT_S)
+                manager.forget(handle)
         except Exception as exc:  # noqa: BLE001 - recorded; the phase must still settle
-            log.exception("%s: stopping pid %s failed", inst.name, handle.pid if handle else "?")
-            result = f"stopped, but stopping pid {handle.pid if handle else '?'} failed: {exc!r}"
+            log.exception("%s: stopping pid %s failed", inst.name, _pid(handle))
+            result = f"stopped, but stopping pid {_pid(handle)} failed: {exc!r}"
         finally:
             inst.handle = None
             inst.move(Phase.STANDBY, result)
@@ -466,10 +492,10 @@ class Controller:
 
     # ------------------------------------------------------------------ observed state
 
-    def _phase_changed(self, inst: Instance, old: Phase) -> None:
+    def _phase_changed(self, inst: Instance, old: Phase, new: Phase) -> None:
         self._save(inst)
-        self._event("Model", inst.name, "Warning" if inst.phase is Phase.FAILED else "Normal", inst.phase.value,
-                    f"{old.value} -> {inst.phase.value}: {inst.message}")
+        self._event("Model", inst.name, "Warning" if new is Phase.FAILED else "Normal", new.value,
+                    f"{old.value} -> {new.value}: {inst.message}")
 
     def _save(self, inst: Instance) -> None:
         """Queue the instance's record for state.json (written off the loop, newest wins)."""
@@ -481,9 +507,9 @@ class Controller:
             "incarnation": inst.incarnation,
         }
         if inst.handle is not None:
-            record["handle"] = inst.handle.to_json()
-            record["pid"] = inst.handle.pid
-            record["startedAt"] = inst.handle.started_at
+            record["handle"] = inst.handle
+            record["pid"] = inst.handle.get("pid")
+            record["startedAt"] = inst.handle.get("started_at")
         if inst.launch is not None:
             record["port"] = inst.launch.port
             record["servedModel"] = inst.launch.served_model
@@ -506,7 +532,7 @@ class Controller:
         """What the admin API reports: every instance's phase and load, and a store problem if there is one."""
         instances = {name: {"phase": inst.phase.value, "message": inst.message, "inflight": inst.inflight,
                             "waiting": inst.waiting, "incarnation": inst.incarnation,
-                            "pid": inst.handle.pid if inst.handle else None,
+                            "pid": _pid(inst.handle),
                             "port": inst.launch.port if inst.launch else None}
                      for name, inst in self.instances.items()}
         return {"instances": instances, "storeProblem": self.store_problem}
@@ -523,14 +549,15 @@ class Controller:
             if not raw:
                 continue
             try:
-                handle = ProcessHandle.from_json(raw)
-            except ValueError as exc:
+                manager = self.managers.of(raw, self._gateway)
+                observed = await manager.observe(raw)
+            except (ValueError, TypeError) as exc:
                 notes[name] = (f"its state record is unreadable ({exc}); a runtime it names may still run "
                                f"(pid {record.get('pid')!r})")
                 log.warning("%s: %s", name, notes[name])
                 self._event("Model", name, "Warning", "UnreadableRecord", notes[name])
                 continue
-            if not self.supervisor.alive(handle):
+            if not observed.running:
                 continue
             launch = _recorded_launch(record)
             if name not in self._doc["models"]:
@@ -540,12 +567,13 @@ class Controller:
             elif not await self._healthy(launch):
                 why = "it did not answer its health check"
             else:
-                self._adopt(name, handle, launch, record)
+                self._adopt(name, raw, launch, record)
                 adopted.append(name)
                 continue
-            log.info("%s: stopping runtime pid %s left by the previous daemon: %s", name, handle.pid, why)
-            await asyncio.to_thread(self.supervisor.stop, handle)
-            notes[name] = f"stopped runtime pid {handle.pid} left running by the previous daemon: {why}"
+            log.info("%s: stopping runtime pid %s left by the previous daemon: %s", name, _pid(raw), why)
+            await manager.stop(raw, STOP_TIMEOUT_S)
+            self.orphans_stopped[name] = _pid(raw)
+            notes[name] = f"stopped runtime pid {_pid(raw)} left running by the previous daemon: {why}"
             self._event("Model", name, "Normal", "Orphan", notes[name])
         for name, record in state["instances"].items():
             if name not in adopted:
@@ -556,11 +584,11 @@ class Controller:
                 self._writer.record(name, cleared)
         return adopted
 
-    def _adopt(self, name: str, handle: ProcessHandle, launch: LaunchSpec, record: dict[str, Any]) -> None:
+    def _adopt(self, name: str, handle: Handle, launch: LaunchSpec, record: dict[str, Any]) -> None:
         inst = self.instance(name)
         inst.handle, inst.launch, inst.generation = handle, launch, record.get("generation", 0)
-        inst.move(Phase.STARTING, f"re-attaching to pid {handle.pid}")
-        inst.move(Phase.READY, f"re-attached to pid {handle.pid}")
+        inst.move(Phase.STARTING, f"re-attaching to pid {_pid(handle)}")
+        inst.move(Phase.READY, f"re-attached to pid {_pid(handle)}")
 
     async def _healthy(self, launch: LaunchSpec) -> bool:
         try:
@@ -600,19 +628,21 @@ class Controller:
         while True:
             await asyncio.sleep(MONITOR_INTERVAL_S)
             try:
-                self._check()
+                await self._check()
             except Exception:  # noqa: BLE001 - the monitor must outlive any one bad check
                 log.exception("monitor check failed")
 
-    def _check(self) -> None:
-        """One look at every instance. It never waits: what it decides (a stop, a probe) runs as a task."""
-        self.supervisor.reap()
+    async def _check(self) -> None:
+        """One look at every instance: the managers are asked about the running ones together, then what is
+        decided (a stop, a probe, housekeeping) runs as a task of its own, so the look itself is short."""
+        watched = [i for i in self.instances.values() if i.phase in (Phase.READY, Phase.DRAINING) and i.handle]
+        seen = await asyncio.gather(*(self._observe(i) for i in watched))
+        for inst, state in zip(watched, seen, strict=True):
+            if state is not None and not state.running:
+                self._crashed(inst, inst.incarnation, state.exit_code)
         models = self.doc()["models"]
         now = time.monotonic()
         for inst in list(self.instances.values()):
-            if inst.phase in (Phase.READY, Phase.DRAINING) and not self._alive(inst):
-                self._crashed(inst, inst.incarnation)
-                continue
             if inst.phase is not Phase.READY or inst.name in self._stops:
                 continue
             obj = models.get(inst.name)
@@ -628,10 +658,21 @@ class Controller:
                 self._spawn(self.stop(inst.name), f"stop-idle-{inst.name}")
                 continue
             self._maybe_probe(inst, now)
-        if now >= self._next_rotation:
-            self._next_rotation = now + ROTATE_INTERVAL_S
-            handles = [i.handle for i in self.instances.values() if i.handle is not None]
-            self._spawn(asyncio.to_thread(lambda: [self.supervisor.rotate_logs(h) for h in handles]), "rotate-logs")
+        if now >= self._next_housekeeping and (self._housekeeper is None or self._housekeeper.done()):
+            self._next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
+            self._housekeeper = self._spawn(self._housekeeping(), "housekeeping")
+
+    async def _housekeeping(self) -> None:
+        """Each manager collects its exited children and rotates the logs of the jobs it runs."""
+        by_manager: dict[int, tuple[ServiceManager, list[Handle]]] = {}
+        for inst in self.instances.values():
+            if inst.handle is not None:
+                manager = self._manager(inst.handle)
+                by_manager.setdefault(id(manager), (manager, []))[1].append(inst.handle)
+        process = self.managers.get("process", self._gateway)
+        by_manager.setdefault(id(process), (process, []))  # its children are reaped even when none is loaded
+        for manager, handles in by_manager.values():
+            await manager.housekeeping(handles)
 
     def _maybe_probe(self, inst: Instance, now: float) -> None:
         check = self._gateway["healthCheck"]
@@ -657,6 +698,10 @@ class Controller:
         if inst.missed_probes >= threshold:
             self._fail(inst, f"not answering its health check ({threshold} probes of {timeout:g} s missed): hung",
                        "Hung")
+
+
+def _pid(handle: Handle | None) -> int | None:
+    return handle.get("pid") if handle else None
 
 
 def exit_text(code: int | None) -> str:
@@ -701,3 +746,17 @@ def estimate_bytes(doc: dict[str, Any], obj: dict[str, Any] | None) -> int:
         head_dim = embedding // heads
         kv = 2 * layers * kv_heads * head_dim * ctx * 2
     return weights + kv + 256 * 2**20
+
+
+async def stop_left_behind(store: Store) -> dict[str, int | None]:
+    """``athanor down`` without a gateway: stop the runtimes a dead one left, through the same state machine and
+    records (adopted and then stopped, or stopped at once when not adoptable). Returns {model: pid} of those that
+    were still running."""
+    from athanor.controller.readiness import probe_session
+
+    async with probe_session() as session:
+        controller = Controller(store, Managers(store.home), session)
+        await controller.reattach()
+        stopped = {name: _pid(inst.handle) for name, inst in controller.instances.items() if inst.handle}
+        await controller.close()
+    return {**controller.orphans_stopped, **stopped}

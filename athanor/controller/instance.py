@@ -9,8 +9,9 @@
 
 ``Draining`` is a stop under way that waits for the requests already in flight: new requests wait for what
 comes next instead of going to the runtime. Every move goes through ``Instance.move``, which checks the table,
-stamps the time, wakes every waiter and tells each observer ``(instance, old phase)``. Callers never read a
-phase and then act on it from outside; they ask the controller to ``use`` a model and it decides.
+stamps the time, wakes every waiter and tells each subscribed observer ``(instance, old, new)``: persistence
+now, metrics and the TUI later. Callers never read a phase and then act on it from outside; they ask the
+controller to ``use`` a model and it decides.
 
 A runtime process has an ``incarnation``: the count of processes this instance has run. Anything said about a
 runtime ("it died") carries the incarnation it is about, so a report about a process that is already replaced
@@ -49,7 +50,7 @@ ALLOWED: dict[Phase, frozenset[Phase]] = {
 }
 RUNNING = frozenset({Phase.STARTING, Phase.READY, Phase.DRAINING})  # a process of ours may be serving
 
-Observer = Callable[["Instance", Phase], None]
+Observer = Callable[["Instance", Phase, Phase], None]  # (instance, old phase, new phase)
 
 
 class TransitionError(RuntimeError):
@@ -99,7 +100,12 @@ class Instance:
         self.changed.set()
         self.changed = asyncio.Event()
         for observer in self.observers:
-            observer(self, old)
+            observer(self, old, new)
+
+    def subscribe(self, observer: Observer) -> None:
+        """Call ``observer(instance, old, new)`` after every phase change, in the order observers subscribed.
+        Observers run inside the change: they must not block or raise (queue the work instead)."""
+        self.observers.append(observer)
 
     def enter(self) -> None:
         self.inflight += 1

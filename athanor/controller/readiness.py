@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -65,7 +65,7 @@ def _error_text(body: bytes) -> str:
 
 
 async def wait_ready(
-    session: aiohttp.ClientSession, launch: LaunchSpec, *, timeout: float, alive: Callable[[], bool],
+    session: aiohttp.ClientSession, launch: LaunchSpec, *, timeout: float, alive: Callable[[], Awaitable[bool]],
     abort: asyncio.Event,
 ) -> float:
     """Poll until ready; returns seconds waited. Raises NotReady if the process dies or time runs out, and
@@ -76,7 +76,7 @@ async def wait_ready(
     aborted = asyncio.ensure_future(abort.wait())
     try:
         while True:
-            if not alive():
+            if not await alive():
                 raise NotReady("the runtime exited while starting")
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -1,22 +1,106 @@
-"""Service managers: what runs a model's runtime (embedded supervisor, launchd, systemd)."""
+"""Service managers: what runs a model's runtime and the ingress (embedded supervisor, launchd, systemd).
+
+Which one runs models is decided where the gateway itself runs. ``athanor install`` registers the ingress with a
+service manager (``serviceManager``, or for ``auto``: launchd on macOS, systemd on Linux when ``systemctl --user``
+answers, otherwise the embedded supervisor) and tells the ingress which one it is under; models then run as jobs
+of the same manager. A gateway started by hand (``athanor serve``, ``athanor up``) with ``auto`` runs its models
+with the embedded supervisor, which works on any machine without touching the user's login items.
+"""
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
+import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-LABEL_PREFIX = "dev.athanor."
+if TYPE_CHECKING:
+    from athanor.managers.base import Handle, ServiceManager
+
+MANAGERS = ("process", "launchd", "systemd")
+UNDER_ENV = "ATHANOR_SERVICE_MANAGER"  # set in the ingress job: the manager the gateway itself runs under
 
 
-def resolve_manager(configured: str) -> str:
-    """``auto`` is the embedded supervisor: it works on any machine without touching the user's login items."""
-    return "process" if configured == "auto" else configured
+def installed_manager() -> str:
+    """The manager ``athanor install`` picks for ``auto``."""
+    if platform.system() == "Darwin":
+        return "launchd"
+    if systemd_user_available():
+        return "systemd"
+    return "process"
 
 
-def service_file_path(manager: str, model: str, home: Path | None = None) -> Path | None:
-    """Where the service file for ``model`` lives under ``manager`` (None for the embedded supervisor)."""
-    home = home or Path.home()
+def systemd_user_available() -> bool:
+    """Whether a systemd user manager answers (it does not in containers, or without a login session)."""
+    systemctl = shutil.which("systemctl")
+    if systemctl is None:
+        return False
+    try:
+        result = subprocess.run([systemctl, "--user", "show-environment"], capture_output=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+def resolve_manager(configured: str, environ: dict[str, str] | None = None) -> str:
+    """The manager that runs models: the configured one, or for ``auto`` the one the gateway runs under."""
+    if configured != "auto":
+        return configured
+    under = (os.environ if environ is None else environ).get(UNDER_ENV, "")
+    return under if under in MANAGERS else "process"
+
+
+def service_dir(manager: str, gateway: dict[str, Any], environ: dict[str, str] | None = None) -> Path | None:
+    """Where ``manager`` keeps its files (None for the embedded supervisor)."""
+    environ = os.environ if environ is None else environ
     if manager == "launchd":
-        return home / "Library" / "LaunchAgents" / f"{LABEL_PREFIX}{model}.plist"
+        configured = gateway.get("launchd", {}).get("agentsDir")
+        return Path(configured).expanduser() if configured else Path.home() / "Library" / "LaunchAgents"
     if manager == "systemd":
-        return home / ".config" / "systemd" / "user" / f"athanor-{model}.service"
+        config = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+        return Path(config) / "systemd" / "user"
     return None
+
+
+class Managers:
+    """The managers one daemon or command uses, made once each: the configured one starts new jobs; a handle is
+    always given back to the manager that made it (a job started before the Gateway switched managers is still
+    stopped by its own)."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self._made: dict[tuple[str, Path | None], ServiceManager] = {}
+
+    def get(self, name: str, gateway: dict[str, Any]) -> ServiceManager:
+        directory = service_dir(name, gateway)
+        key = (name, directory)
+        if key not in self._made:
+            self._made[key] = self._make(name, directory)
+        return self._made[key]
+
+    def current(self, gateway: dict[str, Any]) -> ServiceManager:
+        return self.get(resolve_manager(gateway["serviceManager"]), gateway)
+
+    def of(self, handle: Handle, gateway: dict[str, Any]) -> ServiceManager:
+        """The manager that made ``handle``; ValueError for a handle no manager made."""
+        name = handle.get("manager", "process") if isinstance(handle, dict) else None
+        if name not in MANAGERS:
+            raise ValueError(f"invalid job handle: unknown manager {name!r}")
+        return self.get(name, gateway)
+
+    def _make(self, name: str, directory: Path | None) -> ServiceManager:
+        if name == "launchd":
+            from athanor.managers.launchd import LaunchdManager
+
+            assert directory is not None
+            return LaunchdManager(directory)
+        if name == "systemd":
+            from athanor.managers.systemd import SystemdManager
+
+            assert directory is not None
+            return SystemdManager(directory)
+        from athanor.managers.process import ProcessManager
+
+        return ProcessManager(self.home / "logs")

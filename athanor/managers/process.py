@@ -17,11 +17,11 @@ holds its internal lock, which once left zombies and unknown exit codes behind).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import threading
@@ -35,13 +35,14 @@ from typing import Any
 import psutil
 
 from athanor.errors import InvalidValueError, RuntimeNotFoundError
+from athanor.managers import logs
+from athanor.managers.base import Handle, Job, JobState
 from athanor.paths import ensure_private_dir, open_private_file
 
-DEFAULT_LOG_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_LOG_MAX_BYTES = logs.DEFAULT_MAX_BYTES
 CREATE_TIME_TOLERANCE_S = 0.01
 KILL_WAIT_S = 5.0
 _TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
-_TAIL_BLOCK = 64 * 1024
 _HANDLE_FIELDS = ("name", "pid", "create_time", "log_path", "started_at")
 
 
@@ -243,47 +244,10 @@ class ProcessSupervisor:
         return self._rotate(Path(handle.log_path))
 
     def log_tail(self, name: str, lines: int = 50) -> list[str]:
-        """Reads backwards from the end, so a huge log costs only the blocks holding the last lines."""
-        if lines <= 0:
-            return []
-        try:
-            fh = open(self._log_path(name), "rb")
-        except FileNotFoundError:
-            return []
-        with fh:
-            pos = fh.seek(0, os.SEEK_END)
-            data = b""
-            while pos > 0 and data.count(b"\n") <= lines:
-                step = min(_TAIL_BLOCK, pos)
-                pos -= step
-                fh.seek(pos)
-                data = fh.read(step) + data
-        text = data.decode("utf-8", errors="replace")
-        # split("\n"), not splitlines(): a progress bar's "\r" is not a line of its own.
-        rows = text.split("\n")
-        if rows and rows[-1] == "":
-            rows.pop()
-        return rows[-lines:]
+        return logs.tail(self._log_path(name), lines)
 
     def _rotate(self, path: Path) -> bool:
-        """copytruncate: the runtime keeps its fd, so the file is copied and emptied in place, never renamed.
-
-        Lines written between the copy and the truncate are lost; that is the known price of copytruncate.
-        """
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return False
-        if size <= self.log_max_bytes:
-            return False
-        rotated = path.with_name(path.name + ".1")
-        tmp = path.with_name(path.name + ".1.tmp")
-        with open(path, "rb") as src, open(open_private_file(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as dst:
-            src.seek(size - size // 2)
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, rotated)
-        os.truncate(path, 0)
-        return True
+        return logs.rotate(path, self.log_max_bytes)
 
     def _log_path(self, name: str) -> Path:
         if not name or "/" in name or "\0" in name or name in {".", ".."}:
@@ -355,3 +319,48 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proce
             return alive
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, 0.1)
+
+
+class ProcessManager:
+    """The embedded supervisor behind the ``ServiceManager`` protocol: no files, runtimes as detached children.
+
+    A job's environment is added to the daemon's own, as it always was: the runtime inherits PATH, HF_* and the
+    rest from the gateway that starts it.
+    """
+
+    name = "process"
+
+    def __init__(self, logs_dir: Path):
+        self.supervisor = ProcessSupervisor(logs_dir)
+
+    def files(self, job: Job) -> dict[Path, bytes]:
+        return {}
+
+    async def start(self, job: Job) -> Handle:
+        handle = await asyncio.to_thread(self.supervisor.start, job.name, list(job.argv), job.environment(),
+                                         Path(job.workdir))
+        return {"manager": self.name, **handle.to_json()}
+
+    async def stop(self, handle: Handle, grace: float) -> int | None:
+        return await asyncio.to_thread(self.supervisor.stop, _process_handle(handle), grace)
+
+    async def observe(self, handle: Handle) -> JobState:
+        """Two reads of /proc (or a waitpid of our own child): cheap enough for the event loop."""
+        process = _process_handle(handle)
+        running = self.supervisor.alive(process)
+        return JobState(running, process.pid, None if running else self.supervisor.exit_code(process))
+
+    async def wait_exit(self, handle: Handle, timeout: float) -> bool:
+        return await asyncio.to_thread(self.supervisor.wait_exit, _process_handle(handle), timeout)
+
+    async def housekeeping(self, handles: list[Handle]) -> None:
+        self.supervisor.reap()
+        processes = [_process_handle(h) for h in handles]
+        await asyncio.to_thread(lambda: [self.supervisor.rotate_logs(p) for p in processes])
+
+    def forget(self, handle: Handle) -> None:
+        self.supervisor.forget(_process_handle(handle))
+
+
+def _process_handle(handle: Handle) -> ProcessHandle:
+    return ProcessHandle.from_json(handle)

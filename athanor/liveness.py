@@ -1,0 +1,28 @@
+"""Is the gateway running? The CLI asks before it shows a phase (a record of a dead daemon says nothing about now).
+
+Kept apart from ``daemon.py`` so that ``get`` and ``describe`` answer without importing the server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from athanor.store import Store
+
+CREATE_TIME_TOLERANCE_S = 0.01
+
+
+def daemon_record(store: Store) -> dict[str, Any] | None:
+    """The running daemon's record, or None if there is none (a stale record of a dead daemon counts as none)."""
+    import psutil
+
+    record = store.state.load().get("daemon")
+    if not record:
+        return None
+    try:
+        proc = psutil.Process(record["pid"])
+        if abs(proc.create_time() - record.get("createTime", 0)) > CREATE_TIME_TOLERANCE_S:
+            return None
+    except (psutil.Error, KeyError, TypeError):
+        return None
+    return record

@@ -1,0 +1,97 @@
+"""The seam between the controller and whatever runs processes: the embedded supervisor, launchd or systemd.
+
+A ``Job`` describes one thing to run, a model's runtime or the ingress: what to execute, with which environment,
+where its output goes, and how it is kept alive. Every manager reads that one description. launchd renders it as a
+plist, systemd as a unit, and the embedded supervisor runs it directly. None of them decides policy. The
+controller sees only ``ServiceManager``.
+
+Handles are plain JSON objects that a manager made and alone reads (``{"manager": NAME, ...}``). They go into
+state.json as they are, and a later daemon hands them back to the manager named in them, to adopt or to stop.
+
+Anything that blocks (a subprocess call, a file write, a signal and the wait after it) runs in a worker thread, so
+every coroutine here is safe to await on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+Handle = dict[str, Any]
+
+LABEL_PREFIX = "dev.athanor."  # launchd labels: dev.athanor.ingress, dev.athanor.model.NAME
+UNIT_PREFIX = "athanor-"  # systemd units: athanor-ingress.service, athanor-model-NAME.service
+
+
+@dataclass(frozen=True)
+class Job:
+    """One thing a service manager runs. Frozen and made of plain values, so rendering it is a pure function."""
+
+    kind: str  # "model" or "ingress"
+    name: str  # the model's name (names are [a-z0-9._-]); "ingress" for the gateway
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]  # sorted: the same job renders to the same bytes
+    workdir: str
+    log_path: str
+    stop_timeout_s: int = 10  # SIGTERM to SIGKILL
+    throttle_s: int = 2  # at least this long between two starts by the manager itself
+
+    @property
+    def label(self) -> str:
+        return f"{LABEL_PREFIX}{self.kind}" if self.kind == "ingress" else f"{LABEL_PREFIX}model.{self.name}"
+
+    @property
+    def unit(self) -> str:
+        return f"{UNIT_PREFIX}{self.kind}.service" if self.kind == "ingress" else f"{UNIT_PREFIX}model-{self.name}.service"
+
+    @property
+    def restart_always(self) -> bool:
+        """The ingress is restarted whatever ends it; a model only after a crash, so a clean stop stays stopped."""
+        return self.kind == "ingress"
+
+    def environment(self) -> dict[str, str]:
+        return dict(self.env)
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What a manager says about a job now."""
+
+    running: bool
+    pid: int | None = None
+    exit_code: int | None = None  # of the last run; negative: killed by that signal
+    restarts: int = 0  # starts the manager made on its own (KeepAlive, Restart=)
+    detail: str = ""  # the manager's own words, for describe
+
+
+class ServiceManager(Protocol):
+    name: str
+
+    def files(self, job: Job) -> dict[Path, bytes]:
+        """The files this job needs, rendered (pure: the same job gives the same bytes); none for some managers."""
+
+    async def start(self, job: Job) -> Handle:
+        """Write the job's files if they changed, load it, run it; the handle names the process that runs now."""
+
+    async def stop(self, handle: Handle, grace: float) -> int | None:
+        """Stop the job for good (a clean stop is not restarted) and return its exit code if known. Safe on a job
+        that is already gone and when repeated."""
+
+    async def observe(self, handle: Handle) -> JobState:
+        """The job as the manager sees it now. ``running`` is about the process the handle names: a job the
+        manager restarted on its own runs another process, and is reported not running."""
+
+    async def wait_exit(self, handle: Handle, timeout: float) -> bool:
+        """Whether the handle's process is gone within ``timeout`` seconds."""
+
+    async def housekeeping(self, handles: list[Handle]) -> None:
+        """Periodic care: collect exited children, rotate logs. Called by the controller's monitor."""
+
+    def forget(self, handle: Handle) -> None:
+        """The caller has recorded the end of this handle's process; drop what is kept about it."""
+
+
+def sorted_env(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(env.items()))

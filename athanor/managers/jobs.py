@@ -1,0 +1,34 @@
+"""The jobs athanor runs, described once: a model's runtime and the ingress (``athanor serve``).
+
+A model job's environment is exactly what its runtime needs (the launch's own variables): it must not depend on
+who renders it, or ``apply`` from a shell and the daemon would write different files for the same spec. The
+ingress job carries what the gateway needs to find its files and its runtimes, taken from the environment of
+``athanor install``: a service manager starts it with a bare environment otherwise (launchd's PATH has no
+Homebrew).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from athanor.managers.base import Job, sorted_env
+from athanor.runtimes.launch import LaunchSpec
+
+INGRESS_ENV = ("PATH", "LANG", "LC_ALL", "HF_HOME", "HF_HUB_CACHE", "XDG_CONFIG_HOME")
+
+
+def model_job(name: str, launch: LaunchSpec, home: Path) -> Job:
+    return Job(kind="model", name=name, argv=tuple(launch.argv), env=sorted_env(launch.env), workdir=str(home),
+               log_path=str(home / "logs" / f"{name}.log"))
+
+
+def ingress_job(home: Path, environ: Mapping[str, str] | None = None) -> Job:
+    """``athanor serve`` for ``home``, run by this Python (the installation athanor itself runs from)."""
+    environ = os.environ if environ is None else environ
+    env = {key: environ[key] for key in INGRESS_ENV if environ.get(key)}
+    env["ATHANOR_HOME"] = str(home)
+    return Job(kind="ingress", name="ingress", argv=(sys.executable, "-m", "athanor", "serve"),
+               env=sorted_env(env), workdir=str(home), log_path=str(home / "logs" / "daemon.log"))
