@@ -42,6 +42,7 @@ class ApplyResult:
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] = field(default_factory=dict)
     resources: list[Resource] = field(default_factory=list)
+    files: list[Any] = field(default_factory=list)  # service files written or removed (managers/files.py)
 
 
 @contextlib.contextmanager
@@ -75,9 +76,26 @@ def apply(
             changes += catalog.prune(doc, resources)
         after = copy.deepcopy(doc)
     result = ApplyResult(changes, discovered, discovery.warnings, before, after, resources)
+    result.files = service_files(store, after, dry_run=dry_run)
     if not dry_run:
         record_events(store, [*discovered, *changes])
     return result
+
+
+@contextlib.contextmanager
+def _edit_models(store: Store) -> Iterator[dict[str, Any]]:
+    """A locked edit of models.json; once it is written, the service files follow it."""
+    with store.models.edit() as doc:
+        yield doc
+        after = copy.deepcopy(doc)
+    service_files(store, after)
+
+
+def service_files(store: Store, doc: dict[str, Any], *, dry_run: bool = False) -> list[Any]:
+    """Bring the service manager's files in step with ``doc`` (nothing to do for the embedded supervisor)."""
+    from athanor.managers import files
+
+    return files.sync(store, doc, dry_run=dry_run)
 
 
 def _discover_for(doc: dict[str, Any], resources: list[Resource]) -> Discovery:
@@ -109,7 +127,9 @@ def diff(store: Store, targets: Iterable[str], *, prune: bool = False, stdin: IO
         chunks += difflib.unified_diff(
             old_text.splitlines(keepends=True), new_text.splitlines(keepends=True), f"{label} (live)", f"{label} (applied)"
         )
-    return "".join(chunks)
+    from athanor.managers import files
+
+    return "".join(chunks) + files.diff(store, result.after)
 
 
 def _find(doc: dict[str, Any], kind: str, name: str) -> dict[str, Any] | None:
@@ -145,7 +165,7 @@ class ScanResult:
 
 def scan(store: Store, extra_paths: tuple[str, ...] = (), *, prune: bool = False) -> ScanResult:
     """Register what discovery finds and refresh every model's detected facts, in one store transaction."""
-    with store.models.edit() as doc:
+    with _edit_models(store) as doc:
         spec = catalog.gateway_spec(doc)
         discovery = discover(spec["discovery"], extra_paths)
         changes = catalog.sync_discovered(doc, discovery.found, discovery.resolve)
@@ -158,7 +178,7 @@ def scan(store: Store, extra_paths: tuple[str, ...] = (), *, prune: bool = False
 
 
 def delete_files(store: Store, targets: Iterable[str], stdin: IO[str] | None = None) -> list[Change]:
-    with store.models.edit() as doc:
+    with _edit_models(store) as doc:
         resources = _read_resources(store, targets, stdin, doc)
         changes = [catalog.delete_resource(doc, res.kind, res.name) for res in resources]
     record_events(store, changes)
@@ -166,14 +186,14 @@ def delete_files(store: Store, targets: Iterable[str], stdin: IO[str] | None = N
 
 
 def delete_model(store: Store, name: str) -> Change:
-    with store.models.edit() as doc:
+    with _edit_models(store) as doc:
         change = catalog.delete_model(doc, resolve_name(doc, name))
     record_events(store, [change])
     return change
 
 
 def delete_recipe(store: Store, name: str) -> list[Change]:
-    with store.models.edit() as doc:
+    with _edit_models(store) as doc:
         users = sorted(n for n, m in doc["models"].items() if m["spec"].get("recipe") == name)
         if users and name in doc["recipes"]:
             raise InvalidValueError(f"recipe {name!r} is used by {', '.join(users)}; change their recipe first")
@@ -196,7 +216,7 @@ def resolve_name(doc: dict[str, Any], name: str) -> str:
 
 def set_preset(store: Store, name: str, assignments: Iterable[str]) -> dict[str, Any]:
     pairs = [parse_assignment(a) for a in assignments]
-    with store.models.edit() as doc:
+    with _edit_models(store) as doc:
         obj = doc["models"][resolve_name(doc, name)]
         runtime = obj["spec"]["runtime"]
         problems = [f"{k}: {p}" for k, v in pairs if (p := check_preset_value(runtime, k, v))]
@@ -210,7 +230,7 @@ def set_preset(store: Store, name: str, assignments: Iterable[str]) -> dict[str,
 
 
 def unset_preset(store: Store, name: str, keys: Iterable[str]) -> dict[str, Any]:
-    with store.models.edit() as doc:
+    with _edit_models(store) as doc:
         obj = doc["models"][resolve_name(doc, name)]
         preset = obj["spec"].get("preset", {})
         missing = [k for k in keys if k not in preset]
@@ -226,7 +246,7 @@ def unset_preset(store: Store, name: str, keys: Iterable[str]) -> dict[str, Any]
 
 def set_flavor(store: Store, name: str, flavor: str) -> Change:
     """MLX models run on mlx_lm.server (lm) or mlx_vlm.server (vlm); flavor picks which."""
-    with store.models.edit() as doc:
+    with _edit_models(store) as doc:
         model_name = resolve_name(doc, name)
         obj = doc["models"][model_name]
         if obj["spec"]["runtime"] == "llama-server":

@@ -83,3 +83,34 @@ def lan_address() -> str | None:
             if address.family == socket.AF_INET and not address.address.startswith("127."):
                 return address.address
     return None
+
+
+class LaunchctlDouble:
+    """The launchctl double on PATH (tests/doubles/launchctl_double.py): its state, and a way to ask it."""
+
+    def __init__(self, root: Path):
+        self.state = root / "launchd-double"
+        self.bin = root / "launchd-double-bin"
+        self.bin.mkdir(parents=True, exist_ok=True)
+        script = REPO / "tests" / "doubles" / "launchctl_double.py"
+        wrapper = self.bin / "launchctl"
+        wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {script} {self.state} \"$@\"\n")
+        wrapper.chmod(0o755)
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.bin / "launchctl"), *args], capture_output=True, text=True, timeout=30)
+
+    def shutdown(self) -> None:
+        """Kill every job and the double's launchd."""
+        self("--shutdown")
+
+
+@pytest.fixture
+def launchctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LaunchctlDouble]:
+    """launchctl on PATH is the double for this test; every job it ran is gone afterwards."""
+    double = LaunchctlDouble(tmp_path)
+    monkeypatch.setenv("PATH", f"{double.bin}{os.pathsep}{os.environ['PATH']}")
+    try:
+        yield double
+    finally:
+        double.shutdown()

@@ -61,6 +61,8 @@ class Gateway:
     home: Path
     proc: subprocess.Popen
     env: dict[str, str]
+    manager: str = "process"
+    base_spec: str = ""  # Gateway spec lines every applied Gateway keeps (the manager's)
 
     @property
     def client(self) -> openai.OpenAI:
@@ -82,6 +84,14 @@ class Gateway:
 
     def runtime_pid(self, name: str) -> int | None:
         return self.live(name)["pid"]
+
+    def job_loaded(self, name: str) -> bool:
+        """Whether the model's job is still known to its manager (launchd: ``launchctl print``)."""
+        if self.manager == "launchd":
+            label = f"gui/{os.getuid()}/dev.athanor.model.{name}"
+            return subprocess.run(["launchctl", "print", label], capture_output=True, env=self.env).returncode == 0
+        pid = self.live(name)["pid"]
+        return pid is not None and psutil.pid_exists(pid)
 
     def recorded(self) -> dict:
         """state.json once it has caught up with the daemon (what the CLI reads)."""
@@ -144,11 +154,22 @@ def models(home: Path, tmp_path: Path) -> Path:
     return spec
 
 
+MANAGERS = ["process", "launchd"]  # launchd through the launchctl double (tests/doubles)
+
+
 @pytest.fixture
-def gateway(home: Path, models: Path) -> Iterator[Gateway]:
+def gateway(request: pytest.FixtureRequest, home: Path, models: Path, tmp_path: Path) -> Iterator[Gateway]:
+    """A gateway on the embedded supervisor; parametrized indirectly with a manager name, on that manager."""
+    manager = getattr(request, "param", "process")
+    base = ""
+    if manager == "launchd":
+        request.getfixturevalue("launchctl")  # the double on PATH, every job it ran gone afterwards
+        base = f"  serviceManager: launchd\n  launchd: {{agentsDir: {json.dumps(str(tmp_path / 'LaunchAgents'))}}}\n"
+    if base:
+        write_gateway(tmp_path, base)
     port = free_port()
     proc = start_daemon(home, port)
-    gw = Gateway(f"http://127.0.0.1:{port}", home, proc, dict(os.environ))
+    gw = Gateway(f"http://127.0.0.1:{port}", home, proc, dict(os.environ), manager, base)
     try:
         yield gw
     finally:
@@ -156,6 +177,8 @@ def gateway(home: Path, models: Path) -> Iterator[Gateway]:
         if gw.proc.poll() is None:
             gw.proc.kill()
         gw.proc.wait(30)
+        if manager == "launchd":
+            request.getfixturevalue("launchctl").shutdown()  # its launchd too (it inherited ATHANOR_HOME)
         for leftover in _descendants_of_home(home):
             leftover.kill()
         assert not [p for p in _descendants_of_home(home) if p.is_running() and p.status() != "zombie"]
@@ -176,6 +199,7 @@ def test_models_are_listed_without_starting_anything(gateway):
 
 
 @pytest.mark.parametrize("model", ["tiny-gguf", "tiny-alias", "tiny-mlx"])
+@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_chat_completion_non_streaming_and_streaming(gateway, model):
     reply = chat(gateway.client, model)
     assert reply.model == model, "the response names the model the client asked for"
@@ -185,6 +209,7 @@ def test_chat_completion_non_streaming_and_streaming(gateway, model):
     assert chunks[-1].choices == [] or chunks[-1].choices[0].finish_reason is not None or len(chunks) > 1
 
 
+@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_swap_with_requests_in_flight_loses_nothing(gateway):
     """Clients on both models at once under `single`: every request answered, never two runtimes at once."""
     errors: list[BaseException] = []
@@ -204,10 +229,12 @@ def test_swap_with_requests_in_flight_loses_nothing(gateway):
             except BaseException as exc:  # noqa: BLE001 - collected and asserted below
                 errors.append(exc)
 
-    def watch() -> None:
+    weights = str(gateway.home.parent / "weights")
+
+    def watch() -> None:  # runtimes are found by the weights they serve, whoever started them
         while not stop.is_set():
-            running = [p for p in _descendants_of_home(gateway.home)
-                       if any(r in " ".join(p.info.get("cmdline") or []) for r in ("llama-server", "mlx_lm"))]
+            running = [p for p in psutil.process_iter(["cmdline", "status"]) if p.info["status"] != "zombie"
+                       and weights in " ".join(p.info.get("cmdline") or [])]
             max_runtimes[0] = max(max_runtimes[0], len(running))
             stop.wait(0.05)
 
@@ -225,6 +252,20 @@ def test_swap_with_requests_in_flight_loses_nothing(gateway):
     assert max_runtimes[0] == 1, "single residency: one runtime at a time"
 
 
+@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
+def test_a_preset_change_reloads_only_that_model_s_job(gateway, tmp_path):
+    _apply_gateway(gateway, tmp_path, "  residency: {policy: memory, budget: 90%}\n")
+    chat(gateway.client, "tiny-gguf")
+    chat(gateway.client, "tiny-mlx")
+    gguf, mlx = gateway.runtime_pid("tiny-gguf"), gateway.runtime_pid("tiny-mlx")
+    assert gateway.athanor("preset", "set", "tiny-gguf", "ctxSize=128").returncode == 0
+    wait_until(lambda: gateway.phase("tiny-gguf") == "Ready" and gateway.runtime_pid("tiny-gguf") not in (gguf, None),
+               30, "the changed model to be reloaded, without a request")
+    assert "--ctx-size 128" in " ".join(psutil.Process(gateway.runtime_pid("tiny-gguf")).cmdline())
+    assert gateway.runtime_pid("tiny-mlx") == mlx and gateway.phase("tiny-mlx") == "Ready", "the other is untouched"
+
+
+@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_memory_residency_keeps_both_loaded(gateway, tmp_path):
     _apply_gateway(gateway, tmp_path, "  residency: {policy: memory, budget: 90%}\n")
     chat(gateway.client, "tiny-gguf")
@@ -282,6 +323,7 @@ def test_expect_100_continue_is_answered_by_the_gateway(gateway):
 
 
 @pytest.mark.parametrize("model", ["tiny-gguf", "tiny-mlx"])  # chunked, and HTTP/1.0 ended by the connection
+@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_runtime_killed_mid_stream_fails_promptly_and_recovers(gateway, model):
     # A long answer, so the kill surely lands mid-stream (the fixture caps answers at 8 tokens).
     longer = ["maxTokens=100000"] + (["ctxSize=8192"] if model == "tiny-gguf" else [])
@@ -332,6 +374,7 @@ def test_down_after_a_killed_gateway_stops_its_runtimes_through_the_state_machin
     assert moves == ["Ready -> Draining", "Draining -> Stopping", "Stopping -> Standby"]
 
 
+@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_down_leaves_no_runtime_behind(gateway):
     chat(gateway.client, "tiny-mlx")
     pid = gateway.runtime_pid("tiny-mlx")
@@ -364,11 +407,15 @@ def test_smollm2_answers_sensibly(home, tmp_path):
         proc.wait(30)
 
 
-def _apply_gateway(gateway: Gateway, tmp_path: Path, spec_lines: str) -> None:
+def write_gateway(tmp_path: Path, spec_lines: str) -> None:
     spec = write(tmp_path / "gateway.yaml", "apiVersion: athanor.dev/v1alpha1\nkind: Gateway\n"
                                            "metadata: {name: default}\nspec:\n" + spec_lines)
-    result = gateway.athanor("apply", "-f", str(spec))
+    result = subprocess.run([ATHANOR, "apply", "-f", str(spec)], capture_output=True, text=True, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
+
+
+def _apply_gateway(gateway: Gateway, tmp_path: Path, spec_lines: str) -> None:
+    write_gateway(tmp_path, gateway.base_spec + spec_lines)
 
 
 def _raw_stream(gateway: Gateway, model: str) -> tuple[int, str, str]:
@@ -398,6 +445,7 @@ def test_queue_full_answers_429(gateway, tmp_path):
     assert "tiny-mlx" in results and "queue_full" in results, results
 
 
+@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_idle_model_is_unloaded(gateway, tmp_path):
     _apply_gateway(gateway, tmp_path, "  idleTimeout: 1s\n")
     chat(gateway.client, "tiny-gguf")
@@ -530,6 +578,7 @@ def test_apply_reaches_the_running_gateway(gateway, tmp_path):
     assert row[header.index("RSS")].endswith("iB")
 
 
+@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_client_disconnect_mid_stream_frees_the_runtime_slot(gateway):
     chat(gateway.client, "tiny-gguf")
     sock = _send_raw(gateway, {"model": "tiny-gguf", "stream": True, "max_tokens": 100000,
@@ -546,6 +595,7 @@ def test_client_disconnect_mid_stream_frees_the_runtime_slot(gateway):
     assert chat(gateway.client, "tiny-gguf").model == "tiny-gguf"
 
 
+@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_crash_loop_ends_in_failed_with_the_reason(gateway):
     """A runtime that keeps dying is restarted with backoff, then left Failed rather than restarted forever."""
     for _ in range(3):
@@ -556,11 +606,13 @@ def test_crash_loop_ends_in_failed_with_the_reason(gateway):
     with pytest.raises(openai.APIStatusError) as err:
         chat(gateway.client, "tiny-gguf")
     assert err.value.status_code == 503 and "failed 3 times" in err.value.message
+    assert not gateway.job_loaded("tiny-gguf"), "the crash-looping job is stopped (booted out under launchd)"
     failure = gateway.recorded()["instances"]["tiny-gguf"]["lastFailure"]
     assert failure["reason"] == "Crashed" and failure["exitCode"] == -9
     assert gateway.athanor("restart", "tiny-gguf").stdout.strip() == "model/tiny-gguf ready"
 
 
+@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_changed_spec_restarts_the_runtime_on_next_use_and_delete_stops_it(gateway):
     chat(gateway.client, "tiny-gguf")
     pid = gateway.runtime_pid("tiny-gguf")

@@ -24,6 +24,8 @@ def apply_cmd(filenames: tuple[str, ...], dry_run: bool, prune: bool) -> None:
         warn(message)
     echo_changes(result.discovered, dry_run=dry_run)
     echo_changes(result.changes, dry_run=dry_run)
+    for change in result.files:
+        click.echo(f"{change}{' (dry run)' if dry_run else ''}")
 
 
 @click.command("diff")

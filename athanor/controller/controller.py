@@ -67,7 +67,7 @@ CRASH_LIMIT = 3
 DRAIN_TIMEOUT_S = 30.0
 MONITOR_INTERVAL_S = 0.5
 HOUSEKEEPING_INTERVAL_S = 2.0  # reaping exited children and rotating logs
-EXIT_GRACE_S = 0.5  # how long a broken connection waits for its runtime's death to show (it closes sockets first)
+EXIT_GRACE_S = 2.0  # how long a broken connection waits for its runtime's death to show (it closes sockets first)
 STOP_GRACE_S = 5.0  # SIGTERM to SIGKILL for a failed runtime
 STOP_TIMEOUT_S = 10.0  # ... and for one that is stopped on purpose
 HUNG_GRACE_S = 1.0  # ... and for a frozen one, which cannot act on SIGTERM anyway
@@ -438,6 +438,15 @@ class Controller:
             inst.handle = None
             inst.move(Phase.STANDBY, result)
 
+    async def _reload(self, inst: Instance) -> None:
+        """A loaded model whose spec changed is restarted from the new one at once (only that model's job), as
+        ``apply`` promises; a failure is recorded like any other start's."""
+        await self.stop(inst.name)
+        try:
+            await self.make_ready(inst)
+        except ModelUnavailable as exc:
+            log.warning("%s: reloading it failed: %s", inst.name, exc)
+
     async def start(self, name: str) -> None:
         """``athanor start``: serve ``name`` now, through the same gate as requests."""
         await self.make_ready(self.instance(name))
@@ -649,6 +658,10 @@ class Controller:
             if obj is None:
                 log.info("%s was deleted: stopping it", inst.name)
                 self._spawn(self.stop(inst.name), f"stop-deleted-{inst.name}")
+                continue
+            if self._outdated(inst):
+                log.info("%s: its spec changed: reloading it", inst.name)
+                self._spawn(self._reload(inst), f"reload-{inst.name}")
                 continue
             idle_limit = parse_duration(self._setting(obj, "idleTimeout"))
             idle_for = now - inst.last_used

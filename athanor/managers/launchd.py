@@ -1,0 +1,253 @@
+"""launchd: each model's runtime and the ingress as user agents, driven with ``launchctl``.
+
+Rendering: ``templates/plists/{model,ingress}.plist.j2``, labels ``dev.athanor.model.NAME`` and
+``dev.athanor.ingress``. Model jobs carry ``KeepAlive {SuccessfulExit: false}``, so launchd restarts a crash and
+leaves a clean stop stopped; ``ProcessType Interactive`` (``Background`` is throttled hard enough to slow Metal
+decoding several times over).
+
+The verbs, and the behaviour of launchctl they have to live with:
+
+- swap in: ``enable`` then ``bootstrap``. A job booted out a moment ago may still be on its way out, and
+  ``bootstrap`` then fails with 5 (Input/output error, which also means disabled or missing): wait until
+  ``print`` no longer knows the label (bounded), and retry a 5 a few times.
+- swap out: ``bootout``, which returns before the job is gone, so ``print`` is polled until the label is
+  unknown, then ``disable``, so a plist left in ``~/Library/LaunchAgents`` does not start the model at the next
+  login. ``bootout`` of an unloaded job exits 3 and an unknown service 113: both mean there is nothing to stop.
+- observe: ``print``, whose output is not an API; only ``state``, ``pid``, ``runs`` and the last exit are read,
+  each line on its own, and anything else is ignored.
+- the domain is ``gui/UID`` in a login session and ``user/UID`` without one (SSH).
+
+launchd has no start limit: a runtime that keeps crashing is restarted every ``ThrottleInterval`` forever. The
+controller stops that: every crash it sees counts a failure and boots the job out, and ``CRASH_LIMIT`` failures
+leave the model Failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from athanor.errors import AthanorError, RuntimeNotFoundError
+from athanor.managers import logs
+from athanor.managers.base import Handle, Job, JobState
+from athanor.managers.templates import render
+from athanor.paths import ensure_private_dir
+from athanor.store.files import atomic_write_text
+
+NOT_LOADED = (3, 113)  # bootout of an unloaded job; an unknown service
+BUSY = 5  # bootstrap of a job still loaded (or disabled, or a missing plist)
+GONE_WAIT_S = 20.0
+BOOTSTRAP_TRIES = 8
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+class LaunchctlError(AthanorError):
+    """launchctl refused a request; the message carries its words."""
+
+
+def render_plist(job: Job) -> bytes:
+    """The job's plist (pure: the same job gives the same bytes). XML cannot hold most control characters,
+    even escaped: a value with one is refused rather than written broken."""
+    for value in (*job.argv, *(v for pair in job.env for v in pair), job.workdir, job.log_path):
+        if _XML_FORBIDDEN.search(value):
+            raise AthanorError(f"{job.label}: {value!r} holds a control character a plist cannot carry")
+    return render("plists", f"{job.kind}.plist.j2", escape=True, job=job)
+
+
+def parse_print(text: str) -> dict[str, object]:
+    """The facts athanor reads from ``launchctl print``: state, pid, runs, exit code (negative: a signal)."""
+    facts: dict[str, object] = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition(" = ")
+        if not sep:
+            continue
+        if key == "state" and "state" not in facts:
+            facts["state"] = value.strip()
+        elif key == "pid" and value.strip().isdigit():
+            facts["pid"] = int(value)
+        elif key == "runs" and value.strip().isdigit():
+            facts["runs"] = int(value)
+        elif key == "last exit code":
+            code = value.split(":")[0].strip()
+            if re.fullmatch(r"-?\d+", code):
+                facts["exit_code"] = int(code)
+        elif key == "last terminating signal":
+            number = value.rsplit(":", 1)[-1].strip()
+            if number.isdigit():
+                facts["exit_code"] = -int(number)
+    return facts
+
+
+class LaunchdManager:
+    name = "launchd"
+
+    def __init__(self, directory: Path):
+        self.directory = directory  # ~/Library/LaunchAgents, or the Gateway's launchd.agentsDir
+        self._domain: str | None = None
+
+    # ------------------------------------------------------------------ rendering
+
+    def plist_path(self, job: Job) -> Path:
+        return self.directory / f"{job.label}.plist"
+
+    def files(self, job: Job) -> dict[Path, bytes]:
+        return {self.plist_path(job): render_plist(job)}
+
+    # ------------------------------------------------------------------ the verbs
+
+    async def start(self, job: Job) -> Handle:
+        return await asyncio.to_thread(self._start, job)
+
+    def _start(self, job: Job) -> Handle:
+        path = self.plist_path(job)
+        write_if_changed(path, render_plist(job))
+        ensure_private_dir(Path(job.log_path).parent)  # launchd opens the log, but makes no directory for it
+        target = self._target(job.label)
+        self._wait_gone(target, GONE_WAIT_S)  # a bootout of this job a moment ago may not be complete
+        self._launchctl("enable", target)
+        for attempt in range(BOOTSTRAP_TRIES):
+            result = self._run("bootstrap", self.domain(), str(path))
+            if result.returncode == 0:
+                break
+            if result.returncode != BUSY or attempt == BOOTSTRAP_TRIES - 1:
+                raise LaunchctlError(f"launchctl bootstrap {self.domain()} {path}: {_said(result)}")
+            self._wait_gone(target, 1.0 + attempt)
+        facts = self._wait_running(target, job.stop_timeout_s)
+        pid = facts["pid"]
+        assert isinstance(pid, int)
+        return {"manager": self.name, "label": job.label, "domain": self.domain(), "plist": str(path), "pid": pid,
+                "create_time": _create_time(pid), "runs": facts.get("runs", 1), "log_path": job.log_path,
+                "started_at": _utc_now()}
+
+    async def stop(self, handle: Handle, grace: float) -> int | None:
+        return await asyncio.to_thread(self._stop, handle, grace)
+
+    def _stop(self, handle: Handle, grace: float) -> int | None:
+        target = f"{handle['domain']}/{handle['label']}"
+        result = self._run("bootout", target)
+        if result.returncode not in (0, *NOT_LOADED):
+            raise LaunchctlError(f"launchctl bootout {target}: {_said(result)}")
+        last = self._wait_gone(target, grace + GONE_WAIT_S)
+        self._launchctl("disable", target)  # a plist in LaunchAgents must not start the model at the next login
+        return last.get("exit_code") if isinstance(last.get("exit_code"), int) else None  # type: ignore[return-value]
+
+    async def observe(self, handle: Handle) -> JobState:
+        return await asyncio.to_thread(self._observe, handle)
+
+    def _observe(self, handle: Handle) -> JobState:
+        target = f"{handle['domain']}/{handle['label']}"
+        result = self._run("print", target)
+        if result.returncode != 0:
+            return JobState(False, detail="not loaded")
+        facts = parse_print(result.stdout)
+        pid = facts.get("pid") if isinstance(facts.get("pid"), int) else None
+        runs = facts.get("runs", 1)
+        running = facts.get("state") == "running" and pid == handle["pid"]
+        exit_code = facts.get("exit_code") if isinstance(facts.get("exit_code"), int) else None
+        detail = f"state {facts.get('state', '?')}, runs {runs}"
+        return JobState(running, pid, exit_code, max(0, int(runs) - int(handle.get("runs", 1))), detail)  # type: ignore[arg-type]
+
+    async def wait_exit(self, handle: Handle, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while (await self.observe(handle)).running:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)  # polling launchd for an exit, bounded by the caller's timeout
+        return True
+
+    async def housekeeping(self, handles: list[Handle]) -> None:
+        paths = [Path(h["log_path"]) for h in handles if h.get("log_path")]
+        await asyncio.to_thread(lambda: [logs.rotate(p) for p in paths])
+
+    def forget(self, handle: Handle) -> None:
+        pass
+
+    # ------------------------------------------------------------------ launchctl
+
+    def domain(self) -> str:
+        """``gui/UID`` in a login session, ``user/UID`` without one (SSH)."""
+        if self._domain is None:
+            result = self._run("managername")
+            session = "gui" if result.returncode == 0 and result.stdout.strip() == "Aqua" else "user"
+            self._domain = f"{session}/{os.getuid()}"
+        return self._domain
+
+    def _target(self, label: str) -> str:
+        return f"{self.domain()}/{label}"
+
+    def _wait_gone(self, target: str, timeout: float) -> dict[str, object]:
+        """Poll ``print`` until launchd no longer knows ``target``; returns the last facts it gave."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, object] = {}
+        delay = 0.02
+        while True:
+            result = self._run("print", target)
+            if result.returncode != 0:
+                return last
+            last = parse_print(result.stdout)
+            if time.monotonic() >= deadline:
+                raise LaunchctlError(f"{target} is still loaded {timeout:.0f} s after bootout ({last.get('state')})")
+            time.sleep(delay)  # bootout completes after it returns
+            delay = min(delay * 2, 0.5)
+
+    def _wait_running(self, target: str, timeout: float) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            result = self._run("print", target)
+            facts = parse_print(result.stdout) if result.returncode == 0 else {}
+            if facts.get("state") == "running" and isinstance(facts.get("pid"), int):
+                return facts
+            if time.monotonic() >= deadline:
+                raise LaunchctlError(f"{target} did not start: {facts or _said(result)}")
+            time.sleep(delay)  # launchd spawns the job just after bootstrap returns
+            delay = min(delay * 2, 0.2)
+
+    def _launchctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        result = self._run(*args)
+        if result.returncode != 0:
+            raise LaunchctlError(f"launchctl {' '.join(args)}: {_said(result)}")
+        return result
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        launchctl = shutil.which("launchctl")
+        if launchctl is None:
+            raise RuntimeNotFoundError("launchctl not found: launchd runs only on macOS; set the Gateway's "
+                                       "serviceManager to process or systemd")
+        return subprocess.run([launchctl, *args], capture_output=True, text=True, timeout=30)
+
+
+def write_if_changed(path: Path, content: bytes) -> bool:
+    """Write a service file atomically, and only when its bytes differ (a rewrite would look like a change)."""
+    try:
+        if path.read_bytes() == content:
+            return False
+    except FileNotFoundError:
+        pass
+    atomic_write_text(path, content.decode("utf-8"))
+    return True
+
+
+def _said(result: subprocess.CompletedProcess[str]) -> str:
+    words = (result.stderr or result.stdout).strip() or "no message"
+    return f"exit {result.returncode}: {words}"
+
+
+def _create_time(pid: int) -> float:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def _utc_now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
