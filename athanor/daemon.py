@@ -23,7 +23,7 @@ from athanor.ingress.admin import ADMIN, add_admin_routes
 from athanor.ingress.app import create_app
 from athanor.ingress.upstream import UpstreamPool
 from athanor.liveness import daemon_record
-from athanor.managers import Managers
+from athanor.managers import Managers, resolve_manager
 from athanor.store import Store
 from athanor.units import parse_duration
 
@@ -88,7 +88,8 @@ async def serve(store: Store, listen: str | None = None) -> None:
                 log.warning("no loopback listener for the admin API on port %s (%s): athanor start/stop/restart "
                             "will not reach this gateway", port, exc.strerror or exc)
         record = {"pid": os.getpid(), "listen": authority(host, port), "admin": authority(admin_host, port),
-                  "startedAt": catalog.now_iso(), "createTime": _create_time()}
+                  "manager": resolve_manager(gateway["serviceManager"]), "startedAt": catalog.now_iso(),
+                  "createTime": _create_time()}
         await asyncio.to_thread(_record_daemon, store, record)
         log.info("athanor serving on http://%s", authority(host, port))
         stop = asyncio.Event()

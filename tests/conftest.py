@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -101,8 +102,16 @@ class LaunchctlDouble:
         return subprocess.run([str(self.bin / "launchctl"), *args], capture_output=True, text=True, timeout=30)
 
     def shutdown(self) -> None:
-        """Kill every job and the double's launchd."""
+        """Kill every job and the double's launchd, and wait until it is gone."""
         self("--shutdown")
+        pid_file = self.state / "launchd.pid"
+        if pid_file.exists():
+            import psutil
+
+            try:
+                psutil.Process(int(pid_file.read_text())).wait(30)
+            except psutil.NoSuchProcess:
+                pass
 
 
 @pytest.fixture
@@ -114,3 +123,36 @@ def launchctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Launc
         yield double
     finally:
         double.shutdown()
+
+
+@pytest.fixture(scope="session")
+def systemd_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real systemd user manager in a container (fixtures/systemd_host.py), booted once per session."""
+    from fixtures import systemd_host as host_module
+
+    why = host_module.unavailable()
+    if why:
+        pytest.skip(why)
+    base = tmp_path_factory.getbasetemp()
+    host = host_module.boot(base, base / "systemd-bin")
+    try:
+        yield host
+    finally:
+        host_module.shutdown(host)
+
+
+@pytest.fixture
+def systemctl(systemd_host: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``systemctl`` on PATH is the bridge to the container's real user manager, and unit files go where it reads
+    them; every athanor unit this test left is stopped and removed afterwards."""
+    monkeypatch.setenv("PATH", f"{systemd_host.bin}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(systemd_host.config_home))
+    try:
+        yield systemd_host
+    finally:
+        units = systemd_host.config_home / "systemd" / "user"
+        for unit in units.glob("athanor-*.service"):
+            systemd_host.systemctl("--user", "stop", unit.name)
+            systemd_host.systemctl("--user", "reset-failed", unit.name)
+            unit.unlink()
+        systemd_host.systemctl("--user", "daemon-reload")

@@ -50,9 +50,16 @@ def _descendants_of_home(home: Path) -> list[psutil.Process]:
             env = proc.info["environ"] or {}
         except (psutil.Error, KeyError):
             continue
-        if env.get("ATHANOR_HOME") == str(home):
+        if env.get("ATHANOR_HOME") == str(home) and _status(proc) != psutil.STATUS_ZOMBIE:
             found.append(proc)
     return found
+
+
+def _status(proc: psutil.Process) -> str:
+    try:
+        return proc.status()
+    except psutil.Error:
+        return psutil.STATUS_ZOMBIE  # gone counts as a zombie here: not running
 
 
 @dataclass
@@ -86,10 +93,14 @@ class Gateway:
         return self.live(name)["pid"]
 
     def job_loaded(self, name: str) -> bool:
-        """Whether the model's job is still known to its manager (launchd: ``launchctl print``)."""
+        """Whether the model's job is still loaded or running under its manager."""
         if self.manager == "launchd":
             label = f"gui/{os.getuid()}/dev.athanor.model.{name}"
             return subprocess.run(["launchctl", "print", label], capture_output=True, env=self.env).returncode == 0
+        if self.manager == "systemd":
+            state = subprocess.run(["systemctl", "--user", "is-active", f"athanor-model-{name}.service"],
+                                   capture_output=True, text=True, env=self.env).stdout.strip()
+            return state not in ("inactive", "failed", "unknown")
         pid = self.live(name)["pid"]
         return pid is not None and psutil.pid_exists(pid)
 
@@ -154,7 +165,8 @@ def models(home: Path, tmp_path: Path) -> Path:
     return spec
 
 
-MANAGERS = ["process", "launchd"]  # launchd through the launchctl double (tests/doubles)
+# launchd through the launchctl double (tests/doubles); systemd for real, in a container (fixtures/systemd_host.py)
+MANAGERS = ["process", "launchd", "systemd"]
 
 
 @pytest.fixture
@@ -165,6 +177,9 @@ def gateway(request: pytest.FixtureRequest, home: Path, models: Path, tmp_path: 
     if manager == "launchd":
         request.getfixturevalue("launchctl")  # the double on PATH, every job it ran gone afterwards
         base = f"  serviceManager: launchd\n  launchd: {{agentsDir: {json.dumps(str(tmp_path / 'LaunchAgents'))}}}\n"
+    elif manager == "systemd":
+        request.getfixturevalue("systemctl")  # the bridge on PATH, units where the real user manager reads them
+        base = "  serviceManager: systemd\n"
     if base:
         write_gateway(tmp_path, base)
     port = free_port()
@@ -179,9 +194,11 @@ def gateway(request: pytest.FixtureRequest, home: Path, models: Path, tmp_path: 
         gw.proc.wait(30)
         if manager == "launchd":
             request.getfixturevalue("launchctl").shutdown()  # its launchd too (it inherited ATHANOR_HOME)
-        for leftover in _descendants_of_home(home):
+        leftovers = _descendants_of_home(home)
+        for leftover in leftovers:
             leftover.kill()
-        assert not [p for p in _descendants_of_home(home) if p.is_running() and p.status() != "zombie"]
+        wait_until(lambda: not _descendants_of_home(home), 10, "killed leftovers to die")
+        assert not leftovers, f"left running after down: {leftovers}"
 
 
 def chat(client: openai.OpenAI, model: str, stream: bool = False, max_tokens: int = 4):

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("athanor.cli.serve_cmds:serve_cmd", "Run the gateway in the foreground."),
     "up": ("athanor.cli.serve_cmds:up_cmd", "Start the gateway in the background."),
     "down": ("athanor.cli.serve_cmds:down_cmd", "Stop the gateway and every runtime it started."),
+    "install": ("athanor.cli.install_cmds:install_cmd", "Run the gateway under launchd or systemd, from login."),
+    "uninstall": ("athanor.cli.install_cmds:uninstall_cmd", "Remove every job or unit athanor created."),
     "start": ("athanor.cli.serve_cmds:start_cmd", "Start a model's runtime in the running gateway."),
     "stop": ("athanor.cli.serve_cmds:stop_cmd", "Stop a model's runtime."),
     "restart": ("athanor.cli.serve_cmds:restart_cmd", "Restart a model's runtime."),

@@ -14,9 +14,10 @@ from typing import Any
 
 import click
 
-from athanor import actions, views
+from athanor import actions, catalog, views
 from athanor.cli.common import store, warn
 from athanor.cli.get_cmds import _complete_model
+from athanor.cli.install_cmds import installed_ingress
 from athanor.errors import AthanorError, InvalidValueError, NotFoundError
 from athanor.liveness import daemon_record
 from athanor.paths import ensure_private_dir, open_private_file
@@ -51,7 +52,6 @@ def serve_cmd(listen: str | None, verbose: bool) -> None:
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the gateway to listen.")
 def up_cmd(listen: str | None, timeout: float) -> None:
     """Start the gateway in the background (logs in $ATHANOR_HOME/logs/daemon.log)."""
-    from athanor import catalog
     from athanor.daemon import parse_listen, wait_for_port
 
     st = store()
@@ -59,7 +59,19 @@ def up_cmd(listen: str | None, timeout: float) -> None:
     if running:
         click.echo(f"athanor already up on http://{running['listen']} (pid {running['pid']})")
         return
-    address = listen or catalog.gateway_spec(st.models.load())["listen"]
+    gateway = catalog.gateway_spec(st.models.load())
+    address = listen or gateway["listen"]
+    installed = installed_ingress(st, gateway)
+    if installed and not listen:  # installed with launchd or systemd: start it there, where it is kept running
+        import asyncio
+
+        manager, job = installed
+        asyncio.run(manager.start_job(job))
+        host, port = parse_listen(address)
+        if not wait_for_port("127.0.0.1" if host in ("", "0.0.0.0", "::") else host, port, timeout):
+            raise AthanorError(f"the gateway did not start listening on {address}; see {job.log_path}")
+        click.echo(f"athanor up on http://{address} ({manager.name})")
+        return
     ensure_private_dir(st.logs_dir)
     argv = [sys.executable, "-m", "athanor", "serve"] + (["--listen", listen] if listen else [])
     with open(open_private_file(st.logs_dir / "daemon.log", os.O_WRONLY | os.O_APPEND), "ab") as log_file:
@@ -79,7 +91,14 @@ def down_cmd(timeout: float) -> None:
 
     st = store()
     record = daemon_record(st)
-    if record:
+    installed = installed_ingress(st, catalog.gateway_spec(st.models.load()))
+    if record and installed:  # its manager would start it again: stop the job itself
+        import asyncio
+
+        manager, job = installed
+        asyncio.run(manager.stop_job(job))
+        click.echo(f"gateway (pid {record['pid']}) stopped ({manager.name}; 'athanor up' starts it again)")
+    elif record:
         proc = psutil.Process(record["pid"])
         proc.send_signal(signal.SIGTERM)
         if not _wait_exit(proc, timeout):

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from athanor.managers import UNDER_ENV
 from athanor.managers.base import Job, sorted_env
 from athanor.runtimes.launch import LaunchSpec
 
@@ -25,10 +26,12 @@ def model_job(name: str, launch: LaunchSpec, home: Path) -> Job:
                log_path=str(home / "logs" / f"{name}.log"))
 
 
-def ingress_job(home: Path, environ: Mapping[str, str] | None = None) -> Job:
-    """``athanor serve`` for ``home``, run by this Python (the installation athanor itself runs from)."""
+def ingress_job(home: Path, manager: str, environ: Mapping[str, str] | None = None) -> Job:
+    """``athanor serve`` for ``home`` under ``manager``, run by this Python (the installation athanor runs from).
+    The gateway learns which manager it runs under from its environment, and runs its models with the same one."""
     environ = os.environ if environ is None else environ
     env = {key: environ[key] for key in INGRESS_ENV if environ.get(key)}
     env["ATHANOR_HOME"] = str(home)
+    env[UNDER_ENV] = manager
     return Job(kind="ingress", name="ingress", argv=(sys.executable, "-m", "athanor", "serve"),
                env=sorted_env(env), workdir=str(home), log_path=str(home / "logs" / "daemon.log"))

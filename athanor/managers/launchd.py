@@ -34,7 +34,7 @@ from pathlib import Path
 
 from athanor.errors import AthanorError, RuntimeNotFoundError
 from athanor.managers import logs
-from athanor.managers.base import Handle, Job, JobState
+from athanor.managers.base import LABEL_PREFIX, Handle, Job, JobState
 from athanor.managers.templates import render
 from athanor.paths import ensure_private_dir
 from athanor.store.files import atomic_write_text
@@ -103,9 +103,10 @@ class LaunchdManager:
     async def start(self, job: Job) -> Handle:
         return await asyncio.to_thread(self._start, job)
 
-    def _start(self, job: Job) -> Handle:
+    def _start(self, job: Job, *, write: bool = True) -> Handle:
         path = self.plist_path(job)
-        write_if_changed(path, render_plist(job))
+        if write:
+            write_if_changed(path, render_plist(job))
         ensure_private_dir(Path(job.log_path).parent)  # launchd opens the log, but makes no directory for it
         target = self._target(job.label)
         self._wait_gone(target, GONE_WAIT_S)  # a bootout of this job a moment ago may not be complete
@@ -166,6 +167,53 @@ class LaunchdManager:
 
     def forget(self, handle: Handle) -> None:
         pass
+
+    # ------------------------------------------------------------------ installing the gateway
+
+    def installed(self, job: Job) -> bool:
+        return self.plist_path(job).exists()
+
+    async def install(self, job: Job) -> str:
+        """Have ``job`` loaded from a current plist: ``created``, ``configured`` (reloaded with a changed plist)
+        or ``unchanged``. A job that starts at load (the ingress) also starts at every login."""
+        return await asyncio.to_thread(self._install, job)
+
+    def _install(self, job: Job) -> str:
+        path = self.plist_path(job)
+        existed = path.exists()
+        target = self._target(job.label)
+        loaded = self._run("print", target).returncode == 0
+        changed = write_if_changed(path, render_plist(job))
+        if loaded and not changed:
+            return "unchanged"
+        if loaded:
+            self._stop({"domain": self.domain(), "label": job.label}, job.stop_timeout_s)
+        self._start(job)
+        return "configured" if existed else "created"
+
+    async def start_job(self, job: Job) -> None:
+        """Load an installed job from its plist as it is (``athanor up`` of an installed gateway)."""
+        target = self._target(job.label)
+        if await asyncio.to_thread(lambda: self._run("print", target).returncode) != 0:
+            await asyncio.to_thread(lambda: self._start(job, write=False))
+
+    async def stop_job(self, job: Job) -> None:
+        """Stop ``job`` by its label (the gateway's own job, whose handle nobody records)."""
+        await self.stop({"domain": self.domain(), "label": job.label}, job.stop_timeout_s)
+
+    async def uninstall(self) -> list[str]:
+        """Boot out and remove every job athanor created here: its plists, and nothing else."""
+        return await asyncio.to_thread(self._uninstall)
+
+    def _uninstall(self) -> list[str]:
+        removed = []
+        for path in sorted(self.directory.glob(f"{LABEL_PREFIX}*.plist")) if self.directory.is_dir() else []:
+            label = path.name.removesuffix(".plist")
+            self._stop({"domain": self.domain(), "label": label}, 10.0)
+            self._run("enable", self._target(label))  # leave no entry of ours in the disabled list either
+            path.unlink()
+            removed.append(label)
+        return removed
 
     # ------------------------------------------------------------------ launchctl
 

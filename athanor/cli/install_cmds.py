@@ -1,0 +1,85 @@
+"""install, uninstall: the gateway as a job of the service manager, started at login and kept running."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import click
+
+from athanor import catalog
+from athanor.cli.common import store
+from athanor.errors import AthanorError
+from athanor.liveness import daemon_record
+
+MANAGED = ("launchd", "systemd")
+
+
+def installed_ingress(st: Any, gateway: dict[str, Any]) -> tuple[Any, Any] | None:
+    """(manager, job) of the gateway when ``athanor install`` registered it with launchd or systemd."""
+    from athanor.managers import Managers, jobs
+
+    managers = Managers(st.home)
+    for name in MANAGED:
+        manager = managers.get(name, gateway)
+        job = jobs.ingress_job(st.home, name)
+        if manager.installed(job):
+            return manager, job
+    return None
+
+
+@click.command("install")
+@click.option("--manager", type=click.Choice(["launchd", "systemd", "process"]),
+              help="Override the Gateway's serviceManager (auto: launchd on macOS, systemd on Linux when "
+                   "'systemctl --user' answers, else the embedded supervisor).")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the gateway to listen.")
+@click.pass_context
+def install_cmd(ctx: click.Context, manager: str | None, timeout: float) -> None:
+    """Register the gateway with the service manager and start it; models then run as its jobs too (idempotent)."""
+    from athanor.daemon import parse_listen, wait_for_port
+    from athanor.managers import Managers, installed_manager, jobs
+
+    st = store()
+    gateway = catalog.gateway_spec(st.models.load())
+    configured = gateway["serviceManager"]
+    name = manager or (installed_manager() if configured == "auto" else configured)
+    if name == "process":
+        from athanor.cli.serve_cmds import up_cmd
+
+        click.echo("the embedded supervisor does not start the gateway at login; starting it now (athanor up). "
+                   "launchd (macOS) or systemd (Linux) start it at login: athanor install --manager ...")
+        ctx.invoke(up_cmd, listen=None, timeout=timeout)
+        return
+    service = Managers(st.home).get(name, gateway)
+    job = jobs.ingress_job(st.home, name)
+    running = daemon_record(st)
+    if running and not service.installed(job):
+        raise AthanorError(f"a gateway started by hand is running (pid {running['pid']}); stop it with "
+                           "'athanor down', then install")
+    result = asyncio.run(service.install(job))
+    address = gateway["listen"]
+    host, port = parse_listen(address)
+    if not wait_for_port("127.0.0.1" if host in ("", "0.0.0.0", "::") else host, port, timeout):
+        raise AthanorError(f"the gateway did not start listening on {address}; see {job.log_path}")
+    where = next(iter(service.files(job)))
+    click.echo(f"gateway {result} as {job.label if name == 'launchd' else job.unit} ({name}, {where}); "
+               f"serving on http://{address}")
+    if name == "systemd":
+        click.echo("it starts with your user manager; to keep it running without a login session: "
+                   "loginctl enable-linger $USER")
+
+
+@click.command("uninstall")
+def uninstall_cmd() -> None:
+    """Stop and remove every job or unit athanor created (the gateway's and every model's), and nothing else."""
+    from athanor.managers import Managers
+
+    st = store()
+    gateway = catalog.gateway_spec(st.models.load())
+    removed: list[str] = []
+    for name in MANAGED:
+        removed += asyncio.run(Managers(st.home).get(name, gateway).uninstall())
+    for item in removed:
+        click.echo(f"{item} removed")
+    if not removed:
+        click.echo("nothing installed")

@@ -1,0 +1,256 @@
+"""systemd --user: each model's runtime and the ingress as user units, driven with ``systemctl --user``.
+
+Rendering: ``templates/systemd/{model,ingress}.service.j2`` into ``$XDG_CONFIG_HOME/systemd/user``
+(``athanor-model-NAME.service``, ``athanor-ingress.service``). A unit file is not markup, so every value is quoted
+here by systemd's own rules before it reaches the template: each ``ExecStart`` argument in double quotes with
+C-style escapes, ``%`` (specifiers) doubled, ``$`` (variable expansion) doubled in ``ExecStart``; each
+``Environment=`` assignment quoted the same way. Model units restart on failure only (a clean stop stays
+stopped), with the start limit in ``[Unit]``, where systemd reads it; ``KillMode=mixed`` sends SIGTERM to the
+runtime and SIGKILL to anything left after ``TimeoutStopSec``.
+
+The verbs: ``daemon-reload`` after writing units; ``reset-failed`` then ``start`` (a unit stopped by its start limit
+stays failed otherwise); ``stop``, which returns once the unit is stopped; ``show`` for ``MainPID``,
+``ActiveState``, ``SubState``, ``Result``, ``NRestarts`` and the main process's exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from athanor.errors import AthanorError, RuntimeNotFoundError
+from athanor.managers import logs
+from athanor.managers.base import UNIT_PREFIX, Handle, Job, JobState
+from athanor.managers.launchd import write_if_changed
+from athanor.managers.templates import render
+from athanor.paths import ensure_private_dir
+
+START_LIMIT_BURST = 5  # a model unit that fails this often in the interval is left failed by systemd itself
+START_LIMIT_INTERVAL_S = 60
+SHOW = ("MainPID", "ActiveState", "SubState", "Result", "NRestarts", "ExecMainCode", "ExecMainStatus")
+_CLD_EXITED = "1"  # ExecMainCode: the main process exited (its status is an exit code), else it was killed
+_UNQUOTABLE = re.compile("[\x00\n\r]")
+
+
+class SystemctlError(AthanorError):
+    """systemctl refused a request; the message carries its words."""
+
+
+def quote(value: str, *, expand: bool = False) -> str:
+    """One word for a unit file, double-quoted: C escapes for backslash, quote and control characters, ``%%`` for
+    a literal ``%``, and with ``expand`` (``ExecStart``, where ``$VAR`` is expanded) ``$$`` for a literal ``$``."""
+    if _UNQUOTABLE.search(value):
+        raise AthanorError(f"{value!r} holds a newline or NUL, which a unit file cannot carry")
+    out = []
+    for ch in value:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "%":
+            out.append("%%")
+        elif ch == "$" and expand:
+            out.append("$$")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _path(value: str) -> str:
+    """A path setting (``WorkingDirectory=``, ``append:``), which takes no quotes: specifiers doubled."""
+    if _UNQUOTABLE.search(value):
+        raise AthanorError(f"{value!r} holds a newline or NUL, which a unit file cannot carry")
+    return value.replace("%", "%%")
+
+
+def render_unit(job: Job) -> bytes:
+    """The job's unit (pure: the same job gives the same bytes)."""
+    return render("systemd", f"{job.kind}.service.j2", escape=False, job=job,
+                  exec_start=" ".join(quote(arg, expand=True) for arg in job.argv),
+                  workdir=_path(job.workdir), log_path=_path(job.log_path),
+                  environment=[quote(f"{key}={value}") for key, value in job.env],
+                  start_limit_burst=START_LIMIT_BURST, start_limit_interval_s=START_LIMIT_INTERVAL_S)
+
+
+def parse_show(text: str) -> dict[str, str]:
+    facts = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            facts[key.strip()] = value.strip()
+    return facts
+
+
+class SystemdManager:
+    name = "systemd"
+
+    def __init__(self, directory: Path):
+        self.directory = directory  # $XDG_CONFIG_HOME/systemd/user
+
+    def unit_path(self, job: Job) -> Path:
+        return self.directory / job.unit
+
+    def files(self, job: Job) -> dict[Path, bytes]:
+        return {self.unit_path(job): render_unit(job)}
+
+    async def start(self, job: Job) -> Handle:
+        return await asyncio.to_thread(self._start, job)
+
+    def _start(self, job: Job) -> Handle:
+        if write_if_changed(self.unit_path(job), render_unit(job)):
+            self._systemctl("daemon-reload")
+        ensure_private_dir(Path(job.log_path).parent)  # systemd opens append: logs, but makes no directory
+        self._run("reset-failed", job.unit)  # a unit its start limit stopped would refuse to start
+        self._systemctl("start", job.unit)
+        facts = self._show(job.unit)
+        pid = int(facts.get("MainPID", "0") or 0)
+        if not pid:
+            raise SystemctlError(f"{job.unit} did not start: {facts.get('ActiveState')}/{facts.get('SubState')} "
+                                 f"({facts.get('Result')}); see 'athanor logs {job.name}'")
+        return {"manager": self.name, "unit": job.unit, "pid": pid, "create_time": _create_time(pid),
+                "restarts": int(facts.get("NRestarts", "0") or 0), "log_path": job.log_path,
+                "started_at": _utc_now()}
+
+    async def stop(self, handle: Handle, grace: float) -> int | None:
+        return await asyncio.to_thread(self._stop, handle)
+
+    def _stop(self, handle: Handle) -> int | None:
+        result = self._run("stop", handle["unit"])  # returns once stopped (TimeoutStopSec, then SIGKILL)
+        if result.returncode not in (0, 5):  # 5: the unit is not loaded at all, so nothing runs
+            raise SystemctlError(f"systemctl --user stop {handle['unit']}: {_said(result)}")
+        return _exit_code(self._show(handle["unit"])) if result.returncode == 0 else None
+
+    async def observe(self, handle: Handle) -> JobState:
+        return await asyncio.to_thread(self._observe, handle)
+
+    def _observe(self, handle: Handle) -> JobState:
+        facts = self._show(handle["unit"])
+        pid = int(facts.get("MainPID", "0") or 0) or None
+        active = facts.get("ActiveState") == "active" and facts.get("SubState") == "running"
+        restarts = max(0, int(facts.get("NRestarts", "0") or 0) - int(handle.get("restarts", 0)))
+        detail = f"{facts.get('ActiveState', '?')}/{facts.get('SubState', '?')}, result {facts.get('Result', '?')}"
+        return JobState(active and pid == handle["pid"], pid, _exit_code(facts), restarts, detail)
+
+    async def wait_exit(self, handle: Handle, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while (await self.observe(handle)).running:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)  # polling systemd for an exit, bounded by the caller's timeout
+        return True
+
+    async def housekeeping(self, handles: list[Handle]) -> None:
+        paths = [Path(h["log_path"]) for h in handles if h.get("log_path")]
+        await asyncio.to_thread(lambda: [logs.rotate(p) for p in paths])
+
+    def forget(self, handle: Handle) -> None:
+        pass
+
+    def reload_files(self) -> None:
+        """After ``apply`` rewrote units: systemd reads unit files only on daemon-reload. A user manager that
+        does not answer (no login session) is not an error here; ``athanor install`` says what to do."""
+        self._run("daemon-reload")
+
+    # ------------------------------------------------------------------ installing the gateway
+
+    def installed(self, job: Job) -> bool:
+        return self.unit_path(job).exists()
+
+    async def install(self, job: Job) -> str:
+        """Have ``job`` enabled and running from a current unit: ``created``, ``configured`` (restarted with a
+        changed unit) or ``unchanged``. Enabled, the ingress starts with the user's manager (at login, or at boot
+        with lingering on)."""
+        return await asyncio.to_thread(self._install, job)
+
+    def _install(self, job: Job) -> str:
+        path = self.unit_path(job)
+        existed = path.exists()
+        changed = write_if_changed(path, render_unit(job))
+        if changed:
+            self._systemctl("daemon-reload")
+        self._systemctl("enable", job.unit)
+        active = self._run("is-active", job.unit).stdout.strip() == "active"
+        if active and not changed:
+            return "unchanged"
+        ensure_private_dir(Path(job.log_path).parent)
+        self._systemctl("restart" if active else "start", job.unit)
+        return "configured" if existed else "created"
+
+    async def start_job(self, job: Job) -> None:
+        """Start an installed unit as it is (``athanor up`` of an installed gateway)."""
+        await asyncio.to_thread(self._systemctl, "start", job.unit)
+
+    async def stop_job(self, job: Job) -> None:
+        await self.stop({"unit": job.unit}, job.stop_timeout_s)
+
+    async def uninstall(self) -> list[str]:
+        """Stop, disable and remove every unit athanor created here, and nothing else."""
+        return await asyncio.to_thread(self._uninstall)
+
+    def _uninstall(self) -> list[str]:
+        removed = []
+        for path in sorted(self.directory.glob(f"{UNIT_PREFIX}*.service")) if self.directory.is_dir() else []:
+            self._run("disable", "--now", path.name)
+            self._run("reset-failed", path.name)
+            path.unlink()
+            removed.append(path.name)
+        if removed:
+            self._run("daemon-reload")
+        return removed
+
+    # ------------------------------------------------------------------ systemctl
+
+    def _show(self, unit: str) -> dict[str, str]:
+        result = self._run("show", unit, "-p", ",".join(SHOW))
+        if result.returncode != 0:
+            raise SystemctlError(f"systemctl --user show {unit}: {_said(result)}")
+        return parse_show(result.stdout)
+
+    def _systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        result = self._run(*args)
+        if result.returncode != 0:
+            raise SystemctlError(f"systemctl --user {' '.join(args)}: {_said(result)}")
+        return result
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        systemctl = shutil.which("systemctl")
+        if systemctl is None:
+            raise RuntimeNotFoundError("systemctl not found: set the Gateway's serviceManager to process")
+        return subprocess.run([systemctl, "--user", *args], capture_output=True, text=True, timeout=60)
+
+
+def _exit_code(facts: dict[str, str]) -> int | None:
+    """The main process's last exit: its code, or minus the signal that killed it. systemd forgets the exit of an
+    inactive unit it unloads, but keeps ``Result``: a ``success`` then still says the exit was clean."""
+    status = facts.get("ExecMainStatus", "")
+    if status.lstrip("-").isdigit() and facts.get("ExecMainCode", "0") != "0":
+        return int(status) if facts.get("ExecMainCode") == _CLD_EXITED else -int(status)
+    if facts.get("ActiveState") == "inactive" and facts.get("Result") == "success":
+        return 0
+    return None
+
+
+def _said(result: subprocess.CompletedProcess[str]) -> str:
+    words = (result.stderr or result.stdout).strip() or "no message"
+    return f"exit {result.returncode}: {words}"
+
+
+def _create_time(pid: int) -> float:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def _utc_now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
