@@ -21,6 +21,26 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
+
+# The service-manager tests check plists with libplist's plistutil, units with systemd-analyze, and boot a real
+# systemd user manager in a container (systemd-nspawn, debootstrap). Debian packages: installed when root.
+if [ "$extras" = "runtimes,test" ] && [ "$(uname -s)" = "Linux" ]; then
+  need=""
+  command -v plistutil >/dev/null || need="$need libplist-utils"
+  command -v systemd-analyze >/dev/null || need="$need systemd"
+  command -v systemd-nspawn >/dev/null || need="$need systemd-container"
+  command -v debootstrap >/dev/null || need="$need debootstrap"
+  if [ -n "$need" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "installing Debian packages for the tests:$need"
+      # shellcheck disable=SC2086 # one word per package
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q $need >/dev/null ||
+        { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $need >/dev/null; }
+    else
+      echo "note: the service-manager tests need these Debian packages:$need (apt-get install, as root)" >&2
+    fi
+  fi
+fi
 pip install --quiet --upgrade pip
 
 # llama.cpp from source: only the server and its libraries matter, not tests or examples.

@@ -29,6 +29,8 @@ DOCUMENTED = {"Label": str, "ProgramArguments": list, "EnvironmentVariables": di
               "StandardOutPath": str, "StandardErrorPath": str, "ProcessType": str, "ThrottleInterval": int,
               "ExitTimeOut": int, "KeepAlive": (bool, dict), "RunAtLoad": bool}
 AWKWARD = "dir with spaces/\"quotes\" & <angle> $HOME %n ünïcödé"
+# scripts/setup.sh --test installs libplist-utils as root; elsewhere these tests say what is missing
+needs_plistutil = pytest.mark.skipif(shutil.which("plistutil") is None, reason="plistutil (libplist-utils) missing")
 
 
 def job(tmp_path: Path, kind: str = "model", name: str = "tiny", argv: tuple[str, ...] | None = None,
@@ -52,6 +54,7 @@ def check_plist(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["model", "ingress"])
+@needs_plistutil
 def test_plists_pass_the_validators_and_keep_every_value_whole(tmp_path, kind):
     awkward = tmp_path / AWKWARD
     awkward.mkdir(parents=True)
@@ -94,6 +97,7 @@ def run(coro):
     return asyncio.run(coro)
 
 
+@needs_plistutil
 def test_start_observe_stop_through_launchctl(tmp_path, launchctl: LaunchctlDouble):
     manager = LaunchdManager(tmp_path / "LaunchAgents")
     made = job(tmp_path, env={"MARK": "set by the plist"},
@@ -184,6 +188,7 @@ def test_the_double_behaves_like_launchctl(tmp_path, launchctl: LaunchctlDouble)
     assert launchctl("print", f"gui/{uid}/{made.label}").returncode in (0, 113), "gone a moment later"
 
 
+@needs_plistutil
 def test_apply_writes_a_plist_per_model_diff_shows_changes_and_delete_removes_it(cli, tmp_path):
     from conftest import write
     from fixtures.tiny_models import write_tiny_llama_gguf

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from athanor.managers.base import Job, sorted_env
 from athanor.managers.systemd import SystemdManager, quote, render_unit
 
 AWKWARD = "dir with spaces/\"quotes\" & <angle> $HOME %n ünïcödé \\back"
+needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
 
 
 def job(tmp_path: Path, kind: str = "model", name: str = "tiny", argv: tuple[str, ...] | None = None,
@@ -39,6 +41,7 @@ def verify(tmp_path: Path, *units: Path) -> None:
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
+@needs_analyze
 @pytest.mark.parametrize("kind", ["model", "ingress"])
 def test_units_pass_systemd_analyze_verify(tmp_path, kind):
     awkward = tmp_path / AWKWARD

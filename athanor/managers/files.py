@@ -16,6 +16,7 @@ from typing import Any
 from athanor import actions, catalog
 from athanor.managers import Managers, jobs, resolve_manager
 from athanor.managers.base import LABEL_PREFIX, UNIT_PREFIX, ServiceManager
+from athanor.managers.shared import write_if_changed
 from athanor.store import Store
 
 _MODEL_FILES = {"launchd": (f"{LABEL_PREFIX}model.", ".plist"), "systemd": (f"{UNIT_PREFIX}model-", ".service")}
@@ -78,8 +79,6 @@ def sync(store: Store, doc: dict[str, Any], *, dry_run: bool = False) -> list[Fi
     changes += [FileChange(p, "deleted") for p in remove]
     if dry_run or not changes:
         return changes
-    from athanor.managers.launchd import write_if_changed
-
     for path, content in write.items():
         write_if_changed(path, content)
     for path in remove:

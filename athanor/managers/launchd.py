@@ -35,9 +35,9 @@ from pathlib import Path
 from athanor.errors import AthanorError, RuntimeNotFoundError
 from athanor.managers import logs
 from athanor.managers.base import LABEL_PREFIX, Handle, Job, JobState
+from athanor.managers.shared import create_time, said, utc_now, write_if_changed
 from athanor.managers.templates import render
 from athanor.paths import ensure_private_dir
-from athanor.store.files import atomic_write_text
 
 NOT_LOADED = (3, 113)  # bootout of an unloaded job; an unknown service
 BUSY = 5  # bootstrap of a job still loaded (or disabled, or a missing plist)
@@ -116,14 +116,14 @@ class LaunchdManager:
             if result.returncode == 0:
                 break
             if result.returncode != BUSY or attempt == BOOTSTRAP_TRIES - 1:
-                raise LaunchctlError(f"launchctl bootstrap {self.domain()} {path}: {_said(result)}")
+                raise LaunchctlError(f"launchctl bootstrap {self.domain()} {path}: {said(result)}")
             self._wait_gone(target, 1.0 + attempt)
         facts = self._wait_running(target, job.stop_timeout_s)
         pid = facts["pid"]
         assert isinstance(pid, int)
         return {"manager": self.name, "label": job.label, "domain": self.domain(), "plist": str(path), "pid": pid,
-                "create_time": _create_time(pid), "runs": facts.get("runs", 1), "log_path": job.log_path,
-                "started_at": _utc_now()}
+                "create_time": create_time(pid), "runs": facts.get("runs", 1), "log_path": job.log_path,
+                "started_at": utc_now()}
 
     async def stop(self, handle: Handle, grace: float) -> int | None:
         return await asyncio.to_thread(self._stop, handle, grace)
@@ -132,7 +132,7 @@ class LaunchdManager:
         target = f"{handle['domain']}/{handle['label']}"
         result = self._run("bootout", target)
         if result.returncode not in (0, *NOT_LOADED):
-            raise LaunchctlError(f"launchctl bootout {target}: {_said(result)}")
+            raise LaunchctlError(f"launchctl bootout {target}: {said(result)}")
         last = self._wait_gone(target, grace + GONE_WAIT_S)
         self._launchctl("disable", target)  # a plist in LaunchAgents must not start the model at the next login
         return last.get("exit_code") if isinstance(last.get("exit_code"), int) else None  # type: ignore[return-value]
@@ -252,14 +252,14 @@ class LaunchdManager:
             if facts.get("state") == "running" and isinstance(facts.get("pid"), int):
                 return facts
             if time.monotonic() >= deadline:
-                raise LaunchctlError(f"{target} did not start: {facts or _said(result)}")
+                raise LaunchctlError(f"{target} did not start: {facts or said(result)}")
             time.sleep(delay)  # launchd spawns the job just after bootstrap returns
             delay = min(delay * 2, 0.2)
 
     def _launchctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         result = self._run(*args)
         if result.returncode != 0:
-            raise LaunchctlError(f"launchctl {' '.join(args)}: {_said(result)}")
+            raise LaunchctlError(f"launchctl {' '.join(args)}: {said(result)}")
         return result
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -268,34 +268,3 @@ class LaunchdManager:
             raise RuntimeNotFoundError("launchctl not found: launchd runs only on macOS; set the Gateway's "
                                        "serviceManager to process or systemd")
         return subprocess.run([launchctl, *args], capture_output=True, text=True, timeout=30)
-
-
-def write_if_changed(path: Path, content: bytes) -> bool:
-    """Write a service file atomically, and only when its bytes differ (a rewrite would look like a change)."""
-    try:
-        if path.read_bytes() == content:
-            return False
-    except FileNotFoundError:
-        pass
-    atomic_write_text(path, content.decode("utf-8"))
-    return True
-
-
-def _said(result: subprocess.CompletedProcess[str]) -> str:
-    words = (result.stderr or result.stdout).strip() or "no message"
-    return f"exit {result.returncode}: {words}"
-
-
-def _create_time(pid: int) -> float:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return 0.0
-
-
-def _utc_now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -25,7 +25,7 @@ from pathlib import Path
 from athanor.errors import AthanorError, RuntimeNotFoundError
 from athanor.managers import logs
 from athanor.managers.base import UNIT_PREFIX, Handle, Job, JobState
-from athanor.managers.launchd import write_if_changed
+from athanor.managers.shared import create_time, said, utc_now, write_if_changed
 from athanor.managers.templates import render
 from athanor.paths import ensure_private_dir
 
@@ -113,9 +113,9 @@ class SystemdManager:
         if not pid:
             raise SystemctlError(f"{job.unit} did not start: {facts.get('ActiveState')}/{facts.get('SubState')} "
                                  f"({facts.get('Result')}); see 'athanor logs {job.name}'")
-        return {"manager": self.name, "unit": job.unit, "pid": pid, "create_time": _create_time(pid),
+        return {"manager": self.name, "unit": job.unit, "pid": pid, "create_time": create_time(pid),
                 "restarts": int(facts.get("NRestarts", "0") or 0), "log_path": job.log_path,
-                "started_at": _utc_now()}
+                "started_at": utc_now()}
 
     async def stop(self, handle: Handle, grace: float) -> int | None:
         return await asyncio.to_thread(self._stop, handle)
@@ -123,7 +123,7 @@ class SystemdManager:
     def _stop(self, handle: Handle) -> int | None:
         result = self._run("stop", handle["unit"])  # returns once stopped (TimeoutStopSec, then SIGKILL)
         if result.returncode not in (0, 5):  # 5: the unit is not loaded at all, so nothing runs
-            raise SystemctlError(f"systemctl --user stop {handle['unit']}: {_said(result)}")
+            raise SystemctlError(f"systemctl --user stop {handle['unit']}: {said(result)}")
         return _exit_code(self._show(handle["unit"])) if result.returncode == 0 else None
 
     async def observe(self, handle: Handle) -> JobState:
@@ -209,13 +209,13 @@ class SystemdManager:
     def _show(self, unit: str) -> dict[str, str]:
         result = self._run("show", unit, "-p", ",".join(SHOW))
         if result.returncode != 0:
-            raise SystemctlError(f"systemctl --user show {unit}: {_said(result)}")
+            raise SystemctlError(f"systemctl --user show {unit}: {said(result)}")
         return parse_show(result.stdout)
 
     def _systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         result = self._run(*args)
         if result.returncode != 0:
-            raise SystemctlError(f"systemctl --user {' '.join(args)}: {_said(result)}")
+            raise SystemctlError(f"systemctl --user {' '.join(args)}: {said(result)}")
         return result
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -234,23 +234,3 @@ def _exit_code(facts: dict[str, str]) -> int | None:
     if facts.get("ActiveState") == "inactive" and facts.get("Result") == "success":
         return 0
     return None
-
-
-def _said(result: subprocess.CompletedProcess[str]) -> str:
-    words = (result.stderr or result.stdout).strip() or "no message"
-    return f"exit {result.returncode}: {words}"
-
-
-def _create_time(pid: int) -> float:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return 0.0
-
-
-def _utc_now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
