@@ -270,6 +270,19 @@ def test_swap_with_requests_in_flight_loses_nothing(gateway):
 
 
 @pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
+def test_describe_shows_the_manager_its_file_and_its_view_of_the_job(gateway):
+    chat(gateway.client, "tiny-gguf")
+    pid = gateway.runtime_pid("tiny-gguf")
+    gateway.recorded()
+    described = gateway.athanor("describe", "model", "tiny-gguf").stdout
+    assert f"Manager:      {gateway.manager}\n" in described
+    expected_file = {"process": "<none: the embedded supervisor runs it>",
+                     "launchd": "dev.athanor.model.tiny-gguf.plist", "systemd": "athanor-model-tiny-gguf.service"}
+    assert expected_file[gateway.manager] in described
+    assert f"Job:          {gateway.manager}: running, pid {pid}" in described
+
+
+@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_a_preset_change_reloads_only_that_model_s_job(gateway, tmp_path):
     _apply_gateway(gateway, tmp_path, "  residency: {policy: memory, budget: 90%}\n")
     chat(gateway.client, "tiny-gguf")
@@ -361,6 +374,7 @@ def test_runtime_killed_mid_stream_fails_promptly_and_recovers(gateway, model):
     assert gateway.runtime_pid(model) != pid
 
 
+@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_daemon_killed_and_restarted_reattaches_to_the_same_runtime(gateway):
     chat(gateway.client, "tiny-gguf")
     pid = gateway.runtime_pid("tiny-gguf")
