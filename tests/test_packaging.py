@@ -19,5 +19,7 @@ def test_wheel_ships_data_files(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "athanor/_data/schema/athanor.schema.json" in names
     assert "athanor/_data/specs/gateway.yaml" in names
-    assert any(n.startswith("athanor/_data/templates/plists/") for n in names)
+    for template in ("plists/model.plist.j2", "plists/ingress.plist.j2", "systemd/model.service.j2",
+                     "systemd/ingress.service.j2"):
+        assert f"athanor/_data/templates/{template}" in names
     assert "athanor/cli/main.py" in names

@@ -267,6 +267,9 @@ def test_swap_with_requests_in_flight_loses_nothing(gateway):
     assert not errors, errors
     assert sorted(answered) == sorted(["tiny-gguf"] * 8 + ["tiny-mlx"] * 4)
     assert max_runtimes[0] == 1, "single residency: one runtime at a time"
+    ready = [m for m in ("tiny-gguf", "tiny-mlx") if gateway.phase(m) == "Ready"]
+    loaded = [m for m in ("tiny-gguf", "tiny-mlx") if gateway.job_loaded(m)]
+    assert len(ready) == 1 and loaded == ready, "the swapped-out model's job is stopped (booted out, unit stopped)"
 
 
 @pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
