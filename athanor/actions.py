@@ -16,7 +16,7 @@ from typing import IO, Any
 from athanor import catalog
 from athanor.catalog import Change
 from athanor.discovery.scan import Discovery, discover
-from athanor.errors import InvalidValueError, NotFoundError
+from athanor.errors import AthanorError, InvalidValueError, NotFoundError
 from athanor.runtimes.launch import LaunchSpec, Target, binary_or_name, launch_spec
 from athanor.runtimes.presets import (
     BUILTIN_RECIPES,
@@ -92,10 +92,19 @@ def _edit_models(store: Store) -> Iterator[dict[str, Any]]:
 
 
 def service_files(store: Store, doc: dict[str, Any], *, dry_run: bool = False) -> list[Any]:
-    """Bring the service manager's files in step with ``doc`` (nothing to do for the embedded supervisor)."""
+    """Bring the service manager's files in step with ``doc`` (nothing to do for the embedded supervisor).
+
+    It runs once models.json is written: a failure here must say so, and a later apply or scan repairs it.
+    """
     from athanor.managers import files
 
-    return files.sync(store, doc, dry_run=dry_run)
+    try:
+        return files.sync(store, doc, dry_run=dry_run)
+    except (AthanorError, OSError) as exc:
+        if dry_run:
+            raise
+        raise AthanorError(f"models.json is saved, but the service files are not: {exc}; once that is fixed, "
+                           "'athanor apply' (or 'athanor scan') writes them") from exc
 
 
 def _discover_for(doc: dict[str, Any], resources: list[Resource]) -> Discovery:

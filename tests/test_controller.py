@@ -76,22 +76,19 @@ def test_a_stop_during_a_start_does_not_cancel_the_requests_waiting_on_it(tier: 
     tier.run(scenario)
 
 
-class _KillWhenAllAsk(ProcessSupervisor):
-    """Holds every "did it exit?" question until ``parties`` of them are asked, then kills the runtime: each
-    reporter has passed the controller's first look at a live runtime before any of them sees it dead."""
+class _KillAtTheFirstWait(ProcessSupervisor):
+    """Kills the runtime when its exit is first waited for: every reporter has then found it alive and running,
+    before anyone can see it dead."""
 
-    def __init__(self, logs: Path, parties: int):
+    def __init__(self, logs: Path):
         super().__init__(logs)
-        import threading
-
-        self.barrier = threading.Barrier(parties, action=self._kill)
         self.victim = 0
-
-    def _kill(self) -> None:
-        os.kill(self.victim, signal.SIGKILL)
+        self.waits = 0
 
     def wait_exit(self, handle, timeout):  # type: ignore[no-untyped-def]
-        self.barrier.wait(10)
+        self.waits += 1
+        if self.waits == 1:
+            os.kill(self.victim, signal.SIGKILL)
         return super().wait_exit(handle, 5.0)
 
 
@@ -100,7 +97,7 @@ def test_reports_racing_past_the_first_look_still_record_one_crash(tier: Tier):
 
     async def scenario() -> None:
         async with tier.controller() as c:
-            racing = _KillWhenAllAsk(tier.store.logs_dir, 4)
+            racing = _KillAtTheFirstWait(tier.store.logs_dir)
             supervise_with(c, racing)
             leases = [c.use("m") for _ in range(4)]
             await asyncio.gather(*(lease.acquire() for lease in leases))
@@ -110,6 +107,7 @@ def test_reports_racing_past_the_first_look_still_record_one_crash(tier: Tier):
             for lease in leases:
                 lease.release()
             assert inst.phase is Phase.FAILED and len(inst.failures) == 1
+            assert racing.waits == 1, "four reports about one runtime: one look, shared"
 
     tier.run(scenario)
 

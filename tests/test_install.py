@@ -79,7 +79,8 @@ def test_install_with_launchd_serves_restarts_and_uninstalls_without_a_trace(hom
     assert launchctl("print", f"gui/{uid}/dev.athanor.ingress").returncode == 0
     assert answer(port) == "tiny"
     assert launchctl("print", f"gui/{uid}/dev.athanor.model.tiny").returncode == 0, "the model runs as a job too"
-    assert sorted(p.name for p in agents.iterdir()) == ["dev.athanor.ingress.plist", "dev.athanor.model.tiny.plist"]
+    assert [p.name for p in agents.iterdir()] == ["dev.athanor.ingress.plist"], "loaded at login: the gateway alone"
+    assert [p.name for p in (home / "launchd").iterdir()] == ["dev.athanor.model.tiny.plist"]
     down = cli("down")
     assert down.returncode == 0 and "stopped (launchd" in down.stdout, down.stderr
     assert launchctl("print", f"gui/{uid}/dev.athanor.ingress").returncode == 113, "down boots the gateway out"
@@ -88,7 +89,7 @@ def test_install_with_launchd_serves_restarts_and_uninstalls_without_a_trace(hom
     removed = cli("uninstall")
     assert removed.returncode == 0, removed.stderr
     assert "dev.athanor.ingress removed" in removed.stdout and "dev.athanor.model.tiny removed" in removed.stdout
-    assert list(agents.iterdir()) == []
+    assert list(agents.iterdir()) == [] and list((home / "launchd").iterdir()) == []
     for label in ("dev.athanor.ingress", "dev.athanor.model.tiny"):
         assert launchctl("print", f"gui/{uid}/{label}").returncode == 113
     assert "athanor" not in launchctl("print-disabled", f"gui/{uid}").stdout, "no trace in the disabled list"

@@ -99,7 +99,7 @@ def run(coro):
 
 @needs_plistutil
 def test_start_observe_stop_through_launchctl(tmp_path, launchctl: LaunchctlDouble):
-    manager = LaunchdManager(tmp_path / "LaunchAgents")
+    manager = LaunchdManager(tmp_path / "LaunchAgents", tmp_path / "home" / "launchd")
     made = job(tmp_path, env={"MARK": "set by the plist"},
                argv=(sys.executable, "-c", "import os, time; print(os.environ['MARK'], flush=True); time.sleep(600)"))
     handle = run(manager.start(made))
@@ -114,16 +114,16 @@ def test_start_observe_stop_through_launchctl(tmp_path, launchctl: LaunchctlDoub
     run(manager.stop(handle, 5))
     assert launchctl("print", f"gui/{os.getuid()}/{made.label}").returncode == 113, "gone once stop returns"
     assert not psutil.pid_exists(handle["pid"]) or psutil.Process(handle["pid"]).status() == psutil.STATUS_ZOMBIE
-    assert f'"{made.label}" => disabled' in launchctl("print-disabled", f"gui/{os.getuid()}").stdout
+    assert "athanor" not in launchctl("print-disabled", f"gui/{os.getuid()}").stdout, "nothing on the disabled list"
     run(manager.stop(handle, 5))  # stopping what is gone is fine (bootout exits 3)
     again = run(manager.start(made))  # enable + bootstrap again after a stop
     assert run(manager.observe(again)).running
     run(manager.stop(again, 5))
 
 
-def test_the_user_domain_without_a_gui_session(tmp_path, launchctl: LaunchctlDouble, monkeypatch):
+def test_the_user_domain_only_without_a_login_session(tmp_path, launchctl: LaunchctlDouble, monkeypatch):
     monkeypatch.setenv("LAUNCHCTL_DOUBLE_SESSION", "Background")
-    manager = LaunchdManager(tmp_path / "LaunchAgents")
+    manager = LaunchdManager(tmp_path / "LaunchAgents", tmp_path / "home" / "launchd")
     handle = run(manager.start(job(tmp_path)))
     try:
         assert handle["domain"] == f"user/{os.getuid()}"
@@ -132,7 +132,7 @@ def test_the_user_domain_without_a_gui_session(tmp_path, launchctl: LaunchctlDou
 
 
 def test_a_crash_is_restarted_by_keepalive_and_seen_as_the_end_of_that_process(tmp_path, launchctl):
-    manager = LaunchdManager(tmp_path / "LaunchAgents")
+    manager = LaunchdManager(tmp_path / "LaunchAgents", tmp_path / "home" / "launchd")
     made = job(tmp_path)
     handle = run(manager.start(made))
     try:
@@ -151,7 +151,7 @@ def test_a_crash_is_restarted_by_keepalive_and_seen_as_the_end_of_that_process(t
 
 
 def test_a_clean_exit_stays_stopped(tmp_path, launchctl):
-    manager = LaunchdManager(tmp_path / "LaunchAgents")
+    manager = LaunchdManager(tmp_path / "LaunchAgents", tmp_path / "home" / "launchd")
     handle = run(manager.start(job(tmp_path, argv=(sys.executable, "-c", "import time; time.sleep(0.5)"))))
     try:
         deadline = time.monotonic() + 10
@@ -169,7 +169,7 @@ def test_launchctl_missing_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(RuntimeNotFoundError, match="launchd runs only on macOS"):
-        run(LaunchdManager(tmp_path).start(job(tmp_path)))
+        run(LaunchdManager(tmp_path, tmp_path).start(job(tmp_path)))
 
 
 def test_the_double_behaves_like_launchctl(tmp_path, launchctl: LaunchctlDouble):
@@ -189,11 +189,12 @@ def test_the_double_behaves_like_launchctl(tmp_path, launchctl: LaunchctlDouble)
 
 
 @needs_plistutil
-def test_apply_writes_a_plist_per_model_diff_shows_changes_and_delete_removes_it(cli, tmp_path):
+def test_apply_writes_a_plist_per_model_diff_shows_changes_and_delete_removes_it(cli, home, tmp_path):
     from conftest import write
     from fixtures.tiny_models import write_tiny_llama_gguf
 
     agents = tmp_path / "LaunchAgents"
+    model_plists = Path(os.environ["ATHANOR_HOME"]) / "launchd"
     weights = [write_tiny_llama_gguf(tmp_path / "weights" / f"{n}.gguf", seed=i) for i, n in enumerate("ab")]
     spec = write(tmp_path / "spec.yaml", "".join(
         f"---\napiVersion: athanor.dev/v1alpha1\nkind: Model\nmetadata: {{name: {n}}}\nspec:\n"
@@ -203,8 +204,9 @@ def test_apply_writes_a_plist_per_model_diff_shows_changes_and_delete_removes_it
     applied = cli("apply", "-f", str(spec))
     assert applied.returncode == 0, applied.stderr
     assert "file/dev.athanor.model.a.plist created" in applied.stdout
-    plists = sorted(agents.glob("*.plist"))
+    plists = sorted(model_plists.glob("*.plist"))
     assert [p.name for p in plists] == ["dev.athanor.model.a.plist", "dev.athanor.model.b.plist"]
+    assert not agents.exists(), "model plists never go where launchd loads them at login"
     for path in plists:
         data = check_plist(path)
         assert data["ProgramArguments"][0].endswith("llama-server") and "--ctx-size" in data["ProgramArguments"]
@@ -221,3 +223,36 @@ def test_apply_writes_a_plist_per_model_diff_shows_changes_and_delete_removes_it
         "only the changed model's plist is rewritten"
     assert cli("delete", "model", "a").returncode == 0
     assert not plists[0].exists() and plists[1].exists()
+
+
+def test_a_start_that_fails_after_bootstrap_leaves_nothing_loaded(tmp_path, launchctl: LaunchctlDouble, monkeypatch):
+    """A runtime that exits at once: without a bootout, KeepAlive would respawn it every ThrottleInterval."""
+    from athanor.managers import launchd
+
+    monkeypatch.setattr(launchd, "GONE_WAIT_S", 5.0)
+    manager = LaunchdManager(tmp_path / "LaunchAgents", tmp_path / "home" / "launchd")
+    made = Job(kind="model", name="dud", argv=(sys.executable, "-c", "raise SystemExit(3)"), env=(),
+               workdir=str(tmp_path), log_path=str(tmp_path / "logs" / "dud.log"), stop_timeout_s=1)
+    with pytest.raises(launchd.LaunchctlError, match="did not start"):
+        run(manager.start(made))
+    assert launchctl("print", f"gui/{os.getuid()}/{made.label}").returncode == 113
+
+
+def test_a_job_left_loaded_by_a_gone_gateway_is_replaced_not_waited_for(tmp_path, launchctl: LaunchctlDouble):
+    manager = LaunchdManager(tmp_path / "LaunchAgents", tmp_path / "home" / "launchd")
+    made = job(tmp_path)
+    left = run(manager.start(made))
+    fresh = run(LaunchdManager(tmp_path / "LaunchAgents", tmp_path / "home" / "launchd").start(made))
+    try:
+        assert fresh["pid"] != left["pid"] and run(manager.observe(fresh)).running
+        assert not psutil.pid_exists(left["pid"]) or psutil.Process(left["pid"]).status() == psutil.STATUS_ZOMBIE
+    finally:
+        run(manager.stop(fresh, 5))
+
+
+def test_uninstall_stops_loaded_jobs_whose_plist_is_gone(tmp_path, launchctl: LaunchctlDouble):
+    manager = LaunchdManager(tmp_path / "LaunchAgents", tmp_path / "home" / "launchd")
+    handle = run(manager.start(job(tmp_path)))
+    Path(handle["plist"]).unlink()
+    assert run(manager.uninstall()) == ["dev.athanor.model.tiny"]
+    assert launchctl("print", f"gui/{os.getuid()}/dev.athanor.model.tiny").returncode == 113

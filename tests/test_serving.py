@@ -298,6 +298,22 @@ def test_a_preset_change_reloads_only_that_model_s_job(gateway, tmp_path):
     assert gateway.runtime_pid("tiny-mlx") == mlx and gateway.phase("tiny-mlx") == "Ready", "the other is untouched"
 
 
+def test_editing_the_recipe_a_loaded_model_uses_reloads_it(gateway, tmp_path):
+    """The model's spec keeps its generation, but what it runs changes: the runtime follows, without a request."""
+    recipe = ("apiVersion: athanor.dev/v1alpha1\nkind: Recipe\nmetadata: {name: mine}\nspec:\n"
+              "  llama-server: {batchSize: %d}\n")
+    apply_models(tmp_path / "recipe.yaml", recipe % 64)
+    gguf = write_tiny_llama_gguf(tmp_path / "weights" / "mine.gguf", seed=9)
+    apply_models(tmp_path / "mine.yaml", model_spec("mine", gguf, extra="  recipe: mine\n  preset: {ctxSize: 256}\n"))
+    chat(gateway.client, "mine")
+    pid = gateway.runtime_pid("mine")
+    assert "--batch-size 64" in " ".join(psutil.Process(pid).cmdline())
+    apply_models(tmp_path / "recipe.yaml", recipe % 32)
+    wait_until(lambda: gateway.phase("mine") == "Ready" and gateway.runtime_pid("mine") not in (pid, None), 30,
+               "the model to be reloaded with the edited recipe")
+    assert "--batch-size 32" in " ".join(psutil.Process(gateway.runtime_pid("mine")).cmdline())
+
+
 @pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_memory_residency_keeps_both_loaded(gateway, tmp_path):
     _apply_gateway(gateway, tmp_path, "  residency: {policy: memory, budget: 90%}\n")
@@ -634,6 +650,7 @@ def test_crash_loop_ends_in_failed_with_the_reason(gateway):
     """A runtime that keeps dying is restarted with backoff, then left Failed rather than restarted forever."""
     for _ in range(3):
         chat(gateway.client, "tiny-gguf")
+        assert gateway.job_loaded("tiny-gguf")
         pid = gateway.runtime_pid("tiny-gguf")
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: gateway.phase("tiny-gguf") == "Failed", 10, "crash noticed")

@@ -230,8 +230,10 @@ def describe_cmd(resource: str, name: str) -> None:
         field("Serves as", launch.served_model, 2)
     else:
         out.append("  <cannot start: weights not found>")
+    from athanor.managers.files import manager_for
+
     managers = Managers(st.home)
-    manager = managers.current(gateway)
+    manager = manager_for(st, doc)  # under auto, the one the running (or installed) gateway uses
     field("Manager", manager.name, 2)
     files = manager.files(jobs.model_job(model_name, launch, st.home)) if launch else {}
     field("Service file", ", ".join(str(p) for p in files) or "<none: the embedded supervisor runs it>", 2)

@@ -16,16 +16,9 @@ MANAGED = ("launchd", "systemd")
 
 
 def installed_ingress(st: Any, gateway: dict[str, Any]) -> tuple[Any, Any] | None:
-    """(manager, job) of the gateway when ``athanor install`` registered it with launchd or systemd."""
-    from athanor.managers import Managers, jobs
+    from athanor.managers import installed_gateway
 
-    managers = Managers(st.home)
-    for name in MANAGED:
-        manager = managers.get(name, gateway)
-        job = jobs.ingress_job(st.home, name)
-        if manager.installed(job):
-            return manager, job
-    return None
+    return installed_gateway(st.home, gateway)
 
 
 @click.command("install")
@@ -53,7 +46,7 @@ def install_cmd(ctx: click.Context, manager: str | None, timeout: float) -> None
     service = Managers(st.home).get(name, gateway)
     job = jobs.ingress_job(st.home, name)
     running = daemon_record(st)
-    if running and not service.installed(job):
+    if running and (not service.installed(job) or asyncio.run(service.job_state(job)).pid != running["pid"]):
         raise AthanorError(f"a gateway started by hand is running (pid {running['pid']}); stop it with "
                            "'athanor down', then install")
     result = asyncio.run(service.install(job))

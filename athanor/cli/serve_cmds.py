@@ -87,34 +87,36 @@ def up_cmd(listen: str | None, timeout: float) -> None:
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for a clean stop.")
 def down_cmd(timeout: float) -> None:
     """Stop the background gateway and every runtime it started."""
+    import asyncio
+
     import psutil
 
     st = store()
-    record = daemon_record(st)
+    said = False
     installed = installed_ingress(st, catalog.gateway_spec(st.models.load()))
-    if record and installed:  # its manager would start it again: stop the job itself
-        import asyncio
-
+    if installed:  # its manager would start it again: stop the job itself (whether or not it has a record yet)
         manager, job = installed
-        asyncio.run(manager.stop_job(job))
-        click.echo(f"gateway (pid {record['pid']}) stopped ({manager.name}; 'athanor up' starts it again)")
-    elif record:
+        if asyncio.run(manager.job_state(job)).pid:
+            asyncio.run(manager.stop_job(job))
+            click.echo(f"gateway stopped ({manager.name}; 'athanor up' starts it again)")
+            said = True
+    record = daemon_record(st)  # (still) running: started by hand
+    if record:
         proc = psutil.Process(record["pid"])
         proc.send_signal(signal.SIGTERM)
         if not _wait_exit(proc, timeout):
             proc.kill()
             warn(f"the gateway did not stop in {timeout:.0f} s and was killed")
         click.echo(f"gateway (pid {record['pid']}) stopped")
+        said = True
     # Runtimes a dead gateway left behind (kill -9) are still recorded: stop them the way the gateway would.
-    left = {name: i.get("pid") for name, i in st.state.load()["instances"].items() if i.get("handle")}
-    if left:
-        import asyncio
-
+    if any(i.get("handle") for i in st.state.load()["instances"].values()):
         from athanor.controller.controller import stop_left_behind
 
         for name, pid in asyncio.run(stop_left_behind(st)).items():
             click.echo(f"model/{name} stopped (pid {pid})")
-    if not record:
+            said = True
+    if not said:
         click.echo("athanor is down")
 
 

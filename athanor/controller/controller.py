@@ -33,6 +33,7 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Coroutine
 from datetime import datetime, timezone
@@ -67,6 +68,7 @@ CRASH_LIMIT = 3
 DRAIN_TIMEOUT_S = 30.0
 MONITOR_INTERVAL_S = 0.5
 HOUSEKEEPING_INTERVAL_S = 2.0  # reaping exited children and rotating logs
+DRIFT_INTERVAL_S = 5.0  # comparing what loaded models run with what their spec says now
 EXIT_GRACE_S = 2.0  # how long a broken connection waits for its runtime's death to show (it closes sockets first)
 STOP_GRACE_S = 5.0  # SIGTERM to SIGKILL for a failed runtime
 STOP_TIMEOUT_S = 10.0  # ... and for one that is stopped on purpose
@@ -94,9 +96,12 @@ class Controller:
         self._stops: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._death_checks: dict[tuple[str, int], asyncio.Task[bool]] = {}
         self._next_probe: dict[str, float] = {}
         self._next_housekeeping = 0.0
         self._housekeeper: asyncio.Task[None] | None = None
+        self._next_drift_check = time.monotonic() + DRIFT_INTERVAL_S
+        self._drift_checker: asyncio.Task[None] | None = None
         self._hurry = asyncio.Event()  # set at shutdown: drains end at once
         self._closing = False  # set at shutdown: nothing new starts
         self.orphans_stopped: dict[str, int | None] = {}  # runtimes re-attach found running and stopped
@@ -340,16 +345,29 @@ class Controller:
 
     async def runtime_died(self, inst: Instance, incarnation: int) -> bool:
         """A request says the runtime of ``incarnation`` failed it. True when that runtime is gone (replaced, or
-        dead now, in which case its crash is recorded here unless already recorded)."""
+        dead now, in which case its crash is recorded here unless already recorded). Every request that asks
+        about one incarnation shares one look at it: a crash with many requests in flight is one question to
+        the manager, not one per request."""
         if inst.incarnation != incarnation or inst.phase not in (Phase.READY, Phase.DRAINING):
             return True
+        key = (inst.name, incarnation)
+        check = self._death_checks.get(key)
+        if check is None:
+            check = self._death_checks[key] = self._spawn(self._check_death(inst, incarnation), f"death-{inst.name}")
+            check.add_done_callback(lambda _: self._death_checks.pop(key, None))
+        return await asyncio.shield(check)
+
+    async def _check_death(self, inst: Instance, incarnation: int) -> bool:
         handle = inst.handle
-        state = await self._observe(inst)
-        if handle is not None and state is not None and state.running:
-            if not await self._manager(handle).wait_exit(handle, EXIT_GRACE_S):
+        if handle is None:
+            return True
+        manager = self._manager(handle)
+        state = await manager.observe(handle)
+        if state.running:
+            if not await manager.wait_exit(handle, EXIT_GRACE_S):
                 return False  # still running: the failure was the connection's, not the runtime's
-            state = await self._manager(handle).observe(handle)
-        self._crashed(inst, incarnation, state.exit_code if state else None)
+            state = await manager.observe(handle)
+        self._crashed(inst, incarnation, state.exit_code)
         return True
 
     def _crashed(self, inst: Instance, incarnation: int, exit_code: int | None) -> None:
@@ -525,6 +543,7 @@ class Controller:
             record["runtime"] = inst.launch.runtime
             record["healthPath"] = inst.launch.health_path
             record["maxConnections"] = inst.launch.max_connections
+            record["argv"] = inst.launch.argv
         if inst.last_failure:
             record["lastFailure"] = inst.last_failure
         self._writer.record(inst.name, record)
@@ -547,43 +566,27 @@ class Controller:
         return {"instances": instances, "storeProblem": self.store_problem}
 
     async def reattach(self) -> list[str]:
-        """Adopt runtimes a previous daemon left running and healthy; stop the other live ones (their model was
-        deleted, or they were being stopped or had failed), so none is left running untracked."""
+        """Adopt runtimes a previous daemon left running and healthy; stop the others that still run (their model
+        was deleted, they were being stopped or had failed, or their manager restarted them since), so none is
+        left running untracked. A record that cannot be read or checked is reported, never skipped silently."""
         state = await asyncio.to_thread(self.store.state.load)
         self.doc()
         adopted: list[str] = []
         notes: dict[str, str] = {}
         for name, record in state["instances"].items():
-            raw = record.get("handle")
-            if not raw:
+            if not record.get("handle"):
                 continue
             try:
-                manager = self.managers.of(raw, self._gateway)
-                observed = await manager.observe(raw)
-            except (ValueError, TypeError) as exc:
-                notes[name] = (f"its state record is unreadable ({exc}); a runtime it names may still run "
-                               f"(pid {record.get('pid')!r})")
-                log.warning("%s: %s", name, notes[name])
-                self._event("Model", name, "Warning", "UnreadableRecord", notes[name])
-                continue
-            if not observed.running:
-                continue
-            launch = _recorded_launch(record)
-            if name not in self._doc["models"]:
-                why = "its model was deleted"
-            elif record.get("phase") not in ("Ready", "Starting"):
-                why = f"it was {record.get('phase')}"
-            elif not await self._healthy(launch):
-                why = "it did not answer its health check"
-            else:
-                self._adopt(name, raw, launch, record)
+                note = await self._reattach_one(name, record)
+            except (ValueError, TypeError, AthanorError, subprocess.TimeoutExpired) as exc:
+                note = (f"could not check the runtime its record names ({exc}); it may still run "
+                        f"(pid {record.get('pid')!r})")
+                log.warning("%s: %s", name, note)
+                self._event("Model", name, "Warning", "UnreadableRecord", note)
+            if note is None:
                 adopted.append(name)
-                continue
-            log.info("%s: stopping runtime pid %s left by the previous daemon: %s", name, _pid(raw), why)
-            await manager.stop(raw, STOP_TIMEOUT_S)
-            self.orphans_stopped[name] = _pid(raw)
-            notes[name] = f"stopped runtime pid {_pid(raw)} left running by the previous daemon: {why}"
-            self._event("Model", name, "Normal", "Orphan", notes[name])
+            elif note:
+                notes[name] = note
         for name, record in state["instances"].items():
             if name not in adopted:
                 cleared = {"phase": "Standby", "phaseSince": _iso(time.time()), "message": notes.get(name, ""),
@@ -592,6 +595,33 @@ class Controller:
                     cleared["lastFailure"] = record["lastFailure"]
                 self._writer.record(name, cleared)
         return adopted
+
+    async def _reattach_one(self, name: str, record: dict[str, Any]) -> str | None:
+        """Adopt (None) or stop the runtime of one record; returns what to note on the record ("" for nothing)."""
+        raw = record["handle"]
+        manager = self.managers.of(raw, self._gateway)
+        observed = await manager.observe(raw)
+        if not observed.running and not (observed.pid and observed.pid != raw.get("pid")):
+            return ""  # gone (a job its manager restarted meanwhile runs another pid: that one is stopped below)
+        launch = _recorded_launch(record)
+        if not observed.running:
+            why = "its service manager restarted it while no gateway watched"
+        elif name not in self._doc["models"]:
+            why = "its model was deleted"
+        elif record.get("phase") not in ("Ready", "Starting"):
+            why = f"it was {record.get('phase')}"
+        elif not await self._healthy(launch):
+            why = "it did not answer its health check"
+        else:
+            self._adopt(name, raw, launch, record)
+            return None
+        pid = observed.pid or _pid(raw)
+        log.info("%s: stopping runtime pid %s left by the previous daemon: %s", name, pid, why)
+        await manager.stop(raw, STOP_TIMEOUT_S)
+        self.orphans_stopped[name] = pid
+        note = f"stopped runtime pid {pid} left running by the previous daemon: {why}"
+        self._event("Model", name, "Normal", "Orphan", note)
+        return note
 
     def _adopt(self, name: str, handle: Handle, launch: LaunchSpec, record: dict[str, Any]) -> None:
         inst = self.instance(name)
@@ -644,11 +674,14 @@ class Controller:
     async def _check(self) -> None:
         """One look at every instance: the managers are asked about the running ones together, then what is
         decided (a stop, a probe, housekeeping) runs as a task of its own, so the look itself is short."""
-        watched = [i for i in self.instances.values() if i.phase in (Phase.READY, Phase.DRAINING) and i.handle]
-        seen = await asyncio.gather(*(self._observe(i) for i in watched))
-        for inst, state in zip(watched, seen, strict=True):
-            if state is not None and not state.running:
-                self._crashed(inst, inst.incarnation, state.exit_code)
+        watched = [(i, i.incarnation, i.handle) for i in self.instances.values()
+                   if i.phase in (Phase.READY, Phase.DRAINING) and i.handle]
+        seen = await asyncio.gather(*(self._manager(h).observe(h) for _, _, h in watched), return_exceptions=True)
+        for (inst, incarnation, handle), state in zip(watched, seen, strict=True):
+            if isinstance(state, BaseException):
+                log.warning("%s: cannot ask its manager about it: %s", inst.name, state)
+            elif not state.running and inst.handle is handle:  # about the runtime observed, not a newer one
+                self._crashed(inst, incarnation, state.exit_code)
         models = self.doc()["models"]
         now = time.monotonic()
         for inst in list(self.instances.values()):
@@ -674,6 +707,30 @@ class Controller:
         if now >= self._next_housekeeping and (self._housekeeper is None or self._housekeeper.done()):
             self._next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
             self._housekeeper = self._spawn(self._housekeeping(), "housekeeping")
+        if now >= self._next_drift_check and (self._drift_checker is None or self._drift_checker.done()):
+            self._next_drift_check = now + DRIFT_INTERVAL_S
+            self._drift_checker = self._spawn(self._reload_drifted(), "drift")
+
+    async def _reload_drifted(self) -> None:
+        """Reload a loaded model whose job would run differently now although its spec kept its generation: a
+        recipe it uses was edited, the Gateway names another runtime binary, or a scan found its files changed.
+        Its service file already says so (apply rewrote it); the runtime must follow."""
+        loaded = [(i, i.incarnation, i.launch.argv, self._doc["models"].get(i.name)) for i in self.instances.values()
+                  if i.phase is Phase.READY and i.launch is not None and i.launch.argv]
+        doc = self._doc
+
+        def drifted() -> list[tuple[Instance, int]]:  # launch_for looks on disk for the runtime: off the loop
+            found = []
+            for inst, incarnation, argv, obj in loaded:
+                launch = actions.launch_for(doc, obj) if obj else None
+                if launch is not None and launch.argv != argv:
+                    found.append((inst, incarnation))
+            return found
+
+        for inst, incarnation in await asyncio.to_thread(drifted):
+            if inst.incarnation == incarnation and inst.phase is Phase.READY and inst.name not in self._stops:
+                log.info("%s: what it runs changed: reloading it", inst.name)
+                self._spawn(self._reload(inst), f"reload-{inst.name}")
 
     async def _housekeeping(self) -> None:
         """Each manager collects its exited children and rotates the logs of the jobs it runs."""
@@ -733,7 +790,7 @@ def _recorded_launch(record: dict[str, Any]) -> LaunchSpec:
     """How a runtime a previous daemon started is reached, from its state.json record."""
     runtime = record.get("runtime", "")
     default_connections = LLAMA_AUTO_PARALLEL if runtime == "llama-server" else MLX_MAX_CONNECTIONS
-    return LaunchSpec(runtime, [], {}, record.get("port", 0), record.get("servedModel", ""),
+    return LaunchSpec(runtime, list(record.get("argv", [])), {}, record.get("port", 0), record.get("servedModel", ""),
                       record.get("healthPath", "/health"), record.get("maxConnections", default_connections))
 
 

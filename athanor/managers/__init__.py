@@ -53,7 +53,8 @@ def resolve_manager(configured: str, environ: dict[str, str] | None = None) -> s
 
 
 def service_dir(manager: str, gateway: dict[str, Any], environ: dict[str, str] | None = None) -> Path | None:
-    """Where ``manager`` keeps its files (None for the embedded supervisor)."""
+    """Where ``manager`` keeps the gateway's file (None for the embedded supervisor); launchd keeps the models'
+    plists in ATHANOR_HOME instead (launchd.py says why)."""
     environ = os.environ if environ is None else environ
     if manager == "launchd":
         configured = gateway.get("launchd", {}).get("agentsDir")
@@ -95,7 +96,7 @@ class Managers:
             from athanor.managers.launchd import LaunchdManager
 
             assert directory is not None
-            return LaunchdManager(directory)
+            return LaunchdManager(directory, self.home / "launchd")
         if name == "systemd":
             from athanor.managers.systemd import SystemdManager
 
@@ -104,3 +105,16 @@ class Managers:
         from athanor.managers.process import ProcessManager
 
         return ProcessManager(self.home / "logs")
+
+
+def installed_gateway(home: Path, gateway: dict[str, Any]) -> tuple[ServiceManager, Any] | None:
+    """(manager, job) of the gateway when ``athanor install`` registered it with launchd or systemd."""
+    from athanor.managers import jobs
+
+    managers = Managers(home)
+    for name in ("launchd", "systemd"):
+        manager = managers.get(name, gateway)
+        job = jobs.ingress_job(home, name)
+        if manager.installed(job):  # type: ignore[attr-defined]
+            return manager, job
+    return None

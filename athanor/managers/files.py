@@ -33,14 +33,16 @@ class FileChange:
 
 def manager_for(store: Store, doc: dict[str, Any]) -> ServiceManager:
     """The manager models run under: the configured one, or for ``auto`` the one the running gateway said it
-    uses (its record in state.json), else the embedded supervisor."""
+    uses (its record in state.json), else the one the gateway is installed with, else the embedded supervisor."""
     gateway = catalog.gateway_spec(doc)
     configured = gateway["serviceManager"]
     if configured == "auto":
         from athanor.liveness import daemon_record
+        from athanor.managers import installed_gateway
 
         record = daemon_record(store) or {}
-        configured = record.get("manager") or "process"
+        installed = installed_gateway(store.home, gateway)
+        configured = record.get("manager") or (installed[0].name if installed else "process")
     return Managers(store.home).get(resolve_manager(configured), gateway)
 
 

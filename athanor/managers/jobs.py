@@ -19,6 +19,7 @@ from athanor.managers.base import Job, sorted_env
 from athanor.runtimes.launch import LaunchSpec
 
 INGRESS_ENV = ("PATH", "LANG", "LC_ALL", "HF_HOME", "HF_HUB_CACHE", "XDG_CONFIG_HOME")
+INGRESS_STOP_S = 90  # the gateway stops every runtime before it exits: its manager must not kill it first
 
 
 def model_job(name: str, launch: LaunchSpec, home: Path) -> Job:
@@ -34,4 +35,5 @@ def ingress_job(home: Path, manager: str, environ: Mapping[str, str] | None = No
     env["ATHANOR_HOME"] = str(home)
     env[UNDER_ENV] = manager
     return Job(kind="ingress", name="ingress", argv=(sys.executable, "-m", "athanor", "serve"),
-               env=sorted_env(env), workdir=str(home), log_path=str(home / "logs" / "daemon.log"))
+               env=sorted_env(env), workdir=str(home), log_path=str(home / "logs" / "daemon.log"),
+               stop_timeout_s=INGRESS_STOP_S)

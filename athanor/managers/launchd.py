@@ -5,17 +5,23 @@ Rendering: ``templates/plists/{model,ingress}.plist.j2``, labels ``dev.athanor.m
 leaves a clean stop stopped; ``ProcessType Interactive`` (``Background`` is throttled hard enough to slow Metal
 decoding several times over).
 
+Where the plists live. Only the gateway's goes in ``~/Library/LaunchAgents`` (or ``launchd.agentsDir``), where
+launchd loads it at every login. launchd would load a model's plist there at login too, and its KeepAlive would
+start every model at once, untracked; model plists go in ``$ATHANOR_HOME/launchd`` instead (``bootstrap`` takes
+any path), and are loaded only when the gateway swaps them in.
+
 The verbs, and the behaviour of launchctl they have to live with:
 
-- swap in: ``enable`` then ``bootstrap``. A job booted out a moment ago may still be on its way out, and
-  ``bootstrap`` then fails with 5 (Input/output error, which also means disabled or missing): wait until
-  ``print`` no longer knows the label (bounded), and retry a 5 a few times.
+- swap in: ``enable`` (only when the label is on the disabled list: on macOS ``enable`` records an override for
+  good) then ``bootstrap``. A job booted out a moment ago may still be on its way out, and ``bootstrap`` then
+  fails with 5 (Input/output error, which also means disabled or missing): wait until ``print`` no longer knows
+  the label (bounded), and retry a 5 a few times. A start that fails after ``bootstrap`` boots the job out again,
+  or KeepAlive would respawn it forever.
 - swap out: ``bootout``, which returns before the job is gone, so ``print`` is polled until the label is
-  unknown, then ``disable``, so a plist left in ``~/Library/LaunchAgents`` does not start the model at the next
-  login. ``bootout`` of an unloaded job exits 3 and an unknown service 113: both mean there is nothing to stop.
+  unknown. ``bootout`` of an unloaded job exits 3 and an unknown service 113: both mean there is nothing to stop.
 - observe: ``print``, whose output is not an API; only ``state``, ``pid``, ``runs`` and the last exit are read,
   each line on its own, and anything else is ignored.
-- the domain is ``gui/UID`` in a login session and ``user/UID`` without one (SSH).
+- the domain is ``gui/UID`` whenever that domain exists (a login session), else ``user/UID`` (SSH only).
 
 launchd has no start limit: a runtime that keeps crashing is restarted every ``ThrottleInterval`` forever. The
 controller stops that: every crash it sees counts a failure and boots the job out, and ``CRASH_LIMIT`` failures
@@ -86,14 +92,15 @@ def parse_print(text: str) -> dict[str, object]:
 class LaunchdManager:
     name = "launchd"
 
-    def __init__(self, directory: Path):
-        self.directory = directory  # ~/Library/LaunchAgents, or the Gateway's launchd.agentsDir
+    def __init__(self, agents_dir: Path, directory: Path):
+        self.agents_dir = agents_dir  # ~/Library/LaunchAgents (or launchd.agentsDir): the gateway's plist
+        self.directory = directory  # $ATHANOR_HOME/launchd: the models' plists, loaded only by the gateway
         self._domain: str | None = None
 
     # ------------------------------------------------------------------ rendering
 
     def plist_path(self, job: Job) -> Path:
-        return self.directory / f"{job.label}.plist"
+        return (self.agents_dir if job.kind == "ingress" else self.directory) / f"{job.label}.plist"
 
     def files(self, job: Job) -> dict[Path, bytes]:
         return {self.plist_path(job): render_plist(job)}
@@ -109,8 +116,12 @@ class LaunchdManager:
             write_if_changed(path, render_plist(job))
         ensure_private_dir(Path(job.log_path).parent)  # launchd opens the log, but makes no directory for it
         target = self._target(job.label)
-        self._wait_gone(target, GONE_WAIT_S)  # a bootout of this job a moment ago may not be complete
-        self._launchctl("enable", target)
+        # Still loaded: on its way out after a bootout a moment ago, or left by a gateway that is gone. The label is
+        # ours either way: boot it out, and wait until it is gone.
+        self._run("bootout", target)
+        self._wait_gone(target, GONE_WAIT_S)
+        if f'"{job.label}" => disabled' in self._run("print-disabled", self.domain()).stdout:
+            self._launchctl("enable", target)
         for attempt in range(BOOTSTRAP_TRIES):
             result = self._run("bootstrap", self.domain(), str(path))
             if result.returncode == 0:
@@ -118,7 +129,11 @@ class LaunchdManager:
             if result.returncode != BUSY or attempt == BOOTSTRAP_TRIES - 1:
                 raise LaunchctlError(f"launchctl bootstrap {self.domain()} {path}: {said(result)}")
             self._wait_gone(target, 1.0 + attempt)
-        facts = self._wait_running(target, job.stop_timeout_s)
+        try:
+            facts = self._wait_running(target, job.stop_timeout_s)
+        except LaunchctlError:
+            self._stop({"domain": self.domain(), "label": job.label}, 1.0)  # else KeepAlive respawns it forever
+            raise
         pid = facts["pid"]
         assert isinstance(pid, int)
         return {"manager": self.name, "label": job.label, "domain": self.domain(), "plist": str(path), "pid": pid,
@@ -134,7 +149,6 @@ class LaunchdManager:
         if result.returncode not in (0, *NOT_LOADED):
             raise LaunchctlError(f"launchctl bootout {target}: {said(result)}")
         last = self._wait_gone(target, grace + GONE_WAIT_S)
-        self._launchctl("disable", target)  # a plist in LaunchAgents must not start the model at the next login
         return last.get("exit_code") if isinstance(last.get("exit_code"), int) else None  # type: ignore[return-value]
 
     async def observe(self, handle: Handle) -> JobState:
@@ -199,30 +213,52 @@ class LaunchdManager:
 
     async def stop_job(self, job: Job) -> None:
         """Stop ``job`` by its label (the gateway's own job, whose handle nobody records)."""
-        await self.stop({"domain": self.domain(), "label": job.label}, job.stop_timeout_s)
+        await self.stop({"domain": await asyncio.to_thread(self.domain), "label": job.label}, job.stop_timeout_s)
+
+    async def job_state(self, job: Job) -> JobState:
+        """What runs under ``job``'s label now, whoever started it."""
+        return await self.observe({"domain": await asyncio.to_thread(self.domain), "label": job.label, "pid": -1})
 
     async def uninstall(self) -> list[str]:
         """Boot out and remove every job athanor created here: its plists, and nothing else."""
         return await asyncio.to_thread(self._uninstall)
 
     def _uninstall(self) -> list[str]:
-        removed = []
-        for path in sorted(self.directory.glob(f"{LABEL_PREFIX}*.plist")) if self.directory.is_dir() else []:
-            label = path.name.removesuffix(".plist")
-            self._stop({"domain": self.domain(), "label": label}, 10.0)
-            self._run("enable", self._target(label))  # leave no entry of ours in the disabled list either
-            path.unlink()
-            removed.append(label)
-        return removed
+        """The gateway first (so it does not start models meanwhile), then every model job: loaded ones, found in
+        the domain even when their plist is gone, and every plist of ours."""
+        plists = {p.name.removesuffix(".plist"): p for d in (self.agents_dir, self.directory) if d.is_dir()
+                  for p in d.glob(f"{LABEL_PREFIX}*.plist")}
+        present = shutil.which("launchctl") is not None  # without it (not macOS) nothing can be loaded
+        loaded = self._loaded_labels() if present else []
+        labels = sorted(set(plists) | set(loaded), key=lambda label: (label != f"{LABEL_PREFIX}ingress", label))
+        for label in labels:
+            if present:
+                self._stop({"domain": self.domain(), "label": label}, 10.0)
+            if label in plists:
+                plists[label].unlink()
+        return labels
+
+    def _loaded_labels(self) -> list[str]:
+        """Our labels loaded in the domain (``print DOMAIN`` lists its services, one per line, label last)."""
+        result = self._run("print", self.domain())
+        if result.returncode != 0:
+            return []
+        found = []
+        for line in result.stdout.splitlines():
+            words = line.split()
+            if words and words[-1].startswith(LABEL_PREFIX):
+                found.append(words[-1])
+        return sorted(set(found))
 
     # ------------------------------------------------------------------ launchctl
 
     def domain(self) -> str:
-        """``gui/UID`` in a login session, ``user/UID`` without one (SSH)."""
+        """``gui/UID`` whenever the user has a login session, even when athanor runs over SSH: at the next login
+        launchd loads the gateway's plist into that domain, and the jobs must be found there. ``user/UID`` only
+        without one."""
         if self._domain is None:
-            result = self._run("managername")
-            session = "gui" if result.returncode == 0 and result.stdout.strip() == "Aqua" else "user"
-            self._domain = f"{session}/{os.getuid()}"
+            gui = f"gui/{os.getuid()}"
+            self._domain = gui if self._run("print", gui).returncode == 0 else f"user/{os.getuid()}"
         return self._domain
 
     def _target(self, label: str) -> str:

@@ -31,7 +31,8 @@ from athanor.paths import ensure_private_dir
 
 START_LIMIT_BURST = 5  # a model unit that fails this often in the interval is left failed by systemd itself
 START_LIMIT_INTERVAL_S = 60
-SHOW = ("MainPID", "ActiveState", "SubState", "Result", "NRestarts", "ExecMainCode", "ExecMainStatus")
+SHOW = ("MainPID", "ActiveState", "SubState", "Result", "NRestarts", "ExecMainCode", "ExecMainStatus",
+        "NeedDaemonReload")
 _CLD_EXITED = "1"  # ExecMainCode: the main process exited (its status is an exit code), else it was killed
 _UNQUOTABLE = re.compile("[\x00\n\r]")
 
@@ -103,7 +104,8 @@ class SystemdManager:
         return await asyncio.to_thread(self._start, job)
 
     def _start(self, job: Job) -> Handle:
-        if write_if_changed(self.unit_path(job), render_unit(job)):
+        written = write_if_changed(self.unit_path(job), render_unit(job))
+        if written or self._show(job.unit).get("NeedDaemonReload") == "yes":  # else systemd runs what it cached
             self._systemctl("daemon-reload")
         ensure_private_dir(Path(job.log_path).parent)  # systemd opens append: logs, but makes no directory
         self._run("reset-failed", job.unit)  # a unit its start limit stopped would refuse to start
@@ -189,20 +191,41 @@ class SystemdManager:
     async def stop_job(self, job: Job) -> None:
         await self.stop({"unit": job.unit}, job.stop_timeout_s)
 
+    async def job_state(self, job: Job) -> JobState:
+        """What runs under ``job``'s unit now, whoever started it."""
+        return await self.observe({"unit": job.unit, "pid": -1})
+
     async def uninstall(self) -> list[str]:
         """Stop, disable and remove every unit athanor created here, and nothing else."""
         return await asyncio.to_thread(self._uninstall)
 
     def _uninstall(self) -> list[str]:
-        removed = []
-        for path in sorted(self.directory.glob(f"{UNIT_PREFIX}*.service")) if self.directory.is_dir() else []:
-            self._run("disable", "--now", path.name)
-            self._run("reset-failed", path.name)
-            path.unlink()
-            removed.append(path.name)
-        if removed:
-            self._run("daemon-reload")
-        return removed
+        """The gateway first (so it does not start models meanwhile), then every model unit: loaded ones, found by
+        systemd even when their file is gone, and every unit file of ours."""
+        files = {p.name: p for p in self.directory.glob(f"{UNIT_PREFIX}*.service")} if self.directory.is_dir() else {}
+        if shutil.which("systemctl") is None:  # without it (not Linux) nothing can be loaded: the files only
+            for path in files.values():
+                path.unlink()
+            return sorted(files)
+        units = sorted(set(files) | set(self._loaded_units()), key=lambda u: (u != f"{UNIT_PREFIX}ingress.service", u))
+        for unit in units:
+            stopped = self._run("stop", unit)
+            if stopped.returncode not in (0, 5):  # 5: not loaded
+                raise SystemctlError(f"systemctl --user stop {unit}: {said(stopped)}")
+            if unit in files:
+                self._run("disable", unit)  # removes the default.target.wants link of the gateway's unit
+                files[unit].unlink()
+            self._run("reset-failed", unit)
+        if units:
+            self._systemctl("daemon-reload")
+        return units
+
+    def _loaded_units(self) -> list[str]:
+        """Our units systemd knows (none when no user manager answers: then none can run either)."""
+        result = self._run("list-units", "--all", "--plain", "--no-legend", f"{UNIT_PREFIX}*")
+        if result.returncode != 0:
+            return []
+        return sorted({line.split()[0] for line in result.stdout.splitlines() if line.strip()})
 
     # ------------------------------------------------------------------ systemctl
 

@@ -5,8 +5,9 @@ It keeps to what athanor relies on, and behaves as launchctl does there:
 
 - the same syntax, exit codes and messages: ``bootstrap DOMAIN PLIST`` (5 when the label is loaded or disabled
   or the plist is unreadable), ``bootout DOMAIN/LABEL`` (3 when not loaded), ``kickstart [-k]``, ``print`` (113
-  for an unknown service; ``state``, ``pid``, ``runs``, ``last exit code`` or ``last terminating signal``),
-  ``enable``, ``disable``, ``print-disabled``, ``managername``;
+  for an unknown service; ``state``, ``pid``, ``runs``, ``last exit code`` or ``last terminating signal``;
+  ``print DOMAIN`` lists its services, and ``gui/UID`` exists only in a login session), ``enable``, ``disable``,
+  ``print-disabled``, ``managername``;
 - ``bootout`` returns at once and the job goes away a moment later, once its process has exited (SIGTERM, then
   SIGKILL after ``ExitTimeOut``);
 - real processes from ``ProgramArguments``, with ``EnvironmentVariables``, ``WorkingDirectory`` and the
@@ -79,6 +80,8 @@ class Launchd:
                 return 0, os.environ.get("LAUNCHCTL_DOUBLE_SESSION", "Aqua") + "\n", ""
             if command == "bootstrap" and len(args) == 2:
                 return self.bootstrap(*args)
+            if command == "print" and args and args[-1].count("/") == 1:
+                return self.print_domain(args[-1])
             if command in ("bootout", "print", "kickstart", "enable", "disable") and args:
                 target = args[-1]
                 domain, _, label = target.rpartition("/")
@@ -101,6 +104,14 @@ class Launchd:
                          if t.startswith(args[0] + "/")]
                 return 0, "disabled services = {\n" + "".join(line + "\n" for line in lines) + "}\n", ""
         return 64, "", f"Unrecognized subcommand: {command}\nUsage: launchctl <subcommand> ... | help [subcommand]\n"
+
+    def print_domain(self, domain: str) -> tuple[int, str, str]:
+        """A login session's gui domain exists only with one (LAUNCHCTL_DOUBLE_SESSION=Background: none)."""
+        if domain.startswith("gui/") and os.environ.get("LAUNCHCTL_DOUBLE_SESSION", "Aqua") != "Aqua":
+            return 113, "", f"Could not find domain for {domain}\n"
+        rows = [f"\t{job.proc.pid if job.proc and job.proc.poll() is None else '-'}\t"
+                f"{job.last_status or 0}\t{job.label}" for job in self.jobs.values() if job.domain == domain]
+        return 0, f"{domain} = {{\n\tservices = {{\n" + "".join(r + "\n" for r in rows) + "\t}\n}\n", ""
 
     def bootstrap(self, domain: str, path: str) -> tuple[int, str, str]:
         failed = (5, "", "Bootstrap failed: 5: Input/output error\n")
