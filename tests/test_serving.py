@@ -373,13 +373,21 @@ def test_expect_100_continue_is_answered_by_the_gateway(gateway):
 
 @pytest.mark.parametrize("model", ["tiny-gguf", "tiny-mlx"])  # chunked, and HTTP/1.0 ended by the connection
 @pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
-def test_runtime_killed_mid_stream_fails_promptly_and_recovers(gateway, model):
-    # A long answer, so the kill surely lands mid-stream (the fixture caps answers at 8 tokens).
-    longer = ["maxTokens=100000"] + (["ctxSize=8192"] if model == "tiny-gguf" else [])
-    assert gateway.athanor("preset", "set", model, *longer).returncode == 0
+def test_runtime_killed_mid_stream_fails_promptly_and_recovers(gateway, model, tmp_path):
+    # A long answer, so the kill surely lands mid-stream: the fixture's models stop after 8 tokens, and the tiny
+    # GGUF's own context (256) would end any answer within a blink.
+    if model == "tiny-gguf":
+        model = "long-gguf"
+        gguf = write_tiny_llama_gguf(tmp_path / "weights" / "long.gguf", seed=11, context_length=16384)
+        apply_models(tmp_path / "long.yaml", model_spec(
+            model, gguf, extra="  preset: {ctxSize: 16384, parallel: 1, maxTokens: 100000}\n"))
+    else:
+        assert gateway.athanor("preset", "set", model, "maxTokens=100000").returncode == 0
     chat(gateway.client, model)
     pid = gateway.runtime_pid(model)
-    stream = chat(gateway.client, model, stream=True, max_tokens=100000)
+    stream = gateway.client.chat.completions.create(  # ignore_eos: a random model may end at any token
+        model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=100000, stream=True,
+        extra_body={"ignore_eos": True})
     first = next(iter(stream))
     assert first.model == model
     os.kill(pid, signal.SIGKILL)
