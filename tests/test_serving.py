@@ -377,10 +377,7 @@ def test_runtime_killed_mid_stream_fails_promptly_and_recovers(gateway, model, t
     # A long answer, so the kill surely lands mid-stream: the fixture's models stop after 8 tokens, and the tiny
     # GGUF's own context (256) would end any answer within a blink.
     if model == "tiny-gguf":
-        model = "long-gguf"
-        gguf = write_tiny_llama_gguf(tmp_path / "weights" / "long.gguf", seed=11, context_length=16384)
-        apply_models(tmp_path / "long.yaml", model_spec(
-            model, gguf, extra="  preset: {ctxSize: 16384, parallel: 1, maxTokens: 100000}\n"))
+        model = _long_gguf(tmp_path)
     else:
         assert gateway.athanor("preset", "set", model, "maxTokens=100000").returncode == 0
     chat(gateway.client, model)
@@ -636,10 +633,20 @@ def test_apply_reaches_the_running_gateway(gateway, tmp_path):
     assert row[header.index("RSS")].endswith("iB")
 
 
+def _long_gguf(tmp_path: Path) -> str:
+    """A GGUF model whose answers run long (a 16k context, one slot, no cap): ``long-gguf``. The fixture's models
+    stop after 8 tokens, and the tiny GGUF's own 256-token context ends any answer within a blink."""
+    gguf = write_tiny_llama_gguf(tmp_path / "weights" / "long.gguf", seed=11, context_length=16384)
+    apply_models(tmp_path / "long.yaml", model_spec(
+        "long-gguf", gguf, extra="  preset: {ctxSize: 16384, parallel: 1, maxTokens: 100000}\n"))
+    return "long-gguf"
+
+
 @pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
-def test_client_disconnect_mid_stream_frees_the_runtime_slot(gateway):
-    chat(gateway.client, "tiny-gguf")
-    sock = _send_raw(gateway, {"model": "tiny-gguf", "stream": True, "max_tokens": 100000,
+def test_client_disconnect_mid_stream_frees_the_runtime_slot(gateway, tmp_path):
+    model = _long_gguf(tmp_path)
+    chat(gateway.client, model)
+    sock = _send_raw(gateway, {"model": model, "stream": True, "max_tokens": 100000, "ignore_eos": True,
                                "messages": [{"role": "user", "content": "hi"}]})
     received = b""
     while b"data:" not in received:
@@ -647,10 +654,10 @@ def test_client_disconnect_mid_stream_frees_the_runtime_slot(gateway):
         assert chunk, "the stream ended early"
         received += chunk
 
-    assert _slots_busy(gateway, "tiny-gguf"), "the runtime is generating for the stream"
+    assert _slots_busy(gateway, model), "the runtime is generating for the stream"
     sock.close()
-    wait_until(lambda: not _slots_busy(gateway, "tiny-gguf"), 15, "the runtime to stop generating for a gone client")
-    assert chat(gateway.client, "tiny-gguf").model == "tiny-gguf"
+    wait_until(lambda: not _slots_busy(gateway, model), 15, "the runtime to stop generating for a gone client")
+    assert chat(gateway.client, model).model == model
 
 
 @pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
