@@ -39,9 +39,8 @@ import time
 from pathlib import Path
 
 from athanor.errors import AthanorError, RuntimeNotFoundError
-from athanor.managers import logs
 from athanor.managers.base import LABEL_PREFIX, Handle, Job, JobState
-from athanor.managers.shared import create_time, said, utc_now, write_if_changed
+from athanor.managers.shared import ExternalManager, create_time, said, utc_now, write_if_changed
 from athanor.managers.templates import render
 from athanor.paths import ensure_private_dir
 
@@ -89,7 +88,7 @@ def parse_print(text: str) -> dict[str, object]:
     return facts
 
 
-class LaunchdManager:
+class LaunchdManager(ExternalManager):
     name = "launchd"
 
     def __init__(self, agents_dir: Path, directory: Path):
@@ -166,21 +165,6 @@ class LaunchdManager:
         exit_code = facts.get("exit_code") if isinstance(facts.get("exit_code"), int) else None
         detail = f"state {facts.get('state', '?')}, runs {runs}"
         return JobState(running, pid, exit_code, max(0, int(runs) - int(handle.get("runs", 1))), detail)  # type: ignore[arg-type]
-
-    async def wait_exit(self, handle: Handle, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while (await self.observe(handle)).running:
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.05)  # polling launchd for an exit, bounded by the caller's timeout
-        return True
-
-    async def housekeeping(self, handles: list[Handle]) -> None:
-        paths = [Path(h["log_path"]) for h in handles if h.get("log_path")]
-        await asyncio.to_thread(lambda: [logs.rotate(p) for p in paths])
-
-    def forget(self, handle: Handle) -> None:
-        pass
 
     # ------------------------------------------------------------------ installing the gateway
 

@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from athanor.managers import logs
+from athanor.managers.base import Handle, JobState
 from athanor.store.files import atomic_write_text
+
+
+class ExternalManager:
+    """What launchd and systemd do alike: wait for an exit by asking the manager, rotate the logs it appends to.
+    Subclasses provide ``observe``."""
+
+    async def observe(self, handle: Handle) -> JobState:
+        raise NotImplementedError
+
+    async def wait_exit(self, handle: Handle, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while (await self.observe(handle)).running:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)  # polling the manager for an exit, bounded by the caller's timeout
+        return True
+
+    async def housekeeping(self, handles: list[Handle]) -> None:
+        paths = [Path(h["log_path"]) for h in handles if h.get("log_path")]
+        await asyncio.to_thread(lambda: [logs.rotate(p) for p in paths])
+
+    def forget(self, handle: Handle) -> None:
+        pass  # the manager keeps the job's record itself
 
 
 def write_if_changed(path: Path, content: bytes) -> bool:

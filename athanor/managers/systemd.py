@@ -19,13 +19,11 @@ import asyncio
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 from athanor.errors import AthanorError, RuntimeNotFoundError
-from athanor.managers import logs
 from athanor.managers.base import UNIT_PREFIX, Handle, Job, JobState
-from athanor.managers.shared import create_time, said, utc_now, write_if_changed
+from athanor.managers.shared import ExternalManager, create_time, said, utc_now, write_if_changed
 from athanor.managers.templates import render
 from athanor.paths import ensure_private_dir
 
@@ -88,7 +86,7 @@ def parse_show(text: str) -> dict[str, str]:
     return facts
 
 
-class SystemdManager:
+class SystemdManager(ExternalManager):
     name = "systemd"
 
     def __init__(self, directory: Path):
@@ -139,20 +137,6 @@ class SystemdManager:
         detail = f"{facts.get('ActiveState', '?')}/{facts.get('SubState', '?')}, result {facts.get('Result', '?')}"
         return JobState(active and pid == handle["pid"], pid, _exit_code(facts), restarts, detail)
 
-    async def wait_exit(self, handle: Handle, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while (await self.observe(handle)).running:
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.05)  # polling systemd for an exit, bounded by the caller's timeout
-        return True
-
-    async def housekeeping(self, handles: list[Handle]) -> None:
-        paths = [Path(h["log_path"]) for h in handles if h.get("log_path")]
-        await asyncio.to_thread(lambda: [logs.rotate(p) for p in paths])
-
-    def forget(self, handle: Handle) -> None:
-        pass
 
     def reload_files(self) -> None:
         """After ``apply`` rewrote units: systemd reads unit files only on daemon-reload. A user manager that
