@@ -19,16 +19,14 @@ from aiohttp import web
 from athanor import catalog
 from athanor.controller.controller import Controller
 from athanor.controller.readiness import probe_session
-from athanor.ingress.admin import ADMIN, add_admin_routes
+from athanor.ingress.admin import add_admin_routes
 from athanor.ingress.app import create_app
 from athanor.ingress.upstream import UpstreamPool
-from athanor.liveness import daemon_record
 from athanor.managers import Managers, resolve_manager
 from athanor.store import Store
 from athanor.units import parse_duration
 
 log = logging.getLogger("athanor.daemon")
-__all__ = ["ADMIN", "daemon_record", "parse_listen", "serve", "wait_for_port"]
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -23,6 +23,7 @@ import pytest
 from athanor.managers.base import Job, sorted_env
 from athanor.managers.launchd import LaunchdManager, parse_print, render_plist
 from conftest import LaunchctlDouble
+from fixtures.jobs import sleeper_job as job
 
 # launchd.plist(5): the keys athanor writes, with the type each must have.
 DOCUMENTED = {"Label": str, "ProgramArguments": list, "EnvironmentVariables": dict, "WorkingDirectory": str,
@@ -31,13 +32,6 @@ DOCUMENTED = {"Label": str, "ProgramArguments": list, "EnvironmentVariables": di
 AWKWARD = "dir with spaces/\"quotes\" & <angle> $HOME %n ünïcödé"
 # scripts/setup.sh --test installs libplist-utils as root; elsewhere these tests say what is missing
 needs_plistutil = pytest.mark.skipif(shutil.which("plistutil") is None, reason="plistutil (libplist-utils) missing")
-
-
-def job(tmp_path: Path, kind: str = "model", name: str = "tiny", argv: tuple[str, ...] | None = None,
-        env: dict[str, str] | None = None) -> Job:
-    return Job(kind=kind, name=name, argv=argv or (sys.executable, "-c", "import time; time.sleep(600)"),
-               env=sorted_env(env or {"HF_HUB_OFFLINE": "1"}), workdir=str(tmp_path),
-               log_path=str(tmp_path / "logs" / f"{name}.log"))
 
 
 def check_plist(path: Path) -> dict:

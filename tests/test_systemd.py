@@ -20,16 +20,10 @@ import pytest
 
 from athanor.managers.base import Job, sorted_env
 from athanor.managers.systemd import SystemdManager, quote, render_unit
+from fixtures.jobs import sleeper_job as job
 
 AWKWARD = "dir with spaces/\"quotes\" & <angle> $HOME %n ünïcödé \\back"
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
-
-
-def job(tmp_path: Path, kind: str = "model", name: str = "tiny", argv: tuple[str, ...] | None = None,
-        env: dict[str, str] | None = None) -> Job:
-    return Job(kind=kind, name=name, argv=argv or (sys.executable, "-c", "import time; time.sleep(600)"),
-               env=sorted_env(env or {"HF_HUB_OFFLINE": "1"}), workdir=str(tmp_path),
-               log_path=str(tmp_path / "logs" / f"{name}.log"))
 
 
 def verify(tmp_path: Path, *units: Path) -> None:

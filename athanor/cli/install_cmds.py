@@ -29,7 +29,7 @@ def installed_ingress(st: Any, gateway: dict[str, Any]) -> tuple[Any, Any] | Non
 @click.pass_context
 def install_cmd(ctx: click.Context, manager: str | None, timeout: float) -> None:
     """Register the gateway with the service manager and start it; models then run as its jobs too (idempotent)."""
-    from athanor.daemon import parse_listen, wait_for_port
+    from athanor.daemon import loopback_for, parse_listen, wait_for_port
     from athanor.managers import Managers, installed_manager, jobs
 
     st = store()
@@ -52,7 +52,7 @@ def install_cmd(ctx: click.Context, manager: str | None, timeout: float) -> None
     result = asyncio.run(service.install(job))
     address = gateway["listen"]
     host, port = parse_listen(address)
-    if not wait_for_port("127.0.0.1" if host in ("", "0.0.0.0", "::") else host, port, timeout):
+    if not wait_for_port(loopback_for(host) or host, port, timeout):
         raise AthanorError(f"the gateway did not start listening on {address}; see {job.log_path}")
     where = next(iter(service.files(job)))
     click.echo(f"gateway {result} as {job.label if name == 'launchd' else job.unit} ({name}, {where}); "

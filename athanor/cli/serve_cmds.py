@@ -52,7 +52,7 @@ def serve_cmd(listen: str | None, verbose: bool) -> None:
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the gateway to listen.")
 def up_cmd(listen: str | None, timeout: float) -> None:
     """Start the gateway in the background (logs in $ATHANOR_HOME/logs/daemon.log)."""
-    from athanor.daemon import parse_listen, wait_for_port
+    from athanor.daemon import loopback_for, parse_listen, wait_for_port
 
     st = store()
     running = daemon_record(st)
@@ -68,7 +68,7 @@ def up_cmd(listen: str | None, timeout: float) -> None:
         manager, job = installed
         asyncio.run(manager.start_job(job))
         host, port = parse_listen(address)
-        if not wait_for_port("127.0.0.1" if host in ("", "0.0.0.0", "::") else host, port, timeout):
+        if not wait_for_port(loopback_for(host) or host, port, timeout):
             raise AthanorError(f"the gateway did not start listening on {address}; see {job.log_path}")
         click.echo(f"athanor up on http://{address} ({manager.name})")
         return

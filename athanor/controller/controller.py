@@ -210,14 +210,15 @@ class Controller:
         """Admit one request for the resolved model ``name``, or refuse it now, before any response has started:
         ModelUnavailable when it cannot run, QueueFull when too many requests already wait for it."""
         inst = self.instance(name)
-        if not self.serving(inst):
-            problem = self._shutting_down() or unservable(self._doc["models"].get(name), name) or self._crash_loop(inst)
+        serving = self.serving(inst)
+        if not serving:
+            problem = self._unservable(inst)
             if problem:
                 raise ModelUnavailable(problem)
             limit = self._gateway["limits"]["maxQueue"]
             if inst.waiting >= limit:
                 raise QueueFull(f"{inst.waiting} requests already wait for model {name!r} (limits.maxQueue {limit})")
-        return Lease(self, inst)
+        return Lease(self, inst, waiting=not serving)
 
     async def make_ready(self, inst: Instance) -> None:
         """Wait in the swap gate, then until the model serves: share the start under way, or start it (making
@@ -243,11 +244,10 @@ class Controller:
                 if inst.phase is Phase.FAILED:
                     raise ModelUnavailable(f"model {name!r} failed to start: {inst.message}")
                 continue
-            obj = self._doc["models"].get(name)
-            problem = self._shutting_down() or unservable(obj, name) or self._crash_loop(inst)
+            problem = self._unservable(inst)
             if problem:
                 raise ModelUnavailable(problem)
-            assert obj is not None
+            obj = self._doc["models"][name]
             if inst.cleanup_task is not None and not inst.cleanup_task.done():
                 await asyncio.wait({inst.cleanup_task})  # the failed process must be gone before its port is reused
                 continue
@@ -299,8 +299,11 @@ class Controller:
         if inst.cleanup_task is not None:
             await asyncio.wait({inst.cleanup_task})
 
-    def _shutting_down(self) -> str | None:
-        return "the gateway is shutting down" if self._closing else None
+    def _unservable(self, inst: Instance) -> str | None:
+        """Why ``inst`` cannot be started now, from what is known without touching the disk (None: it can be)."""
+        if self._closing:
+            return "the gateway is shutting down"
+        return unservable(self._doc["models"].get(inst.name), inst.name) or self._crash_loop(inst)
 
     def _manager(self, handle: Handle) -> ServiceManager:
         return self.managers.of(handle, self._gateway)

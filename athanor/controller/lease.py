@@ -33,12 +33,13 @@ class Lease:
 
     __slots__ = ("_controller", "_instance", "_upstream", "_waiting")
 
-    def __init__(self, controller: Controller, instance: Instance):
+    def __init__(self, controller: Controller, instance: Instance, *, waiting: bool):
+        """``waiting``: the model does not serve now, so the request counts as waiting from the start."""
         self._controller = controller
         self._instance = instance
         self._waiting = False
         self._upstream: Upstream | None = None
-        if not controller.serving(instance):
+        if waiting:
             self._wait()
 
     @property

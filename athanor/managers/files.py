@@ -66,10 +66,8 @@ def _ours(manager: ServiceManager, directory: Path | None) -> list[Path]:
 def plan(store: Store, doc: dict[str, Any], manager: ServiceManager) -> tuple[dict[Path, bytes], list[Path]]:
     """(files to write, files to remove) to bring the manager's directory in step with ``doc``."""
     want = desired(store, doc, manager)
-    directory = next(iter(want), None)
-    directory = directory.parent if directory else getattr(manager, "directory", None)
     write = {p: b for p, b in want.items() if not p.exists() or p.read_bytes() != b}
-    remove = [p for p in _ours(manager, directory) if p not in want]
+    remove = [p for p in _ours(manager, getattr(manager, "directory", None)) if p not in want]
     return write, remove
 
 
