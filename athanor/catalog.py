@@ -42,6 +42,8 @@ GATEWAY_DEFAULTS: dict[str, Any] = {
     "healthCheck": {"interval": "2s", "timeout": "3s", "failureThreshold": 3},
     "allowedHosts": [],
     "cors": {"allowOrigins": []},
+    "auth": {},
+    "integrations": {"pi": {"sync": False}},
 }
 
 Resolver = Callable[[dict[str, Any]], Artifact | None]

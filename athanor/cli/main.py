@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "restart": ("athanor.cli.serve_cmds:restart_cmd", "Restart a model's runtime."),
     "logs": ("athanor.cli.serve_cmds:logs_cmd", "Show a model's runtime log."),
     "wait": ("athanor.cli.serve_cmds:wait_cmd", "Wait for a model condition, e.g. --for=condition=Ready."),
+    "doctor": ("athanor.cli.doctor_cmd:doctor_cmd", "Check runtimes, cache, ports, service manager and gateway."),
+    "top": ("athanor.cli.top_cmd:top_cmd", "Show requests, tokens, latency and phases live."),
+    "sync": ("athanor.cli.sync_cmds:sync_cmd", "Keep agent clients (pi) in step with the served models."),
+    "snippet": ("athanor.cli.sync_cmds:snippet_cmd", "Print curl, Python and pi examples for a model."),
     "completion": ("athanor.cli.main:completion_cmd", "Print a shell completion script."),
     "version": ("athanor.cli.main:version_cmd", "Print the version."),
 }
