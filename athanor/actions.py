@@ -172,8 +172,9 @@ class ScanResult:
         return sum(1 for c in self.changes if c.action == action)
 
 
-def scan(store: Store, extra_paths: tuple[str, ...] = (), *, prune: bool = False) -> ScanResult:
-    """Register what discovery finds and refresh every model's detected facts, in one store transaction."""
+def scan(store: Store, extra_paths: tuple[str, ...] = (), *, prune: bool = False, record: bool = True) -> ScanResult:
+    """Register what discovery finds and refresh every model's detected facts, in one store transaction.
+    ``record``: write the changes to state.json's events (the daemon records them through its own event log)."""
     with _edit_models(store) as doc:
         spec = catalog.gateway_spec(doc)
         discovery = discover(spec["discovery"], extra_paths)
@@ -182,7 +183,8 @@ def scan(store: Store, extra_paths: tuple[str, ...] = (), *, prune: bool = False
             changes += catalog.prune_missing(doc)
         changed = {c.name for c in changes}
         unchanged = sum(1 for name in doc["models"] if name not in changed)
-    record_events(store, changes)
+    if record:
+        record_events(store, changes)
     return ScanResult(changes, discovery.warnings, unchanged)
 
 

@@ -30,19 +30,15 @@ def model_view(obj: dict[str, Any], instance: dict[str, Any] | None, gateway_up:
     message = instance.get("message", "")
     if not gateway_up and phase in _LIVE_PHASES:
         phase, message = "Unknown", f"the gateway is not running (last recorded: {phase}, {message})"
-    available = _available_condition(artifact, obj)
-    ready = {
-        "type": "Ready",
-        "status": "True" if phase == "Ready" else "False",
-        "reason": "GatewayDown" if phase == "Unknown" else phase,
-        "message": message,
-        "lastTransitionTime": instance.get("phaseSince", obj["metadata"].get("creationTimestamp")),
-    }
+    generation = obj["metadata"].get("generation", 1)
+    observed = _observed_generation(instance, phase, generation, gateway_up)
+    conditions = [_available_condition(artifact, obj, observed),
+                  *_phase_conditions(phase, message, instance, obj, observed)]
     status: dict[str, Any] = {
         "phase": phase,
         "port": obj["spec"].get("port"),
-        "observedGeneration": obj["metadata"].get("generation", 1),
-        "conditions": [available, ready],
+        "observedGeneration": observed,
+        "conditions": conditions,
     }
     for key in ("pid", "startedAt", "lastFailure"):
         if instance.get(key) is not None:
@@ -79,8 +75,45 @@ def human_duration(seconds: int | None) -> str:
     return f"{max(seconds, 0)}s"
 
 
-def _available_condition(artifact: dict[str, Any] | None, obj: dict[str, Any]) -> dict[str, Any]:
-    condition = {"type": "Available", "lastTransitionTime": obj["metadata"].get("creationTimestamp")}
+def _observed_generation(instance: dict[str, Any], phase: str, generation: int, gateway_up: bool) -> int | None:
+    """The spec generation the gateway has acted on. A running runtime reports the one it was started from (or
+    was told about since, when the change did not touch its launch); a model with nothing running has nothing to
+    apply, so a running gateway has observed its current spec; with no gateway, nothing is observed."""
+    if phase in _LIVE_PHASES:
+        return instance.get("generation") or None
+    return generation if gateway_up else None
+
+
+def _phase_conditions(phase: str, message: str, instance: dict[str, Any], obj: dict[str, Any],
+                      observed: int | None) -> list[dict[str, Any]]:
+    """Ready, Progressing and Failed, Kubernetes-style, from the phase the gateway recorded."""
+    since = instance.get("phaseSince", obj["metadata"].get("creationTimestamp"))
+    base = {"lastTransitionTime": since, "observedGeneration": observed}
+    ready = {"type": "Ready", **base, "status": "True" if phase == "Ready" else "False",
+             "reason": "GatewayDown" if phase == "Unknown" else phase, "message": message}
+    if phase == "Starting":
+        elapsed = age(since)
+        progressing = {"type": "Progressing", **base, "status": "True", "reason": "Loading",
+                       "message": f"loading for {elapsed}: {message}" if elapsed != "<unknown>" else message}
+    elif phase in ("Draining", "Stopping"):
+        progressing = {"type": "Progressing", **base, "status": "True", "reason": phase, "message": message}
+    else:
+        progressing = {"type": "Progressing", **base, "status": "False", "reason": "Settled",
+                       "message": f"{phase}, nothing under way"}
+    failure = instance.get("lastFailure") or {}
+    if phase == "Failed":
+        failed = {"type": "Failed", **base, "status": "True", "reason": failure.get("reason", "Failed"),
+                  "message": failure.get("message", message)}
+    else:
+        last = (f"last failure {failure.get('reason')} at {failure.get('time')}: {failure.get('message')}"
+                if failure else "no failure recorded")
+        failed = {"type": "Failed", **base, "status": "False", "reason": "NotFailed", "message": last}
+    return [ready, progressing, failed]
+
+
+def _available_condition(artifact: dict[str, Any] | None, obj: dict[str, Any], observed: int | None) -> dict[str, Any]:
+    condition = {"type": "Available", "lastTransitionTime": obj["metadata"].get("creationTimestamp"),
+                 "observedGeneration": observed}
     if artifact is None:
         source = obj["spec"]["source"]
         where = source.get("path") or source.get("hf", {}).get("repo")

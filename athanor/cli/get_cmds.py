@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from typing import Any
 
@@ -17,6 +18,7 @@ RESOURCE_TYPES = {
     "models": "model", "model": "model", "mo": "model",
     "gateway": "gateway", "gateways": "gateway", "gw": "gateway",
     "recipes": "recipe", "recipe": "recipe",
+    "events": "event", "event": "event", "ev": "event",
 }
 
 
@@ -64,11 +66,18 @@ def matches(labels: dict[str, str], selector: list[tuple[str, str, str | None]])
 @click.argument("name", required=False, shell_complete=_complete_model)
 @output_option
 @click.option("-l", "--selector", help="Label selector: key=value, key!=value or key, comma-separated.")
-def get_cmd(resource: str, name: str | None, output: str | None, selector: str | None) -> None:
-    """List RESOURCE (models, gateway, recipes), or show the one called NAME."""
+@click.option("-w", "--watch", is_flag=True,
+              help="After the list, print a line for every change until Ctrl-C (models, events; needs the gateway).")
+def get_cmd(resource: str, name: str | None, output: str | None, selector: str | None, watch: bool) -> None:
+    """List RESOURCE (models, gateway, recipes, events), or show the one called NAME."""
     kind = RESOURCE_TYPES[resource]
     st = store()
     doc = st.models.load()
+    if watch and kind not in ("model", "event"):
+        raise InvalidValueError(f"--watch works with models and events, not {resource}")
+    if kind == "event":
+        _get_events(st, doc, name, output, watch)
+        return
     if kind == "gateway":
         _get_gateway(doc, output)
         return
@@ -93,6 +102,76 @@ def get_cmd(resource: str, name: str | None, output: str | None, selector: str |
         click.echo("No models found. Run 'athanor scan' or 'athanor apply -f specs/'.", err=True)
     else:
         click.echo(_models_table(items, wide=output == "wide"))
+    if watch:
+        _watch_models(st, {item["metadata"]["name"] for item in items} if (name or terms) else None, output)
+
+
+def _follow(st: Any, since: int | None = None) -> Any:
+    """The gateway's events from ``since`` on, as they happen (Ctrl-C ends it quietly)."""
+    from athanor.cli.admin_client import AdminClient
+
+    client = AdminClient.for_store(st)
+    try:
+        yield from client.events(since)
+    except KeyboardInterrupt:
+        return
+
+
+def _watch_models(st: Any, only: set[str] | None, output: str | None) -> None:
+    """A line per phase change, kubectl get -w style: the model's row as it is now."""
+    for event in _follow(st):
+        if event.get("kind") != "Model" or "phase" not in event or (only is not None and event["name"] not in only):
+            continue
+        obj = st.models.load()["models"].get(event["name"])
+        if obj is None:
+            continue
+        item = views.model_view(obj, {"phase": event["phase"], "message": event["message"],
+                                      "phaseSince": event["time"], "generation": obj["metadata"].get("generation")})
+        if output in ("json", "yaml"):
+            click.echo(json.dumps({"type": "MODIFIED", "object": item}))
+        else:
+            click.echo(_models_table([item], wide=output == "wide").splitlines()[1])
+
+
+def _event_row(event: dict[str, Any]) -> list[str]:
+    obj = f"{event.get('kind', '?').lower()}/{event.get('name', '?')}"
+    return [views.age(event.get("time")), event.get("type", ""), event.get("reason", ""), obj,
+            event.get("message", "")]
+
+
+EVENT_HEADER = ["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]
+
+
+def _get_events(st: Any, doc: dict[str, Any], name: str | None, output: str | None, watch: bool) -> None:
+    """What happened, oldest first: what the gateway recorded (starts, swaps, evictions, failures) and what
+    apply and scan changed. NAME narrows it to one model."""
+    model = actions.resolve_name(doc, name) if name else None
+    events = [e for e in st.state.load()["events"] if model is None or e.get("name") == model]
+    if output in ("json", "yaml"):
+        if not watch:
+            emit({"apiVersion": "v1", "kind": "List", "items": events}, output)
+            return
+        for event in events:
+            click.echo(json.dumps(event))
+    elif output == "name":
+        for event in events:
+            click.echo(f"event/{event.get('seq', event.get('time'))}")
+    elif events:
+        click.echo(views.render_table(EVENT_HEADER, [_event_row(e) for e in events]))
+    elif not watch:
+        click.echo("No events.", err=True)
+    if not watch:
+        return
+    if not events:
+        click.echo(views.render_table(EVENT_HEADER, []))
+    seqs = [e["seq"] for e in events if isinstance(e.get("seq"), int)]
+    for event in _follow(st, max(seqs) if seqs else None):
+        if model is not None and event.get("name") != model:
+            continue
+        if output in ("json", "yaml"):
+            click.echo(json.dumps(event))
+        else:
+            click.echo("   ".join(_event_row(event)))
 
 
 def _models_table(items: list[dict[str, Any]], wide: bool) -> str:

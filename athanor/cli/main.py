@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "start": ("athanor.cli.serve_cmds:start_cmd", "Start a model's runtime in the running gateway."),
     "stop": ("athanor.cli.serve_cmds:stop_cmd", "Stop a model's runtime."),
     "restart": ("athanor.cli.serve_cmds:restart_cmd", "Restart a model's runtime."),
+    "unload": ("athanor.cli.serve_cmds:unload_cmd", "Unload a model (it loads again on the next request)."),
     "logs": ("athanor.cli.serve_cmds:logs_cmd", "Show a model's runtime log."),
     "wait": ("athanor.cli.serve_cmds:wait_cmd", "Wait for a model condition, e.g. --for=condition=Ready."),
     "doctor": ("athanor.cli.doctor_cmd:doctor_cmd", "Check runtimes, cache, ports, service manager and gateway."),

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import click
@@ -137,32 +134,13 @@ def _wait_exit(proc: Any, timeout: float) -> bool:
     return False
 
 
-def _admin(path: str, timeout: float = 600.0) -> dict[str, Any]:
-    from athanor.ingress.admin import ADMIN
-
-    record = daemon_record(store())
-    if not record:
-        raise AthanorError("the gateway is not running; start it with 'athanor up' (or 'athanor serve')")
-    address = record.get("admin") or record["listen"]  # a loopback address: the admin API answers nothing else
-    request = urllib.request.Request(f"http://{address}{ADMIN}{path}", method="POST", data=b"")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = str(exc)
-        raise (NotFoundError if exc.code == 404 else AthanorError)(message) from exc
-    except OSError as exc:
-        raise AthanorError(f"cannot reach the gateway at {address}: {exc}") from exc
-
-
 def _lifecycle(action: str):  # noqa: ANN202 - a small factory for three identical commands
     @click.command(action)
     @click.argument("name", shell_complete=_complete_model)
     def command(name: str) -> None:
-        result = _admin(f"/models/{name}/{action}")
+        from athanor.cli.admin_client import AdminClient
+
+        result = AdminClient.for_store(store()).post(f"/models/{name}/{action}")
         click.echo(f"model/{result['name']} {result['phase'].lower()}")
 
     command.help = f"{action.capitalize()} the runtime of model NAME in the running gateway."
@@ -172,6 +150,8 @@ def _lifecycle(action: str):  # noqa: ANN202 - a small factory for three identic
 start_cmd = _lifecycle("start")
 stop_cmd = _lifecycle("stop")
 restart_cmd = _lifecycle("restart")
+unload_cmd = _lifecycle("unload")
+unload_cmd.help = "Unload model NAME (stop it after its requests finish); the next request loads it again."
 
 
 @click.command("logs")
@@ -207,15 +187,22 @@ def logs_cmd(name: str, lines: int, follow: bool) -> None:
 @click.argument("resource", type=click.Choice(["model"]), metavar="model")
 @click.argument("name", shell_complete=_complete_model)
 @click.option("--for", "condition", default="condition=Ready", show_default=True,
-              help="condition=Ready|Available, or phase=PHASE.")
+              help="condition=TYPE[=True|False] (Available, Ready, Progressing, Failed), or phase=PHASE.")
 @click.option("--timeout", default="60s", show_default=True, help="Give up after this long (e.g. 30s, 5m).")
 def wait_cmd(resource: str, name: str, condition: str, timeout: str) -> None:
     """Wait until model NAME meets a condition (exit 1 on timeout)."""
     from athanor.units import parse_duration
 
-    what, _, value = condition.partition("=")
-    if what not in ("condition", "phase") or not value:
-        raise InvalidValueError(f"--for {condition!r}: expected condition=TYPE or phase=PHASE")
+    what, _, rest = condition.partition("=")
+    value, _, wanted = rest.partition("=")
+    wanted = wanted or "True"
+    if what not in ("condition", "phase") or not value or (what == "phase" and wanted != "True"):
+        raise InvalidValueError(f"--for {condition!r}: expected condition=TYPE[=True|False] or phase=PHASE")
+    if what == "condition" and value not in CONDITIONS:
+        raise InvalidValueError(f"--for {condition!r}: unknown condition {value!r} (known: {', '.join(CONDITIONS)})")
+    if wanted.lower() not in ("true", "false"):
+        raise InvalidValueError(f"--for {condition!r}: a condition is True or False, not {wanted!r}")
+    wanted = wanted.capitalize()
     limit = parse_duration(timeout) if timeout.strip() else None
     deadline = time.monotonic() + (limit if limit is not None else 10**9)
     st = store()
@@ -226,7 +213,7 @@ def wait_cmd(resource: str, name: str, condition: str, timeout: str) -> None:
                                 daemon_record(st) is not None)
         if what == "phase" and view["status"]["phase"] == value:
             break
-        if what == "condition" and any(c["type"] == value and c["status"] == "True"
+        if what == "condition" and any(c["type"] == value and c["status"] == wanted
                                        for c in view["status"]["conditions"]):
             break
         if time.monotonic() > deadline:
@@ -234,3 +221,6 @@ def wait_cmd(resource: str, name: str, condition: str, timeout: str) -> None:
                                f"(phase {view['status']['phase']})")
         time.sleep(0.1)  # polling interval
     click.echo(f"model/{model} condition met")
+
+
+CONDITIONS = ("Available", "Ready", "Progressing", "Failed")

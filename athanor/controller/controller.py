@@ -42,6 +42,7 @@ from typing import Any
 import aiohttp
 
 from athanor import actions, catalog
+from athanor.controller.events import Event, EventLog
 from athanor.controller.gate import SwapGate
 from athanor.controller.instance import RUNNING, Instance, Observer, Phase
 from athanor.controller.lease import Lease
@@ -51,6 +52,7 @@ from athanor.controller.readiness import (
     NotReady,
     StartAborted,
     answers,
+    generates,
     probe_once,
     wait_ready,
 )
@@ -92,8 +94,11 @@ class Controller:
         self._doc_stamp: object = None
         self._names: dict[str, str] = {}
         self._writer = StateWriter(store)
-        self._observers: list[Observer] = [self._phase_changed]  # persistence first; metrics and the TUI later
+        self.events = EventLog()  # what happened, in order: state.json, metrics and the admin API's stream read it
+        self.events.listen(self._writer.event)
+        self._observers: list[Observer] = [self._phase_changed]
         self._stops: dict[str, asyncio.Task[None]] = {}
+        self._reloading: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._death_checks: dict[tuple[str, int], asyncio.Task[bool]] = {}
@@ -232,8 +237,9 @@ class Controller:
             self.doc()  # it may have changed while this request waited
             if self.serving(inst):
                 return
-            if inst.phase is Phase.READY:  # its spec changed since it started: drain, then start it anew
-                await self.stop(name)
+            if inst.phase is Phase.READY:  # its spec changed since it started
+                if not await self._follow_spec(inst):
+                    await self.stop(name)  # ... and what it runs with it: drain, then start it anew
                 continue
             if inst.phase in (Phase.DRAINING, Phase.STOPPING):
                 await inst.changed.wait()
@@ -294,6 +300,7 @@ class Controller:
             self._fail(inst, f"unexpected error while starting: {exc!r}", "StartFailed")
         else:
             log.info("%s ready in %.2f s (pid %s)", inst.name, waited, _pid(inst.handle))
+            inst.load_seconds = time.monotonic() - inst.starting_since
             inst.move(Phase.READY, f"ready in {waited:.2f} s")
             return
         if inst.cleanup_task is not None:
@@ -459,9 +466,47 @@ class Controller:
             inst.handle = None
             inst.move(Phase.STANDBY, result)
 
+    async def _follow_spec(self, inst: Instance) -> bool:
+        """A ready model's spec changed: True when what it runs did not (an alias, a label, the idle limit), so
+        the runtime keeps serving and now counts as started from the new generation. False: it must restart."""
+        obj = self._doc["models"].get(inst.name)
+        incarnation = inst.incarnation
+        if obj is None or inst.launch is None:
+            return False
+        doc = self._doc
+        launch = await asyncio.to_thread(actions.launch_for, doc, obj)  # looks for the runtime on disk
+        if inst.incarnation != incarnation or inst.phase is not Phase.READY:
+            return False
+        generation = obj["metadata"].get("generation", 1)
+        if launch != inst.launch:
+            return False
+        if inst.generation != generation:
+            inst.generation = generation
+            self._save(inst)
+            self._event("Model", inst.name, "Normal", "SpecObserved",
+                        f"generation {generation} applied: nothing the runtime runs changed, it keeps serving",
+                        generation=generation)
+        return True
+
     async def _reload(self, inst: Instance) -> None:
         """A loaded model whose spec changed is restarted from the new one at once (only that model's job), as
-        ``apply`` promises; a failure is recorded like any other start's."""
+        ``apply`` promises, unless what it runs is unchanged; a failure is recorded like any other start's."""
+        if inst.name in self._reloading:
+            return
+        self._reloading.add(inst.name)
+        try:
+            await self._reload_now(inst)
+        finally:
+            self._reloading.discard(inst.name)
+
+    async def _reload_now(self, inst: Instance) -> None:
+        if await self._follow_spec(inst):
+            return
+        obj = self._doc["models"].get(inst.name)
+        if obj is not None:
+            self._event("Model", inst.name, "Normal", "SpecChanged",
+                        f"generation {obj['metadata'].get('generation', 1)} changes how it runs: restarting it "
+                        "after its requests finish", generation=obj["metadata"].get("generation", 1))
         await self.stop(inst.name)
         try:
             await self.make_ready(inst)
@@ -501,6 +546,13 @@ class Controller:
         residency = self._gateway["residency"]
         if residency["policy"] == "memory":
             evictable = self._over_budget(name, loaded, evictable, residency.get("budget", "80%"))
+        if not evictable:
+            return
+        names = ", ".join(i.name for i in evictable)
+        self._event("Model", name, "Normal", "Swapping", f"stopping {names} to make room "
+                    f"(residency {residency['policy']})", evicted=[i.name for i in evictable])
+        for victim in evictable:
+            self._event("Model", victim.name, "Normal", "Evicted", f"stopped to make room for {name}", by=name)
         await asyncio.gather(*(self.stop(i.name) for i in evictable))
 
     def _over_budget(self, name: str, loaded: list[Instance], evictable: list[Instance], budget: str) -> list[Instance]:
@@ -524,11 +576,22 @@ class Controller:
 
     def _phase_changed(self, inst: Instance, old: Phase, new: Phase) -> None:
         self._save(inst)
-        self._event("Model", inst.name, "Warning" if new is Phase.FAILED else "Normal", new.value,
-                    f"{old.value} -> {new.value}: {inst.message}")
+        extra: dict[str, Any] = {"phase": new.value, "previous": old.value, "incarnation": inst.incarnation}
+        reason = new.value
+        if new is Phase.READY and inst.load_seconds is not None:
+            extra["loadSeconds"] = round(inst.load_seconds, 3)
+        if new is Phase.FAILED and inst.last_failure:
+            reason = inst.last_failure["reason"]  # Crashed, Hung, Unhealthy, StartFailed
+        self._event("Model", inst.name, "Warning" if new is Phase.FAILED else "Normal", reason,
+                    f"{old.value} -> {new.value}: {inst.message}", **extra)
 
     def _save(self, inst: Instance) -> None:
         """Queue the instance's record for state.json (written off the loop, newest wins)."""
+        self._writer.record(inst.name, self.record(inst))
+
+    @staticmethod
+    def record(inst: Instance) -> dict[str, Any]:
+        """The instance as state.json keeps it (and as ``views.model_view`` reads it)."""
         record: dict[str, Any] = {
             "phase": inst.phase.value,
             "phaseSince": _iso(inst.phase_since),
@@ -549,11 +612,10 @@ class Controller:
             record["argv"] = inst.launch.argv
         if inst.last_failure:
             record["lastFailure"] = inst.last_failure
-        self._writer.record(inst.name, record)
+        return record
 
-    def _event(self, kind: str, name: str, type_: str, reason: str, message: str) -> None:
-        self._writer.event({"time": _iso(time.time()), "kind": kind, "name": name, "type": type_,
-                            "reason": reason, "message": message})
+    def _event(self, kind: str, name: str, type_: str, reason: str, message: str, **extra: Any) -> Event:
+        return self.events.emit(kind, name, type_, reason, message, **extra)
 
     async def recorded(self, timeout: float = 5.0) -> bool:
         """Wait until state.json holds every change made so far (the CLI reads it after a command)."""
@@ -688,7 +750,7 @@ class Controller:
         models = self.doc()["models"]
         now = time.monotonic()
         for inst in list(self.instances.values()):
-            if inst.phase is not Phase.READY or inst.name in self._stops:
+            if inst.phase is not Phase.READY or inst.name in self._stops or inst.name in self._reloading:
                 continue
             obj = models.get(inst.name)
             if obj is None:
@@ -757,6 +819,35 @@ class Controller:
         self._probes[inst.name] = self._spawn(self._probe(inst, inst.incarnation, timeout, check["failureThreshold"]),
                                               f"probe-{inst.name}")
 
+    def runtime_errored(self, inst: Instance, incarnation: int, status: int) -> None:
+        """A request got a server error from runtime ``incarnation``. Errors can be the request's fault, so a run
+        of ``healthCheck.failureThreshold`` of them only makes the controller try a one-token generation of its
+        own (one at a time); a runtime that fails that too is alive but broken (mlx_lm.server after its
+        generation thread died answers every request with an error) and is restarted like a crashed one."""
+        if inst.incarnation != incarnation or inst.phase is not Phase.READY:
+            return
+        inst.error_streak += 1
+        threshold = self._gateway["healthCheck"]["failureThreshold"]
+        key = f"generation-{inst.name}"
+        if inst.error_streak >= threshold and key not in self._probes:
+            self._probes[key] = self._spawn(self._probe_generation(inst, incarnation, status, key), key)
+
+    async def _probe_generation(self, inst: Instance, incarnation: int, status: int, key: str) -> None:
+        try:
+            assert inst.launch is not None
+            problem = await generates(self.session, inst.launch, GENERATION_PROBE_TIMEOUT_S)
+        finally:
+            self._probes.pop(key, None)
+        if inst.incarnation != incarnation or inst.phase is not Phase.READY:
+            return
+        if problem is None:
+            log.info("%s: %d requests in a row failed (last HTTP %d), but it generates: the requests' fault",
+                     inst.name, inst.error_streak, status)
+            inst.error_streak = 0
+            return
+        self._fail(inst, f"alive but broken: {inst.error_streak} requests in a row answered HTTP {status}, and a "
+                   f"test generation failed too ({problem})", "Unhealthy")
+
     async def _probe(self, inst: Instance, incarnation: int, timeout: float, threshold: int) -> None:
         """Liveness after readiness: a runtime that misses ``threshold`` probes in a row is hung, and restarted
         by the next request like a crashed one (its clients get their errors as its connections close)."""
@@ -771,6 +862,9 @@ class Controller:
         if inst.missed_probes >= threshold:
             self._fail(inst, f"not answering its health check ({threshold} probes of {timeout:g} s missed): hung",
                        "Hung")
+
+
+GENERATION_PROBE_TIMEOUT_S = 60.0  # a test generation of one token waits behind requests in flight
 
 
 def _pid(handle: Handle | None) -> int | None:

@@ -73,6 +73,9 @@ class Instance:
     failures: list[float] = field(default_factory=list)
     last_failure: dict[str, Any] | None = None
     missed_probes: int = 0  # consecutive liveness probes a ready runtime did not answer
+    error_streak: int = 0  # consecutive requests it answered with a server error
+    starting_since: float = 0.0  # monotonic time the current incarnation started
+    load_seconds: float | None = None  # how long its start took (None: not started by this daemon)
     start_task: asyncio.Task[None] | None = None
     cleanup_task: asyncio.Task[None] | None = None  # stopping a failed runtime's process; a new start waits for it
     abort: asyncio.Event = field(default_factory=asyncio.Event)  # set: the start under way must give up
@@ -92,6 +95,9 @@ class Instance:
         if new is Phase.STARTING:
             self.incarnation += 1
             self.missed_probes = 0
+            self.error_streak = 0
+            self.starting_since = time.monotonic()
+            self.load_seconds = None
             self.abort = asyncio.Event()
         if new is Phase.READY:
             self.last_used = time.monotonic()  # idle time counts from readiness, not from the last request

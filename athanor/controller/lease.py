@@ -69,6 +69,16 @@ class Lease:
         assert self._upstream is not None
         return await self._controller.runtime_died(self._instance, self._upstream.incarnation)
 
+    def answered(self, status: int) -> None:
+        """The runtime answered this request with HTTP ``status``: a run of server errors from a runtime that is
+        otherwise alive makes the controller test it with a generation (and restart it if that fails too)."""
+        assert self._upstream is not None
+        inst = self._instance
+        if status >= 500 and status != 501:  # 501: a feature it was not started with, not a broken runtime
+            self._controller.runtime_errored(inst, self._upstream.incarnation, status)
+        elif inst.error_streak:
+            inst.error_streak = 0
+
     def release(self) -> None:
         self._leave()
         self._unwait()

@@ -107,3 +107,18 @@ async def answers(session: aiohttp.ClientSession, port: int, timeout: float) -> 
             return True
     except (TimeoutError, aiohttp.ClientError, OSError):
         return False
+
+
+async def generates(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: float) -> str | None:
+    """Can the runtime generate one token? None when it can, else what went wrong. The health check after a
+    run of server errors: it costs one short prompt, and only when requests are already failing."""
+    body = {"model": launch.served_model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+    try:
+        async with session.post(f"http://127.0.0.1:{launch.port}/v1/completions", json=body,
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            text = await resp.text(errors="replace")
+            return None if resp.status == 200 else f"HTTP {resp.status}: {text[:200]}"
+    except TimeoutError:
+        return f"no answer in {timeout:g} s"
+    except (aiohttp.ClientError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"

@@ -19,6 +19,7 @@ import asyncio
 import calendar
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -31,6 +32,7 @@ from athanor.controller.instance import Phase
 from athanor.controller.lease import Lease, Upstream
 from athanor.errors import ModelUnavailable, QueueFull, ServingError
 from athanor.ingress.guard import Guard
+from athanor.metrics import Metrics
 from athanor.ingress.upstream import (
     Response,
     UpstreamClosed,
@@ -58,6 +60,12 @@ CONTROLLER: web.AppKey[Controller] = web.AppKey("controller", Controller)
 POOL: web.AppKey[UpstreamPool] = web.AppKey("pool", UpstreamPool)
 MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
 GUARD: web.AppKey[Guard] = web.AppKey("guard", Guard)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+# Routes whose streams can carry a usage chunk when asked for one (stream_options.include_usage).
+USAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+_TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens|cache_read_input_tokens|'
+                     rb'cache_creation_input_tokens)"\s*:\s*(\d+)')
+_NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -65,6 +73,8 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
         kind = "rate_limit_error"
     elif status == 403:
         kind = "permission_error"
+    elif status == 401:
+        kind = "authentication_error"
     elif status < 500:
         kind = "invalid_request_error"
     else:
@@ -74,7 +84,34 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
 
 def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
                    headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(error_body(status, message, code, param), status=status, headers=headers)
+    body = error_body(status, message, code, param)
+    response = web.json_response(body, status=status, headers=headers)
+    response[GATEWAY_ERROR] = body["error"]  # the middleware re-shapes it for Anthropic's routes
+    return response
+
+
+ANTHROPIC_PREFIX = "/v1/messages"
+GATEWAY_ERROR: web.ResponseKey[dict[str, Any]] = web.ResponseKey("athanor.error", dict)
+ANTHROPIC_STREAM: web.ResponseKey[bool] = web.ResponseKey("athanor.anthropic", bool)
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error"}
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    """An error as Anthropic's Messages API shapes it, for clients of ``/v1/messages``."""
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _in_callers_format(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """The gateway's own errors in the format of the API the client called (the runtimes' pass as they are)."""
+    error = response.get(GATEWAY_ERROR)
+    if error is None or not request.path.startswith(ANTHROPIC_PREFIX):
+        return response
+    headers = {k: v for k, v in response.headers.items() if k.lower() in ("allow", "www-authenticate")}
+    return web.json_response(anthropic_error(response.status, error["message"]), status=response.status,
+                             headers=headers)
 
 
 def short(value: str) -> str:
@@ -88,27 +125,38 @@ async def guard_and_errors(request: web.Request, handler: Any) -> web.StreamResp
     405) and unexpected ones alike, leaves as an OpenAI error object."""
     refused = _refusal(request)
     if refused is not None:
-        return refused
+        return _in_callers_format(request, refused)
     try:
-        return await handler(request)
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[MAX_BODY]
-        return error_response(413, f"request body larger than the gateway's limit of {limit} bytes",
-                              "request_too_large")
+        return _in_callers_format(request, await handler(request))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        allow = exc.headers.get("Allow")
-        return error_response(exc.status, exc.reason, None, headers={"Allow": allow} if allow else None)
+        return _in_callers_format(request, _http_error(request, exc))
     except Exception:  # noqa: BLE001 - a bug must still answer in the format clients parse
         log.exception("unexpected error serving %s %s", request.method, request.path)
-        return error_response(500, "internal error in the gateway (see its log)", "internal_error")
+        return _in_callers_format(request, error_response(500, "internal error in the gateway (see its log)",
+                                                          "internal_error"))
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own HTTP errors (413, 404, 405) as error objects."""
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.app[MAX_BODY]
+        return error_response(413, f"request body larger than the gateway's limit of {limit} bytes",
+                              "request_too_large")
+    allow = exc.headers.get("Allow")
+    return error_response(exc.status, exc.reason, None, headers={"Allow": allow} if allow else None)
 
 
 def _refusal(request: web.Request) -> web.Response | None:
     guard = request.app[GUARD]
-    refused = guard.refusal(request, guard.policy(request.app[CONTROLLER].gateway()))
-    return None if refused is None else error_response(refused[0], refused[1], "forbidden")
+    gateway = request.app[CONTROLLER].gateway()
+    refused = guard.refusal(request, guard.policy(gateway), gateway["auth"])
+    if refused is None:
+        return None
+    if refused[0] == 401:
+        return error_response(401, refused[1], "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return error_response(refused[0], refused[1], "forbidden")
 
 
 async def expect_continue(request: web.Request) -> web.Response | None:
@@ -191,6 +239,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
+    arrived = time.monotonic()
     controller = request.app[CONTROLLER]
     route = request.path
     if route not in ALL_ROUTES:
@@ -216,27 +265,83 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if route not in RUNTIMES[runtime].routes:
         return error_response(404, f"model {name!r} runs on {runtime}, which does not serve {route} (it serves "
                               f"{', '.join(sorted(RUNTIMES[runtime].routes))})", "unsupported_route")
+    tap = Tap(request.app[METRICS], name, arrived)
     try:
         lease = controller.use(name)
     except ServingError as exc:
-        return error_response(*_status(exc))
-    async with lease:
-        return await _serve(request, lease, name, requested, payload, body)
+        response: web.StreamResponse = error_response(*_status(exc))
+    else:
+        async with lease:
+            response = await _serve(request, lease, name, requested, payload, body, tap)
+    tap.metrics.request(name, route, response.status, time.monotonic() - arrived)
+    return response
+
+
+class Tap:
+    """What one request tells the metrics besides its status: time to first token, and the usage the runtime
+    reported. A stream whose client did not ask for usage is asked for it anyway (``stream_options``), and the
+    usage-only chunk is dropped on the way back (``drop_usage``)."""
+
+    __slots__ = ("arrived", "counts", "drop_usage", "metrics", "model")
+
+    def __init__(self, metrics: Metrics, model: str, arrived: float):
+        self.metrics, self.model, self.arrived = metrics, model, arrived
+        self.drop_usage = False
+        self.counts: dict[bytes, int] = {}
+
+    def first_byte(self) -> None:
+        self.metrics.first_token(self.model, time.monotonic() - self.arrived)
+
+    def read_usage(self, data: bytes) -> None:
+        """Token counts from a body or SSE event with a ``usage`` object; the last value of each wins (an
+        Anthropic stream sends its input count first and its final output count last)."""
+        for key, value in _TOKENS.findall(data[data.find(b'"usage"'):]):
+            self.counts[key] = int(value)
+
+    def usage_lines(self, lines: bytes) -> bytes:
+        """SSE lines that mention usage: count it, and cut the usage-only event the client did not ask for."""
+        out = []
+        skip_blank = False
+        for line in lines.splitlines(keepends=True):
+            if skip_blank and not line.strip():
+                skip_blank = False
+                continue
+            skip_blank = False
+            if b'"usage"' in line:
+                self.read_usage(line)
+                if self.drop_usage and _NO_CHOICES.search(line):
+                    skip_blank = True
+                    continue
+            out.append(line)
+        return b"".join(out)
+
+    def done(self) -> None:
+        """Count the usage seen. OpenAI's prompt_tokens (and the Responses API's input_tokens) include cached
+        tokens; Anthropic's input_tokens do not, so its cache counts are added back."""
+        counts = self.counts
+        if not counts:
+            return
+        prompt = counts.get(b"prompt_tokens")
+        if prompt is None:
+            prompt = sum(counts.get(k, 0) for k in (b"input_tokens", b"cache_read_input_tokens",
+                                                    b"cache_creation_input_tokens"))
+        completion = counts.get(b"completion_tokens", counts.get(b"output_tokens", 0))
+        self.metrics.usage(self.model, prompt, completion)
 
 
 async def _serve(
-    request: web.Request, lease: Lease, name: str, requested: str, payload: dict[str, Any], body: bytes
+    request: web.Request, lease: Lease, name: str, requested: str, payload: dict[str, Any], body: bytes, tap: Tap
 ) -> web.StreamResponse:
     """Wait for the runtime, forward, and try once more if it turned out to be gone before it got the request."""
     response: web.StreamResponse | None = None
     try:
         if payload.get("stream") is True and not lease.ready:
-            response = _sse_response()
+            response = _sse_response(request)
             await response.prepare(request)
         for attempt in (1, 2):
             upstream = await _acquire(lease, response, name)
             try:
-                return await _forward(request, lease, upstream, requested, payload, body, response)
+                return await _forward(request, lease, upstream, requested, payload, body, response, tap)
             except UpstreamUnreachable as exc:
                 # Nothing reached the runtime: it died since it was last seen. The lease reports it (a death is
                 # recorded once) and the second try gets whatever runtime comes next, a restarted one if need be.
@@ -281,14 +386,20 @@ async def _failed(response: web.StreamResponse | None, status: int, message: str
     """An error as a response, or as the last SSE event of a stream whose headers are out."""
     if response is None:
         return error_response(status, message, code)
-    await response.write(b"data: " + json.dumps(error_body(status, message, code)).encode() + b"\n\n")
+    if response.get(ANTHROPIC_STREAM):
+        await response.write(b"event: error\ndata: " + json.dumps(anthropic_error(status, message)).encode() + b"\n\n")
+    else:
+        await response.write(b"data: " + json.dumps(error_body(status, message, code)).encode() + b"\n\n")
     await response.write_eof()
     return response
 
 
-def _sse_response() -> web.StreamResponse:
-    return web.StreamResponse(status=200, headers={
+def _sse_response(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    if request.path.startswith(ANTHROPIC_PREFIX):
+        response[ANTHROPIC_STREAM] = True  # errors in this stream take Anthropic's shape
+    return response
 
 
 def _response_headers(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
@@ -299,22 +410,33 @@ def _response_headers(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
 
 async def _forward(
     request: web.Request, lease: Lease, upstream: Upstream, requested: str, payload: dict[str, Any], body: bytes,
-    started: web.StreamResponse | None,
+    started: web.StreamResponse | None, tap: Tap,
 ) -> web.StreamResponse:
+    changes: dict[str, Any] = {}
+    swap = None
     if upstream.served_model != requested:
-        body = json.dumps({**payload, "model": upstream.served_model}).encode()
+        changes["model"] = upstream.served_model
         swap = (json.dumps(upstream.served_model).encode(), json.dumps(requested).encode())
-    else:
-        swap = None
+    if payload.get("stream") is True and request.path in USAGE_ROUTES:
+        options = payload.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage")):
+            changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            tap.drop_usage = True
+    if changes:
+        body = json.dumps({**payload, **changes}).encode()
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_SKIP]
     headers.append(("Content-Type", "application/json"))
     response = started
     try:
         async with request.app[POOL].request(upstream.port, request.method, request.rel_url.path_qs, headers, body,
                                              limit=upstream.max_connections, epoch=upstream.incarnation) as resp:
+            lease.answered(resp.status)
             is_sse = "text/event-stream" in resp.content_type
             if response is None and not is_sse:
                 data = await resp.read()
+                if resp.status == 200:
+                    tap.read_usage(data)
+                    tap.done()
                 if swap:
                     data = data.replace(swap[0], swap[1])
                 return web.Response(body=data, status=resp.status, headers=_response_headers(resp.headers))
@@ -323,10 +445,11 @@ async def _forward(
                 await response.write_eof()
                 return response
             if response is None:
-                response = _sse_response()
+                response = _sse_response(request)
                 response.set_status(resp.status)
                 await response.prepare(request)
-            tail = await _pump(resp, response, swap)
+            tail = await _pump(resp, response, swap, tap)
+            tap.done()
             if resp.close_delimited and not tail.rstrip().endswith(b"data: [DONE]") and await lease.runtime_died():
                 # A body that ends with the connection cannot tell a finished stream from a dead runtime.
                 raise UpstreamClosed("the runtime exited during the stream")
@@ -349,27 +472,34 @@ async def _forward(
         return response
 
 
-async def _pump(resp: Response, response: web.StreamResponse, swap: tuple[bytes, bytes] | None) -> bytes:
-    """Copy the upstream stream as it arrives; returns the last bytes written. When the model id must be
-    rewritten, work on whole lines so an id split across two chunks is still found."""
+async def _pump(resp: Response, response: web.StreamResponse, swap: tuple[bytes, bytes] | None, tap: Tap) -> bytes:
+    """Copy the upstream stream as it arrives, whole lines at a time (so a model id or a usage object split
+    across two chunks is still found); returns the last bytes written."""
     last = b""
-    if swap is None:
-        async for chunk in resp.iter_chunks():
-            await response.write(chunk)
-            last = chunk
-        return last[-64:]
     carry = b""
+    first = True
     async for chunk in resp.iter_chunks():
-        data = carry + chunk
+        if first:
+            tap.first_byte()
+            first = False
+        data = carry + chunk if carry else chunk
         cut = data.rfind(b"\n") + 1
         carry = data[cut:]
         if cut:
-            last = data[:cut].replace(swap[0], swap[1])
-            await response.write(last)
+            last = await _write_lines(response, data[:cut], swap, tap) or last
     if carry:
-        last = carry.replace(swap[0], swap[1])
-        await response.write(last)
+        last = await _write_lines(response, carry, swap, tap) or last
     return last[-64:]
+
+
+async def _write_lines(response: web.StreamResponse, lines: bytes, swap: tuple[bytes, bytes] | None, tap: Tap) -> bytes:
+    if b'"usage"' in lines:
+        lines = tap.usage_lines(lines)
+    if swap is not None:
+        lines = lines.replace(swap[0], swap[1])
+    if lines:
+        await response.write(lines)
+    return lines
 
 
 def create_app(controller: Controller, pool: UpstreamPool, listen_host: str,
@@ -379,6 +509,8 @@ def create_app(controller: Controller, pool: UpstreamPool, listen_host: str,
     app[POOL] = pool
     app[MAX_BODY] = max_body
     app[GUARD] = Guard(listen_host)
+    app[METRICS] = Metrics()
+    controller.events.listen(app[METRICS].event)
     app.on_response_prepare.append(add_cors)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", list_models)

@@ -11,8 +11,9 @@ on local model servers:
   answer. Browsers mark such requests with ``Origin`` (and ``Sec-Fetch-Site``), so a request from a page whose
   origin is not on this machine, and not in ``spec.cors.allowOrigins``, is refused before it does anything.
 
-The admin routes (``/athanor/...``) start and stop runtimes: they take no browser requests at all and only
-loopback peers. CORS headers are sent only to origins the Gateway lists; the runtimes' own ``Access-Control-*``
+The admin routes (``/athanor/...``, and ``/metrics``) start and stop runtimes: they take no browser requests at
+all, and only loopback peers unless ``spec.auth`` sets an admin key, which every admin request must then present
+(from any peer). ``spec.auth`` API keys likewise guard the OpenAI routes (``auth.py``). CORS headers are sent only to origins the Gateway lists; the runtimes' own ``Access-Control-*``
 headers (mlx_lm.server sends ``*``, llama-server echoes the origin) never reach a client.
 """
 
@@ -27,7 +28,10 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from athanor.auth import KeyCache, presented
+
 ADMIN_PREFIX = "/athanor/"
+METRICS_PATH = "/metrics"
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 MAX_REMEMBERED_HOSTS = 64
@@ -112,6 +116,11 @@ class Guard:
     """The checks every request passes before any handler runs, and the CORS answers."""
 
     def __init__(self, listen_host: str):
+        self.keys = KeyCache()
+        self.rebind(listen_host)
+
+    def rebind(self, listen_host: str) -> None:
+        """The gateway listens on another address now: the Host values it serves follow."""
         self._listen_host = listen_host
         self._machine = frozenset(_this_machine()) if host_part(listen_host) in _WILDCARDS else frozenset()
         self._cached: tuple[object, Policy] | None = None
@@ -138,19 +147,23 @@ class Guard:
                 self._hosts[host] = allowed
         return allowed
 
-    def refusal(self, request: web.Request, policy: Policy) -> tuple[int, str] | None:
-        """(status, reason) when the request must be refused, else None."""
+    def refusal(self, request: web.Request, policy: Policy, auth: dict[str, Any]) -> tuple[int, str] | None:
+        """(status, reason) when the request must be refused, else None. ``auth``: the Gateway's spec.auth."""
         host = request.headers.get("Host")
         if host is not None and not self._host_allowed(host, policy):
             return 403, (f"host {host[:100]!r} is not served here (DNS-rebinding protection); add it to the "
                          "Gateway's spec.allowedHosts to allow it")
         origin = request.headers.get("Origin")
         fetch_site = request.headers.get("Sec-Fetch-Site")
-        if request.path.startswith(ADMIN_PREFIX):
-            if not _loopback_peer(request):
-                return 403, "the admin API answers only on loopback"
+        path = request.path
+        self.keys.refresh(auth)
+        if path.startswith(ADMIN_PREFIX) or path == METRICS_PATH:
             if origin is not None or fetch_site not in (None, "none", "same-origin"):
                 return 403, "the admin API takes no requests from web pages"
+            if self.keys.admin.configured:
+                return _key_refusal(self.keys.admin, request, "admin")
+            if not _loopback_peer(request):
+                return 403, "the admin API answers only on loopback (set auth.adminKeyFile to allow other clients)"
             return None
         if origin is not None:
             if origin == "null" or not policy.origin_allowed(origin):
@@ -158,6 +171,8 @@ class Guard:
                              "Gateway's spec.cors.allowOrigins to allow it")
         elif fetch_site == "cross-site":
             return 403, "cross-site request refused"
+        if self.keys.api.configured and path.startswith("/v1/"):
+            return _key_refusal(self.keys.api, request, "API")
         return None
 
     @staticmethod
@@ -187,6 +202,17 @@ class Guard:
         if names:
             headers["Access-Control-Allow-Headers"] = ", ".join(names)
         return 204, headers, None
+
+
+def _key_refusal(keys: Any, request: web.Request, what: str) -> tuple[int, str] | None:
+    key = presented(request.headers)
+    if keys.admits(key):
+        return None
+    if keys.problem:
+        return 401, f"the gateway cannot check {what} keys: {keys.problem}"
+    if key is None:
+        return 401, f"an {what} key is required: send Authorization: Bearer KEY"
+    return 401, f"the {what} key presented is not valid"
 
 
 def _loopback_peer(request: web.Request) -> bool:

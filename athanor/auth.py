@@ -1,0 +1,118 @@
+"""Bearer keys for the ingress and the admin API, read from where the Gateway spec points, never from the spec.
+
+``spec.auth`` names files (one key per line, ``#`` comments) or environment variables of the gateway's process.
+Keys configured but unreadable fail closed: every request is refused with a reason that names the file, rather
+than the gateway quietly serving without the protection its user asked for. The CLI reads the admin key the
+same way, so ``athanor start`` works wherever the key file is readable by its user.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RECHECK_S = 1.0  # how often a key file's mtime is looked at: a rotated key counts within a second
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys of one kind (api or admin). ``problem``: why configured keys could not be read (fail closed)."""
+
+    keys: frozenset[str] = frozenset()
+    configured: bool = False
+    problem: str | None = None
+
+    def admits(self, presented: str | None) -> bool:
+        if not self.configured:
+            return True
+        if presented is None or self.problem is not None:
+            return False
+        candidate = presented.encode()
+        found = False
+        for key in self.keys:  # compare with every key, in constant time each: no early exit to time
+            found |= hmac.compare_digest(candidate, key.encode())
+        return found
+
+
+def _read_file(path: Path) -> set[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
+
+
+def load(auth: dict[str, Any], kind: str) -> Keys:
+    """``kind`` "api" or "admin": the keys ``auth.<kind>KeyFile`` and ``auth.<kind>KeyEnv`` name."""
+    file, env = auth.get(f"{kind}KeyFile"), auth.get(f"{kind}KeyEnv")
+    if not file and not env:
+        return Keys()
+    keys: set[str] = set()
+    problems = []
+    if file:
+        path = Path(file).expanduser()
+        try:
+            keys |= _read_file(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"the {kind} key file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}")
+        else:
+            if not keys:
+                problems.append(f"the {kind} key file {path} holds no key")
+    if env:
+        value = os.environ.get(env, "").strip()
+        if value:
+            keys.add(value)
+        elif not file:
+            problems.append(f"the environment variable {env} (auth.{kind}KeyEnv) is not set for the gateway")
+    if keys:
+        problems = []  # one readable source is enough
+    return Keys(frozenset(keys), True, "; ".join(problems) or None)
+
+
+def presented(headers: Any) -> str | None:
+    """The key a request presents: ``Authorization: Bearer KEY`` (OpenAI clients) or ``x-api-key: KEY``
+    (Anthropic clients)."""
+    value = headers.get("Authorization")
+    if value:
+        scheme, _, token = value.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else None
+    return headers.get("x-api-key")
+
+
+class KeyCache:
+    """The keys of one Gateway spec, re-read when a key file changes (checked at most once a second)."""
+
+    def __init__(self) -> None:
+        self._auth: dict[str, Any] | None = None
+        self._stamp: object = None
+        self._checked = 0.0
+        self.api = Keys()
+        self.admin = Keys()
+
+    def refresh(self, auth: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if auth is self._auth and now - self._checked < RECHECK_S:
+            return
+        self._checked = now
+        stamp = (repr(sorted(auth.items())), *(_mtime(auth.get(k)) for k in ("apiKeyFile", "adminKeyFile")))
+        if auth is self._auth and stamp == self._stamp:
+            return
+        self._auth, self._stamp = auth, stamp
+        self.api, self.admin = load(auth, "api"), load(auth, "admin")
+
+
+def _mtime(file: str | None) -> object:
+    if not file:
+        return None
+    try:
+        st = Path(file).expanduser().stat()
+    except OSError as exc:
+        return exc.errno
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def admin_key_for_cli(auth: dict[str, Any]) -> str | None:
+    """The key the CLI presents to the admin API (the first readable one), or None when none is configured."""
+    keys = load(auth, "admin")
+    return min(keys.keys) if keys.keys else None
