@@ -88,6 +88,7 @@ def get_cmd(resource: str, name: str | None, output: str | None, selector: str |
     terms = parse_selector(selector)
     names = [actions.resolve_name(doc, name)] if name else sorted(doc["models"])
     gateway_up = daemon_record(st) is not None
+    since = _last_event(st) if watch else None  # asked first: a change after it is streamed, not lost
     items = [
         views.model_view(doc["models"][n], instances.get(n), gateway_up)
         for n in names
@@ -103,7 +104,7 @@ def get_cmd(resource: str, name: str | None, output: str | None, selector: str |
     else:
         click.echo(_models_table(items, wide=output == "wide"))
     if watch:
-        _watch_models(st, {item["metadata"]["name"] for item in items} if (name or terms) else None, output)
+        _watch_models(st, {item["metadata"]["name"] for item in items} if (name or terms) else None, output, since)
 
 
 def _follow(st: Any, since: int | None = None) -> Any:
@@ -117,9 +118,15 @@ def _follow(st: Any, since: int | None = None) -> Any:
         return
 
 
-def _watch_models(st: Any, only: set[str] | None, output: str | None) -> None:
+def _last_event(st: Any) -> int | None:
+    from athanor.cli.admin_client import AdminClient
+
+    return AdminClient.for_store(st).get("/status")["lastEvent"]
+
+
+def _watch_models(st: Any, only: set[str] | None, output: str | None, since: int | None) -> None:
     """A line per phase change, kubectl get -w style: the model's row as it is now."""
-    for event in _follow(st):
+    for event in _follow(st, since):
         if event.get("kind") != "Model" or "phase" not in event or (only is not None and event["name"] not in only):
             continue
         obj = st.models.load()["models"].get(event["name"])

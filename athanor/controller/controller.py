@@ -628,7 +628,9 @@ class Controller:
                             "pid": _pid(inst.handle),
                             "port": inst.launch.port if inst.launch else None}
                      for name, inst in self.instances.items()}
-        return {"instances": instances, "storeProblem": self.store_problem}
+        held = self.events.since()
+        return {"instances": instances, "storeProblem": self.store_problem,
+                "lastEvent": held[-1]["seq"] if held else None}
 
     async def reattach(self) -> list[str]:
         """Adopt runtimes a previous daemon left running and healthy; stop the others that still run (their model

@@ -39,8 +39,9 @@ def _relevant(change: Any, path: str) -> bool:
 
 
 async def watch(discovery: Callable[[], dict[str, Any]], on_change: Callable[[], Awaitable[None]]) -> None:
-    """Call ``on_change`` after each settled burst of changes in the directories ``discovery()`` names (and
-    once whenever a watched directory appears). Runs until cancelled."""
+    """Call ``on_change`` after each settled burst of changes in the directories ``discovery()`` names, and once
+    each time the watch (re)starts, after its watches are set, so nothing that happened before is missed (a
+    directory that appeared with a model already in it). Runs until cancelled."""
     import watchfiles
 
     while True:
@@ -48,26 +49,18 @@ async def watch(discovery: Callable[[], dict[str, Any]], on_change: Callable[[],
         present = [d for d in wanted if d.is_dir()]
         if not present:
             await asyncio.sleep(RECHECK_S)  # nothing to watch yet: look again later
-            if any(d.is_dir() for d in watched_dirs(discovery())):
-                await on_change()
             continue
-        stop = asyncio.Event()
-        recheck = asyncio.create_task(_until_dirs_change(discovery, wanted, present, stop))
+        first = True
         try:
-            async for _ in watchfiles.awatch(*present, watch_filter=_relevant, debounce=DEBOUNCE_MS,
-                                             stop_event=stop, recursive=True):
-                await on_change()
-        finally:
-            recheck.cancel()
-        if stop.is_set():
-            await on_change()  # a directory appeared or the Gateway names others: scan what is there now
-
-
-async def _until_dirs_change(discovery: Callable[[], dict[str, Any]], wanted: list[Path], present: list[Path],
-                             stop: asyncio.Event) -> None:
-    while True:
-        await asyncio.sleep(RECHECK_S)  # a polling interval for directories coming and going
-        now = watched_dirs(discovery())
-        if now != wanted or [d for d in now if d.is_dir()] != present:
-            stop.set()
-            return
+            async for changes in watchfiles.awatch(*present, watch_filter=_relevant, debounce=DEBOUNCE_MS,
+                                                   rust_timeout=int(RECHECK_S * 1000), yield_on_timeout=True,
+                                                   recursive=True):
+                if changes or first:  # the first yield comes once the watches are set, changes or not
+                    first = False
+                    await on_change()
+                now = watched_dirs(discovery())
+                if now != wanted or [d for d in now if d.is_dir()] != present:
+                    break  # a directory came or went, or the Gateway names others: watch anew
+        except (OSError, RuntimeError) as exc:  # a watched directory removed under the watcher, a full inotify
+            log.warning("watching %s failed (%s); trying again", ", ".join(map(str, present)), exc)
+            await asyncio.sleep(RECHECK_S)  # a retry interval
