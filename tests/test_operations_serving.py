@@ -227,3 +227,16 @@ def test_events_watch_and_conditions_through_the_cli(gateway):
     assert live["status"]["phase"] == "Ready"
     with urllib.request.urlopen(gateway.url + "/athanor/v1/models/tiny-gguf/logs?lines=5", timeout=10) as resp:
         assert len(resp.read().decode().splitlines()) == 5
+
+
+def test_top_shows_each_model_s_requests_and_tokens(gateway):
+    replies = [chat(gateway.client, "tiny-gguf") for _ in range(2)]
+    result = gateway.athanor("top", "--once", "--interval", "0.1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(line.split() for line in lines if line.startswith("MODEL"))
+    row = next(line.split() for line in lines if line.startswith("tiny-gguf"))
+    assert row[header.index("PHASE")] == "Ready"
+    assert row[header.index("REQUESTS")] == "2" and row[header.index("ERRORS")] == "0"
+    assert row[header.index("COMPLETION")] == str(sum(r.usage.completion_tokens for r in replies))
+    assert row[header.index("LOADS")] == "1"
