@@ -23,6 +23,9 @@ def scan_cmd(paths: tuple[str, ...], prune: bool) -> None:
         warn(message)
     echo_changes(result.changes)
     click.echo(scan_summary(result), err=True)
+    from athanor.cli.sync_cmds import sync_clients
+
+    sync_clients(store().models.load())
 
 
 def scan_summary(result: actions.ScanResult) -> str:

@@ -26,6 +26,10 @@ def apply_cmd(filenames: tuple[str, ...], dry_run: bool, prune: bool) -> None:
     echo_changes(result.changes, dry_run=dry_run)
     for change in result.files:
         click.echo(f"{change}{' (dry run)' if dry_run else ''}")
+    if not dry_run:
+        from athanor.cli.sync_cmds import sync_clients
+
+        sync_clients(result.after)
 
 
 @click.command("diff")
