@@ -318,7 +318,9 @@ def launch_for(doc: dict[str, Any], obj: dict[str, Any]) -> LaunchSpec | None:
     spec = obj["spec"]
     configured = runtime_path(doc, spec["runtime"])
     target = Target(obj["metadata"]["name"], spec["runtime"], artifact["path"], artifact.get("mmproj"))
-    return launch_spec(target, effective_for(doc, obj), spec["port"], binary_or_name(spec["runtime"], configured))
+    quiet = catalog.gateway_spec(doc)["privacy"]["runtimeLogs"] == "errors"
+    return launch_spec(target, effective_for(doc, obj), spec["port"], binary_or_name(spec["runtime"], configured),
+                       quiet=quiet)
 
 
 def record_events(store: Store, changes: Iterable[Change]) -> None:

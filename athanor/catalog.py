@@ -44,6 +44,7 @@ GATEWAY_DEFAULTS: dict[str, Any] = {
     "cors": {"allowOrigins": []},
     "auth": {},
     "integrations": {"pi": {"sync": False}},
+    "privacy": {"runtimeLogs": "normal"},
 }
 
 Resolver = Callable[[dict[str, Any]], Artifact | None]

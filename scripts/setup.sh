@@ -49,6 +49,25 @@ export LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-$(getconf _NPROCESSORS_ONLN
 echo "installing athanor with [$extras] (the first llama.cpp build takes several minutes)..."
 pip install --quiet --editable ".[$extras]"
 
+# pi, the terminal coding agent, for tests/test_pi_sync.py (athanor sync pi against the real client): a pinned
+# version in .venv/pi. It needs node >= 20.6 and npm; Debian's are installed when root and missing.
+if [ "$extras" = "runtimes,test" ]; then
+  if ! command -v npm >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm >/dev/null ||
+      { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm >/dev/null; } ||
+      true
+  fi
+  pi_version=0.73.1
+  pi_package=.venv/pi/node_modules/@mariozechner/pi-coding-agent/package.json
+  if ! command -v npm >/dev/null || ! node -e 'const [major, minor] = process.versions.node.split(".").map(Number);
+      process.exit(major > 20 || (major === 20 && minor >= 6) ? 0 : 1)'; then
+    echo "note: the pi tests (tests/test_pi_sync.py) need node >= 20.6 and npm" >&2
+  elif [ "$(node -p "require('./$pi_package').version" 2>/dev/null)" != "$pi_version" ]; then
+    echo "installing pi $pi_version into .venv/pi for the tests..."
+    npm install --prefix .venv/pi --no-audit --no-fund --loglevel=error "@mariozechner/pi-coding-agent@$pi_version"
+  fi
+fi
+
 if [ "$(uname -s)" = "Darwin" ] && ! command -v llama-server >/dev/null; then
   echo "note: llama-server not found; install it with: brew install llama.cpp" >&2
 fi

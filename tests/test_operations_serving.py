@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import openai
+import psutil
 import pytest
 from conftest import ATHANOR
 from fixtures.tiny_models import write_tiny_llama_gguf
@@ -248,3 +249,19 @@ def test_top_shows_each_model_s_requests_and_tokens(gateway):
     assert row[header.index("REQUESTS")] == "2" and row[header.index("ERRORS")] == "0"
     assert row[header.index("COMPLETION")] == str(sum(r.usage.completion_tokens for r in replies))
     assert row[header.index("LOADS")] == "1"
+
+
+def test_privacy_quiets_the_runtime_logs(gateway, tmp_path):
+    chat(gateway.client, "tiny-gguf")
+    log = gateway.home / "logs" / "tiny-gguf.log"
+    assert "prompt eval time" in log.read_text(), "by default llama-server logs a line per request"
+    write_gateway(tmp_path, gateway.base_spec + "  privacy: {runtimeLogs: errors}\n")
+    old = gateway.runtime_pid("tiny-gguf")
+    wait_until(lambda: gateway.runtime_pid("tiny-gguf") not in (old, None) and gateway.phase("tiny-gguf") == "Ready",
+               30, "the runtime to restart with its new flags")  # what it runs changed: it reloads by itself
+    assert "--log-verbosity 1" in " ".join(psutil.Process(gateway.runtime_pid("tiny-gguf")).cmdline())
+    size = log.stat().st_size
+    for model in ("tiny-gguf", "tiny-mlx"):
+        assert chat(gateway.client, model).model == model
+    assert "prompt eval time" not in log.read_text()[size:]
+    assert "--log-level ERROR" in " ".join(psutil.Process(gateway.runtime_pid("tiny-mlx")).cmdline())

@@ -65,6 +65,7 @@ class RuntimeKind:
     routes: frozenset[str]  # the /v1 routes it serves; a request for another never starts it
     connections: Callable[[Mapping[str, EffectiveValue]], tuple[list[str], int]]  # (extra argv, max connections)
     env: Mapping[str, str] = field(default_factory=dict)
+    quiet_args: tuple[str, ...] = ()  # log errors only (Gateway privacy.runtimeLogs: errors)
 
 
 def _llama_args(t: Target) -> list[str]:
@@ -108,6 +109,7 @@ RUNTIMES: dict[str, RuntimeKind] = {
             health_path="/health",  # 503 while loading, 200 when ready
             routes=_LLAMA_ROUTES,
             connections=_llama_connections,
+            quiet_args=("--log-verbosity", "1"),
         ),
         RuntimeKind(
             name="mlx-lm",
@@ -119,6 +121,7 @@ RUNTIMES: dict[str, RuntimeKind] = {
             routes=_MLX_ROUTES,
             connections=_thread_per_connection,
             env=_OFFLINE,
+            quiet_args=("--log-level", "ERROR"),
         ),
         RuntimeKind(
             name="mlx-vlm",
@@ -135,10 +138,14 @@ RUNTIMES: dict[str, RuntimeKind] = {
 }
 
 
-def launch_spec(target: Target, preset: Mapping[str, EffectiveValue], port: int, binary: str) -> LaunchSpec:
+def launch_spec(target: Target, preset: Mapping[str, EffectiveValue], port: int, binary: str,
+                *, quiet: bool = False) -> LaunchSpec:
+    """``quiet``: the runtime logs errors only (no per-request lines; never a prompt, whatever its defaults)."""
     kind = RUNTIMES[target.runtime]
     argv = [binary, *kind.model_args(target), "--host", LOOPBACK, "--port", str(port)]
     argv += preset_argv(target.runtime, preset)
+    if quiet:
+        argv += kind.quiet_args
     extra, max_connections = kind.connections(preset)
     return LaunchSpec(
         runtime=target.runtime,
