@@ -264,3 +264,35 @@ def test_a_spec_change_restarts_only_the_model_whose_launch_changed(tier: Tier):
             assert "SpecObserved" in reasons and "SpecChanged" in reasons
 
     tier.run(scenario)
+
+
+def test_a_followed_log_goes_on_across_a_restart_and_unload_stops_the_model(tier: Tier):
+    tier.model("m")
+
+    async def scenario() -> None:
+        async with tier.controller() as c, tier.ingress(c) as url, aiohttp.ClientSession() as session:
+            await c.start("m")
+            seen: list[str] = []
+
+            async def follow() -> None:
+                async with session.get(url + "/athanor/v1/models/m/logs?follow=1&lines=1") as resp:
+                    assert resp.status == 200
+                    async for raw in resp.content:
+                        seen.append(raw.decode())
+                        if "listening on" in seen[-1] and any("runtime 2 of m" in line for line in seen):
+                            return
+
+            follower = asyncio.ensure_future(follow())
+            await until(lambda: seen, "the log's last line")
+            await c.restart("m")
+            await asyncio.wait_for(follower, 10)
+            assert seen[0].startswith("listening on")  # lines=1: the last line before following
+            assert any("starting:" in line for line in seen[1:]), "the next runtime's own lines follow"
+            async with session.post(url + "/athanor/v1/models/m/unload") as resp:
+                assert resp.status == 200 and (await resp.json())["phase"] == "Standby"
+            async with session.get(url + "/athanor/v1/models/m") as resp:
+                view = await resp.json()
+            assert view["status"]["phase"] == "Standby"
+            assert [c["type"] for c in view["status"]["conditions"]] == ["Available", "Ready", "Progressing", "Failed"]
+
+    tier.run(scenario)
