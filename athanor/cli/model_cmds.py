@@ -7,6 +7,7 @@ import click
 from athanor import actions, views
 from athanor.cli.common import echo_changes, emit, output_option, store, warn
 from athanor.cli.get_cmds import _complete_model, _get_recipes
+from athanor.cli.sync_cmds import sync_clients
 
 
 @click.command("scan")
@@ -23,8 +24,6 @@ def scan_cmd(paths: tuple[str, ...], prune: bool) -> None:
         warn(message)
     echo_changes(result.changes)
     click.echo(scan_summary(result), err=True)
-    from athanor.cli.sync_cmds import sync_clients
-
     sync_clients(store().models.load())
 
 
@@ -65,6 +64,7 @@ def preset_set(name: str, assignments: tuple[str, ...]) -> None:
     """Set preset keys on NAME, e.g. 'athanor preset set qwen ctxSize=16384 flashAttn=on'."""
     preset = actions.set_preset(store(), name, assignments)
     click.echo(f"model/{name} preset: " + ", ".join(f"{k}={v}" for k, v in preset.items()))
+    sync_clients(store().models.load())  # ctxSize and maxTokens are pi's contextWindow and maxTokens
 
 
 @preset_cmd.command("unset")
@@ -74,6 +74,7 @@ def preset_unset(name: str, keys: tuple[str, ...]) -> None:
     """Remove preset keys from NAME (the recipe's or default value applies again)."""
     preset = actions.unset_preset(store(), name, keys)
     click.echo(f"model/{name} preset: " + (", ".join(f"{k}={v}" for k, v in preset.items()) or "<empty>"))
+    sync_clients(store().models.load())
 
 
 @click.command("flavor")
@@ -82,6 +83,7 @@ def preset_unset(name: str, keys: tuple[str, ...]) -> None:
 def flavor_cmd(name: str, flavor: str) -> None:
     """Serve the MLX model NAME with mlx_lm.server (lm, text only) or mlx_vlm.server (vlm, images too)."""
     echo_changes([actions.set_flavor(store(), name, flavor)])
+    sync_clients(store().models.load())  # vlm takes images
 
 
 @click.command("recipes")

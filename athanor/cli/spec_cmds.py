@@ -57,16 +57,25 @@ def delete_cmd(filenames: tuple[str, ...], kind: str | None, names: tuple[str, .
     Files on disk are never touched. A deleted discovered model is not rediscovered by later scans until a
     spec names its source again.
     """
+    from athanor.cli.sync_cmds import sync_clients
+
     st = store()
     if filenames:
         if kind or names:
             raise click.UsageError("give either -f PATH or KIND NAME..., not both")
         echo_changes(actions.delete_files(st, filenames, stdin=click.get_text_stream("stdin")))
+        sync_clients(st.models.load())
         return
     if not kind or not names:
         raise click.UsageError("nothing to delete: give -f PATH, or 'model NAME...'")
-    for name in names:
-        if kind.startswith("model"):
-            echo_changes([actions.delete_model(st, name)])
-        else:
-            echo_changes(actions.delete_recipe(st, name))
+    deleted = False
+    try:
+        for name in names:
+            if kind.startswith("model"):
+                echo_changes([actions.delete_model(st, name)])
+            else:
+                echo_changes(actions.delete_recipe(st, name))
+            deleted = True
+    finally:
+        if deleted:  # each name is its own transaction: those before a failing one are gone, and pi follows
+            sync_clients(st.models.load())
