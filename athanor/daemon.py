@@ -7,16 +7,15 @@ restart models). A clean shutdown (SIGTERM, SIGINT, ``athanor down``) stops ever
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
-import time
 from typing import Any
 
 from aiohttp import web
 
 from athanor import catalog
+from athanor.addresses import authority, loopback_for, parse_listen
 from athanor.controller.controller import Controller
 from athanor.controller.readiness import probe_session
 from athanor.errors import AthanorError
@@ -30,31 +29,6 @@ from athanor.units import parse_duration
 log = logging.getLogger("athanor.daemon")
 
 LISTEN_CHECK_S = 1.0
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def authority(host: str, port: int) -> str:
-    """``host:port`` as it goes in a URL (an IPv6 address in brackets)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def loopback_for(host: str) -> str | None:
-    """The loopback address the CLI reaches a daemon listening on ``host`` by, or None when it listens on one
-    address that is not loopback (the daemon then opens a loopback listener for the admin API)."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    if host == "localhost":
-        return "127.0.0.1"
-    try:
-        return host if ipaddress.ip_address(host).is_loopback else None
-    except ValueError:
-        return None
 
 
 async def serve(store: Store, listen: str | None = None) -> None:
@@ -210,19 +184,3 @@ def _create_time() -> float:
 def _record_daemon(store: Store, record: dict[str, Any] | None) -> None:
     with store.state.edit() as state:
         state["daemon"] = record
-
-
-def wait_for_port(host: str, port: int, timeout: float) -> bool:
-    """Poll until something accepts connections on host:port (used by ``athanor up``)."""
-    import socket
-
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex((host, port)) == 0:
-                return True
-        time.sleep(delay)  # polling interval for a start-up wait, not test synchronisation
-        delay = min(delay * 1.5, 0.25)
-    return False

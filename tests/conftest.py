@@ -156,3 +156,7 @@ def systemctl(systemd_host: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[An
             systemd_host.systemctl("--user", "reset-failed", unit.name)
             unit.unlink()
         systemd_host.systemctl("--user", "daemon-reload")
+
+
+# The real gateway (fixtures/serving.py) for every test module that asks for it by name.
+from fixtures.serving import gateway, models  # noqa: E402,F401

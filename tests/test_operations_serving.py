@@ -19,13 +19,11 @@ import pytest
 from conftest import ATHANOR
 from fixtures.tiny_models import write_tiny_llama_gguf
 from prometheus_client.parser import text_string_to_metric_families
-from test_serving import (  # noqa: F401 - gateway and models are fixtures used by name
-    gateway,
-    models,
+from fixtures.serving import (
     Gateway,
-    _long_gguf,
     chat,
     free_port,
+    long_gguf,
     wait_until,
     write_gateway,
 )
@@ -163,7 +161,7 @@ def test_a_new_listen_address_is_taken_without_dropping_a_stream(home, models, t
     gateway = Gateway(f"http://127.0.0.1:{first}", home, proc, env)
     try:
         wait_until(lambda: _answers(gateway.url), 60, "the gateway to listen")
-        model = _long_gguf(tmp_path)
+        model = long_gguf(tmp_path)
         stream = gateway.client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
                                                         stream=True, max_tokens=400,
                                                         extra_body={"ignore_eos": True})  # a random model may stop

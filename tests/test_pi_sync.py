@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write
 from fixtures.tiny_models import add_gguf_repo, add_mlx_repo, make_hf_cache, write_tiny_llama_gguf, write_tiny_mlx_llama
-from test_serving import Gateway, apply_models, gateway, model_spec, models, write_gateway  # noqa: F401
+from fixtures.serving import Gateway, apply_models, model_spec, write_gateway
 
 PI_FLAGS = ("--no-tools", "--no-session", "--no-context-files", "--no-extensions", "--no-skills",
             "--no-prompt-templates", "--offline")
@@ -307,7 +307,7 @@ def snippet_blocks(text: str) -> dict[str, str]:
     return {k: "\n".join(v).strip() + "\n" for k, v in blocks.items()}
 
 
-def test_the_curl_and_python_snippets_get_answers_from_the_gateway(gateway: Gateway, tmp_path):  # noqa: F811
+def test_the_curl_and_python_snippets_get_answers_from_the_gateway(gateway: Gateway, tmp_path):
     port = gateway.url.rsplit(":", 1)[1]
     write_gateway(tmp_path, gateway.base_spec + f"  listen: 127.0.0.1:{port}\n")
     result = gateway.athanor("snippet", "tiny-alias")
@@ -361,7 +361,7 @@ def ask_pi(pi_dir: Path, cwd: Path, env: dict[str, str] | None = None) -> subpro
                   "--system-prompt", "Answer briefly.", "Say hello.", env=env)
 
 
-def test_pi_configured_by_sync_alone_talks_to_the_gateway(pi_dir, gateway: Gateway, tmp_path):  # noqa: F811
+def test_pi_configured_by_sync_alone_talks_to_the_gateway(pi_dir, gateway: Gateway, tmp_path):
     pi_binary()
     gateway.env["PI_CODING_AGENT_DIR"] = str(pi_dir)  # the fixture's environment may predate pi_dir's
     serve_to_pi(gateway, tmp_path)

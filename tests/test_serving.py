@@ -1,7 +1,7 @@
 """The serving path end to end: a real daemon, real llama-server and mlx_lm.server, the real openai SDK.
 
-Every test starts its own gateway on a free loopback port with a private ATHANOR_HOME; the fixture stops the
-daemon and every runtime it recorded, and the session fixture checks that nothing survives.
+Every test starts its own gateway (``fixtures/serving.py``) on a free loopback port with a private ATHANOR_HOME;
+the fixture stops the daemon and every runtime it recorded, and the session fixture checks that nothing survives.
 """
 
 from __future__ import annotations
@@ -11,199 +11,29 @@ import os
 import shlex
 import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 import psutil
 import pytest
-from conftest import ATHANOR, lan_address, write
+from conftest import lan_address, write
+from fixtures.serving import (
+    MANAGERS,
+    Gateway,
+    apply_gateway,
+    apply_models,
+    chat,
+    free_port,
+    long_gguf,
+    model_spec,
+    start_daemon,
+    wait_until,
+)
 from fixtures.tiny_models import write_tiny_llama_gguf, write_tiny_mlx_llama
-
-RUNTIME_NAMES = ("llama-server", "mlx_lm.server", "mlx_lm", "athanor serve")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)  # polling interval with a deadline
-
-
-def _descendants_of_home(home: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "environ"]):
-        try:
-            env = proc.info["environ"] or {}
-        except (psutil.Error, KeyError):
-            continue
-        if env.get("ATHANOR_HOME") == str(home) and _status(proc) != psutil.STATUS_ZOMBIE:
-            found.append(proc)
-    return found
-
-
-def _status(proc: psutil.Process) -> str:
-    try:
-        return proc.status()
-    except psutil.Error:
-        return psutil.STATUS_ZOMBIE  # gone counts as a zombie here: not running
-
-
-@dataclass
-class Gateway:
-    url: str
-    home: Path
-    proc: subprocess.Popen
-    env: dict[str, str]
-    manager: str = "process"
-    base_spec: str = ""  # Gateway spec lines every applied Gateway keeps (the manager's)
-
-    @property
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="not-needed", max_retries=0, timeout=120)
-
-    def state(self) -> dict:
-        return json.loads((self.home / "state.json").read_text())
-
-    def status(self) -> dict:
-        """The daemon's live view (state.json follows it a few milliseconds later)."""
-        with urllib.request.urlopen(self.url + "/athanor/v1/status", timeout=10) as resp:
-            return json.loads(resp.read())
-
-    def live(self, name: str) -> dict:
-        return self.status()["instances"].get(name, {"phase": "Standby", "pid": None, "port": None})
-
-    def phase(self, name: str) -> str:
-        return self.live(name)["phase"]
-
-    def runtime_pid(self, name: str) -> int | None:
-        return self.live(name)["pid"]
-
-    def job_loaded(self, name: str) -> bool:
-        """Whether the model's job is still loaded or running under its manager."""
-        if self.manager == "launchd":
-            label = f"gui/{os.getuid()}/dev.athanor.model.{name}"
-            return subprocess.run(["launchctl", "print", label], capture_output=True, env=self.env).returncode == 0
-        if self.manager == "systemd":
-            state = subprocess.run(["systemctl", "--user", "is-active", f"athanor-model-{name}.service"],
-                                   capture_output=True, text=True, env=self.env).stdout.strip()
-            return state not in ("inactive", "failed", "unknown")
-        pid = self.live(name)["pid"]
-        return pid is not None and psutil.pid_exists(pid)
-
-    def recorded(self) -> dict:
-        """state.json once it has caught up with the daemon (what the CLI reads)."""
-        def caught_up() -> bool:
-            live, stored = self.status()["instances"], self.state()["instances"]
-            return all(stored.get(n, {}).get("phase") == i["phase"] and stored[n].get("pid") == i["pid"]
-                       for n, i in live.items())
-
-        wait_until(caught_up, 10, "state.json to record the daemon's state")
-        return self.state()
-
-    def athanor(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([ATHANOR, *args], env=self.env, capture_output=True, text=True, timeout=300)
-
-    def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path, data=body, method="POST",
-                                         headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(request, timeout=120) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-
-def start_daemon(home: Path, port: int, host: str = "127.0.0.1") -> subprocess.Popen:
-    proc = subprocess.Popen([ATHANOR, "serve", "--listen", f"{host}:{port}"], env=dict(os.environ),
-                            stdout=open(home / "daemon-test.log", "ab"), stderr=subprocess.STDOUT)
-
-    def listening() -> bool:
-        assert proc.poll() is None, (home / "daemon-test.log").read_text()
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(listening, 60, "the gateway to listen")
-    return proc
-
-
-def model_spec(name: str, weights: Path, runtime: str = "llama-server", extra: str = "") -> str:
-    """One Model document serving ``weights`` by path."""
-    return (f"apiVersion: athanor.dev/v1alpha1\nkind: Model\nmetadata: {{name: {name}}}\nspec:\n"
-            f"  runtime: {runtime}\n  source: {{path: {json.dumps(str(weights))}}}\n{extra}")
-
-
-def apply_models(path: Path, *docs: str) -> None:
-    spec = write(path, "---\n".join(docs))
-    result = subprocess.run([ATHANOR, "apply", "-f", str(spec)], capture_output=True, text=True, env=dict(os.environ))
-    assert result.returncode == 0, result.stderr
-
-
-@pytest.fixture
-def models(home: Path, tmp_path: Path) -> Path:
-    """A tiny GGUF and a tiny MLX model, applied by path."""
-    home.mkdir(parents=True, exist_ok=True)
-    gguf = write_tiny_llama_gguf(tmp_path / "weights" / "tiny.gguf")
-    mlx = write_tiny_mlx_llama(tmp_path / "weights" / "tiny-mlx", quantized_bits=4)
-    spec = tmp_path / "models.yaml"
-    apply_models(spec,
-                 model_spec("tiny-gguf", gguf, extra="  aliases: [tiny-alias]\n  preset: {ctxSize: 256, maxTokens: 8}\n"),
-                 model_spec("tiny-mlx", mlx, "mlx-lm", "  preset: {maxTokens: 8}\n"))
-    return spec
-
-
-# launchd through the launchctl double (tests/doubles); systemd for real, in a container (fixtures/systemd_host.py)
-MANAGERS = ["process", "launchd", "systemd"]
-
-
-@pytest.fixture
-def gateway(request: pytest.FixtureRequest, home: Path, models: Path, tmp_path: Path) -> Iterator[Gateway]:
-    """A gateway on the embedded supervisor; parametrized indirectly with a manager name, on that manager."""
-    manager = getattr(request, "param", "process")
-    base = ""
-    if manager == "launchd":
-        request.getfixturevalue("launchctl")  # the double on PATH, every job it ran gone afterwards
-        base = f"  serviceManager: launchd\n  launchd: {{agentsDir: {json.dumps(str(tmp_path / 'LaunchAgents'))}}}\n"
-    elif manager == "systemd":
-        request.getfixturevalue("systemctl")  # the bridge on PATH, units where the real user manager reads them
-        base = "  serviceManager: systemd\n"
-    if base:
-        write_gateway(tmp_path, base)
-    port = free_port()
-    proc = start_daemon(home, port)
-    gw = Gateway(f"http://127.0.0.1:{port}", home, proc, dict(os.environ), manager, base)
-    try:
-        yield gw
-    finally:
-        gw.athanor("down")
-        if gw.proc.poll() is None:
-            gw.proc.kill()
-        gw.proc.wait(30)
-        if manager == "launchd":
-            request.getfixturevalue("launchctl").shutdown()  # its launchd too (it inherited ATHANOR_HOME)
-        leftovers = _descendants_of_home(home)
-        for leftover in leftovers:
-            leftover.kill()
-        wait_until(lambda: not _descendants_of_home(home), 10, "killed leftovers to die")
-        assert not leftovers, f"left running after down: {leftovers}"
-
-
-def chat(client: openai.OpenAI, model: str, stream: bool = False, max_tokens: int = 4):
-    messages = [{"role": "user", "content": "hello"}]
-    return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, stream=stream)
 
 
 def test_models_are_listed_without_starting_anything(gateway):
@@ -287,7 +117,7 @@ def test_describe_shows_the_manager_its_file_and_its_view_of_the_job(gateway):
 
 @pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_a_preset_change_reloads_only_that_model_s_job(gateway, tmp_path):
-    _apply_gateway(gateway, tmp_path, "  residency: {policy: memory, budget: 90%}\n")
+    apply_gateway(gateway, tmp_path, "  residency: {policy: memory, budget: 90%}\n")
     chat(gateway.client, "tiny-gguf")
     chat(gateway.client, "tiny-mlx")
     gguf, mlx = gateway.runtime_pid("tiny-gguf"), gateway.runtime_pid("tiny-mlx")
@@ -316,7 +146,7 @@ def test_editing_the_recipe_a_loaded_model_uses_reloads_it(gateway, tmp_path):
 
 @pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_memory_residency_keeps_both_loaded(gateway, tmp_path):
-    _apply_gateway(gateway, tmp_path, "  residency: {policy: memory, budget: 90%}\n")
+    apply_gateway(gateway, tmp_path, "  residency: {policy: memory, budget: 90%}\n")
     chat(gateway.client, "tiny-gguf")
     gguf_pid = gateway.runtime_pid("tiny-gguf")
     chat(gateway.client, "tiny-mlx")
@@ -377,7 +207,7 @@ def test_runtime_killed_mid_stream_fails_promptly_and_recovers(gateway, model, t
     # A long answer, so the kill surely lands mid-stream: the fixture's models stop after 8 tokens, and the tiny
     # GGUF's own context (256) would end any answer within a blink.
     if model == "tiny-gguf":
-        model = _long_gguf(tmp_path)
+        model = long_gguf(tmp_path)
     else:
         assert gateway.athanor("preset", "set", model, "maxTokens=100000").returncode == 0
     chat(gateway.client, model)
@@ -462,17 +292,6 @@ def test_smollm2_answers_sensibly(home, tmp_path):
         proc.wait(30)
 
 
-def write_gateway(tmp_path: Path, spec_lines: str) -> None:
-    spec = write(tmp_path / "gateway.yaml", "apiVersion: athanor.dev/v1alpha1\nkind: Gateway\n"
-                                           "metadata: {name: default}\nspec:\n" + spec_lines)
-    result = subprocess.run([ATHANOR, "apply", "-f", str(spec)], capture_output=True, text=True, env=dict(os.environ))
-    assert result.returncode == 0, result.stderr
-
-
-def _apply_gateway(gateway: Gateway, tmp_path: Path, spec_lines: str) -> None:
-    write_gateway(tmp_path, gateway.base_spec + spec_lines)
-
-
 def _raw_stream(gateway: Gateway, model: str) -> tuple[int, str, str]:
     body = json.dumps({"model": model, "stream": True, "max_tokens": 4,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -483,7 +302,7 @@ def _raw_stream(gateway: Gateway, model: str) -> tuple[int, str, str]:
 
 
 def test_queue_full_answers_429(gateway, tmp_path):
-    _apply_gateway(gateway, tmp_path, "  limits: {maxQueue: 1}\n")
+    apply_gateway(gateway, tmp_path, "  limits: {maxQueue: 1}\n")
     results: list[object] = []
 
     def call() -> None:
@@ -502,7 +321,7 @@ def test_queue_full_answers_429(gateway, tmp_path):
 
 @pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_idle_model_is_unloaded(gateway, tmp_path):
-    _apply_gateway(gateway, tmp_path, "  idleTimeout: 1s\n")
+    apply_gateway(gateway, tmp_path, "  idleTimeout: 1s\n")
     chat(gateway.client, "tiny-gguf")
     pid = gateway.runtime_pid("tiny-gguf")
     wait_until(lambda: gateway.phase("tiny-gguf") == "Standby", 20, "idle unload")
@@ -519,7 +338,7 @@ def _gated_llama_server(gateway: Gateway, tmp_path: Path, keep_gateway_spec: str
     gated = write(tmp_path / "gated-llama-server", f"#!/bin/sh\nwhile [ ! -e {shlex.quote(str(gate))} ]; do sleep 0.01; "
                                                    f"done\nexec {shlex.quote(str(real))} \"$@\"\n")
     gated.chmod(0o755)
-    _apply_gateway(gateway, tmp_path,
+    apply_gateway(gateway, tmp_path,
                    keep_gateway_spec + f"  runtimes:\n    llama-server: {{path: {json.dumps(str(gated))}}}\n")
     return gate
 
@@ -633,18 +452,9 @@ def test_apply_reaches_the_running_gateway(gateway, tmp_path):
     assert row[header.index("RSS")].endswith("iB")
 
 
-def _long_gguf(tmp_path: Path) -> str:
-    """A GGUF model whose answers run long (a 16k context, one slot, no cap): ``long-gguf``. The fixture's models
-    stop after 8 tokens, and the tiny GGUF's own 256-token context ends any answer within a blink."""
-    gguf = write_tiny_llama_gguf(tmp_path / "weights" / "long.gguf", seed=11, context_length=16384)
-    apply_models(tmp_path / "long.yaml", model_spec(
-        "long-gguf", gguf, extra="  preset: {ctxSize: 16384, parallel: 1, maxTokens: 100000}\n"))
-    return "long-gguf"
-
-
 @pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_client_disconnect_mid_stream_frees_the_runtime_slot(gateway, tmp_path):
-    model = _long_gguf(tmp_path)
+    model = long_gguf(tmp_path)
     chat(gateway.client, model)
     sock = _send_raw(gateway, {"model": model, "stream": True, "max_tokens": 100000, "ignore_eos": True,
                                "messages": [{"role": "user", "content": "hi"}]})

@@ -29,7 +29,7 @@ def installed_ingress(st: Any, gateway: dict[str, Any]) -> tuple[Any, Any] | Non
 @click.pass_context
 def install_cmd(ctx: click.Context, manager: str | None, timeout: float) -> None:
     """Register the gateway with the service manager and start it; models then run as its jobs too (idempotent)."""
-    from athanor.daemon import loopback_for, parse_listen, wait_for_port
+    from athanor.addresses import loopback_for, parse_listen, wait_for_port
     from athanor.managers import Managers, installed_manager, jobs
 
     st = store()

@@ -49,7 +49,7 @@ def serve_cmd(listen: str | None, verbose: bool) -> None:
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the gateway to listen.")
 def up_cmd(listen: str | None, timeout: float) -> None:
     """Start the gateway in the background (logs in $ATHANOR_HOME/logs/daemon.log)."""
-    from athanor.daemon import loopback_for, parse_listen, wait_for_port
+    from athanor.addresses import loopback_for, parse_listen, wait_for_port
 
     st = store()
     running = daemon_record(st)

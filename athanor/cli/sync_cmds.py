@@ -31,7 +31,7 @@ def sync_pi(directory: str | None, dry_run: bool) -> None:
     Models are listed by the names clients send. Only providers.athanor is rewritten; every other provider and
     setting in the file is kept. The gateway's key is never written: pi reads it from auth.apiKeyEnv's variable,
     or from auth.apiKeyFile through a command. Then: pi --provider athanor --model NAME. With the Gateway's
-    integrations.pi.sync set, apply and scan do this.
+    integrations.pi.sync set, apply, scan, delete, preset, flavor and the daemon's cache watcher do this.
     """
     from athanor.integrations import pi
 
@@ -92,7 +92,7 @@ def render_snippets(name: str, base_url: str, key: KeySource | None) -> str:
 
 
 def sync_clients(doc: dict[str, Any]) -> None:
-    """After apply and scan: sync pi when the Gateway in ``doc`` asks for it. The store is saved by then, so a
+    """After apply, scan, delete, preset and flavor: sync pi when the Gateway in ``doc`` asks for it. The store is saved by then, so a
     failure here is a warning, never a failed command."""
     from athanor.errors import AthanorError
     from athanor.integrations import pi

@@ -11,6 +11,7 @@ import errno
 import socket
 from collections.abc import Iterator
 
+from athanor.addresses import parse_listen
 from athanor.doctor.check import GATEWAY_FIX, Check
 from athanor.doctor.context import Context
 from athanor.ports import port_is_free
@@ -28,7 +29,7 @@ def _gateway_port(ctx: Context, holders: PortHolders) -> Iterator[Check]:
     listen = ctx.daemon["listen"] if ctx.daemon else ctx.gateway["listen"]
     note = f" (spec.listen is {ctx.gateway['listen']})" if listen != ctx.gateway["listen"] else ""
     try:
-        host, port = split_listen(listen)
+        host, port = parse_listen(listen)
     except ValueError:
         yield Check(False, "gateway port", f"cannot read the listen address {listen!r}",
                     f"{GATEWAY_FIX} with spec.listen set to HOST:PORT", required=True)
@@ -77,12 +78,6 @@ def _model_ports(ctx: Context, holders: PortHolders) -> Iterator[Check]:
         yield Check(True, "model ports", f"{free} free{ours_text}", required=True)
     else:
         yield Check(True, "model ports", "no registered model to serve")
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port), IPv6 brackets removed (``daemon.parse_listen``, without importing aiohttp)."""
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def bind_error(host: str, port: int) -> OSError | None:

@@ -292,8 +292,11 @@ def check_runtimes(ctx: Context) -> Iterator[Check]:
                 fix = _configured_path_fix(runtime, kind.binary)
             else:
                 fix = install_fix(runtime, ctx.system, root, our_pip())
-            optional = "" if users or runtime != "mlx-vlm" else "; optional (vision models)"
-            yield Check(False, kind.binary, f"{where}{info.problem}; {used}{optional}", fix, required=bool(users))
+            if runtime == "mlx-vlm" and not users and info.path is None:
+                # Optional and needed by nothing registered: nothing is wrong; say how to add it.
+                yield Check(True, kind.binary, f"not installed; optional, for MLX vision models (install: {fix})")
+                continue
+            yield Check(False, kind.binary, f"{where}{info.problem}; {used}", fix, required=bool(users))
             continue
         version = f"version {info.version}" if info.version else "version unknown"
         yield Check(True, kind.binary, f"{info.path}, {version}, installed by {info.installed_by}; {used}",

@@ -19,7 +19,7 @@ from athanor import catalog
 
 def gateway_url(doc: dict[str, Any]) -> str:
     """``http://host:port`` a client on this machine uses: a wildcard listen address becomes loopback."""
-    from athanor.daemon import authority, loopback_for, parse_listen  # the daemon imports aiohttp: only now
+    from athanor.addresses import authority, loopback_for, parse_listen
 
     host, port = parse_listen(catalog.gateway_spec(doc)["listen"])
     return f"http://{authority(loopback_for(host) or host, port)}"
