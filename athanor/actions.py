@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -17,6 +18,7 @@ from athanor import catalog
 from athanor.catalog import Change
 from athanor.discovery.scan import Discovery, discover
 from athanor.errors import AthanorError, InvalidValueError, NotFoundError
+from athanor.runtimes.args import effective_args
 from athanor.runtimes.launch import LaunchSpec, Target, binary_or_name, launch_spec
 from athanor.runtimes.presets import (
     BUILTIN_RECIPES,
@@ -316,11 +318,29 @@ def launch_for(doc: dict[str, Any], obj: dict[str, Any]) -> LaunchSpec | None:
     if not artifact:
         return None
     spec = obj["spec"]
+    gateway = catalog.gateway_spec(doc)
     configured = runtime_path(doc, spec["runtime"])
-    target = Target(obj["metadata"]["name"], spec["runtime"], artifact["path"], artifact.get("mmproj"))
-    quiet = catalog.gateway_spec(doc)["privacy"]["runtimeLogs"] == "errors"
+    target = Target(obj["metadata"]["name"], spec["runtime"], artifact["path"], artifact.get("mmproj"),
+                    tuple(artifact.get("capabilities", ())), draft_path(doc, obj))
+    quiet = gateway["privacy"]["runtimeLogs"] == "errors"
+    gateway_args = f"gateway runtimes.{spec['runtime']}.args"
+    extra = [(arg, "spec.args" if where == "model" else gateway_args)
+             for arg, where in effective_args(spec["runtime"], gateway, spec)]
     return launch_spec(target, effective_for(doc, obj), spec["port"], binary_or_name(spec["runtime"], configured),
-                       quiet=quiet)
+                       quiet=quiet, extra_args=extra)
+
+
+def draft_path(doc: dict[str, Any], obj: dict[str, Any]) -> str | None:
+    """The draft model's weights (``spec.draft``: a registered GGUF model, else a .gguf path), or None."""
+    draft = obj["spec"].get("draft")
+    if not draft:
+        return None
+    other = doc["models"].get(draft)
+    if other is not None:
+        artifact = other.get("artifact") or {}
+        return artifact.get("path") if artifact.get("format") == "gguf" else None
+    path = os.path.expanduser(draft)
+    return path if path.endswith(".gguf") and os.path.isfile(path) else None
 
 
 def record_events(store: Store, changes: Iterable[Change]) -> None:

@@ -312,6 +312,8 @@ def describe_cmd(resource: str, name: str) -> None:
     launch = actions.launch_for(doc, obj)
     if launch:
         field("Command", shlex.join(launch.argv), 2)
+        out.append("  Argv, where each part comes from:")
+        out += ["    " + line for line in views.render_table(["ARGUMENTS", "FROM"], _argv_rows(launch)).splitlines()]
         field("Environment", " ".join(f"{k}={v}" for k, v in launch.env.items()) or "<none>", 2)
         field("Serves as", launch.served_model, 2)
     else:
@@ -354,6 +356,17 @@ def describe_cmd(resource: str, name: str) -> None:
     else:
         out.append("  <none>")
     click.echo("\n".join(out))
+
+
+def _argv_rows(launch: Any) -> list[list[str]]:
+    """Consecutive arguments with one origin on one row: ``--ctx-size 4096`` <- ``preset ctxSize (model)``."""
+    rows: list[list[str]] = []
+    for arg, origin in zip(launch.argv, launch.origins or ("",) * len(launch.argv), strict=True):
+        if rows and rows[-1][1] == origin:
+            rows[-1][0] += " " + shlex.quote(arg)
+        else:
+            rows.append([shlex.quote(arg), origin])
+    return rows
 
 
 def _job_view(managers: Any, handle: dict[str, Any], gateway: dict[str, Any]) -> str:

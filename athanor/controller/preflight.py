@@ -29,6 +29,10 @@ def unservable(obj: dict[str, Any] | None, name: str) -> str | None:
                 "(see 'athanor describe model')")
     if artifact.get("problem"):
         return f"model {name!r}: weights unreadable: {artifact['problem']}"
+    task = artifact.get("metadata", {}).get("task")
+    if task and obj["spec"]["runtime"] != "llama-server":
+        return (f"model {name!r} is an {task} model, and {obj['spec']['runtime']} serves generation only; serve a "
+                "GGUF of it with llama-server")
     return None
 
 
@@ -48,6 +52,10 @@ def prepare_launch(doc: dict[str, Any], obj: dict[str, Any]) -> LaunchSpec:
         find_runtime(runtime, configured)
     except RuntimeNotFoundError as exc:
         raise ModelUnavailable(f"model {name!r}: {exc}") from exc
+    draft = obj["spec"].get("draft")
+    if draft and actions.draft_path(doc, obj) is None:
+        raise ModelUnavailable(f"model {name!r}: its draft model {draft!r} (spec.draft) is neither a registered GGUF "
+                               "model with weights on disk nor a .gguf file")
     launch = actions.launch_for(doc, obj)
     assert launch is not None  # the artifact was checked above
     if not port_is_free(launch.port, reuse_address=True):  # a runtime that cannot bind may never exit

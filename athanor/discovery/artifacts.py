@@ -38,7 +38,12 @@ class Artifact:
 
     @property
     def capabilities(self) -> list[str]:
-        return ["text", "vision"] if self.vision else ["text"]
+        """What it can be asked for: ``embedding`` or ``rerank`` models only that; generative ones ``text``, plus
+        ``vision`` and ``reasoning`` where detected."""
+        task = self.metadata.get("task")
+        if task in ("embedding", "rerank"):
+            return [task]
+        return ["text"] + (["vision"] if self.vision else []) + (["reasoning"] if self.metadata.get("reasoning") else [])
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {

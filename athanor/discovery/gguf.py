@@ -73,6 +73,11 @@ class GGUFError(ValueError):
 
 
 _SKIPPED = object()
+# Encoder architectures llama.cpp serves as embedding models (``--embeddings``).
+ENCODER_ARCHITECTURES = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3",
+                                   "neo-bert", "modern-bert", "t5encoder", "eurobert"})
+POOLING_RANK = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a reranker's classification head
+REASONING_MARKERS = ("enable_thinking", "<think>", "reasoning_content")
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,25 @@ class GGUFInfo:
     expert_used_count: int | None = None
     file_type: int | None = None
     quantization: str | None = None
+    pooling_type: int | None = None
+    chat_template: str | None = field(default=None, repr=False)
     kv: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def task(self) -> str | None:
+        """"embedding" or "rerank" for models llama-server serves in that mode only; None for generative ones.
+        A reranker pools by rank; an embedding model is an encoder (BERT family) or declares a pooling."""
+        if self.pooling_type == POOLING_RANK:
+            return "rerank"
+        if self.architecture in ENCODER_ARCHITECTURES or (self.pooling_type or 0) > 0:
+            return "embedding"
+        return None
+
+    @property
+    def reasoning(self) -> bool:
+        """Its chat template knows a thinking mode (Qwen3's enable_thinking, <think> blocks, reasoning_content)."""
+        template = self.chat_template or ""
+        return any(marker in template for marker in REASONING_MARKERS)
 
     def to_dict(self) -> dict[str, Any]:
         """The named facts in the camelCase shape the API and CLI print, without unknowns."""
@@ -107,6 +130,9 @@ class GGUFInfo:
             "experts": self.expert_count,
             "expertsUsed": self.expert_used_count,
             "quantization": self.quantization,
+            "poolingType": self.pooling_type,
+            "task": self.task,
+            "reasoning": self.reasoning if self.chat_template else None,  # unknown without a template
         }
         return {k: v for k, v in facts.items() if v is not None}
 
@@ -339,6 +365,9 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> GGUFInfo:
         expert_used_count=arch_int("expert_used_count"),
         file_type=file_type,
         quantization=quantization,
+        pooling_type=arch_int("pooling_type"),
+        chat_template=_str(values.get("tokenizer.chat_template")) if values.get("tokenizer.chat_template")
+        is not _SKIPPED else None,
         kv=kept,
     )
 

@@ -19,6 +19,9 @@ __all__ = ["MLXConfigError", "MLXInfo", "is_mlx_dir", "read_mlx_config"]
 
 # Model types whose configs describe a vision-language model even when (like gemma3) they nest the vision part
 # under a differently named key or the config was trimmed.
+# Encoders: embedding models, which mlx_lm.server (a generation server) cannot serve.
+ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "modernbert", "nomic_bert", "distilbert",
+                                 "new", "gte", "e5"})
 VISION_MODEL_TYPES = frozenset({
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "llava_next", "llava_onevision", "mllama",
     "gemma3", "gemma3n", "paligemma", "idefics2", "idefics3", "smolvlm", "pixtral", "mistral3", "florence2",
@@ -62,6 +65,7 @@ class MLXInfo:
             "parameters": self.parameter_count,
             "quantization": f"{self.bits}bit" if self.bits is not None else None,
             "vision": self.vision,
+            "task": "embedding" if self.model_type in ENCODER_MODEL_TYPES else None,
         }
         return {k: v for k, v in facts.items() if v is not None}
 

@@ -32,6 +32,7 @@ from athanor.controller.instance import Phase
 from athanor.controller.lease import Lease, Upstream
 from athanor.errors import ModelUnavailable, QueueFull, ServingError
 from athanor.ingress.guard import Guard
+from athanor.ingress.requests import reasoning_changes, task_refusal
 from athanor.metrics import Metrics
 from athanor.ingress.upstream import (
     Response,
@@ -225,7 +226,7 @@ async def list_models(request: web.Request) -> web.Response:
     controller = request.app[CONTROLLER]
     models = controller.doc()["models"]
     data = [_model_entry(controller, n, o) for n, o in sorted(models.items())
-            if o["spec"].get("residency") != "disabled"]
+            if o["spec"].get("residency") != "disabled" and o["spec"].get("publish", True)]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -265,6 +266,16 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if route not in RUNTIMES[runtime].routes:
         return error_response(404, f"model {name!r} runs on {runtime}, which does not serve {route} (it serves "
                               f"{', '.join(sorted(RUNTIMES[runtime].routes))})", "unsupported_route")
+    artifact = obj.get("artifact") or {}
+    refusal = task_refusal(name, route, artifact.get("capabilities") or [])
+    if refusal:
+        return error_response(400, refusal, "unsupported_model_task", "model")
+    changes, problem = reasoning_changes(name, route, runtime, artifact.get("metadata") or {}, payload)
+    if problem:
+        return error_response(400, problem, "unsupported_reasoning", "reasoning_effort")
+    if changes:
+        payload = {k: v for k, v in {**payload, **changes}.items() if v is not None}
+        body = json.dumps(payload).encode()
     tap = Tap(request.app[METRICS], name, arrived)
     try:
         lease = controller.use(name)

@@ -68,7 +68,8 @@ def provider(doc: dict[str, Any]) -> dict[str, Any]:
         "apiKey": api_key(key_source(doc)),
         "compat": dict(COMPAT),
         "models": [model_entry(doc, obj) for _, obj in sorted(doc["models"].items())
-                   if obj["spec"].get("residency") != "disabled"],
+                   if obj["spec"].get("residency") != "disabled" and obj["spec"].get("publish", True)
+                   and _generates(obj)],
     }
 
 
@@ -94,6 +95,12 @@ def _context_window(obj: dict[str, Any], effective: dict[str, EffectiveValue]) -
         return int(ctx.value)
     length = ((obj.get("artifact") or {}).get("metadata") or {}).get("contextLength")
     return int(length) if length else None
+
+
+def _generates(obj: dict[str, Any]) -> bool:
+    """A chat model (not an embedding or reranking one, which an agent cannot talk to)."""
+    capabilities = (obj.get("artifact") or {}).get("capabilities") or ["text"]
+    return "text" in capabilities
 
 
 def _vision(obj: dict[str, Any]) -> bool:

@@ -18,7 +18,7 @@ import os
 import platform
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,8 @@ class Target:
     runtime: str
     path: str  # .gguf file, or MLX model directory
     mmproj: str | None = None
+    capabilities: tuple[str, ...] = ()  # detected: embedding and rerank models start in that mode
+    draft: str | None = None  # the draft model's weights, for speculative decoding
 
 
 HTTP_RESERVE = 4  # llama-server HTTP threads the gateway leaves free (health probes, /slots, direct callers)
@@ -52,6 +54,7 @@ class LaunchSpec:
     served_model: str  # the ``model`` value the runtime answers to; the ingress rewrites requests to it
     health_path: str
     max_connections: int = MLX_MAX_CONNECTIONS  # the most connections the gateway opens to this runtime at once
+    origins: tuple[str, ...] = field(default=(), compare=False)  # where each argv element comes from (describe)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class RuntimeKind:
     name: str
     binary: str
     install: Mapping[str, str]  # platform.system() -> install command
-    model_args: Callable[[Target], list[str]]
+    model_args: Callable[[Target], list[tuple[str, str]]]  # (argument, where it comes from)
     served_model: Callable[[Target], str]
     health_path: str
     routes: frozenset[str]  # the /v1 routes it serves; a request for another never starts it
@@ -68,9 +71,21 @@ class RuntimeKind:
     quiet_args: tuple[str, ...] = ()  # log errors only (Gateway privacy.runtimeLogs: errors)
 
 
-def _llama_args(t: Target) -> list[str]:
-    args = ["--model", t.path, "--alias", t.name]
-    return args + (["--mmproj", t.mmproj] if t.mmproj else [])
+def _llama_args(t: Target) -> list[tuple[str, str]]:
+    args = [("--model", "spec.source"), (t.path, "spec.source"), ("--alias", "metadata.name"), (t.name, "metadata.name")]
+    if t.mmproj:
+        args += [("--mmproj", "projector beside the weights"), (t.mmproj, "projector beside the weights")]
+    if "embedding" in t.capabilities:
+        args.append(("--embeddings", "capability embedding"))
+    if "rerank" in t.capabilities:
+        args.append(("--reranking", "capability rerank"))
+    if t.draft:
+        args += [("--spec-draft-model", "spec.draft"), (t.draft, "spec.draft")]
+    return args
+
+
+def _mlx_args(t: Target) -> list[tuple[str, str]]:
+    return [("--model", "spec.source"), (t.path, "spec.source")]
 
 
 def _llama_connections(preset: Mapping[str, EffectiveValue]) -> tuple[list[str], int]:
@@ -115,7 +130,7 @@ RUNTIMES: dict[str, RuntimeKind] = {
             name="mlx-lm",
             binary="mlx_lm.server",
             install={"Darwin": "pip install mlx-lm", "Linux": 'pip install "mlx[cpu]" mlx-lm'},
-            model_args=lambda t: ["--model", t.path],
+            model_args=_mlx_args,
             served_model=lambda t: t.path,  # it loads whatever `model` names: send the path it already has
             health_path="/v1/models",  # /health is ok before the weights load; readiness needs a real probe
             routes=_MLX_ROUTES,
@@ -127,7 +142,7 @@ RUNTIMES: dict[str, RuntimeKind] = {
             name="mlx-vlm",
             binary="mlx_vlm.server",
             install={"Darwin": "pip install mlx-vlm", "Linux": 'pip install "mlx[cpu]" mlx-vlm'},
-            model_args=lambda t: ["--model", t.path],
+            model_args=_mlx_args,
             served_model=lambda t: t.path,
             health_path="/health",
             routes=_VLM_ROUTES,
@@ -139,22 +154,29 @@ RUNTIMES: dict[str, RuntimeKind] = {
 
 
 def launch_spec(target: Target, preset: Mapping[str, EffectiveValue], port: int, binary: str,
-                *, quiet: bool = False) -> LaunchSpec:
-    """``quiet``: the runtime logs errors only (no per-request lines; never a prompt, whatever its defaults)."""
+                *, quiet: bool = False, extra_args: Sequence[tuple[str, str]] = ()) -> LaunchSpec:
+    """``quiet``: the runtime logs errors only (no per-request lines; never a prompt, whatever its defaults).
+    ``extra_args``: (argument, origin) pairs from ``spec.args`` and the Gateway's defaults, appended last."""
     kind = RUNTIMES[target.runtime]
-    argv = [binary, *kind.model_args(target), "--host", LOOPBACK, "--port", str(port)]
-    argv += preset_argv(target.runtime, preset)
+    argv: list[tuple[str, str]] = [(binary, "the runtime"), *kind.model_args(target),
+                                   ("--host", "athanor: loopback"), (LOOPBACK, "athanor: loopback"),
+                                   ("--port", "spec.port"), (str(port), "spec.port")]
+    for name, effective in preset.items():
+        argv += [(arg, f"preset {name} ({effective.source})") for arg in preset_argv(target.runtime, {name: effective})]
     if quiet:
-        argv += kind.quiet_args
+        argv += [(arg, "gateway privacy.runtimeLogs") for arg in kind.quiet_args]
     extra, max_connections = kind.connections(preset)
+    argv += [(arg, "athanor: HTTP threads for parallel + 8") for arg in extra]
+    argv += list(extra_args)
     return LaunchSpec(
         runtime=target.runtime,
-        argv=argv + extra,
+        argv=[arg for arg, _ in argv],
         env=dict(kind.env),
         port=port,
         served_model=kind.served_model(target),
         health_path=kind.health_path,
         max_connections=max_connections,
+        origins=tuple(origin for _, origin in argv),
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from athanor.errors import SpecError, SpecIssue
 from athanor.paths import data_path
+from athanor.runtimes.args import arg_problems
 from athanor.runtimes.presets import BUILTIN_RECIPES, RUNTIMES, check_preset_value
 from athanor.spec.loader import Document, JSONPath
 
@@ -97,6 +98,9 @@ def _identify(doc: Document) -> Resource | None:
 def _absolute_source(doc: Document, spec: dict[str, Any]) -> dict[str, Any]:
     """The spec with ``source.path`` made absolute against the document's file, so that apply, diff and the
     daemon all mean the same file whatever their working directory. ``doc.data`` keeps what was written."""
+    draft = spec.get("draft")
+    if isinstance(draft, str) and ("/" in draft or draft.endswith(".gguf") or draft.startswith("~")):
+        spec = {**spec, "draft": doc.resolve_path(draft)}  # a path, not a model name
     source = spec.get("source")
     if not isinstance(source, dict) or not isinstance(source.get("path"), str) or not source["path"]:
         return spec
@@ -184,6 +188,8 @@ def _cross_issues(
             for runtime in RUNTIMES:
                 issues += _preset_issues(res, ("spec", runtime), runtime)
         elif res.kind == "Gateway":
+            for runtime in RUNTIMES:
+                issues += _args_issues(res, ("spec", "runtimes", runtime, "args"), runtime)
             start, end = _get(res.spec, "portRange", "start"), _get(res.spec, "portRange", "end")
             if isinstance(start, int) and isinstance(end, int) and start > end:
                 issues.append(_issue(res.doc, ("spec", "portRange"), "start must not be greater than end"))
@@ -201,6 +207,9 @@ def _model_issues(res: Resource, recipes: set[str]) -> list[SpecIssue]:
     if runtime not in RUNTIMES:
         return issues  # the schema already said so
     issues += _preset_issues(res, ("spec", "preset"), runtime)
+    issues += _args_issues(res, ("spec", "args"), runtime)
+    if res.spec.get("draft") is not None and runtime != "llama-server":
+        issues.append(_issue(res.doc, ("spec", "draft"), f"speculative decoding needs llama-server, not {runtime}"))
     hf = _get(res.spec, "source", "hf")
     if not isinstance(hf, dict):
         return issues
@@ -230,6 +239,14 @@ def _preset_issues(res: Resource, path: JSONPath, runtime: str) -> list[SpecIssu
         if problem:
             issues.append(res.doc.issue(path + (name,), problem, key=True))
     return issues
+
+
+def _args_issues(res: Resource, path: JSONPath, runtime: str) -> list[SpecIssue]:
+    """Flags in ``args`` that athanor manages itself are refused, naming the field that sets them."""
+    args = _get(res.body, *path)
+    if not isinstance(args, list):
+        return []
+    return [_issue(res.doc, path + (i,), why) for i, why in arg_problems(runtime, args)]
 
 
 def _alias_issues(models: list[Resource], stored_models: Mapping[str, Mapping[str, Any]]) -> list[SpecIssue]:
