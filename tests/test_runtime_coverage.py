@@ -56,6 +56,18 @@ def test_args_reach_the_real_runtime(gateway: Gateway, tmp_path):
     assert cmdline[-2:] == ["--no-warmup", "--metrics"]
 
 
+def test_env_reaches_the_runtime_and_managed_variables_are_refused(gateway: Gateway, tmp_path):
+    bad = write(tmp_path / "bad.yaml", gguf_model(tmp_path, "bad", "  env: {LLAMA_ARG_PORT: '1'}\n"))
+    refused = gateway.athanor("apply", "-f", str(bad))
+    assert refused.returncode != 0 and "spec.env.LLAMA_ARG_PORT" in refused.stderr and "set by athanor" in refused.stderr
+    write_gateway(tmp_path, gateway.base_spec + "  runtimes:\n    llama-server: {env: {ATHANOR_TEST_A: gateway, "
+                  "ATHANOR_TEST_B: gateway}}\n")
+    apply_models(tmp_path / "m.yaml", gguf_model(tmp_path, "envy", "  env: {ATHANOR_TEST_B: model}\n"))
+    assert chat(gateway.client, "envy").model == "envy"
+    environ = psutil.Process(gateway.runtime_pid("envy")).environ()
+    assert environ["ATHANOR_TEST_A"] == "gateway" and environ["ATHANOR_TEST_B"] == "model"
+
+
 def test_a_hidden_model_is_routed_but_not_listed(gateway: Gateway, tmp_path):
     apply_models(tmp_path / "m.yaml", gguf_model(tmp_path, "hidden", "  publish: false\n"))
     assert "hidden" not in [m.id for m in gateway.client.models.list().data]

@@ -96,6 +96,24 @@ def _is_number(text: str) -> bool:
     return True
 
 
+# Variables athanor sets, or that would move what it manages (llama-server reads LLAMA_ARG_<FLAG> as the flag).
+MANAGED_ENV = frozenset({"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LLAMA_ARG_HOST", "LLAMA_ARG_PORT",
+                         "LLAMA_ARG_MODEL", "LLAMA_ARG_ALIAS", "LLAMA_ARG_MMPROJ", "LLAMA_ARG_EMBEDDINGS",
+                         "LLAMA_ARG_RERANKING", "LLAMA_ARG_SPEC_DRAFT_MODEL"})
+
+
+def env_problems(env: Mapping[str, object]) -> list[tuple[str, str]]:
+    """(name, why) for each variable of ``env`` athanor cannot pass."""
+    return [(name, f"{name} is set by athanor") for name in env if name in MANAGED_ENV]
+
+
+def effective_env(runtime: str, gateway: Mapping[str, object], spec: Mapping[str, object]) -> dict[str, str]:
+    """The Gateway's ``runtimes.<runtime>.env`` overlaid with the model's own ``spec.env``."""
+    runtimes = gateway.get("runtimes") or {}
+    defaults = (runtimes.get(runtime) or {}).get("env", {}) if isinstance(runtimes, Mapping) else {}
+    return {**defaults, **(spec.get("env") or {})}
+
+
 def effective_args(runtime: str, gateway: Mapping[str, object], spec: Mapping[str, object]) -> list[tuple[str, str]]:
     """(argument, where it came from) for the Gateway's default ``runtimes.<runtime>.args`` then the model's own
     ``spec.args``: the model's come last, so a flag given twice takes the model's value."""

@@ -154,7 +154,8 @@ RUNTIMES: dict[str, RuntimeKind] = {
 
 
 def launch_spec(target: Target, preset: Mapping[str, EffectiveValue], port: int, binary: str,
-                *, quiet: bool = False, extra_args: Sequence[tuple[str, str]] = ()) -> LaunchSpec:
+                *, quiet: bool = False, extra_args: Sequence[tuple[str, str]] = (),
+                extra_env: Mapping[str, str] | None = None) -> LaunchSpec:
     """``quiet``: the runtime logs errors only (no per-request lines; never a prompt, whatever its defaults).
     ``extra_args``: (argument, origin) pairs from ``spec.args`` and the Gateway's defaults, appended last."""
     kind = RUNTIMES[target.runtime]
@@ -171,7 +172,7 @@ def launch_spec(target: Target, preset: Mapping[str, EffectiveValue], port: int,
     return LaunchSpec(
         runtime=target.runtime,
         argv=[arg for arg, _ in argv],
-        env=dict(kind.env),
+        env={**(extra_env or {}), **kind.env},
         port=port,
         served_model=kind.served_model(target),
         health_path=kind.health_path,

@@ -14,7 +14,7 @@ from typing import Any
 
 from athanor.errors import SpecError, SpecIssue
 from athanor.paths import data_path
-from athanor.runtimes.args import arg_problems
+from athanor.runtimes.args import arg_problems, env_problems
 from athanor.runtimes.presets import BUILTIN_RECIPES, RUNTIMES, check_preset_value
 from athanor.spec.loader import Document, JSONPath
 
@@ -190,6 +190,7 @@ def _cross_issues(
         elif res.kind == "Gateway":
             for runtime in RUNTIMES:
                 issues += _args_issues(res, ("spec", "runtimes", runtime, "args"), runtime)
+                issues += _env_issues(res, ("spec", "runtimes", runtime, "env"))
             start, end = _get(res.spec, "portRange", "start"), _get(res.spec, "portRange", "end")
             if isinstance(start, int) and isinstance(end, int) and start > end:
                 issues.append(_issue(res.doc, ("spec", "portRange"), "start must not be greater than end"))
@@ -208,6 +209,7 @@ def _model_issues(res: Resource, recipes: set[str]) -> list[SpecIssue]:
         return issues  # the schema already said so
     issues += _preset_issues(res, ("spec", "preset"), runtime)
     issues += _args_issues(res, ("spec", "args"), runtime)
+    issues += _env_issues(res, ("spec", "env"))
     if res.spec.get("draft") is not None and runtime != "llama-server":
         issues.append(_issue(res.doc, ("spec", "draft"), f"speculative decoding needs llama-server, not {runtime}"))
     hf = _get(res.spec, "source", "hf")
@@ -247,6 +249,13 @@ def _args_issues(res: Resource, path: JSONPath, runtime: str) -> list[SpecIssue]
     if not isinstance(args, list):
         return []
     return [_issue(res.doc, path + (i,), why) for i, why in arg_problems(runtime, args)]
+
+
+def _env_issues(res: Resource, path: JSONPath) -> list[SpecIssue]:
+    env = _get(res.body, *path)
+    if not isinstance(env, dict):
+        return []
+    return [res.doc.issue(path + (name,), why, key=True) for name, why in env_problems(env)]
 
 
 def _alias_issues(models: list[Resource], stored_models: Mapping[str, Mapping[str, Any]]) -> list[SpecIssue]:
