@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
@@ -17,6 +19,7 @@ from athanor.runtimes.presets import (
     effective_preset,
     keys_for,
     parse_assignment,
+    preset_argv,
 )
 from athanor.spec.validate import schema
 
@@ -88,8 +91,10 @@ def test_command_line_assignments_are_typed():
 
 
 def test_builtin_recipes_only_use_keys_their_runtime_knows():
+    """A recipe names the runtimes that have its knobs (mtp: llama-server only); every value is valid there."""
     for recipe in BUILTIN_RECIPES.values():
-        assert set(recipe.values) == set(RUNTIME_NAMES), recipe.name
+        assert recipe.values and set(recipe.values) <= set(RUNTIME_NAMES), recipe.name
+        assert recipe.description and "\n" not in recipe.description, recipe.name
         for runtime, values in recipe.values.items():
             for key, value in values.items():
                 assert check_preset_value(runtime, key, value) is None, (recipe.name, runtime, key)
@@ -126,5 +131,130 @@ def test_every_llama_server_flag_exists_in_the_installed_server():
     help_text = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60).stdout
     for key in keys_for("llama-server"):
         assert PRESET_KEYS[key].flags["llama-server"] + " " in help_text.replace(",", " "), key
+        off = PRESET_KEYS[key].off_flags.get("llama-server")
+        if off:
+            assert off + " " in help_text.replace(",", " ") + " ", key
     for flag in ("--model", "--alias", "--mmproj", "--host", "--port"):
         assert flag in help_text
+
+
+def _help_entry(help_text: str, flag: str) -> str:
+    """The lines --help prints for ``flag``: its row and the indented lines under it."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.search(rf"(^|[ ,]){re.escape(flag)}( |,|$)", line)
+                 and not line.startswith(" "))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" ")), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def test_every_llama_server_choice_is_one_the_installed_server_lists():
+    """Choice keys offer only the values llama-server's --help lists for that flag (spec types, reasoning formats,
+    KV cache types, load modes), so a schema-valid value never fails at start."""
+    help_text = subprocess.run([find_runtime("llama-server"), "--help"], check=True, capture_output=True,
+                               text=True, timeout=60).stdout
+    for name in keys_for("llama-server"):
+        key = PRESET_KEYS[name]
+        if key.kind != "choice":
+            continue
+        entry = _help_entry(help_text, key.flags["llama-server"])
+        listed = set(re.findall(r"[\w.+-]+", entry))
+        assert set(key.choices) <= listed, (name, set(key.choices) - listed)
+
+
+def _argv(runtime: str, preset: dict) -> list[str]:
+    return preset_argv(runtime, {k: v for k, v in effective_preset(runtime, context_length=None, recipe=None,
+                                                                   preset=preset).items() if k in preset})
+
+
+@pytest.mark.parametrize(("runtime", "preset", "expected"), [
+    ("llama-server", {"specType": "draft-mtp"}, ["--spec-type", "draft-mtp"]),
+    ("llama-server", {"draftMax": 8}, ["--spec-draft-n-max", "8"]),
+    ("mlx-lm", {"draftMax": 4}, ["--num-draft-tokens", "4"]),
+    ("llama-server", {"draftMin": 2}, ["--spec-draft-n-min", "2"]),
+    ("llama-server", {"draftPMin": 0.75}, ["--spec-draft-p-min", "0.75"]),
+    ("llama-server", {"draftGpuLayers": 99}, ["--spec-draft-ngl", "99"]),
+    ("llama-server", {"reasoning": "off"}, ["--reasoning", "off"]),
+    ("llama-server", {"reasoning": True}, ["--reasoning", "on"]),
+    ("llama-server", {"reasoning": "auto"}, ["--reasoning", "auto"]),
+    ("llama-server", {"reasoningFormat": "deepseek"}, ["--reasoning-format", "deepseek"]),
+    ("llama-server", {"reasoningBudget": -1}, ["--reasoning-budget", "-1"]),
+    ("llama-server", {"reasoningBudget": 2048}, ["--reasoning-budget", "2048"]),
+    ("llama-server", {"jinja": True}, ["--jinja"]),
+    ("llama-server", {"jinja": False}, ["--no-jinja"]),
+    ("llama-server", {"chatTemplate": "chatml"}, ["--chat-template", "chatml"]),
+    ("mlx-lm", {"chatTemplate": "{{ messages }}"}, ["--chat-template", "{{ messages }}"]),
+    ("llama-server", {"chatTemplateFile": "/t/tmpl.jinja"}, ["--chat-template-file", "/t/tmpl.jinja"]),
+    ("llama-server", {"cacheTypeK": "q8_0", "cacheTypeV": "q8_0", "flashAttn": "on"},
+     ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0", "--flash-attn", "on"]),
+])
+def test_new_keys_render_their_flags(runtime, preset, expected):
+    assert _argv(runtime, preset) == expected
+
+
+@pytest.mark.parametrize(("runtime", "name", "value", "problem"), [
+    ("llama-server", "specType", "draft-bogus", "'draft-bogus' is not one of ['none', 'draft-simple'"),
+    ("llama-server", "draftMax", 0, "0 is less than the minimum of 1"),
+    ("llama-server", "draftMin", "two", "expected an integer, got 'two'"),
+    ("llama-server", "draftPMin", 1.5, "1.5 is greater than the maximum of 1"),
+    ("llama-server", "draftGpuLayers", -1, "-1 is less than the minimum of 0"),
+    ("llama-server", "reasoning", "maybe", "expected on, off or auto, got 'maybe'"),
+    ("llama-server", "reasoningFormat", "think",
+     "'think' is not one of ['auto', 'none', 'deepseek', 'deepseek-legacy']"),
+    ("llama-server", "reasoningBudget", -2, "-2 is less than the minimum of -1"),
+    ("llama-server", "jinja", "yes", "expected true or false, got 'yes'"),
+    ("llama-server", "chatTemplate", "", "expected a non-empty string, got ''"),
+    ("mlx-lm", "chatTemplate", 3, "expected a non-empty string, got 3"),
+    ("llama-server", "chatTemplateFile", "a\0b", "a value cannot contain a NUL character"),
+    ("mlx-lm", "reasoning", "on", "unknown preset key 'reasoning' for mlx-lm"),
+    ("mlx-lm", "specType", "draft-mtp", "unknown preset key 'specType' for mlx-lm"),
+])
+def test_new_keys_refuse_bad_values(runtime, name, value, problem):
+    assert problem in (check_preset_value(runtime, name, value) or "")
+
+
+def test_string_keys_take_the_command_line_value_as_written():
+    assert parse_assignment("chatTemplateFile=/t/1.jinja") == ("chatTemplateFile", "/t/1.jinja")
+    assert parse_assignment("chatTemplate={% for m in messages %}{{ m.content }}{% endfor %}") == (
+        "chatTemplate", "{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert parse_assignment("chatTemplate=123") == ("chatTemplate", "123")
+    assert parse_assignment("jinja=false") == ("jinja", False)
+    assert parse_assignment("reasoning=off") == ("reasoning", False)
+    assert parse_assignment("reasoningBudget=-1") == ("reasoningBudget", -1)
+
+
+@pytest.mark.parametrize(("recipe", "runtime", "expected"), [
+    ("q8-kv", "llama-server", ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0", "--flash-attn", "on"]),
+    ("q8-kv", "mlx-lm", ["--kv-bits", "8"]),
+    ("thinking", "llama-server", ["--reasoning", "on", "--reasoning-format", "deepseek", "--reasoning-budget", "-1",
+                                  "--n-predict", "32768", "--temp", "0.6", "--top-p", "0.95", "--top-k", "20"]),
+    ("thinking", "mlx-lm", ["--max-tokens", "32768", "--temp", "0.6", "--top-p", "0.95", "--top-k", "20"]),
+    ("instruct", "llama-server", ["--reasoning", "off", "--temp", "0.7", "--top-p", "0.8", "--top-k", "20"]),
+    ("instruct", "mlx-lm", ["--temp", "0.7", "--top-p", "0.8", "--top-k", "20"]),
+    ("mtp", "llama-server", ["--spec-type", "draft-mtp", "--spec-draft-n-max", "3"]),
+])
+def test_new_recipes_render_their_flags(recipe, runtime, expected):
+    values = effective_preset(runtime, context_length=None, recipe=BUILTIN_RECIPES[recipe], preset={})
+    argv = preset_argv(runtime, {k: v for k, v in values.items() if v.source == f"recipe:{recipe}"})
+    pairs = {(argv[i], argv[i + 1]) for i in range(len(argv) - 1)}
+    for i in range(0, len(expected), 2):
+        assert tuple(expected[i:i + 2]) in pairs, (recipe, expected[i:i + 2], argv)
+
+
+def test_mtp_recipe_leaves_mlx_untouched():
+    values = effective_preset("mlx-lm", context_length=None, recipe=BUILTIN_RECIPES["mtp"], preset={})
+    assert not [k for k, v in values.items() if v.source == "recipe:mtp"]
+
+
+def test_new_recipes_are_listed_by_the_cli(cli):
+    table = cli("recipes")
+    assert table.returncode == 0, table.stderr
+    rows = {line.split()[0]: line for line in table.stdout.splitlines()[1:] if line.strip()}
+    for name in ("q8-kv", "thinking", "instruct", "mtp"):
+        assert name in rows and "built-in" in rows[name], table.stdout
+        assert BUILTIN_RECIPES[name].description in rows[name]
+    assert "MTP heads" in rows["mtp"]
+    shown = cli("recipes", "thinking", "-o", "json")
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["values"]["llama-server"]["reasoningFormat"] == "deepseek"
+    assert data["values"]["llama-server"]["reasoning"] == "on"

@@ -17,11 +17,19 @@ from athanor.errors import InvalidValueError
 
 RUNTIMES = ("llama-server", "mlx-lm", "mlx-vlm")
 _KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+# llama-server --help, --spec-type (it takes a comma-separated list; athanor sets one) and --reasoning-format.
+_SPEC_TYPES = ("none", "draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark", "ngram-simple",
+               "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
+_REASONING_FORMATS = ("auto", "none", "deepseek", "deepseek-legacy")
 
 
 @dataclass(frozen=True)
 class PresetKey:
-    """One tunable. ``kind``: int, number, bool (a switch flag), onoff (on/off/auto), choice."""
+    """One tunable. ``kind``: int, number, bool (a switch flag), onoff (on/off/auto), choice, string (non-empty).
+
+    ``off_flags`` names, per runtime, the flag a bool renders when false: for switches the runtime defaults to on
+    (``--jinja``/``--no-jinja``). Without one, false renders nothing.
+    """
 
     name: str
     kind: str
@@ -30,6 +38,7 @@ class PresetKey:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] = ()
+    off_flags: Mapping[str, str] = field(default_factory=dict)
 
     def json_schema(self) -> dict[str, Any]:
         schema: dict[str, Any]
@@ -41,6 +50,8 @@ class PresetKey:
             schema = {"type": "boolean"}
         elif self.kind == "onoff":
             schema = {"oneOf": [{"type": "boolean"}, {"enum": ["on", "off", "auto"]}]}
+        elif self.kind == "string":
+            schema = {"type": "string", "minLength": 1}
         else:
             schema = {"enum": list(self.choices)}
         if self.minimum is not None:
@@ -67,12 +78,18 @@ class PresetKey:
             return f"expected on, off or auto, got {value!r}"
         elif self.kind == "choice" and value not in self.choices:
             return f"{value!r} is not one of {list(self.choices)}"
+        elif self.kind == "string":
+            if not isinstance(value, str) or not value:
+                return f"expected a non-empty string, got {value!r}"
+            if "\0" in value:
+                return "a value cannot contain a NUL character"
         return None
 
     def argv(self, runtime: str, value: Any) -> list[str]:
         flag = self.flags[runtime]
         if self.kind == "bool":
-            return [flag] if value else []
+            off = self.off_flags.get(runtime)
+            return [flag] if value else [off] if off else []
         if self.kind == "onoff":
             value = {True: "on", False: "off"}.get(value, value)
         return [flag, _render(value)]
@@ -142,6 +159,29 @@ PRESET_KEYS: dict[str, PresetKey] = {
              flags={_MLX: "--prompt-concurrency"}),
         _key("trustRemoteCode", "bool", "allow the model's own tokenizer code",
              flags={_MLX: "--trust-remote-code", _VLM: "--trust-remote-code"}),
+        # Speculative decoding (the draft model itself is spec.draft).
+        _key("specType", "choice", "speculative decoding type (draft-mtp: the model's own MTP heads)",
+             choices=_SPEC_TYPES, flags={_LLAMA: "--spec-type"}),
+        _key("draftMax", "int", "tokens drafted per step", minimum=1,
+             flags={_LLAMA: "--spec-draft-n-max", _MLX: "--num-draft-tokens"}),
+        _key("draftMin", "int", "fewest draft tokens worth using", minimum=0, flags={_LLAMA: "--spec-draft-n-min"}),
+        _key("draftPMin", "number", "minimum draft token probability (greedy)", minimum=0, maximum=1,
+             flags={_LLAMA: "--spec-draft-p-min"}),
+        _key("draftGpuLayers", "int", "draft model layers offloaded to the GPU (999: all)", minimum=0,
+             flags={_LLAMA: "--spec-draft-ngl"}),
+        # Reasoning (thinking models).
+        _key("reasoning", "onoff", "thinking in the chat (auto: as the template says)", flags={_LLAMA: "--reasoning"}),
+        _key("reasoningFormat", "choice", "where thoughts go (deepseek: message.reasoning_content, none: left in "
+             "the content)", choices=_REASONING_FORMATS, flags={_LLAMA: "--reasoning-format"}),
+        _key("reasoningBudget", "int", "thinking tokens (-1: unrestricted, 0: none)", minimum=-1,
+             flags={_LLAMA: "--reasoning-budget"}),
+        # Chat templates.
+        _key("jinja", "bool", "Jinja chat template engine (on by default; false passes --no-jinja)",
+             flags={_LLAMA: "--jinja"}, off_flags={_LLAMA: "--no-jinja"}),
+        _key("chatTemplate", "string", "chat template replacing the model's (llama-server: also a built-in name "
+             "such as chatml)", flags={_LLAMA: "--chat-template", _MLX: "--chat-template"}),
+        _key("chatTemplateFile", "string", "file holding the chat template replacing the model's",
+             flags={_LLAMA: "--chat-template-file"}),
     )
 }
 
@@ -162,6 +202,8 @@ class Recipe:
 
 _SAMPLING_CODING = {"temperature": 0.2, "topP": 0.9}
 _SAMPLING_QUALITY = {"temperature": 0.6, "topP": 0.95}
+_SAMPLING_THINKING = {"temperature": 0.6, "topP": 0.95, "topK": 20, "minP": 0.0}
+_SAMPLING_INSTRUCT = {"temperature": 0.7, "topP": 0.8, "topK": 20, "minP": 0.0}
 
 BUILTIN_RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -192,6 +234,27 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
                      "ubatchSize": 1024},
             _MLX: {"prefillStepSize": 4096, "promptCacheSize": 2, "maxTokens": 8192},
             _VLM: {"prefillStepSize": 4096, "maxTokens": 8192},
+        }),
+        Recipe("q8-kv", "8-bit KV cache: q8_0 K and V with flash attention (MLX: kv-bits 8, one request at a time)",
+               builtin=True, values={
+            _LLAMA: {"flashAttn": "on", "cacheTypeK": "q8_0", "cacheTypeV": "q8_0"},
+            _MLX: {"kvBits": 8},
+            _VLM: {"kvBits": 8},
+        }),
+        Recipe("thinking", "reasoning on, thoughts in reasoning_content, a long answer budget, thinking sampling",
+               builtin=True, values={
+            _LLAMA: {"reasoning": "on", "reasoningFormat": "deepseek", "reasoningBudget": -1, "maxTokens": 32768,
+                     **_SAMPLING_THINKING},
+            _MLX: {"maxTokens": 32768, **_SAMPLING_THINKING},
+            _VLM: {"maxTokens": 32768},
+        }),
+        Recipe("instruct", "reasoning off and standard instruct sampling", builtin=True, values={
+            _LLAMA: {"reasoning": "off", **_SAMPLING_INSTRUCT},
+            _MLX: dict(_SAMPLING_INSTRUCT),
+        }),
+        Recipe("mtp", "speculative decoding with the model's own MTP heads (the GGUF must carry them)",
+               builtin=True, values={
+            _LLAMA: {"specType": "draft-mtp", "draftMax": 3},
         }),
     )
 }
@@ -260,10 +323,14 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     name, sep, raw = text.partition("=")
     if not sep or not name:
         raise InvalidValueError(f"{text!r}: expected key=value")
+    name = name.strip()
+    key = PRESET_KEYS.get(name)
+    if key is not None and key.kind == "string":
+        return name, raw  # a template or a path, taken as written
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, (dict, list)) or value is None:
         value = raw
-    return name.strip(), value
+    return name, value
