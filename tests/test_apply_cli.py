@@ -87,7 +87,8 @@ def test_every_error_of_every_file_is_reported_and_nothing_is_written(cli, home,
     result = cli("apply", "-f", str(tmp_path / "specs"))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert any(line.endswith("spec.recipe: unknown recipe 'codng' (known: balanced, coding, fast, long-context, quality)")
+    assert any(line.endswith("spec.recipe: unknown recipe 'codng' (known: balanced, coding, fast, instruct, "
+                           "long-context, mtp, q8-kv, quality, thinking)")
                and "a.yaml:11:3" in line for line in lines), lines
     assert any("nested/b.yml:3:1: bogus: unknown field" in line for line in lines), lines
     assert not (home / "models.json").exists(), "an apply with an invalid document must write nothing"

@@ -53,13 +53,13 @@ def test_metrics_count_exactly_what_a_scripted_run_did(tier: Tier):
                 seen_prompt += sum(u["prompt_tokens"] for u in usage)
                 seen_completion += sum(u["completion_tokens"] for u in usage)
             status, _, _ = await post(session, url + "/v1/embeddings", {"model": "m", "input": "x"})
-            assert status == 404  # the scripted runtime has no embeddings: its own 404, counted as such
+            assert status == 400  # a chat model asked for embeddings: the gateway's 400, counted as such
             async with session.get(url + "/metrics") as resp:
                 assert resp.status == 200
                 samples = scrape(await resp.text())
         got = lambda name, **labels: sample(samples, name, **labels)  # noqa: E731
         assert got("athanor_requests_total", model="m", route=CHAT, status="200") == 8
-        assert got("athanor_requests_total", model="m", route="/v1/embeddings", status="404") == 1
+        assert got("athanor_requests_total", model="m", route="/v1/embeddings", status="400") == 1
         assert got("athanor_request_duration_seconds_count", model="m", route=CHAT) == 8
         assert got("athanor_time_to_first_token_seconds_count", model="m") == 3
         assert got("athanor_tokens_total", model="m", kind="prompt") == seen_prompt == 8

@@ -837,7 +837,9 @@ class Controller:
     async def _probe_generation(self, inst: Instance, incarnation: int, status: int, key: str) -> None:
         try:
             assert inst.launch is not None
-            problem = await generates(self.session, inst.launch, GENERATION_PROBE_TIMEOUT_S)
+            artifact = (self._doc["models"].get(inst.name) or {}).get("artifact") or {}
+            task = artifact.get("metadata", {}).get("task")
+            problem = await generates(self.session, inst.launch, GENERATION_PROBE_TIMEOUT_S, task)
         finally:
             self._probes.pop(key, None)
         if inst.incarnation != incarnation or inst.phase is not Phase.READY:
@@ -914,7 +916,16 @@ def estimate_bytes(doc: dict[str, Any], obj: dict[str, Any] | None) -> int:
     if layers and heads and kv_heads and embedding:
         head_dim = embedding // heads
         kv = 2 * layers * kv_heads * head_dim * ctx * 2
-    return weights + kv + 256 * 2**20
+    return weights + kv + _draft_bytes(doc, obj) + 256 * 2**20
+
+
+def _draft_bytes(doc: dict[str, Any], obj: dict[str, Any]) -> int:
+    """The draft model's weights, which load into the same runtime (its KV cache is small next to them)."""
+    path = actions.draft_path(doc, obj) if obj["spec"].get("draft") else None
+    try:
+        return os.path.getsize(path) if path else 0
+    except OSError:
+        return 0
 
 
 async def stop_left_behind(store: Store) -> dict[str, int | None]:

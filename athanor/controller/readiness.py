@@ -109,12 +109,21 @@ async def answers(session: aiohttp.ClientSession, port: int, timeout: float) -> 
         return False
 
 
-async def generates(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: float) -> str | None:
-    """Can the runtime generate one token? None when it can, else what went wrong. The health check after a
-    run of server errors: it costs one short prompt, and only when requests are already failing."""
-    body = {"model": launch.served_model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+TEST_REQUESTS: dict[str | None, tuple[str, dict[str, object]]] = {  # a model's task -> its cheapest real request
+    None: ("/v1/completions", {"prompt": "Hello", "max_tokens": 1, "temperature": 0}),
+    "embedding": ("/v1/embeddings", {"input": "Hello"}),
+    "rerank": ("/v1/rerank", {"query": "Hello", "documents": ["Hello"]}),
+}
+
+
+async def generates(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: float,
+                    task: str | None = None) -> str | None:
+    """Can the runtime do its job once (one token; one embedding; one score)? None when it can, else what went
+    wrong. The health check after a run of server errors: one short request, only when requests already fail."""
+    route, request = TEST_REQUESTS[task]
+    body = {"model": launch.served_model, **request}
     try:
-        async with session.post(f"http://127.0.0.1:{launch.port}/v1/completions", json=body,
+        async with session.post(f"http://127.0.0.1:{launch.port}{route}", json=body,
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             text = await resp.text(errors="replace")
             return None if resp.status == 200 else f"HTTP {resp.status}: {text[:200]}"

@@ -260,6 +260,16 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if name is None:
         return error_response(404, f"model {short(requested)} not found; GET /v1/models lists them",
                               "model_not_found", "model")
+    tap = Tap(request.app[METRICS], name, arrived)
+    response = await _for_model(request, controller, name, requested, route, payload, body, tap)
+    tap.metrics.request(name, route, response.status, time.monotonic() - arrived)
+    return response
+
+
+async def _for_model(request: web.Request, controller: Controller, name: str, requested: str, route: str,
+                     payload: dict[str, Any], body: bytes, tap: Tap) -> web.StreamResponse:
+    """Everything after the model is known (and every answer from here on is counted against it): what it
+    cannot be asked is refused, then it is leased and served."""
     obj = controller.model(name)
     assert obj is not None  # resolved just now
     runtime = obj["spec"]["runtime"]
@@ -276,16 +286,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if changes:
         payload = {k: v for k, v in {**payload, **changes}.items() if v is not None}
         body = json.dumps(payload).encode()
-    tap = Tap(request.app[METRICS], name, arrived)
     try:
         lease = controller.use(name)
     except ServingError as exc:
-        response: web.StreamResponse = error_response(*_status(exc))
-    else:
-        async with lease:
-            response = await _serve(request, lease, name, requested, payload, body, tap)
-    tap.metrics.request(name, route, response.status, time.monotonic() - arrived)
-    return response
+        return error_response(*_status(exc))
+    async with lease:
+        return await _serve(request, lease, name, requested, payload, body, tap)
 
 
 class Tap:

@@ -25,11 +25,13 @@ def task_refusal(name: str, route: str, capabilities: list[str]) -> str | None:
         if task in capabilities:
             if route in routes:
                 return None
-            return f"model {name!r} is an {task} model: it answers {', '.join(sorted(routes))}, not {route}"
+            article = "an" if task == "embedding" else "a"
+            return f"model {name!r} is {article} {task} model: it answers {', '.join(sorted(routes))}, not {route}"
     if route in _TASK_ONLY:
         wanted = next(task for task, routes in TASK_ROUTES.items() if route in routes)
-        return (f"model {name!r} generates text; {route} needs an {wanted} model (an encoder GGUF for embeddings, "
-                "a reranker GGUF for rerank)")
+        article = "an" if wanted == "embedding" else "a"
+        return (f"model {name!r} generates text; {route} needs {article} {wanted} model (an encoder GGUF for "
+                "embeddings, a reranker GGUF for rerank)")
     return None
 
 

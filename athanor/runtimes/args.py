@@ -61,9 +61,10 @@ def managed_flags(runtime: str) -> dict[str, str]:
     """Every flag athanor sets for ``runtime`` -> the spec field (or preset key) that controls it."""
     managed = dict(_FIXED.get(runtime, {}))
     for key in PRESET_KEYS.values():
-        flag = key.flags.get(runtime)
-        if flag:
-            managed[flag] = f"spec.preset.{key.name}"
+        for flags in (key.flags, key.off_flags):
+            flag = flags.get(runtime)
+            if flag:
+                managed[flag] = f"spec.preset.{key.name}"
     return managed
 
 
