@@ -90,8 +90,9 @@ def test_gateway_and_recipes(cli, tmp_path):
     gw = json.loads(cli("get", "gateway", "-o", "json").stdout)
     assert gw["spec"]["residency"] == {"policy": "single"} and gw["metadata"]["name"] == "default"
     names = cli("recipes", "-o", "name").stdout.split()
-    assert names == ["recipe/balanced", "recipe/fast", "recipe/quality", "recipe/coding", "recipe/long-context",
-                     "recipe/agent"]
+    from athanor.runtimes.presets import BUILTIN_RECIPES
+
+    assert names == [f"recipe/{name}" for name in BUILTIN_RECIPES] + ["recipe/agent"], "built-in first, then user"
     model = GGUF_MODEL.replace("recipe: coding", "recipe: agent")
     assert cli("apply", "-f", str(write(tmp_path / "m.yaml", model))).returncode == 0
     in_use = cli("delete", "recipe", "agent")

@@ -110,6 +110,7 @@ def test_to_dict_is_camel_case_and_omits_unknowns(tiny_gguf: Path) -> None:
     assert d == {
         "architecture": "llama", "name": "tiny-llama", "parameters": expected_tiny_parameters(),
         "contextLength": 512, "layers": 2, "heads": 4, "kvHeads": 2, "embeddingLength": 64, "quantization": "F32",
+        "reasoning": False,  # it has a chat template, and no thinking mode in it
     }
 
 
