@@ -85,8 +85,10 @@ def test_speculative_decoding_with_a_registered_draft_model(gateway: Gateway, tm
     assert reply.model == "target" and reply.usage.completion_tokens >= 1
     cmdline = psutil.Process(gateway.runtime_pid("target")).cmdline()
     assert cmdline[cmdline.index("--spec-draft-model") + 1] == str(draft)
+    assert cmdline[cmdline.index("--spec-type") + 1] == "draft-simple"
     log = (gateway.home / "logs" / "target.log").read_text()
     assert str(draft) in log, "llama-server loaded the draft model"
+    assert "draft acceptance" in log, "and drafted with it"
     assert gateway.runtime_pid("drafty") is None, "the draft is loaded inside the target's runtime, not on its own"
 
 

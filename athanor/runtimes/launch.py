@@ -26,6 +26,7 @@ from athanor.errors import RuntimeNotFoundError
 from athanor.runtimes.presets import EffectiveValue, preset_argv
 
 LOOPBACK = "127.0.0.1"
+DRAFT_SPEC_TYPE = "draft-simple"  # llama-server's speculative decoding with a separate draft model
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,8 @@ def launch_spec(target: Target, preset: Mapping[str, EffectiveValue], port: int,
     argv: list[tuple[str, str]] = [(binary, "the runtime"), *kind.model_args(target),
                                    ("--host", "athanor: loopback"), (LOOPBACK, "athanor: loopback"),
                                    ("--port", "spec.port"), (str(port), "spec.port")]
+    if target.draft and "specType" not in preset:  # a draft model alone loads, but drafts nothing
+        argv += [("--spec-type", "spec.draft (preset specType changes it)"), (DRAFT_SPEC_TYPE, "spec.draft")]
     for name, effective in preset.items():
         argv += [(arg, f"preset {name} ({effective.source})") for arg in preset_argv(target.runtime, {name: effective})]
     if quiet:
