@@ -8,6 +8,10 @@
     ├── NotFoundError            a named object does not exist
     ├── InvalidValueError        a value given on the command line is not acceptable
     ├── RuntimeNotFoundError     a runtime binary is not installed
+    ├── HubError                 the Hugging Face Hub did not answer as asked
+    │   ├── HubUnreachable       no connection, a timeout, or offline mode
+    │   ├── HubRateLimited       429: too many requests for now
+    │   └── HubAccessDenied      401/403: a gated or private repo, or a token the Hub refuses
     └── ServingError             a request cannot be served now (the ingress answers it as an OpenAI error)
         ├── ModelUnavailable     the model cannot run now: disabled, weights missing, failed to start (503)
         └── QueueFull            too many requests already wait for the model (429)
@@ -78,6 +82,22 @@ class InvalidValueError(AthanorError):
 
 class RuntimeNotFoundError(AthanorError):
     """A runtime binary is not installed where athanor looks for it."""
+
+
+class HubError(AthanorError):
+    """The Hugging Face Hub did not answer as asked; the message names the endpoint and what to do."""
+
+
+class HubUnreachable(HubError):
+    """The Hub cannot be reached: no connection, a timeout, or offline mode."""
+
+
+class HubRateLimited(HubError):
+    """The Hub answered 429: too many requests for now."""
+
+
+class HubAccessDenied(HubError):
+    """The Hub refused access (401/403): a gated or private repo, or a token it does not accept."""
 
 
 class ServingError(AthanorError):
