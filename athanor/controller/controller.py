@@ -57,6 +57,7 @@ from athanor.controller.readiness import (
     wait_ready,
 )
 from athanor.errors import AthanorError, ModelUnavailable, QueueFull, StoreError
+from athanor.fit import estimate_model
 from athanor.managers import Managers, jobs, logs
 from athanor.managers.base import Handle, JobState, ServiceManager
 from athanor.runtimes.launch import LLAMA_AUTO_PARALLEL, MLX_MAX_CONNECTIONS, LaunchSpec
@@ -559,7 +560,8 @@ class Controller:
         import psutil
 
         def estimate(model: str) -> int:
-            return estimate_bytes(self._doc, self._doc["models"].get(model))
+            obj = self._doc["models"].get(model)
+            return estimate_model(self._doc, obj).total if obj else 0
 
         limit = parse_budget(budget, psutil.virtual_memory().total)
         need = estimate(name)
@@ -893,39 +895,6 @@ def _recorded_launch(record: dict[str, Any]) -> LaunchSpec:
     default_connections = LLAMA_AUTO_PARALLEL if runtime == "llama-server" else MLX_MAX_CONNECTIONS
     return LaunchSpec(runtime, list(record.get("argv", [])), {}, record.get("port", 0), record.get("servedModel", ""),
                       record.get("healthPath", "/health"), record.get("maxConnections", default_connections))
-
-
-def estimate_bytes(doc: dict[str, Any], obj: dict[str, Any] | None) -> int:
-    """Weights on disk plus the KV cache at the model's effective context (fp16), plus a fixed overhead.
-
-    The context is the one the runtime will get: defaults < recipe < the model's preset, as ``describe`` shows.
-    """
-    if not obj or not obj.get("artifact"):
-        return 0
-    artifact = obj["artifact"]
-    meta = artifact.get("metadata", {})
-    weights = artifact.get("sizeBytes", 0)
-    layers, heads, kv_heads = meta.get("layers"), meta.get("heads"), meta.get("kvHeads") or meta.get("heads")
-    embedding = meta.get("embeddingLength") or meta.get("hiddenSize")
-    effective = actions.effective_for(doc, obj).get("ctxSize")
-    if effective is None:  # MLX: the cache grows as it is used; count the model's window, bounded
-        ctx = min(meta.get("contextLength") or 8192, 32768)
-    else:
-        ctx = effective.value or meta.get("contextLength") or 8192  # 0: the model's own window
-    kv = 0
-    if layers and heads and kv_heads and embedding:
-        head_dim = embedding // heads
-        kv = 2 * layers * kv_heads * head_dim * ctx * 2
-    return weights + kv + _draft_bytes(doc, obj) + 256 * 2**20
-
-
-def _draft_bytes(doc: dict[str, Any], obj: dict[str, Any]) -> int:
-    """The draft model's weights, which load into the same runtime (its KV cache is small next to them)."""
-    path = actions.draft_path(doc, obj) if obj["spec"].get("draft") else None
-    try:
-        return os.path.getsize(path) if path else 0
-    except OSError:
-        return 0
 
 
 async def stop_left_behind(store: Store) -> dict[str, int | None]:
