@@ -7,8 +7,11 @@ machine. Everything goes through huggingface_hub (imported only when a function 
 - ``repo_row(repo)``: one repo's row (the files ``athanor pull`` would fetch, their size, the fit band).
 - ``choose_gguf(files)``: the quantization athanor picks among (path, size) pairs, shards summed, the projector
   beside; ``QUANT_PREFERENCE`` is its order.
+- ``hub_errors(repo)``: a context manager that turns huggingface_hub's exceptions (``hf_hub_download``'s too)
+  into athanor's one-line errors: the boundary for any other code that calls the client.
 """
 
+from athanor.hub._client import hub_errors
 from athanor.hub._files import QUANT_PREFERENCE, Choice, GGUFChoice, choose_gguf
 from athanor.hub._search import (
     BANDS,
@@ -31,6 +34,7 @@ __all__ = [
     "Row",
     "choose_gguf",
     "conversions",
+    "hub_errors",
     "repo_row",
     "search",
     "trending",

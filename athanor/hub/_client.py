@@ -117,12 +117,12 @@ def translate(exc: BaseException, repo: str | None = None) -> AthanorError | Non
 
     where = endpoint()
     if isinstance(exc, OfflineModeIsEnabled):
-        return HubUnreachable(f"cannot reach the Hub at {where}: offline mode is on (HF_HUB_OFFLINE)")
+        return HubUnreachable(f"cannot reach the Hub ({where}): offline mode is on (HF_HUB_OFFLINE)")
     if isinstance(exc, HfHubHTTPError):
         return _http_error(exc, repo, where)
     if _is_network_error(exc):
         reason = printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return HubUnreachable(f"cannot reach the Hub at {where}: {reason} (check the network, or HF_ENDPOINT)")
+        return HubUnreachable(f"cannot reach the Hub ({where}): {reason}; check the network, or HF_ENDPOINT")
     return None
 
 
@@ -149,16 +149,16 @@ def _http_error(exc: Any, repo: str | None, where: str) -> AthanorError:
     if code == "RepoNotFound" or (status in (401, 404) and repo and code not in ("RevisionNotFound",
                                                                                   "EntryNotFound")):
         hint = "" if token() else " (a private repo needs HF_TOKEN)"
-        return NotFoundError(f"no model repo {subject} on {where}{hint}")
+        return NotFoundError(f"no model repo {subject} on the Hub ({where}){hint}")
     if code == "RevisionNotFound":
-        return NotFoundError(f"{subject}: no such revision on {where}")
+        return NotFoundError(f"{subject}: no such revision on the Hub ({where})")
     if code == "EntryNotFound":
-        return NotFoundError(f"{subject}: no such file on {where}")
+        return NotFoundError(f"{subject}: no such file on the Hub ({where})")
     if status in (401, 403):
         return HubAccessDenied(f"the Hub at {where} refused access to {subject} ({status})"
                                + (f": {printable(message)}" if message else ""))
     detail = printable(message) if message else (response.reason_phrase if response is not None else str(exc))
-    return HubError(f"the Hub at {where} answered {status} for {subject}: {detail}")
+    return HubError(f"the Hub ({where}) answered {status} for {subject}: {detail}")
 
 
 def _retry_after(headers: Any) -> int | None:
