@@ -179,7 +179,6 @@ def test_the_estimate_reads_the_model_shape_without_downloading(fake_hub):
 
 
 def test_sort_fit_ranks_by_band_and_the_200gb_repo_is_last_and_risky(fake_hub):
-    pytest.importorskip("athanor.fit")
     rows = hub.search(sort="fit")
     order = {band: i for i, band in enumerate(hub.BANDS)}
     assert all(r.fit in order for r in rows)
@@ -257,7 +256,6 @@ def test_bad_arguments_and_unknown_repos(fake_hub):
 
 
 def test_cli_search_sort_fit_table(fake_hub):
-    pytest.importorskip("athanor.fit")
     result = athanor("search", "--sort", "fit")
     assert result.returncode == 0, result.stderr
     rows = table(result.stdout)

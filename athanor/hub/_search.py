@@ -55,7 +55,7 @@ class Row:
     files: tuple[str, ...]
     projector: str | None = None  # a GGUF's mmproj file, counted in the estimate
     projector_bytes: int = 0
-    fit: str | None = None  # comfortable | tight | risky; None when unknown
+    fit: str | None = None  # comfortable | tight | risky (athanor.fit.band)
     estimate_bytes: int | None = None
     downloads: int = 0
     likes: int = 0
@@ -236,20 +236,15 @@ def _shape(info: Any, path: str) -> dict[str, Any]:
 
 
 def _machine_memory() -> Any:
-    """This machine's memory, read once per search; None without athanor.fit."""
-    try:
-        from athanor.fit import machine_memory
-    except ImportError:  # athanor.fit is being written alongside; without it there is no band
-        return None
+    """This machine's memory, read once per search."""
+    from athanor.fit import machine_memory
+
     return machine_memory()
 
 
-def _fit(meta: dict[str, Any], weights: int, runtime: str, projector: int,
-         memory: Any) -> tuple[str | None, int | None]:
+def _fit(meta: dict[str, Any], weights: int, runtime: str, projector: int, memory: Any) -> tuple[str, int]:
     """The band and total estimate at the context athanor would start the model with (llama-server: the model's
     window up to 32768 tokens; MLX: the window as the cache grows, capped the same way)."""
-    if memory is None:
-        return None, None
     from athanor.fit import band, estimate_meta
     from athanor.runtimes.presets import runtime_defaults
 
