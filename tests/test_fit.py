@@ -4,6 +4,7 @@ the draft, bands and headroom, the recommended context, and ``athanor fit`` thro
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from athanor.fit import (Estimate, Memory, band, estimate_meta, estimate_model, 
                          recommended_context)
 from athanor.fit._memory import parse_vm_stat
 from conftest import write
+from fixtures.fake_hub import fake_hub  # noqa: F401 - a fixture, used by name
 from fixtures.tiny_models import TinyLlamaShape, write_tiny_llama_gguf
 
 KiB, GiB = 2**10, 2**30
@@ -257,6 +259,7 @@ def test_athanor_fit_on_a_real_tiny_gguf(cli, tmp_path):
     assert memory["budget"] == memory["available"] - memory["headroom"] and memory["total"] >= memory["available"]
     assert report["band"] == "comfortable"  # a few dozen MiB
     assert report["recommendedContext"] == 4096
+    assert report["recommendedBand"] == "comfortable" and report["shapeKnown"] is True
 
     text = cli("fit", "tiny-alias", "--ctx", "2048")
     assert text.returncode == 0, text.stderr
@@ -270,13 +273,41 @@ def test_athanor_fit_on_a_real_tiny_gguf(cli, tmp_path):
                           "Memory", "Fit", "Best context"}
 
 
-def test_athanor_fit_names_what_it_cannot_estimate(cli):
+def test_athanor_fit_estimates_a_hub_repo_before_download(cli, fake_hub):
+    result = cli("fit", "athanor-test/Mid-8B-GGUF", "-o", "json")  # Qwen3-8B's shape, listed sizes
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    estimate = report["estimate"]
+    assert (report["model"], report["runtime"]) == ("athanor-test/Mid-8B-GGUF", "llama-server")
+    assert estimate["weights"] == 5_030_000_000  # the Q4_K_M that pull would choose
+    assert estimate["context"] == 32768  # athanor's default: the model's window (40960) up to 32768
+    assert estimate["kvCache"] == 144 * KiB * 32768
+    assert report["recommendedContext"] in (512, 768, *(2**k for k in range(10, 16)),
+                                            *(3 * 2**k for k in range(9, 15)), 40960, None)
+    head = fake_hub.requests_to("/athanor-test/Mid-8B-GGUF/resolve/", "GET")
+    assert head and all(r.range for r in head), "only the header was read"
+    assert not any(Path(os.environ["HF_HUB_CACHE"]).glob("models--*")), "nothing was downloaded"
+
+    huge = cli("fit", "athanor-test/Huge-GGUF", "--ctx", "4096")
+    assert huge.returncode == 0, huge.stderr
+    lines = dict(line.split(":", 1) for line in huge.stdout.splitlines())
+    assert lines["Model"].strip() == "athanor-test/Huge-GGUF (llama-server, Hub: Huge-Q4_K_M.gguf, not downloaded)"
+    assert lines["Context"].strip() == "4096 tokens (--ctx)"
+    assert lines["Fit"].strip().startswith("risky (")
+    assert lines["Best context"].strip() == "none: even the smallest context is risky here"
+
+    gated = cli("fit", "athanor-gated/Gated-Llama-GGUF")  # its file's head is behind the gate: no shape
+    assert gated.returncode == 0, gated.stderr
+    assert "KV cache:     unknown: the metadata does not say the model's layers and heads" in gated.stdout
+
+
+def test_athanor_fit_names_what_it_cannot_estimate(cli, fake_hub):
     unknown = cli("fit", "nope")
     assert unknown.returncode == 1
     assert unknown.stderr.strip().splitlines() == ["athanor: model 'nope' not found; see 'athanor get models'"]
-    repo = cli("fit", "Qwen/Qwen3-8B-GGUF")
-    assert repo.returncode == 1 and len(repo.stderr.strip().splitlines()) == 1
-    assert "not a registered model, and Hub repos are not estimated before download yet" in repo.stderr
+    repo = cli("fit", "athanor-test/No-Such-GGUF")
+    assert repo.returncode != 0 and len(repo.stderr.strip().splitlines()) == 1, repo.stderr
+    assert "athanor-test/No-Such-GGUF" in repo.stderr and "Traceback" not in repo.stderr
 
 
 def test_fit_imports_stay_light():

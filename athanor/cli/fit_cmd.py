@@ -1,12 +1,15 @@
 """fit: will a model fit this machine? Its memory estimate part by part, this machine's memory, a band, a context.
 
-The command works on a ``_Subject``: what is estimated, however it was found. Today that is a registered model;
-a Hub repo before download becomes one more way to build a subject (``athanor.fit.estimate_meta`` over the
-repo's metadata, once ``athanor.hub`` offers it), and the printing does not change.
+The command works on a ``_Subject``: what is estimated, however it was found. A registered model is estimated as
+it would run (``estimate_model``: its preset, its files); a Hub repo before download from the row ``athanor
+search`` would show for it (``hub.repo_row``: the files ``pull`` would choose, their listed sizes, the shape read
+from the GGUF head or config.json) through ``estimate_meta``. The printing is the same for both.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +17,7 @@ import click
 
 from athanor.cli.common import emit, store
 from athanor.cli.get_cmds import _complete_model
+from athanor.errors import NotFoundError
 
 if TYPE_CHECKING:
     from athanor.fit import Estimate, Memory
@@ -27,79 +31,129 @@ class _Subject:
     estimate: Estimate
     context_from: str  # why the KV cache is counted at estimate.context
     recommended: int | None  # the largest comfortable (else tight) context; None: none, or not known
+    recommended_band: str | None  # the band at that context
     window: int | None  # the model's own window
+    shape_known: bool  # the metadata says what the KV cache is made of (else it counts as nothing)
 
 
 @click.command("fit")
-@click.argument("model", metavar="MODEL", shell_complete=_complete_model)
+@click.argument("model", metavar="MODEL|REPO", shell_complete=_complete_model)
 @click.option("--ctx", "context", type=click.IntRange(min=1), metavar="N",
               help="Count the KV cache at N tokens instead of the model's effective context.")
 @click.option("-o", "--output", type=click.Choice(("json", "yaml")), default=None,
               help="Output format (default: a breakdown).")
 def fit_cmd(model: str, context: int | None, output: str | None) -> None:
-    """Estimate the memory MODEL needs here and whether this machine has it.
+    """Estimate the memory a model needs here and whether this machine has it.
 
     Prints the weights, the KV cache at the effective context (the recipe's and preset's ctxSize and cache
     types; --ctx N counts N tokens instead), the vision projector, the draft model and the runtime's overhead;
     then this machine's memory, the band (comfortable, tight or risky against available memory less what the
-    OS keeps) and the largest context that stays comfortable. MODEL is a registered model's name or alias.
+    OS keeps) and the largest context that stays comfortable. MODEL is a registered model's name or alias;
+    REPO (org/name) a Hugging Face repo, estimated before any download from the files 'athanor pull' would
+    choose and the shape in their first bytes.
     """
-    from athanor import fit
+    from athanor import actions, fit
 
     memory = fit.machine_memory()
-    subject = _registered(model, context, memory)
+    doc = store().models.load()
+    try:
+        name = actions.resolve_name(doc, model)
+    except NotFoundError:
+        if not _looks_like_repo(model):
+            raise
+        subject = _repo(model, context, memory)
+    else:
+        subject = _registered(doc, name, context, memory)
     if output:
         emit(_as_json(subject, memory), output)
     else:
         click.echo(_render(subject, memory))
 
 
-def _registered(name: str, context: int | None, memory: Memory) -> _Subject:
+def _registered(doc: dict[str, Any], model_name: str, context: int | None, memory: Memory) -> _Subject:
     from athanor import actions, fit, views
-    from athanor.errors import NotFoundError
 
-    doc = store().models.load()
-    try:
-        model_name = actions.resolve_name(doc, name)
-    except NotFoundError:
-        if _looks_like_repo(name):
-            raise NotFoundError(f"{name!r} is not a registered model, and Hub repos are not estimated before "
-                                "download yet: register it first (see 'athanor get models')") from None
-        raise
     obj = doc["models"][model_name]
     spec = obj["spec"]
     if not obj.get("artifact"):
         raise NotFoundError(f"model {model_name!r}: weights not found: {views.source_text(spec['source'])} "
                             "(nothing to estimate; see 'athanor describe model')")
     estimate = fit.estimate_model(doc, obj, context=context)
+    recommended = fit.recommended_context(doc, obj, memory)
+    meta = obj["artifact"].get("metadata") or {}
     return _Subject(
         name=model_name,
         runtime=spec["runtime"],
         source=views.source_text(spec["source"]),
         estimate=estimate,
         context_from=_context_from(actions.effective_for(doc, obj).get("ctxSize"), context),
-        recommended=fit.recommended_context(doc, obj, memory),
-        window=(obj["artifact"].get("metadata") or {}).get("contextLength"),
+        recommended=recommended,
+        recommended_band=_band_at(recommended, lambda c: fit.estimate_model(doc, obj, context=c), memory),
+        window=meta.get("contextLength"),
+        shape_known=_shape_known(meta),
     )
+
+
+def _repo(repo: str, context: int | None, memory: Memory) -> _Subject:
+    """A Hub repo as ``athanor pull`` would fetch it, estimated at the context athanor would start it with."""
+    from athanor import fit, hub
+    from athanor.fit._budget import largest_context
+    from athanor.runtimes.presets import runtime_defaults
+
+    row = hub.repo_row(repo)
+    default = runtime_defaults(row.runtime, row.context_length).get("ctxSize", 0)
+
+    def estimate_at(tokens: int) -> Estimate:
+        return fit.estimate_meta(row.meta, weights_bytes=row.size_bytes or 0, runtime=row.runtime, context=tokens,
+                                 projector_bytes=row.projector_bytes)
+
+    estimate = estimate_at(context or default)
+    recommended = largest_context(row.context_length or estimate.context, lambda c: estimate_at(c).total, memory)
+    files = ", ".join(row.files[:2]) + (f" and {len(row.files) - 2} more" if len(row.files) > 2 else "")
+    return _Subject(
+        name=row.repo,
+        runtime=row.runtime,
+        source=f"Hub: {files}, not downloaded",
+        estimate=estimate,
+        context_from="--ctx" if context else _SOURCES["default"] if row.runtime == "llama-server" else _MLX_CONTEXT,
+        recommended=recommended,
+        recommended_band=_band_at(recommended, estimate_at, memory),
+        window=row.context_length,
+        shape_known=_shape_known(row.meta),
+    )
+
+
+def _band_at(context: int | None, estimate_at: Callable[[int], Estimate], memory: Memory) -> str | None:
+    from athanor.fit import band
+
+    return band(estimate_at(context).total, memory) if context is not None else None
+
+
+def _shape_known(meta: dict[str, Any]) -> bool:
+    from athanor.fit._shape import read_shape
+
+    shape = read_shape(meta)
+    return bool(shape.layers) or shape.encoder
 
 
 def _context_from(effective: Any, asked: int | None) -> str:
     if asked is not None:
         return "--ctx"
     if effective is None:
-        return "MLX grows its cache with use: the model's window, at most 32768"
+        return _MLX_CONTEXT
     source = _SOURCES.get(effective.source) or effective.source.replace("recipe:", "recipe ")
     if not effective.value:
         return f"ctxSize 0 from {source}: the model's own window"
     return f"ctxSize from {source}"
 
 
+_MLX_CONTEXT = "MLX grows its cache with use: the model's window, at most 32768"
 _SOURCES = {"default": "athanor's default, the model's window up to 32768", "model": "the model's preset"}
 
 
 def _looks_like_repo(name: str) -> bool:
-    owner, slash, repo = name.partition("/")
-    return bool(slash and owner and repo and "/" not in repo and not name.startswith((".", "~")))
+    """``org/name`` as the Hub spells repo ids (a path or a model name is not one)."""
+    return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name) is not None
 
 
 def _budget(memory: Memory) -> tuple[int, int]:
@@ -121,6 +175,8 @@ def _as_json(subject: _Subject, memory: Memory) -> dict[str, Any]:
         "memory": {"total": memory.total, "available": memory.available, "headroom": reserve, "budget": budget},
         "band": band(subject.estimate.total, memory),
         "recommendedContext": subject.recommended,
+        "recommendedBand": subject.recommended_band,
+        "shapeKnown": subject.shape_known,
     }
 
 
@@ -142,12 +198,18 @@ def _render(subject: _Subject, memory: Memory) -> str:
     else:
         own = " (the model's own window)" if subject.recommended == subject.window else ""
         recommended = f"{subject.recommended} tokens{own}"
+        if subject.recommended_band != "comfortable":
+            recommended += f", {subject.recommended_band}: no context is comfortable here"
+    if subject.shape_known:
+        kv = f"{human_bytes(est.kv_cache)} at {est.context} tokens" if est.kv_cache else "none: the model keeps none"
+    else:
+        kv = "unknown: the metadata does not say the model's layers and heads (counted as 0)"
     left = human_bytes(budget) if budget > 0 else "nothing"
     rows = [
         ("Model", f"{subject.name} ({subject.runtime}, {subject.source})"),
         ("Context", f"{est.context} tokens ({subject.context_from})"),
         ("Weights", human_bytes(est.weights)),
-        ("KV cache", human_bytes(est.kv_cache) + (f" at {est.context} tokens" if est.kv_cache else "")),
+        ("KV cache", kv),
         ("Projector", human_bytes(est.projector)),
         ("Draft", human_bytes(est.draft)),
         ("Overhead", human_bytes(est.overhead)),

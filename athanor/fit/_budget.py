@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import pairwise
 from typing import Any
 
@@ -72,9 +73,14 @@ def recommended_context(doc: dict[str, Any], obj: dict[str, Any], memory: Memory
     if not artifact:
         return None
     window = read_shape(artifact.get("metadata") or {}).context_length or estimate_model(doc, obj).context
+    return largest_context(window, lambda context: estimate_model(doc, obj, context=context).total, memory)
+
+
+def largest_context(window: int, total_at: Callable[[int], int], memory: Memory) -> int | None:
+    """``recommended_context`` for any estimate: ``total_at(context)`` is the estimate's total at that context."""
     tight = None
     for context in reversed(candidate_contexts(window)):
-        fit = band(estimate_model(doc, obj, context=context).total, memory)
+        fit = band(total_at(context), memory)
         if fit == "comfortable":
             return context
         if fit == "tight" and tight is None:
