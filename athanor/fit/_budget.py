@@ -39,9 +39,10 @@ def headroom(total: int) -> int:
 def band(estimate_total: int, memory: Memory) -> str:
     """``comfortable``, ``tight`` or ``risky`` against the budget: available memory less ``headroom``.
 
-    - comfortable: at most 75% of the budget. The quarter left covers the estimate's error (calibrated within
-      about 10% on llama-server) and what serving adds that no estimate sees: llama-server's prompt cache in RAM
-      (--cache-ram), image buffers, an MLX cache growing past the context counted.
+    - comfortable: at most 75% of the budget. The quarter left covers the estimate's error (in the calibration
+      never under on llama-server, 4-15% over for SmolLM2; MLX on the CPU peaks above it while it prefills long
+      prompts) and what serving adds that no estimate sees: llama-server's prompt cache in RAM (--cache-ram),
+      image buffers, an MLX cache growing past the context counted.
     - tight: within the budget. It loads, but other programs growing can push the machine into swap.
     - risky: over the budget. It needs memory other programs hold now: swap at best, an out-of-memory kill or (on
       macOS under memory pressure) a panic at worst.

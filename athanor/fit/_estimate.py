@@ -44,9 +44,11 @@ CACHE_TYPE_BYTES: dict[str, Fraction] = {
 }
 MLX_KV_GROUP = 64  # mlx-lm quantizes the cache in groups of 64 values, each with a 16-bit scale and bias
 
-# Calibrated on Linux (benchmarks/fit_calibration.py): llama-server's resident set with a tiny model is about
-# 24 MiB, mlx_lm.server's (Python, mlx, the tokenizer) about 85 MiB; rounded up. mlx_vlm.server also imports the
-# image processors; not measured here (no mlx-vlm on the calibration machine), so twice mlx-lm's.
+# Calibrated on Linux (benchmarks/fit_calibration.py): llama-server's resident set with a tiny model is 25-30 MiB,
+# mlx_lm.server's (Python, mlx, the tokenizer) 83-92 MiB after a request; rounded up. mlx_vlm.server also imports
+# the image processors; not measured (no mlx-vlm on the calibration machine), so twice mlx-lm's. Not counted:
+# MLX's CPU backend (Linux) holds one prefill step's attention scores while it prefills (step x context x heads x
+# 2 bytes, 128 MiB for the tiny model at 8192 tokens: its peak, not what stays); Metal's fused attention does not.
 RUNTIME_BASE = {"llama-server": 32 * MiB, "mlx-lm": 96 * MiB, "mlx-vlm": 192 * MiB}
 # One batch's activations, per embedding element per batch token. 32 reproduces llama.cpp's published CPU
 # compute buffers (about 256 MiB for 8B models at ubatch 512: 512 x 4096 x 32 x 4 bytes) and the ~30 MiB
