@@ -108,7 +108,12 @@ def _phase_conditions(phase: str, message: str, instance: dict[str, Any], obj: d
         last = (f"last failure {failure.get('reason')} at {failure.get('time')}: {failure.get('message')}"
                 if failure else "no failure recorded")
         failed = {"type": "Failed", **base, "status": "False", "reason": "NotFailed", "message": last}
-    return [ready, progressing, failed]
+    conditions = [ready, progressing, failed]
+    refusal = instance.get("refusal") or {}
+    if refusal.get("reason") == "InsufficientMemory":
+        conditions.append({"type": "InsufficientMemory", **base, "lastTransitionTime": refusal.get("time"),
+                           "status": "True", "reason": "InsufficientMemory", "message": refusal.get("message", "")})
+    return conditions
 
 
 def _available_condition(artifact: dict[str, Any] | None, obj: dict[str, Any], observed: int | None) -> dict[str, Any]:

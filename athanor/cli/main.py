@@ -39,6 +39,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "top": ("athanor.cli.top_cmd:top_cmd", "Show requests, tokens, latency and phases live."),
     "sync": ("athanor.cli.sync_cmds:sync_cmd", "Keep agent clients (pi) in step with the served models."),
     "snippet": ("athanor.cli.sync_cmds:snippet_cmd", "Print curl, Python and pi examples for a model."),
+    "fit": ("athanor.cli.fit_cmd:fit_cmd", "Estimate a model's memory and how well it fits this machine."),
+    "search": ("athanor.cli.hub_cmds:search_cmd", "Search the Hugging Face Hub for models, with their fit here."),
+    "trending": ("athanor.cli.hub_cmds:trending_cmd", "The Hub's trending models, with their fit here."),
     "completion": ("athanor.cli.main:completion_cmd", "Print a shell completion script."),
     "version": ("athanor.cli.main:version_cmd", "Print the version."),
 }

@@ -134,20 +134,21 @@ def _wait_exit(proc: Any, timeout: float) -> bool:
     return False
 
 
-def _lifecycle(action: str):  # noqa: ANN202 - a small factory for three identical commands
+def _lifecycle(action: str):  # noqa: ANN202 - a small factory for identical commands
     @click.command(action)
     @click.argument("name", shell_complete=_complete_model)
-    def command(name: str) -> None:
+    def command(name: str, force: bool = False) -> None:
         from athanor.cli.admin_client import AdminClient
 
-        result = AdminClient.for_store(store()).post(f"/models/{name}/{action}")
+        result = AdminClient.for_store(store()).post(f"/models/{name}/{action}" + ("?force=1" if force else ""))
         click.echo(f"model/{result['name']} {result['phase'].lower()}")
 
     command.help = f"{action.capitalize()} the runtime of model NAME in the running gateway."
     return command
 
 
-start_cmd = _lifecycle("start")
+start_cmd = click.option("--force", is_flag=True, help="Start it even if it may not fit in memory.")(
+    _lifecycle("start"))
 stop_cmd = _lifecycle("stop")
 restart_cmd = _lifecycle("restart")
 unload_cmd = _lifecycle("unload")
@@ -223,4 +224,4 @@ def wait_cmd(resource: str, name: str, condition: str, timeout: str) -> None:
     click.echo(f"model/{model} condition met")
 
 
-CONDITIONS = ("Available", "Ready", "Progressing", "Failed")
+CONDITIONS = ("Available", "Ready", "Progressing", "Failed", "InsufficientMemory")

@@ -43,6 +43,7 @@ import aiohttp
 
 from athanor import actions, catalog
 from athanor.controller.events import Event, EventLog
+from athanor.controller import memory_guard
 from athanor.controller.gate import SwapGate
 from athanor.controller.instance import RUNNING, Instance, Observer, Phase
 from athanor.controller.lease import Lease
@@ -267,6 +268,10 @@ class Controller:
             except ModelUnavailable as exc:
                 self._refused(inst, str(exc))
                 raise
+            problem = await self._memory_problem(inst, obj)
+            if problem:
+                self._refused(inst, problem, "InsufficientMemory")
+                raise ModelUnavailable(problem)
             await self._make_room(name)
             if (inst.phase not in (Phase.STANDBY, Phase.FAILED) or self._doc["models"].get(name) is not obj
                     or self._closing):
@@ -302,6 +307,7 @@ class Controller:
         else:
             log.info("%s ready in %.2f s (pid %s)", inst.name, waited, _pid(inst.handle))
             inst.load_seconds = time.monotonic() - inst.starting_since
+            inst.refusal = None
             inst.move(Phase.READY, f"ready in {waited:.2f} s")
             return
         if inst.cleanup_task is not None:
@@ -387,11 +393,23 @@ class Controller:
             return
         self._fail(inst, exit_text(exit_code), "Crashed", exit_code)
 
-    def _refused(self, inst: Instance, reason: str) -> None:
+    def _refused(self, inst: Instance, reason: str, kind: str = "StartRefused") -> None:
         """A start refused before anything was stopped: an event (once per distinct reason), not a failure."""
         if inst.message != reason:
             inst.message = reason
-            self._event("Model", inst.name, "Warning", "StartRefused", reason)
+            inst.refusal = {"reason": kind, "message": reason, "time": _iso(time.time())}
+            self._save(inst)
+            self._event("Model", inst.name, "Warning", kind, reason)
+
+    async def _memory_problem(self, inst: Instance, obj: dict[str, Any]) -> str | None:
+        """Why starting ``obj`` would overcommit memory even after every eviction it may cause (None: it fits,
+        or the spec or ``athanor start --force`` allows overcommitting)."""
+        if inst.force_next or memory_guard.overcommit_allowed(self._gateway, obj):
+            return None
+        models = self._doc["models"]
+        evictable = [models[i.name] for i in self._evictable(inst.name) if i.name in models]
+        verdict = await asyncio.to_thread(memory_guard.check, self._doc, obj, evictable)
+        return verdict.problem
 
     @staticmethod
     def _backoff(inst: Instance) -> float:
@@ -514,9 +532,15 @@ class Controller:
         except ModelUnavailable as exc:
             log.warning("%s: reloading it failed: %s", inst.name, exc)
 
-    async def start(self, name: str) -> None:
-        """``athanor start``: serve ``name`` now, through the same gate as requests."""
-        await self.make_ready(self.instance(name))
+    async def start(self, name: str, *, force: bool = False) -> None:
+        """``athanor start``: serve ``name`` now, through the same gate as requests. ``force``: even if the
+        memory guard says it does not fit (this start only)."""
+        inst = self.instance(name)
+        inst.force_next = force
+        try:
+            await self.make_ready(inst)
+        finally:
+            inst.force_next = False
 
     async def restart(self, name: str) -> None:
         inst = self.instance(name)
@@ -541,9 +565,8 @@ class Controller:
 
     async def _make_room(self, name: str) -> None:
         """Stop what must go before ``name`` starts (the caller holds the swap gate)."""
-        models = self._doc["models"]
         loaded = [i for i in self.instances.values() if i.name != name and i.phase in RUNNING]
-        evictable = [i for i in loaded if models.get(i.name, {}).get("spec", {}).get("residency") != "pinned"]
+        evictable = self._evictable(name)
         residency = self._gateway["residency"]
         if residency["policy"] == "memory":
             evictable = self._over_budget(name, loaded, evictable, residency.get("budget", "80%"))
@@ -555,6 +578,12 @@ class Controller:
         for victim in evictable:
             self._event("Model", victim.name, "Normal", "Evicted", f"stopped to make room for {name}", by=name)
         await asyncio.gather(*(self.stop(i.name) for i in evictable))
+
+    def _evictable(self, name: str) -> list[Instance]:
+        """The running models a start of ``name`` may stop: every other one that is not pinned."""
+        models = self._doc["models"]
+        return [i for i in self.instances.values() if i.name != name and i.phase in RUNNING
+                and models.get(i.name, {}).get("spec", {}).get("residency") != "pinned"]
 
     def _over_budget(self, name: str, loaded: list[Instance], evictable: list[Instance], budget: str) -> list[Instance]:
         import psutil
@@ -614,6 +643,8 @@ class Controller:
             record["argv"] = inst.launch.argv
         if inst.last_failure:
             record["lastFailure"] = inst.last_failure
+        if inst.refusal:
+            record["refusal"] = inst.refusal
         return record
 
     def _event(self, kind: str, name: str, type_: str, reason: str, message: str, **extra: Any) -> Event:

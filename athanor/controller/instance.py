@@ -74,6 +74,8 @@ class Instance:
     last_failure: dict[str, Any] | None = None
     missed_probes: int = 0  # consecutive liveness probes a ready runtime did not answer
     error_streak: int = 0  # consecutive requests it answered with a server error
+    refusal: dict[str, Any] | None = None  # the last start refused before it began (memory, preflight)
+    force_next: bool = False  # athanor start --force: the memory guard lets this start through
     starting_since: float = 0.0  # monotonic time the current incarnation started
     load_seconds: float | None = None  # how long its start took (None: not started by this daemon)
     start_task: asyncio.Task[None] | None = None

@@ -4,7 +4,8 @@
     GET  /athanor/v1/models                       every model as ``athanor get models -o json`` shows it, live
     GET  /athanor/v1/models/{model}               one of them
     POST /athanor/v1/models/{model}/{action}      start | stop | restart | unload (unload: stop after draining;
-                                                  the next request loads it again, as for stop)
+                                                  the next request loads it again, as for stop); start?force=1
+                                                  starts it even if the memory guard says it does not fit
     GET  /athanor/v1/events[?since=SEQ][&follow=1]  events as JSON, or as a Server-Sent Events stream that goes on
                                                   (``id:`` is the sequence number: reconnect with ``since``)
     GET  /athanor/v1/models/{model}/logs[?lines=N][&follow=1]   the runtime's log, followed across restarts
@@ -55,7 +56,10 @@ async def model_action(request: web.Request) -> web.Response:
     if isinstance(name, web.Response):
         return name
     try:
-        await getattr(controller, "stop" if action == "unload" else action)(name)
+        if action == "start":
+            await controller.start(name, force=request.query.get("force") in ("1", "true"))
+        else:
+            await getattr(controller, "stop" if action == "unload" else action)(name)
     except ModelUnavailable as exc:
         return error_response(503, str(exc), "model_unavailable")
     inst = controller.instance(name)
