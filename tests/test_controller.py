@@ -16,9 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from athanor.controller.controller import Controller, estimate_bytes
+from athanor.controller.controller import Controller
 from athanor.controller.instance import Phase, TransitionError
 from athanor.errors import ModelUnavailable
+from athanor.fit import estimate_model
 from athanor.managers.process import ProcessSupervisor
 from fixtures.tier import Tier, phase, pid_of, supervise_with, until, zombies
 
@@ -250,7 +251,7 @@ def test_memory_residency_evicts_the_least_recently_used(tier: Tier):
 
     async def scenario() -> None:
         async with tier.controller() as c:
-            each = estimate_bytes(c.doc(), c.model("a"))
+            each = estimate_model(c.doc(), c.model("a")).total
             tier.gateway(residency={"policy": "memory", "budget": f"{int(each * 2.5)}B"})  # room for two
             await ready(c, "a")
             await ready(c, "b")
@@ -271,9 +272,12 @@ def test_the_memory_estimate_counts_the_recipe_s_context(tier: Tier):
             doc = c.doc()
             meta = doc["models"]["long"]["artifact"]["metadata"]
             per_token = 2 * meta["layers"] * (meta.get("kvHeads") or meta["heads"]) * \
-                (meta["embeddingLength"] // meta["heads"]) * 2
-            difference = estimate_bytes(doc, doc["models"]["long"]) - estimate_bytes(doc, doc["models"]["short"])
-            assert difference == per_token * (131072 - 2048)  # same weights: only the KV cache differs
+                (meta["embeddingLength"] // meta["heads"])  # K and V elements
+            long, short = estimate_model(doc, doc["models"]["long"]), estimate_model(doc, doc["models"]["short"])
+            assert (long.context, short.context) == (131072, 2048)
+            assert long.kv_cache == per_token * 131072 * 34 // 32  # the recipe's q8_0 cache: 34 bytes per 32
+            assert short.kv_cache == per_token * 2048 * 2  # f16
+            assert long.weights == short.weights
 
     tier.run(scenario)
 
