@@ -99,8 +99,14 @@ def get_cmd(resource: str, name: str | None, output: str | None, selector: str |
     elif output == "name":
         for item in items:
             click.echo(f"model/{item['metadata']['name']}")
+    elif not items and (name or terms):
+        click.echo("No models found.", err=True)
     elif not items:
-        click.echo("No models found. Run 'athanor scan' or 'athanor apply -f specs/'.", err=True)
+        import psutil
+
+        from athanor.hub.starters import empty_state
+
+        click.echo(empty_state(psutil.virtual_memory().total), err=True)
     else:
         click.echo(_models_table(items, wide=output == "wide"))
     if watch:
