@@ -5,6 +5,9 @@ directly and through a real athanor gateway that finds the mmproj*.gguf beside t
 The projector is LLaVA-1.5's shape in miniature: a 32x32 image in 8x8 patches gives 16 image embeddings, so a
 prompt with one image is exactly 16 tokens longer than the same prompt without it. That difference is how the tests
 know the runtime decoded the image (rather than dropping the part or answering from the text alone).
+
+MLX vision: a tiny random-weight Qwen2-VL (fixtures/tiny_models.write_tiny_mlx_qwen2_vl) on the real mlx_vlm.server
+through the gateway (runtime mlx-vlm), where an image costs 4 merged patches plus the vision start/end tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,8 +32,10 @@ import pytest
 from fixtures.serving import Gateway, apply_models, free_port, model_spec
 from fixtures.tiny_models import (
     TinyLlamaShape,
+    TinyQwen2VLShape,
     TinyVisionShape,
     write_tiny_llama_gguf,
+    write_tiny_mlx_qwen2_vl,
     write_tiny_mmproj_gguf,
     write_tiny_png,
 )
@@ -220,3 +226,43 @@ def test_gateway_serves_image_parts_and_bodies_of_several_mib(gateway: Gateway, 
     assert "loaded multimodal model" in log
     assert log.count("processing task") == 3
     assert gateway.runtime_pid("tiny-vlm") == pid  # one runtime answered all three
+
+
+# ---------------------------------------------------------------------------------------------- mlx-vlm
+
+
+def test_mlx_vlm_preset_flags_exist_in_the_installed_server() -> None:
+    """Every flag athanor renders for mlx-vlm is one the installed mlx_vlm.server accepts."""
+    from athanor.runtimes.presets import PRESET_KEYS
+
+    help_text = subprocess.run([sys.executable, "-m", "mlx_vlm.server", "--help"], capture_output=True, text=True,
+                               timeout=120, check=True).stdout
+    flags = {key.flags["mlx-vlm"] for key in PRESET_KEYS.values() if "mlx-vlm" in key.flags}
+    assert flags and not {f for f in flags if f not in help_text.split()}
+
+
+def test_gateway_serves_image_parts_on_mlx_vlm(gateway: Gateway, tmp_path: Path) -> None:
+    """The tiny Qwen2-VL on the real mlx_vlm.server, through the gateway: a text prompt, an image part, and a
+    body of several MiB. An image costs <|vision_start|>, 4 merged patches and <|vision_end|> in its prompt."""
+    weights = write_tiny_mlx_qwen2_vl(tmp_path / "weights" / "tiny-qwen2-vl")
+    apply_models(tmp_path / "vlm.yaml", model_spec("tiny-vl", weights, "mlx-vlm", "  preset: {maxTokens: 2}\n"))
+    client = gateway.client
+
+    text_only = client.chat.completions.create(model="tiny-vl", messages=image_message(None), max_tokens=2)
+    cmdline = _runtime_cmdline(gateway, "tiny-vl")
+    assert any(Path(part).name == "mlx_vlm.server" for part in cmdline[:2]), cmdline
+    assert cmdline[cmdline.index("--model") + 1] == str(weights)
+    small = client.chat.completions.create(model="tiny-vl", messages=image_message(write_tiny_png()), max_tokens=2)
+    assert small.model == "tiny-vl"
+    assert small.choices[0].message.content is not None
+    assert small.usage.prompt_tokens == text_only.usage.prompt_tokens + TinyQwen2VLShape.image_tokens() + 2
+
+    messages = image_message(write_tiny_png(width=1024, height=1024, noise=True, seed=2))
+    assert len(json.dumps({"model": "tiny-vl", "messages": messages})) > 4 * 2**20
+    big = client.chat.completions.create(model="tiny-vl", messages=messages, max_tokens=2)
+    assert big.usage.prompt_tokens == small.usage.prompt_tokens
+
+    log = (gateway.home / "logs" / "tiny-vl.log").read_text()  # the runtime's own account of the three
+    completed = [line for line in log.splitlines() if "Request completed: endpoint=/chat/completions" in line]
+    assert [f"prompt_tokens={n} " in line for line, n in zip(completed, (
+        text_only.usage.prompt_tokens, small.usage.prompt_tokens, big.usage.prompt_tokens), strict=True)] == [True] * 3
