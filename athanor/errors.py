@@ -100,6 +100,11 @@ class HubAccessDenied(HubError):
     """The Hub refused access (401/403): a gated or private repo, or a token it does not accept."""
 
 
+class PullRefused(AthanorError):
+    """A pull that will not start: the model cannot fit this machine, the disk cannot hold it, or discovery
+    would not register it. Nothing was downloaded."""
+
+
 class ServingError(AthanorError):
     """A request cannot be served now; the message is for the client."""
 

@@ -158,5 +158,7 @@ def systemctl(systemd_host: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[An
         systemd_host.systemctl("--user", "daemon-reload")
 
 
-# The real gateway (fixtures/serving.py) for every test module that asks for it by name.
+# Fixtures every test module may ask for by name: the real gateway (fixtures/serving.py) and the fake Hugging
+# Face Hub (fixtures/fake_hub.py).
+from fixtures.fake_hub import fake_hub  # noqa: E402,F401
 from fixtures.serving import gateway, models  # noqa: E402,F401

@@ -15,7 +15,6 @@ from athanor.fit import (Estimate, Memory, band, estimate_meta, estimate_model, 
                          recommended_context)
 from athanor.fit._memory import parse_vm_stat
 from conftest import write
-from fixtures.fake_hub import fake_hub  # noqa: F401 - a fixture, used by name
 from fixtures.tiny_models import TinyLlamaShape, write_tiny_llama_gguf
 
 KiB, GiB = 2**10, 2**30

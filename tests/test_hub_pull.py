@@ -1,7 +1,6 @@
 """athanor pull against the fake hub (tests/fixtures/fake_hub.py): the real CLI in a subprocess, the real
 huggingface_hub client, the real HF cache layout, registration by the real discovery, and a real gateway serving
 what was pulled. What the client sent is read from the hub's request log."""
-# ruff: noqa: F811 - the fake_hub fixture is imported by name
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,12 +17,11 @@ from pathlib import Path
 
 import pytest
 from conftest import ATHANOR, REPO
-from fixtures.fake_hub import (  # noqa: F401
+from fixtures.fake_hub import (
     VALID_TOKEN,
     FakeHub,
     HubFile,
     HubRepo,
-    fake_hub,
     gguf_header,
     tiny_gguf,
 )
@@ -40,14 +37,7 @@ TIMEOUT = 120
 
 
 def argv(*args: str) -> list[str]:
-    """The installed `athanor` script; until cli/main.py registers pull, the same entry point with it added."""
-    from athanor.cli.main import COMMANDS
-
-    if "pull" in COMMANDS:
-        return [ATHANOR, *args]
-    shim = ("import sys; from athanor.cli import main as m; "
-            "m.COMMANDS['pull'] = ('athanor.cli.pull_cmd:pull_cmd', ''); m.main(sys.argv[1:])")
-    return [sys.executable, "-c", shim, *args]
+    return [ATHANOR, *args]
 
 
 def athanor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,6 +1,5 @@
 """Hub search and trending against the fake hub (tests/fixtures/fake_hub.py) with the real huggingface_hub client:
 the library (athanor.hub) in the test process, the CLI in a subprocess as a user runs it."""
-# ruff: noqa: F811 - the fake_hub fixture is imported by name
 
 from __future__ import annotations
 
@@ -15,12 +14,11 @@ from pathlib import Path
 
 import pytest
 from conftest import ATHANOR, REPO
-from fixtures.fake_hub import (  # noqa: F401
+from fixtures.fake_hub import (
     VALID_TOKEN,
     FakeHub,
     HubFile,
     HubRepo,
-    fake_hub,
     tiny_gguf,
 )
 
@@ -37,19 +35,8 @@ BASE = "athanor-test/Tiny-Llama"
 
 
 def athanor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The installed `athanor` script. Until cli/main.py registers search and trending, the same entry point
-    (main()) with the two commands added as main.py will list them."""
-    from athanor.cli.main import COMMANDS
-
-    if "search" in COMMANDS and "trending" in COMMANDS:
-        argv = [ATHANOR, *args]
-    else:
-        shim = ("import sys; from athanor.cli import main as m; "
-                "m.COMMANDS['search'] = ('athanor.cli.hub_cmds:search_cmd', ''); "
-                "m.COMMANDS['trending'] = ('athanor.cli.hub_cmds:trending_cmd', ''); m.main(sys.argv[1:])")
-        argv = [sys.executable, "-c", shim, *args]
-    return subprocess.run(argv, capture_output=True, text=True, env=env or dict(os.environ), cwd=REPO, timeout=120,
-                          check=False)
+    return subprocess.run([ATHANOR, *args], capture_output=True, text=True, env=env or dict(os.environ), cwd=REPO,
+                          timeout=120, check=False)
 
 
 def table(stdout: str) -> list[dict[str, str]]:

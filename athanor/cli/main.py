@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sync": ("athanor.cli.sync_cmds:sync_cmd", "Keep agent clients (pi) in step with the served models."),
     "snippet": ("athanor.cli.sync_cmds:snippet_cmd", "Print curl, Python and pi examples for a model."),
     "fit": ("athanor.cli.fit_cmd:fit_cmd", "Estimate a model's memory and how well it fits this machine."),
+    "pull": ("athanor.cli.pull_cmd:pull_cmd", "Download a Hub repo into the HF cache and register it as a model."),
     "search": ("athanor.cli.hub_cmds:search_cmd", "Search the Hugging Face Hub for models, with their fit here."),
     "trending": ("athanor.cli.hub_cmds:trending_cmd", "The Hub's trending models, with their fit here."),
     "completion": ("athanor.cli.main:completion_cmd", "Print a shell completion script."),

@@ -44,6 +44,7 @@ from athanor.errors import (
     HubError,
     InvalidValueError,
     NotFoundError,
+    PullRefused,
     printable,
 )
 from athanor.hub import _client
@@ -66,11 +67,6 @@ MLX_SUPPORT_PATTERNS = ("*.json", "*.py", "tokenizer.model", "*.tiktoken", "tikt
                         "*.jinja")
 MIN_CONTEXT = 512  # the smallest context counted as useful (athanor.fit's smallest candidate)
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-class PullRefused(AthanorError):
-    """A pull that will not start: the model cannot fit this machine, the disk cannot hold it, or discovery
-    would not register it. Nothing was downloaded."""
 
 
 # ---------------------------------------------------------------------------------------------- the plan
