@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from athanor import catalog
-from athanor.discovery.artifacts import source_key
-from athanor.discovery.gguf import split_info
+from athanor.discovery.artifacts import shards, source_key
 from athanor.errors import AthanorError
 from athanor.store import Store
 from athanor.views import human_bytes
@@ -177,7 +176,7 @@ def _plan_loose(result: Plan, users: _Users, name: str, obj: dict[str, Any]) -> 
     if path.is_dir() and not path.is_symlink():
         candidates = [path]
     else:
-        candidates = _gguf_files(path)
+        candidates = shards(path)
         if artifact.get("mmproj"):
             candidates.append(Path(artifact["mmproj"]))
     planned = {p for r in result.removals for p in r.paths}
@@ -300,20 +299,10 @@ def _model_paths(obj: dict[str, Any]) -> list[Path]:
     if not raw:
         return []
     path = Path(raw).absolute()
-    paths = [path] if artifact.get("format") == "mlx" or path.is_dir() else _gguf_files(path)
+    paths = [path] if artifact.get("format") == "mlx" or path.is_dir() else shards(path)
     if artifact.get("mmproj"):
         paths.append(Path(artifact["mmproj"]).absolute())
     return paths
-
-
-def _gguf_files(first: Path) -> list[Path]:
-    """A GGUF and, for llama.cpp's split naming (name-00001-of-00003.gguf), every shard."""
-    split = split_info(first.name)
-    if not split:
-        return [first]
-    total = split[1]
-    stem = first.name[: -len(f"-{split[0]:05d}-of-{total:05d}.gguf")]
-    return [first.with_name(f"{stem}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
 
 
 def _nested_models(top: Path) -> list[str]:

