@@ -19,7 +19,6 @@ import asyncio
 import calendar
 import json
 import logging
-import re
 import time
 from typing import Any
 
@@ -33,6 +32,7 @@ from athanor.controller.lease import Lease, Upstream
 from athanor.errors import ModelUnavailable, QueueFull, ServingError
 from athanor.ingress.guard import Guard
 from athanor.ingress.requests import reasoning_changes, task_refusal
+from athanor.ingress.tap import USAGE_ROUTES, Tap
 from athanor.metrics import Metrics
 from athanor.ingress.upstream import (
     Response,
@@ -62,11 +62,6 @@ POOL: web.AppKey[UpstreamPool] = web.AppKey("pool", UpstreamPool)
 MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
 GUARD: web.AppKey[Guard] = web.AppKey("guard", Guard)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
-# Routes whose streams can carry a usage chunk when asked for one (stream_options.include_usage).
-USAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
-_TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens|cache_read_input_tokens|'
-                     rb'cache_creation_input_tokens)"\s*:\s*(\d+)')
-_NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -292,58 +287,6 @@ async def _for_model(request: web.Request, controller: Controller, name: str, re
         return error_response(*_status(exc))
     async with lease:
         return await _serve(request, lease, name, requested, payload, body, tap)
-
-
-class Tap:
-    """What one request tells the metrics besides its status: time to first token, and the usage the runtime
-    reported. A stream whose client did not ask for usage is asked for it anyway (``stream_options``), and the
-    usage-only chunk is dropped on the way back (``drop_usage``)."""
-
-    __slots__ = ("arrived", "counts", "drop_usage", "metrics", "model")
-
-    def __init__(self, metrics: Metrics, model: str, arrived: float):
-        self.metrics, self.model, self.arrived = metrics, model, arrived
-        self.drop_usage = False
-        self.counts: dict[bytes, int] = {}
-
-    def first_byte(self) -> None:
-        self.metrics.first_token(self.model, time.monotonic() - self.arrived)
-
-    def read_usage(self, data: bytes) -> None:
-        """Token counts from a body or SSE event with a ``usage`` object; the last value of each wins (an
-        Anthropic stream sends its input count first and its final output count last)."""
-        for key, value in _TOKENS.findall(data[data.find(b'"usage"'):]):
-            self.counts[key] = int(value)
-
-    def usage_lines(self, lines: bytes) -> bytes:
-        """SSE lines that mention usage: count it, and cut the usage-only event the client did not ask for."""
-        out = []
-        skip_blank = False
-        for line in lines.splitlines(keepends=True):
-            if skip_blank and not line.strip():
-                skip_blank = False
-                continue
-            skip_blank = False
-            if b'"usage"' in line:
-                self.read_usage(line)
-                if self.drop_usage and _NO_CHOICES.search(line):
-                    skip_blank = True
-                    continue
-            out.append(line)
-        return b"".join(out)
-
-    def done(self) -> None:
-        """Count the usage seen. OpenAI's prompt_tokens (and the Responses API's input_tokens) include cached
-        tokens; Anthropic's input_tokens do not, so its cache counts are added back."""
-        counts = self.counts
-        if not counts:
-            return
-        prompt = counts.get(b"prompt_tokens")
-        if prompt is None:
-            prompt = sum(counts.get(k, 0) for k in (b"input_tokens", b"cache_read_input_tokens",
-                                                    b"cache_creation_input_tokens"))
-        completion = counts.get(b"completion_tokens", counts.get(b"output_tokens", 0))
-        self.metrics.usage(self.model, prompt, completion)
 
 
 async def _serve(
