@@ -92,8 +92,8 @@ def render_snippets(name: str, base_url: str, key: KeySource | None) -> str:
 
 
 def sync_clients(doc: dict[str, Any]) -> None:
-    """After apply, scan, delete, preset and flavor: sync pi when the Gateway in ``doc`` asks for it. The store is saved by then, so a
-    failure here is a warning, never a failed command."""
+    """After apply, scan, delete, preset and flavor: sync pi when the Gateway in ``doc`` asks for it. The store is
+    saved by then, so a failure here is a warning, never a failed command."""
     from athanor.errors import AthanorError
     from athanor.integrations import pi
 

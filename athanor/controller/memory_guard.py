@@ -46,14 +46,14 @@ def check(doc: dict[str, Any], obj: dict[str, Any], evictable: list[dict[str, An
              f"'athanor start --force {name}'")
     if need > usable:
         return Verdict(f"not enough memory, ever: model {name!r} needs about {_gib(need)} ({parts}), more than this "
-                       f"machine can give a model ({_gib(memory.total)} total, {_gib(reserve)} kept for the system): {fixes}",
-                       need, room)
+                       f"machine can give a model ({_gib(memory.total)} total, {_gib(reserve)} kept for the "
+                       f"system): {fixes}", need, room)
     if need > room:
         evicting = f", {_gib(freeable)} of it by stopping other models" if freeable else ""
         return Verdict(f"not enough memory: model {name!r} needs about {_gib(need)} ({parts}), but only "
-                       f"{_gib(max(room, 0))} can be "
-                       f"made available now ({_gib(memory.available)} available{evicting}, {_gib(reserve)} kept "
-                       f"for the system); nothing was stopped for it: {fixes}", need, room)
+                       f"{_gib(max(room, 0))} can be made available now ({_gib(memory.available)} available"
+                       f"{evicting}, {_gib(reserve)} kept for the system); nothing was stopped for it: {fixes}",
+                       need, room)
     return Verdict(None, need, room)
 
 

@@ -43,7 +43,8 @@ class Artifact:
         task = self.metadata.get("task")
         if task in ("embedding", "rerank"):
             return [task]
-        return ["text"] + (["vision"] if self.vision else []) + (["reasoning"] if self.metadata.get("reasoning") else [])
+        extra = (["vision"] if self.vision else []) + (["reasoning"] if self.metadata.get("reasoning") else [])
+        return ["text", *extra]
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {

@@ -245,8 +245,8 @@ def _cached(repo: str, path: str, commit: str, blob: str | None, cache: Path) ->
 
 def check_fit(plan: Plan, *, force: bool = False, memory: Memory | None = None) -> list[FitNote]:
     """How each model would fit; ``PullRefused`` for one that cannot fit this machine, unless `force` (or its
-    files are all in the cache already): then the refusal is a warning. Reads the model's shape (the GGUF head or config.json, as ``athanor fit`` does) only
-    when the weights alone leave room."""
+    files are all in the cache already): then the refusal is a warning. Reads the model's shape (the GGUF head
+    or config.json, as ``athanor fit`` does) only when the weights alone leave room."""
     from athanor import fit
     from athanor.runtimes.presets import runtime_defaults
     from athanor.views import human_bytes as size

@@ -13,8 +13,9 @@ on local model servers:
 
 The admin routes (``/athanor/...``, and ``/metrics``) start and stop runtimes: they take no browser requests at
 all, and only loopback peers unless ``spec.auth`` sets an admin key, which every admin request must then present
-(from any peer). ``spec.auth`` API keys likewise guard the OpenAI routes (``auth.py``). CORS headers are sent only to origins the Gateway lists; the runtimes' own ``Access-Control-*``
-headers (mlx_lm.server sends ``*``, llama-server echoes the origin) never reach a client.
+(from any peer). ``spec.auth`` API keys likewise guard the OpenAI routes (``auth.py``). CORS headers are sent
+only to origins the Gateway lists; the runtimes' own ``Access-Control-*`` headers (mlx_lm.server sends ``*``,
+llama-server echoes the origin) never reach a client.
 """
 
 from __future__ import annotations

@@ -171,8 +171,8 @@ def sync(store: Store, *, directory: str | None = None, dry_run: bool = False) -
 def sync_if_enabled(store: Store, doc: dict[str, Any]) -> list[str]:
     """``sync`` when the Gateway in ``doc`` asks for it (``integrations.pi.sync``); what changed, to print.
 
-    For apply, scan, delete, preset, flavor and discovery: silent when nothing changed. Errors are raised; callers report them as
-    warnings, since the store itself is saved."""
+    For apply, scan, delete, preset, flavor and discovery: silent when nothing changed. Errors are raised;
+    callers report them as warnings, since the store itself is saved."""
     if not (catalog.gateway_spec(doc)["integrations"].get("pi") or {}).get("sync"):
         return []
     result = sync(store)

@@ -73,7 +73,8 @@ class RuntimeKind:
 
 
 def _llama_args(t: Target) -> list[tuple[str, str]]:
-    args = [("--model", "spec.source"), (t.path, "spec.source"), ("--alias", "metadata.name"), (t.name, "metadata.name")]
+    args = [("--model", "spec.source"), (t.path, "spec.source"),
+            ("--alias", "metadata.name"), (t.name, "metadata.name")]
     if t.mmproj:
         args += [("--mmproj", "projector beside the weights"), (t.mmproj, "projector beside the weights")]
     if "embedding" in t.capabilities:
