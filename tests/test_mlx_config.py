@@ -48,7 +48,19 @@ def test_plain_mlx_dir(tmp_path: Path) -> None:
     assert info.to_dict() == {
         "modelType": "llama", "architectures": ["LlamaForCausalLM"], "contextLength": 256, "layers": 2,
         "heads": 4, "kvHeads": 2, "hiddenSize": 64, "parameters": expected_parameters(), "vision": False,
+        "keyLength": 16, "valueLength": 16, "reasoning": False,  # its chat template has no thinking mode
     }
+
+
+def test_a_thinking_chat_template_gives_the_reasoning_capability(tmp_path: Path) -> None:
+    directory = write_tiny_mlx_llama(tmp_path / "m")
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% if enable_thinking %}<think>{% endif %}{{ messages[0].content }}"
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    assert read_mlx_config(directory).to_dict()["reasoning"] is True
+    (directory / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                                 if k != "chat_template"}))
+    assert "reasoning" not in read_mlx_config(directory).to_dict(), "no template: unknown, not False"
 
 
 def test_reading_config_json_directly_gives_the_same(tmp_path: Path) -> None:

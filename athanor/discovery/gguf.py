@@ -97,6 +97,9 @@ class GGUFInfo:
     file_type: int | None = None
     quantization: str | None = None
     pooling_type: int | None = None
+    key_length: int | None = None
+    value_length: int | None = None
+    sliding_window: int | None = None
     chat_template: str | None = field(default=None, repr=False)
     kv: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
@@ -131,6 +134,9 @@ class GGUFInfo:
             "expertsUsed": self.expert_used_count,
             "quantization": self.quantization,
             "poolingType": self.pooling_type,
+            "keyLength": self.key_length,
+            "valueLength": self.value_length,
+            "slidingWindow": self.sliding_window,
             "task": self.task,
             "reasoning": self.reasoning if self.chat_template else None,  # unknown without a template
         }
@@ -366,6 +372,9 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> GGUFInfo:
         file_type=file_type,
         quantization=quantization,
         pooling_type=arch_int("pooling_type"),
+        key_length=arch_int("attention.key_length"),
+        value_length=arch_int("attention.value_length"),
+        sliding_window=arch_int("attention.sliding_window"),
         chat_template=_str(values.get("tokenizer.chat_template")) if values.get("tokenizer.chat_template")
         is not _SKIPPED else None,
         kv=kept,

@@ -51,6 +51,10 @@ class MLXInfo:
     bits: int | None = None
     vision: bool = False
     parameter_count: int | None = None
+    head_dim: int | None = None
+    sliding_window: int | None = None
+    sliding_window_pattern: int | None = None
+    reasoning: bool | None = None  # its chat template has a thinking mode (None: no template found)
 
     def to_dict(self) -> dict[str, Any]:
         """The named facts in the camelCase shape the API and CLI print, without unknowns."""
@@ -66,6 +70,11 @@ class MLXInfo:
             "quantization": f"{self.bits}bit" if self.bits is not None else None,
             "vision": self.vision,
             "task": "embedding" if self.model_type in ENCODER_MODEL_TYPES else None,
+            "keyLength": self.head_dim,
+            "valueLength": self.head_dim,
+            "slidingWindow": self.sliding_window,
+            "slidingWindowPattern": self.sliding_window_pattern,
+            "reasoning": self.reasoning,
         }
         return {k: v for k, v in facts.items() if v is not None}
 
@@ -154,7 +163,31 @@ def read_mlx_config(path: str | os.PathLike[str]) -> MLXInfo:
         bits=bits,
         vision=isinstance(config.get("vision_config"), dict) or model_type in VISION_MODEL_TYPES,
         parameter_count=_parameter_count(directory, quant_block if isinstance(quant_block, dict) else None),
+        head_dim=_first_int(configs, "head_dim"),
+        sliding_window=_first_int(configs, "sliding_window"),
+        sliding_window_pattern=_first_int(configs, "sliding_window_pattern"),
+        reasoning=_template_reasoning(directory),
     )
+
+
+def _template_reasoning(directory: Path) -> bool | None:
+    """Whether the chat template (tokenizer_config.json's, or chat_template.jinja) has a thinking mode."""
+    from athanor.discovery.gguf import REASONING_MARKERS
+
+    template = None
+    jinja = directory / "chat_template.jinja"
+    try:
+        if jinja.is_file():
+            template = jinja.read_text(encoding="utf-8", errors="replace")
+        else:
+            data = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+            value = data.get("chat_template") if isinstance(data, dict) else None
+            template = value if isinstance(value, str) else json.dumps(value) if value else None
+    except (OSError, ValueError):
+        return None
+    if not template:
+        return None
+    return any(marker in template for marker in REASONING_MARKERS)
 
 
 def _safetensors_header(path: Path) -> dict[str, Any] | None:

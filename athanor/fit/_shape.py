@@ -11,13 +11,10 @@ Three spellings of the same facts reach this module, and each key is looked up i
   ``sliding_window``, ``sliding_window_pattern``, ``layer_types``, ``use_sliding_window``; ``text_config`` for
   vision-language configs), as an MLX repo gives them.
 
-What discovery does not record yet, and what it costs. ``artifact.metadata`` holds only the named facts: no key or
-value length, no sliding window, no per-layer pattern. Without a key length the head dimension is taken as
-embedding / heads, which is right for llama, mistral and qwen2 but not for models with wider heads (gemma3's
-256 against 2560 / 8 = 320, qwen3-0.6B's 128 against 1024 / 16 = 64). Without a window every layer is counted at
-the full context, an overestimate for gemma2/gemma3, cohere2, gpt-oss and llama4 (never an underestimate).
-Recording ``keyLength``, ``valueLength``, ``slidingWindow`` and ``slidingWindowPattern`` in discovery (the camelCase
-names read here) would make them exact.
+Discovery records ``keyLength``, ``valueLength`` and ``slidingWindow`` (GGUF ``attention.*`` keys; MLX
+``head_dim``, ``sliding_window``, ``sliding_window_pattern``). Where a file does not say, the head dimension is
+taken as embedding / heads, right for llama, mistral and qwen2 but not for models with wider heads (gemma3's 256
+against 2560 / 8 = 320), and every layer counts at the full context: an overestimate, never an underestimate.
 
 Sliding windows are counted only where the runtime bounds them: an explicit per-layer pattern (a list of flags or
 ``layer_types``), or a window on an architecture whose pattern llama.cpp and mlx-lm fix in code (``SWA_PATTERNS``).
