@@ -8,6 +8,7 @@
     ├── NotFoundError            a named object does not exist
     ├── InvalidValueError        a value given on the command line is not acceptable
     ├── RuntimeNotFoundError     a runtime binary is not installed
+    ├── MetadataError            a model's metadata (GGUF header, config.json), on disk or on the Hub, is unusable
     ├── HubError                 the Hugging Face Hub did not answer as asked
     │   ├── HubUnreachable       no connection, a timeout, or offline mode
     │   ├── HubRateLimited       429: too many requests for now
@@ -82,6 +83,11 @@ class InvalidValueError(AthanorError):
 
 class RuntimeNotFoundError(AthanorError):
     """A runtime binary is not installed where athanor looks for it."""
+
+
+class MetadataError(AthanorError):
+    """A model's metadata (a GGUF header, a config.json), on disk or read from the Hub, is malformed, past athanor's
+    limits, or implausible; the message names the file or repo."""
 
 
 class HubError(AthanorError):

@@ -18,9 +18,11 @@ from huggingface_hub import scan_cache_dir
 from athanor.discovery.gguf import (
     FILE_TYPE_NAMES,
     GGUFError,
+    GGUFIncomplete,
     GGUFInfo,
     is_gguf,
     quantization_from_filename,
+    read_gguf_head,
     read_gguf_metadata,
     split_info,
 )
@@ -457,6 +459,39 @@ def test_mutated_headers_only_ever_raise_gguf_error(
         assert str(exc).startswith(f"{path}: ")
     else:
         assert isinstance(info, GGUFInfo) and info.parameter_count >= 0
+
+
+# ---------------------------------------------------------------------------------------------- Hub prefixes
+
+
+def test_the_head_reader_is_the_file_reader_on_the_first_bytes(tiny_gguf: Path, tiny_bytes: bytes,
+                                                                data_offset: int) -> None:
+    info = read_gguf_metadata(tiny_gguf)
+    head = read_gguf_head(tiny_bytes[:data_offset], name="org/Tiny: tiny.gguf", size=len(tiny_bytes))
+    assert {k: head[k] for k in info.kv} == info.kv
+    assert head["llama.block_count"] == info.block_count and head["tokenizer.chat_template"] == info.chat_template
+
+
+@settings(max_examples=300, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), max_size=8),
+    keep=st.floats(0, 1),
+)
+def test_mutated_prefixes_only_ever_need_more_bytes_or_raise_gguf_error(
+    tiny_bytes: bytes, data_offset: int, edits: list[tuple[float, int]], keep: float
+) -> None:
+    data = bytearray(tiny_bytes[:data_offset])
+    for where, value in edits:
+        data[int(where * data_offset)] = value
+    prefix = bytes(data[: int(keep * len(data))])
+    try:
+        values = read_gguf_head(prefix, name="org/Repo: m.gguf", size=len(tiny_bytes))
+    except GGUFIncomplete as exc:
+        assert exc.needed > len(prefix) and isinstance(exc.values, dict)
+    except GGUFError as exc:
+        assert str(exc).startswith("org/Repo: m.gguf: ")
+    else:
+        assert isinstance(values, dict)
 
 
 # ---------------------------------------------------------------------------------------------- HF cache

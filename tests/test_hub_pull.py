@@ -438,6 +438,9 @@ def test_a_pulled_gguf_is_served_through_the_gateway_at_once(fake_hub, gateway):
     assert result.stdout == "model/serve-tiny-q4-k-m pulled (443.1KiB)\n"
     served = {m.id for m in gateway.client.models.list()}
     assert "serve-tiny-q4-k-m" in served
-    answer = chat(gateway.client, "serve-tiny-q4-k-m")
-    assert answer.choices[0].message is not None
+    answer = chat(gateway.client, "serve-tiny-q4-k-m", max_tokens=4)
+    choice = answer.choices[0]
+    assert answer.model == "serve-tiny-q4-k-m" and choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.finish_reason in ("length", "stop")
+    assert 0 < answer.usage.completion_tokens <= 4  # the pulled weights generated it
     assert gateway.phase("serve-tiny-q4-k-m") == "Ready"

@@ -1,9 +1,17 @@
-"""GGUF header reading without the `gguf` package.
+"""GGUF header reading without the `gguf` package: the one reader for files on disk and for the Hub's prefixes.
 
-Discovery runs on every scan over files that can be tens of gigabytes, half-downloaded or not GGUF at all, so
-this reader only walks the header (metadata + tensor infos), seeks over the big tokenizer arrays instead of
-decoding them, and turns every kind of malformation into one `GGUFError` that names the file. It imports
-nothing heavier than `struct`.
+Discovery runs on every scan over files that can be tens of gigabytes, half-downloaded or not GGUF at all; a Hub
+search reads the first bytes of a file it has not downloaded (one Range request) and may be handed anything. Both
+go through this reader, with one set of limits (``MAX_HEADER_BYTES``, ``MAX_KEYS``, ``MAX_TENSORS``,
+``MAX_KEY_BYTES``, ``MAX_ARRAY_LENGTH``, ``MAX_ARRAY_DEPTH``; strings past ``MAX_KEPT_STRING`` are skipped, not
+kept). It only walks the header (metadata + tensor infos), seeks over the big tokenizer arrays instead of decoding
+them, never recurses deeper than the nesting limit, never allocates more than the bytes it was given, and turns
+every malformation into one `GGUFError` that names the file. A prefix that ends inside the metadata is not a
+malformation: `GGUFIncomplete` says how many bytes the reader needed and carries the keys read before they ran
+out. It imports nothing heavier than `struct`.
+
+    read_gguf_metadata(path)                 a file on disk: every fact discovery records (`GGUFInfo`)
+    read_gguf_head(data, name=, size=)       the first bytes of a file (the Hub): its metadata keys
 
 Layout (v2 and v3 share it; v1 used 32-bit counts and is refused):
 magic "GGUF" | u32 version | u64 tensor_count | u64 kv_count | kv pairs | tensor infos | padding | tensor data
@@ -18,11 +26,15 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from athanor.errors import MetadataError
+
 __all__ = [
     "GGUFError",
+    "GGUFIncomplete",
     "GGUFInfo",
     "is_gguf",
     "quantization_from_filename",
+    "read_gguf_head",
     "read_gguf_metadata",
     "split_info",
 ]
@@ -39,15 +51,22 @@ FILE_TYPE_NAMES: dict[int, str] = {
     32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
 }
 
+# The limits, for files on disk and Hub prefixes alike. Real headers are far inside them: a 262k-token vocabulary
+# with its scores, types and merges and a few thousand tensor infos take under 16 MiB, a few dozen keys.
+MAX_HEADER_BYTES = 64 * 2**20  # metadata + tensor infos
+MAX_KEYS = 1 << 16
+MAX_TENSORS = 1 << 20
+MAX_KEY_BYTES = 1 << 16
+MAX_ARRAY_LENGTH = 1 << 24  # items in one array (each level of a nested one)
+MAX_ARRAY_DEPTH = 8
+# Strings longer than this (an embedded tokenizer.json, say) are skipped rather than kept in memory.
+MAX_KEPT_STRING = 1 << 20
 # Arrays up to this length are worth keeping in `kv` (per-layer head counts of small models, a few flags);
 # anything longer is tokenizer data that discovery never needs.
 MAX_KEPT_ARRAY = 64
 # Numeric arrays are decoded (one C-level unpack, no per-item Python work) up to this length so that a
 # per-layer head_count of a deep model is still seen; longer ones are skipped.
 _MAX_DECODED_NUMERIC_ARRAY = 4096
-# Strings longer than this (an embedded tokenizer.json, say) are skipped rather than kept in memory.
-_MAX_KEPT_STRING = 1 << 20
-_MAX_ARRAY_DEPTH = 8
 _MAX_DIMS = 8  # ggml has 4; a little slack, still far below anything that could hurt.
 _READ_CHUNK = 1 << 16
 _DEFAULT_ALIGNMENT = 32
@@ -68,8 +87,21 @@ _MIN_TENSOR_INFO_SIZE = 8 + 4 + 4 + 8  # empty name, n_dims, type, offset
 _MIN_ARRAY_SIZE = 4 + 8           # nested array header: item type, count
 
 
-class GGUFError(ValueError):
-    """The file is not a GGUF file, or its header is truncated or corrupt."""
+class GGUFError(MetadataError, ValueError):
+    """The file is not a GGUF file, or its header is truncated, corrupt or past the reader's limits."""
+
+
+class GGUFIncomplete(MetadataError):
+    """The bytes given (a prefix of the file) end inside the metadata: not a malformation, just too few bytes.
+
+    ``needed`` is the prefix length the reader would have needed to go one step further (at least); ``values``
+    holds the metadata keys read before the bytes ran out, in file order.
+    """
+
+    def __init__(self, message: str, needed: int, values: dict[str, object] | None = None):
+        super().__init__(message)
+        self.needed = needed
+        self.values: dict[str, object] = values or {}
 
 
 _SKIPPED = object()
@@ -144,29 +176,53 @@ class GGUFInfo:
 
 
 class _Cursor:
-    """Reads through a window of the file so skipping 200k tokenizer strings costs no syscall per string.
+    """Reads a header through a window of bytes, so skipping 200k tokenizer strings costs no syscall per string.
 
-    Every read is checked against the file size first, which is what keeps a corrupt length or count from
-    turning into a huge allocation: nothing larger than the file is ever requested.
+    Two sources: a file on disk (``f``, read in chunks; ``size`` is the file's), or a prefix of a file held in
+    memory (``data``; ``size`` is the whole file's when known, else None). Every read is checked first against
+    the bytes there are, which is what keeps a corrupt length or count from turning into a huge allocation:
+    nothing larger than the file, or than the prefix, is ever requested. Running out of bytes is a truncated
+    file when they were the whole file, and ``GGUFIncomplete`` when they were a prefix of a longer one.
     """
 
-    def __init__(self, f: BinaryIO, path: str, size: int) -> None:
+    def __init__(self, name: str, size: int | None, *, f: BinaryIO | None = None, data: bytes = b"") -> None:
+        if f is None and size is not None:
+            data = data[:size]  # a prefix is never longer than its file
         self._f = f
-        self.path = path
+        self.path = name
         self.size = size
         self.pos = 0
-        self._buf = b""
+        self._buf = data
         self._start = 0
+        # Bytes that can be read at all: the whole file, or the prefix.
+        self.available = len(data) if f is None else size or 0
+        self.whole = f is not None or (size is not None and len(data) == size)
 
     def error(self, what: str) -> GGUFError:
         return GGUFError(f"{self.path}: {what}")
 
+    def short(self, n: int) -> Exception:
+        """The error for wanting bytes [pos, pos+n) that are not there: truncated file, or a prefix too short."""
+        end = self.pos + n
+        if self.whole or (self.size is not None and end > self.size):
+            return self.error(f"truncated GGUF header (wanted {n} bytes at offset {self.pos})")
+        if end > MAX_HEADER_BYTES:  # more bytes would not help: the reader would refuse them
+            return self.error(f"GGUF header larger than {MAX_HEADER_BYTES} bytes (at offset {self.pos})")
+        return GGUFIncomplete(f"{self.path}: the first {self.available} bytes end inside the GGUF header "
+                              f"(wanted {n} bytes at offset {self.pos})", end)
+
+    def _check(self, n: int) -> None:
+        if n < 0 or self.pos + n > self.available:
+            raise self.short(n)
+        if self.pos + n > MAX_HEADER_BYTES:
+            raise self.error(f"GGUF header larger than {MAX_HEADER_BYTES} bytes (at offset {self.pos})")
+
     def _window(self, n: int) -> int:
         """Make [pos, pos+n) readable from the buffer and return its start inside the buffer."""
-        if n < 0 or self.pos + n > self.size:
-            raise self.error(f"truncated GGUF header (wanted {n} bytes at offset {self.pos})")
+        self._check(n)
         rel = self.pos - self._start
         if rel < 0 or rel + n > len(self._buf):
+            assert self._f is not None  # a prefix is all in the buffer
             self._f.seek(self.pos)
             self._buf = self._f.read(max(n, _READ_CHUNK))
             self._start = self.pos
@@ -175,8 +231,13 @@ class _Cursor:
                 raise self.error(f"truncated GGUF header (wanted {n} bytes at offset {self.pos})")
         return rel
 
-    def remaining(self) -> int:
-        return self.size - self.pos
+    def room(self) -> tuple[int, str]:
+        """How many bytes a count may still claim, and what bounds them: the end of the file (when its size is
+        known) or the header limit, whichever comes first."""
+        header = MAX_HEADER_BYTES - self.pos
+        if self.size is not None and self.size - self.pos <= header:
+            return self.size - self.pos, "end of file"
+        return header, f"the {MAX_HEADER_BYTES}-byte header limit"
 
     def unpack(self, st: struct.Struct) -> Any:
         rel = self._window(st.size)
@@ -195,14 +256,13 @@ class _Cursor:
         return self._buf[rel:rel + n]
 
     def skip(self, n: int) -> None:
-        if n < 0 or self.pos + n > self.size:
-            raise self.error(f"truncated GGUF header (wanted {n} bytes at offset {self.pos})")
+        self._check(n)
         self.pos += n
 
     def string(self) -> object:
         """The decoded string, or `_SKIPPED` for one too long to be metadata anyone reads."""
         n = self.unpack(_U64)
-        if n > _MAX_KEPT_STRING:
+        if n > MAX_KEPT_STRING:
             self.skip(n)
             return _SKIPPED
         return self.take(n).decode("utf-8", errors="replace")
@@ -217,13 +277,24 @@ class _Cursor:
                 count -= 1
                 if rel > end:
                     break
+            if self._start + rel > self.available or self._start + rel > MAX_HEADER_BYTES:
+                self._check(self._start + rel - self.pos)  # raises: truncated, incomplete or too large
             self.pos = self._start + rel
-            if self.pos > self.size:
-                raise self.error(f"truncated GGUF header (string runs past end of file at offset {self.pos})")
 
 
-def _past_end(cur: _Cursor, count: int, kind: str, key: str) -> GGUFError:
-    return cur.error(f"truncated or corrupt GGUF header: array of {count} {kind} for key {key!r} runs past end of file")
+def _past_end(cur: _Cursor, count: int, kind: str, key: str, need: int) -> Exception:
+    room, bound = cur.room()
+    if need <= room:  # within the file and the limit, past the prefix: more bytes would tell
+        return cur.short(need)
+    if bound == "end of file":
+        return cur.error(f"truncated or corrupt GGUF header: array of {count} {kind} for key {key!r} runs past end "
+                         "of file")
+    return cur.error(f"array of {count} {kind} for key {key!r} runs past {bound}")
+
+
+def _check_length(cur: _Cursor, count: int, key: str) -> None:
+    if count > MAX_ARRAY_LENGTH:
+        raise cur.error(f"array of {count} items for key {key!r} (the limit is {MAX_ARRAY_LENGTH})")
 
 
 def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> object:
@@ -236,36 +307,40 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> object:
         return cur.string()
     if vtype != _ARRAY:
         raise cur.error(f"unknown GGUF value type {vtype} for key {key!r} at offset {cur.pos - 4}")
-    if depth >= _MAX_ARRAY_DEPTH:
-        raise cur.error(f"arrays nested deeper than {_MAX_ARRAY_DEPTH} for key {key!r}")
+    if depth >= MAX_ARRAY_DEPTH:
+        raise cur.error(f"arrays nested deeper than {MAX_ARRAY_DEPTH} for key {key!r}")
     item_type = cur.unpack(_U32)
     count = cur.unpack(_U64)
     item = _SCALARS.get(item_type)
     if item is not None:
-        if item.size * count > cur.remaining():
-            raise _past_end(cur, count, "items", key)
+        if item.size * count > cur.available - cur.pos:
+            raise _past_end(cur, count, "items", key, item.size * count)
+        _check_length(cur, count, key)
         if count > _MAX_DECODED_NUMERIC_ARRAY:
             cur.skip(item.size * count)
             return _SKIPPED
         values = cur.unpack_many(item, count)
         return [bool(v) for v in values] if item_type == _BOOL else list(values)
     if item_type == _STRING:
-        if 8 * count > cur.remaining():
-            raise _past_end(cur, count, "strings", key)
+        if 8 * count > cur.room()[0]:
+            raise _past_end(cur, count, "strings", key, 8 * count)
+        _check_length(cur, count, key)
         if count > MAX_KEPT_ARRAY:
             cur.skip_strings(count)
             return _SKIPPED
         return [cur.string() for _ in range(count)]
     if item_type == _ARRAY:
-        if _MIN_ARRAY_SIZE * count > cur.remaining():
-            raise _past_end(cur, count, "arrays", key)
+        if _MIN_ARRAY_SIZE * count > cur.room()[0]:
+            raise _past_end(cur, count, "arrays", key, _MIN_ARRAY_SIZE * count)
+        _check_length(cur, count, key)
         for _ in range(count):
             _read_value(cur, _ARRAY, key, depth + 1)
         return _SKIPPED
     raise cur.error(f"unknown GGUF array item type {item_type} for key {key!r} at offset {cur.pos - 12}")
 
 
-def _read_header(cur: _Cursor) -> tuple[dict[str, object], int]:
+def _read_counts(cur: _Cursor) -> tuple[int, int]:
+    """Magic, version and the two counts; (tensor_count, kv_count)."""
     magic = cur.take(4)
     if magic != GGUF_MAGIC:
         raise cur.error(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
@@ -277,18 +352,32 @@ def _read_header(cur: _Cursor) -> tuple[dict[str, object], int]:
         raise cur.error(f"unsupported GGUF version {version} (supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
     tensor_count = cur.unpack(_U64)
     kv_count = cur.unpack(_U64)
-    if kv_count * _MIN_KV_SIZE + tensor_count * _MIN_TENSOR_INFO_SIZE > cur.remaining():
+    if cur.size is not None and kv_count * _MIN_KV_SIZE + tensor_count * _MIN_TENSOR_INFO_SIZE > cur.size - cur.pos:
         raise cur.error(
             f"truncated or corrupt GGUF header ({tensor_count} tensors and {kv_count} metadata keys"
-            f" cannot fit in the remaining {cur.remaining()} bytes)"
+            f" cannot fit in the remaining {cur.size - cur.pos} bytes)"
         )
+    if kv_count > MAX_KEYS:
+        raise cur.error(f"{kv_count} metadata keys (the limit is {MAX_KEYS})")
+    if tensor_count > MAX_TENSORS:
+        raise cur.error(f"{tensor_count} tensors (the limit is {MAX_TENSORS})")
+    return tensor_count, kv_count
 
-    values: dict[str, object] = {}
+
+def _read_metadata(cur: _Cursor, kv_count: int, values: dict[str, object]) -> None:
+    """The kv pairs, into `values` as they are read (so that a prefix's keys survive its end)."""
     for _ in range(kv_count):
-        key = cur.string()
-        if not isinstance(key, str):
-            raise cur.error(f"metadata key longer than {_MAX_KEPT_STRING} bytes before offset {cur.pos}")
+        n = cur.unpack(_U64)
+        if n > MAX_KEY_BYTES:
+            raise cur.error(f"metadata key of {n} bytes at offset {cur.pos - 8} (the limit is {MAX_KEY_BYTES})")
+        key = cur.take(n).decode("utf-8", errors="replace")
         values[key] = _read_value(cur, cur.unpack(_U32), key)
+
+
+def _read_header(cur: _Cursor) -> tuple[dict[str, object], int]:
+    tensor_count, kv_count = _read_counts(cur)
+    values: dict[str, object] = {}
+    _read_metadata(cur, kv_count, values)
 
     parameters = 0
     last_start = -1  # offset of the last non-empty tensor, relative to the data section
@@ -310,11 +399,38 @@ def _read_header(cur: _Cursor) -> tuple[dict[str, object], int]:
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise cur.error(f"invalid general.alignment {alignment!r}")
     data_start = -(-cur.pos // alignment) * alignment
+    assert cur.size is not None  # a file on disk
     if last_start >= 0 and data_start + last_start >= cur.size:
         raise cur.error(
             f"truncated GGUF tensor data (file ends at {cur.size}, a tensor starts at {data_start + last_start})"
         )
     return values, parameters
+
+
+def _readable(values: dict[str, object]) -> dict[str, object]:
+    """The values a caller can use: skipped strings and arrays left out."""
+    return {k: v for k, v in values.items()
+            if v is not _SKIPPED and not (isinstance(v, list) and any(item is _SKIPPED for item in v))}
+
+
+def read_gguf_head(data: bytes, *, name: str, size: int | None = None) -> dict[str, object]:
+    """The metadata keys of a GGUF file from its first bytes, `data` (a Range read of a file on the Hub); `size` is
+    the whole file's size when known, `name` what messages call it (the repo and file).
+
+    Raises GGUFIncomplete when `data` ends inside the metadata (its ``values`` are the keys read until then), and
+    GGUFError for anything malformed or past the limits. Strings and arrays too long to keep are left out.
+    """
+    cur = _Cursor(name, size, data=data)
+    values: dict[str, object] = {}
+    try:
+        _, kv_count = _read_counts(cur)
+        _read_metadata(cur, kv_count, values)
+    except GGUFIncomplete as exc:
+        exc.values = _readable(values)
+        raise
+    except (struct.error, OverflowError, MemoryError) as exc:  # belt and braces: bounds are checked first
+        raise cur.error(f"corrupt GGUF header near offset {cur.pos} ({exc})") from exc
+    return _readable(values)
 
 
 def _int(value: object) -> int | None:
@@ -339,7 +455,7 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> GGUFInfo:
     """
     display = os.fspath(path)
     with open(path, "rb") as f:
-        cur = _Cursor(f, display, os.fstat(f.fileno()).st_size)
+        cur = _Cursor(display, os.fstat(f.fileno()).st_size, f=f)
         try:
             values, parameters = _read_header(cur)
         except (struct.error, OverflowError, MemoryError) as exc:  # belt and braces: bounds are checked first
@@ -354,10 +470,7 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> GGUFInfo:
     quantization = FILE_TYPE_NAMES.get(file_type) if file_type is not None else None
     if quantization is None:
         quantization = quantization_from_filename(os.path.basename(display))
-    kept = {
-        k: v for k, v in values.items()
-        if v is not _SKIPPED and not (isinstance(v, list) and (len(v) > MAX_KEPT_ARRAY or _SKIPPED in v))
-    }
+    kept = {k: v for k, v in _readable(values).items() if not (isinstance(v, list) and len(v) > MAX_KEPT_ARRAY)}
     return GGUFInfo(
         architecture=arch,
         name=_str(values.get("general.name")),

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from athanor.errors import MetadataError
+
 __all__ = ["MLXConfigError", "MLXInfo", "is_mlx_dir", "read_mlx_config"]
 
 # Model types whose configs describe a vision-language model even when (like gemma3) they nest the vision part
@@ -29,10 +31,12 @@ VISION_MODEL_TYPES = frozenset({
 })
 # safetensors caps the JSON header at 100 MB; anything claiming more is corrupt.
 _MAX_SAFETENSORS_HEADER = 100_000_000
+# A model's config.json is a few kilobytes (a few hundred with large label maps); the Hub's reads stop at 4 MiB.
+MAX_CONFIG_BYTES = 16 * 2**20
 
 
-class MLXConfigError(ValueError):
-    """config.json is not valid JSON, or not a JSON object."""
+class MLXConfigError(MetadataError, ValueError):
+    """config.json is not valid JSON, not a JSON object, nested too deep or too large to be a model's config."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,13 @@ def _first_int(configs: list[dict[str, Any]], *keys: str) -> int | None:
 
 def _load_config(config_path: Path) -> dict[str, Any]:
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        with open(config_path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise MLXConfigError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes, more than any model's config")
+        config = json.loads(raw.decode("utf-8"))
+    except RecursionError as exc:  # json's parser gives up on arrays or objects nested this deep
+        raise MLXConfigError(f"{config_path}: invalid JSON: nested too deep") from exc
     except json.JSONDecodeError as exc:
         raise MLXConfigError(
             f"{config_path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
@@ -183,7 +193,7 @@ def _template_reasoning(directory: Path) -> bool | None:
             data = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
             value = data.get("chat_template") if isinstance(data, dict) else None
             template = value if isinstance(value, str) else json.dumps(value) if value else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not template:
         return None
@@ -202,7 +212,7 @@ def _safetensors_header(path: Path) -> dict[str, Any] | None:
             if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
                 return None
             header = json.loads(f.read(n))
-    except (OSError, ValueError):  # ValueError covers JSON and UTF-8 errors
+    except (OSError, ValueError, RecursionError):  # ValueError covers JSON and UTF-8 errors; RecursionError nesting
         return None
     if not isinstance(header, dict):
         return None

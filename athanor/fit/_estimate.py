@@ -166,9 +166,10 @@ def _kv_bytes(shape: Shape, runtime: str, ctx: int, cache: _Cache) -> int:
     if shape.encoder:  # llama.cpp builds no KV cache for encoders; each input is processed whole
         return 0
     total = Fraction(0)
-    for layer in shape.layers:
-        tokens = ctx if layer.window is None else min(ctx, _window_tokens(runtime, layer.window, cache))
-        total += layer.kv_heads * tokens * (layer.key_length * cache.k_bytes + layer.value_length * cache.v_bytes)
+    for group in shape.layers:
+        tokens = ctx if group.window is None else min(ctx, _window_tokens(runtime, group.window, cache))
+        total += group.count * group.kv_heads * tokens * (group.key_length * cache.k_bytes
+                                                          + group.value_length * cache.v_bytes)
     return math.ceil(total)
 
 

@@ -33,6 +33,7 @@ from athanor.errors import (
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TIMEOUT = 15.0  # seconds for one request
+_CHUNK = 1 << 16
 _RETRY_STATUS = (500, 502, 503, 504)
 _RATELIMIT = re.compile(r";\s*t\s*=\s*(\d+)")
 
@@ -86,16 +87,35 @@ def model_info(repo: str, revision: str | None = None) -> Any:
 
 
 def read_head(repo: str, path: str, revision: str, size: int) -> bytes:
-    """The first `size` bytes of a file in the repo, without touching the HF cache (a Range request)."""
+    """The first `size` bytes of a file in the repo (fewer when the file is shorter), without touching the HF
+    cache: a Range request whose answer is streamed and cut at `size` bytes, so that a server which ignores Range
+    (200 with the whole file) costs no more than one that honours it. The connection is closed, not drained."""
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     url = f"{endpoint()}/{repo}/resolve/{quote(revision, safe='')}/{quote(path)}"
     headers = build_hf_headers(token=token(), library_name="athanor", library_version=__version__)
     headers["Range"] = f"bytes=0-{size - 1}"
-    with hub_errors(repo):
-        response = get_session().get(url, headers=headers, timeout=TIMEOUT)
+    with hub_errors(repo), _streamed(get_session(), url, headers) as response:
         hf_raise_for_status(response)
-        return response.content[:size]
+        return _first_bytes(response, size)
+
+
+def _streamed(session: Any, url: str, headers: dict[str, str]) -> Any:
+    """A GET whose body is read as it arrives; closing it closes the connection. httpx-style clients
+    (huggingface_hub 1.x and 2.x) have ``stream``; requests (0.x) streams with ``stream=True``."""
+    if hasattr(session, "stream"):
+        return session.stream("GET", url, headers=headers, timeout=TIMEOUT)
+    return session.get(url, headers=headers, timeout=TIMEOUT, stream=True)
+
+
+def _first_bytes(response: Any, size: int) -> bytes:
+    chunks = response.iter_bytes() if hasattr(response, "iter_bytes") else response.iter_content(_CHUNK)
+    data = bytearray()
+    for chunk in chunks:
+        data += chunk[:size - len(data)]
+        if len(data) >= size:
+            break
+    return bytes(data)
 
 
 @contextmanager

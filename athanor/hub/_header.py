@@ -1,77 +1,62 @@
-"""The metadata keys at the head of a GGUF file that is still on the Hub.
+"""A repo's shape metadata, read from the Hub within bounds: the head of a GGUF file, or config.json.
 
-A search reads the first ``HEAD_BYTES`` of the chosen file with one Range request. The architecture's keys
-(block count, head counts, key length, sliding window) come before the tokenizer's large arrays in files
-llama.cpp's converter writes, so the head is enough for a memory estimate. The reader keeps what it could parse
-before the bytes ran out and never raises on a truncated or foreign file.
+A search reads the first ``HEAD_BYTES`` of the chosen GGUF file with one Range request (``_client.read_head``
+stops at that many bytes even when the server sends the whole file) and parses them with discovery's GGUF reader,
+the same reader and limits as files on disk. The architecture's keys (block count, head counts, key length,
+sliding window) come before the tokenizer's large arrays in files llama.cpp's converter writes, so when the head
+ends inside the header (``GGUFIncomplete``) the keys read until then are used. A config.json is read up to
+``CONFIG_BYTES``.
+
+Whatever is read must also make sense as a shape (``fit._shape``: no more layers than any model has). Anything
+malformed, past the limits or implausible is a ``MetadataError`` naming the repo and the file; search turns it
+into a row whose shape is unknown.
 """
 
 from __future__ import annotations
 
-import struct
+import json
 from typing import Any
 
+from athanor.errors import MetadataError, printable
+from athanor.hub import _client
+
 HEAD_BYTES = 256 * 1024
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-_MAX_KEPT_ARRAY = 4096
-_MAX_KEPT_STRING = 4096
+CONFIG_BYTES = 4 * 2**20
 
 
-class _End(Exception):
-    pass
+def gguf_head(repo: str, path: str, revision: str, size: int | None) -> dict[str, Any]:
+    """The metadata keys at the head of a GGUF file on the Hub (`size`: the file's listed size, when known)."""
+    from athanor.discovery.gguf import GGUFIncomplete, read_gguf_head
 
-
-class _Reader:
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise _End
-        chunk = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return chunk
-
-    def unpack(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> bytes:
-        return self.take(self.unpack("<Q"))
-
-    def value(self, vtype: int) -> Any:
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
-        if vtype == _STRING:
-            raw = self.string()
-            return raw.decode("utf-8", "replace") if len(raw) <= _MAX_KEPT_STRING else None
-        if vtype == _ARRAY:
-            item_type, count = self.unpack("<I"), self.unpack("<Q")
-            if item_type in _SCALARS and count <= _MAX_KEPT_ARRAY:
-                return [self.unpack(_SCALARS[item_type]) for _ in range(count)]
-            if item_type in _SCALARS:
-                self.take(struct.calcsize(_SCALARS[item_type]) * count)
-                return None
-            for _ in range(count):  # strings (a tokenizer's vocabulary) or nested arrays: skipped
-                self.value(item_type)
-            return None
-        raise _End  # an unknown type: nothing after it can be trusted
-
-
-def read_gguf_head(data: bytes) -> dict[str, Any]:
-    """The key/value pairs readable from `data`, a GGUF file's first bytes; {} when it is not GGUF."""
-    reader = _Reader(data)
-    kv: dict[str, Any] = {}
+    where = printable(f"{repo}: {path}")
+    data = _client.read_head(repo, path, revision, HEAD_BYTES)
     try:
-        if reader.take(4) != b"GGUF" or reader.unpack("<I") not in (2, 3):
-            return {}
-        reader.unpack("<Q")  # tensor count
-        count = reader.unpack("<Q")
-        for _ in range(count):
-            key = reader.string().decode("utf-8", "replace")
-            value = reader.value(reader.unpack("<I"))
-            if value is not None:
-                kv[key] = value
-    except _End:
-        pass
-    return kv
+        keys = read_gguf_head(data, name=where, size=size)
+    except GGUFIncomplete as short:
+        keys = short.values
+    return _plausible(keys, where)
+
+
+def config(repo: str, path: str, revision: str) -> dict[str, Any]:
+    """A config.json on the Hub, as a dict."""
+    where = printable(f"{repo}: {path}")
+    data = _client.read_head(repo, path, revision, CONFIG_BYTES + 1)
+    if len(data) > CONFIG_BYTES:
+        raise MetadataError(f"{where}: larger than {CONFIG_BYTES} bytes, more than any model's config")
+    try:
+        parsed = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays or objects nested too deep
+        reason = str(exc).splitlines()[0] if isinstance(exc, ValueError) else "nested too deep"
+        raise MetadataError(f"{where}: not a JSON config ({reason})") from exc
+    if not isinstance(parsed, dict):
+        raise MetadataError(f"{where}: expected a JSON object, got {type(parsed).__name__}")
+    return _plausible(parsed, where)
+
+
+def _plausible(meta: dict[str, Any], where: str) -> dict[str, Any]:
+    from athanor.fit._shape import read_shape
+
+    problem = read_shape(meta).problem
+    if problem:
+        raise MetadataError(f"{where}: {problem}")
+    return meta

@@ -12,7 +12,6 @@ downloads).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,8 @@ from athanor.hub._files import (
     is_projector,
     mlx_quant,
 )
-from athanor.hub._header import HEAD_BYTES, read_gguf_head
+from athanor.hub._header import config as read_config
+from athanor.hub._header import gguf_head
 
 FORMATS = ("any", "gguf", "mlx")
 SORTS = ("downloads", "likes", "trending", "modified", "size", "fit")
@@ -70,6 +70,9 @@ class Row:
     # What the estimate was made from (GGUF head keys or config.json, plus the Hub's facts): give it to
     # athanor.fit.estimate_meta with size_bytes, runtime and projector_bytes for another context.
     meta: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Why the shape is unknown although the repo was readable (a malformed or implausible GGUF head or config.json,
+    # a file the Hub would not send): one line naming the repo and file. None when read, or not tried (gated).
+    shape_problem: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,7 +82,7 @@ class Row:
             "downloads": self.downloads, "likes": self.likes, "trendingScore": self.trending_score,
             "lastModified": self.last_modified, "gated": self.gated, "parameters": self.parameters,
             "architecture": self.architecture, "contextLength": self.context_length, "revision": self.revision,
-            "quants": list(self.quants),
+            "quants": list(self.quants), "shapeProblem": self.shape_problem,
         }
 
 
@@ -189,9 +192,9 @@ def _row(listed: Any, info: Any, fmt: str, memory: Any) -> Row | None:
         quants = tuple(c.quant or "?" for c in chosen.candidates)
         runtime = "llama-server"
         parameters = gguf.get("total")
-        shape = {} if gated or weights is None else _shape(info, weights.files[0])
+        shape, problem = ({}, None) if gated or weights is None else _shape(info, weights.files[0])
     else:
-        shape = {} if gated else _shape(info, "config.json")
+        shape, problem = ({}, None) if gated else _shape(info, "config.json")
         config = shape or (info.config if isinstance(info.config, dict) else None)
         quant = mlx_quant(info.id, config, tags) if kind == "mlx" else _dtype(info.safetensors)
         weights = choose_safetensors(files, quant)
@@ -214,25 +217,26 @@ def _row(listed: Any, info: Any, fmt: str, memory: Any) -> Row | None:
         trending_score=listed.trending_score or 0,
         last_modified=modified.isoformat().replace("+00:00", "Z") if modified else None, gated=gated,
         parameters=parameters, architecture=meta.get("architecture") or _config_arch(shape),
-        context_length=_context_length(meta), revision=info.sha, quants=quants, meta=meta,
+        context_length=_context_length(meta), revision=info.sha, quants=quants, meta=meta, shape_problem=problem,
     )
 
 
-def _shape(info: Any, path: str) -> dict[str, Any]:
-    """What the KV cache is made of: the keys at the head of a GGUF file, or config.json; {} when it cannot be
-    read (a rate limit still fails the search: the next request would meet it too)."""
+def _shape(info: Any, path: str) -> tuple[dict[str, Any], str | None]:
+    """What the KV cache is made of: the keys at the head of a GGUF file, or config.json (``_header``, bounded).
+    ({}, why) when they cannot be read or make no sense: the row's shape is then unknown. A rate limit still fails
+    the search: the next request would meet it too."""
     revision = info.sha or "main"
+    sizes = {s.rfilename: s.size for s in info.siblings or []}
     try:
         if path.lower().endswith(".gguf"):
-            return read_gguf_head(_client.read_head(info.id, path, revision, HEAD_BYTES))
-        if not any(s.rfilename == path for s in info.siblings or []):
-            return {}
-        config = json.loads(_client.read_head(info.id, path, revision, 4 * 2**20))
-        return config if isinstance(config, dict) else {}
+            return gguf_head(info.id, path, revision, sizes.get(path)), None
+        if path not in sizes:
+            return {}, None
+        return read_config(info.id, path, revision), None
     except HubRateLimited:
         raise
-    except (AthanorError, ValueError):
-        return {}
+    except AthanorError as exc:
+        return {}, str(exc)
 
 
 def _machine_memory() -> Any:

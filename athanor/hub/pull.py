@@ -299,6 +299,8 @@ def check_fit(plan: Plan, *, force: bool = False, memory: Memory | None = None) 
                                  "will refuse to start it as it is)", warning=True))
         else:
             raise PullRefused(f"{problem}; nothing was downloaded ('athanor pull --force' pulls it anyway)")
+    if row is not None and row.shape_problem:
+        notes.insert(0, FitNote(f"{row.shape_problem}: its KV cache is not counted", warning=True))
     return notes
 
 
