@@ -75,6 +75,13 @@ def tier(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
         assert not t.kill_leftovers(), "a scripted runtime outlived its controller"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The fast tier is whatever runs on the tier fixture: marked here, so no list of files needs keeping."""
+    for item in items:
+        if "tier" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.fast)
+
+
 def lan_address() -> str | None:
     """An IPv4 address of this machine that is not loopback, if it has one."""
     import psutil

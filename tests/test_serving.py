@@ -12,7 +12,6 @@ import shlex
 import signal
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -50,10 +49,15 @@ def test_models_are_listed_without_starting_anything(gateway):
 def test_chat_completion_non_streaming_and_streaming(gateway, model):
     reply = chat(gateway.client, model)
     assert reply.model == model, "the response names the model the client asked for"
-    assert reply.choices[0].message is not None
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("length", "stop") and 0 < reply.usage.completion_tokens <= 4
     chunks = list(chat(gateway.client, model, stream=True))
     assert chunks and all(c.model == model for c in chunks)
-    assert chunks[-1].choices == [] or chunks[-1].choices[0].finish_reason is not None or len(chunks) > 1
+    # The client did not ask for usage: the stream ends with the finishing chunk, and only that one finishes.
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
+    assert finishing == [chunks[-1]] and finishing[0].choices[0].finish_reason in ("length", "stop")
+    assert all(c.usage is None for c in chunks)
 
 
 @pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
@@ -174,11 +178,9 @@ def test_a_busy_port_fails_the_start_at_once_naming_the_holder(gateway):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", port))
         squatter.listen()
-        started = time.monotonic()
-        with pytest.raises(openai.APIStatusError) as err:
+        with pytest.raises(openai.APIStatusError) as err:  # the port check's answer, not the startup timeout's
             chat(gateway.client, "tiny-mlx")
         assert err.value.status_code == 503 and f"port {port} is in use by pid {os.getpid()}" in err.value.message
-        assert time.monotonic() - started < 10, "not the startup timeout"
     assert chat(gateway.client, "tiny-mlx").model == "tiny-mlx"
 
 
@@ -218,11 +220,9 @@ def test_runtime_killed_mid_stream_fails_promptly_and_recovers(gateway, model, t
     first = next(iter(stream))
     assert first.model == model
     os.kill(pid, signal.SIGKILL)
-    started = time.monotonic()
-    with pytest.raises(openai.APIError, match="failed mid-request"):
+    with pytest.raises(openai.APIError, match="failed mid-request"):  # the death seen, not a read timeout's 504
         for _ in stream:
             pass
-    assert time.monotonic() - started < 10
     reply = chat(gateway.client, model)
     assert reply.model == model
     assert gateway.runtime_pid(model) != pid
@@ -354,7 +354,9 @@ def _send_raw(gateway: Gateway, body: dict) -> socket.socket:
 
 def _slots_busy(gateway: Gateway, name: str) -> bool:
     port = gateway.live(name)["port"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/slots", timeout=10) as resp:
+    secret = (gateway.home / "run" / f"{name}.key").read_text().strip()  # the runtime answers the gateway alone
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/slots", headers={"Authorization": f"Bearer {secret}"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
         return any(slot.get("is_processing") for slot in json.loads(resp.read()))
 
 
@@ -409,11 +411,11 @@ def test_mlx_weights_that_fail_to_load_fail_the_start_at_once(gateway, tmp_path)
     broken = write_tiny_mlx_llama(tmp_path / "weights" / "broken-mlx")
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     apply_models(tmp_path / "broken.yaml", model_spec("broken-mlx", broken, "mlx-lm"))
-    started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as err:
         chat(gateway.client, "broken-mlx")
+    # The probe's own finding; the startup timeout would have said "not ready after 120 s (startupTimeout)".
     assert err.value.status_code == 503 and "generation thread died" in err.value.message
-    assert time.monotonic() - started < 30, "not the 120 s startup timeout"
+    assert "startupTimeout" not in err.value.message
 
 
 def test_cli_start_wait_logs_stop(gateway):
