@@ -1,19 +1,24 @@
 """Bearer keys for the ingress and the admin API, read from where the Gateway spec points, never from the spec.
 
 ``spec.auth`` names files (one key per line, ``#`` comments) or environment variables of the gateway's process.
-Keys configured but unreadable fail closed: every request is refused with a reason that names the file, rather
-than the gateway quietly serving without the protection its user asked for. The CLI reads the admin key the
-same way, so ``athanor start`` works wherever the key file is readable by its user.
+Keys configured but unreadable fail closed: every request is refused, rather than the gateway quietly serving
+without the protection its user asked for. The reason, which names the file, goes to the gateway's log, once per
+change of the key configuration; a client, who may not have presented any key yet, learns only that the keys
+cannot be checked, never the gateway's paths. The CLI reads the admin key the same way, so ``athanor start``
+works wherever the key file is readable by its user.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 RECHECK_S = 1.0  # how often a key file's mtime is looked at: a rotated key counts within a second
 
@@ -31,11 +36,18 @@ class Keys:
             return True
         if presented is None or self.problem is not None:
             return False
-        candidate = presented.encode()
+        candidate = _as_bytes(presented)
         found = False
         for key in self.keys:  # compare with every key, in constant time each: no early exit to time
-            found |= hmac.compare_digest(candidate, key.encode())
+            found |= hmac.compare_digest(candidate, _as_bytes(key))
         return found
+
+
+def _as_bytes(text: str) -> bytes:
+    """``text`` as bytes for a comparison, whatever it holds. A header with bytes that are not UTF-8 arrives with
+    them as lone surrogates (as does such a variable from the environment), which a plain ``encode()`` refuses;
+    ``surrogatepass`` encodes every string, and distinct strings to distinct bytes."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _read_file(path: Path) -> set[str]:
@@ -100,6 +112,9 @@ class KeyCache:
             return
         self._auth, self._stamp = auth, stamp
         self.api, self.admin = load(auth, "api"), load(auth, "admin")
+        for keys in (self.api, self.admin):
+            if keys.problem:  # the client is told only that keys cannot be checked: the why is for the log
+                log.error("every request that needs this key is refused: %s", keys.problem)
 
 
 def _mtime(file: str | None) -> object:

@@ -146,8 +146,11 @@ def test_a_crash_is_restarted_by_keepalive_and_seen_as_the_end_of_that_process(t
 
 def test_a_clean_exit_stays_stopped(tmp_path, launchctl):
     manager = LaunchdManager(tmp_path / "LaunchAgents", tmp_path / "home" / "launchd")
-    handle = run(manager.start(job(tmp_path, argv=(sys.executable, "-c", "import time; time.sleep(0.5)"))))
+    gate = tmp_path / "exit-now"
+    handle = run(manager.start(job(tmp_path, argv=exit_at_gate(gate))))
     try:
+        assert run(manager.observe(handle)).running, "it exits only once the test says so"
+        gate.touch()
         deadline = time.monotonic() + 10
         while run(manager.observe(handle)).running:
             assert time.monotonic() < deadline
@@ -156,6 +159,12 @@ def test_a_clean_exit_stays_stopped(tmp_path, launchctl):
         assert state.exit_code == 0 and state.restarts == 0 and state.pid is None
     finally:
         run(manager.stop(handle, 5))
+
+
+def exit_at_gate(gate: Path) -> tuple[str, ...]:
+    """A job that exits cleanly once ``gate`` exists: when the test says so, never after a time of its own."""
+    code = "while not __import__('os').path.exists(__import__('sys').argv[1]): __import__('time').sleep(0.02)"
+    return (sys.executable, "-c", code, str(gate))  # one line: a unit file's ExecStart cannot carry a newline
 
 
 def test_launchctl_missing_is_a_clear_error(tmp_path, monkeypatch):

@@ -218,7 +218,7 @@ def test_an_unreadable_key_file_fails_closed(tier: Tier):
     async def scenario() -> None:
         async with tier.controller() as c, tier.ingress(c) as url, aiohttp.ClientSession() as session:
             status, reply, _ = await post(session, url + CHAT, body(), headers={"Authorization": "Bearer x"})
-            assert status == 401 and "missing-keys cannot be read" in reply["error"]["message"]
+            assert status == 503 and "key configuration is unreadable" in reply["error"]["message"]
             assert "m" not in c.instances or c.instances["m"].phase is Phase.STANDBY
 
     tier.run(scenario)

@@ -21,6 +21,7 @@ import pytest
 from athanor.managers.base import Job, sorted_env
 from athanor.managers.systemd import SystemdManager, quote, render_unit
 from fixtures.jobs import sleeper_job as job
+from test_launchd import exit_at_gate
 
 AWKWARD = "dir with spaces/\"quotes\" & <angle> $HOME %n ünïcödé \\back"
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
@@ -129,8 +130,11 @@ def test_a_crash_is_restarted_by_systemd_and_seen_as_the_end_of_that_process(tmp
 
 def test_a_clean_exit_stays_stopped(tmp_path, systemctl):
     manager = SystemdManager(systemctl.config_home / "systemd" / "user")
-    handle = run(manager.start(job(tmp_path, argv=(sys.executable, "-c", "import time; time.sleep(0.5)"))))
+    gate = tmp_path / "exit-now"
+    handle = run(manager.start(job(tmp_path, argv=exit_at_gate(gate))))
     try:
+        assert run(manager.observe(handle)).running, "it exits only once the test says so"
+        gate.touch()
         deadline = time.monotonic() + 10
         while run(manager.observe(handle)).running:
             assert time.monotonic() < deadline

@@ -44,7 +44,7 @@ def install_cmd(ctx: click.Context, manager: str | None, timeout: float) -> None
         ctx.invoke(up_cmd, listen=None, timeout=timeout)
         return
     service = Managers(st.home).get(name, gateway)
-    job = jobs.ingress_job(st.home, name)
+    job = jobs.ingress_job(st.home, name, auth=gateway["auth"])  # the key variables go into its plist/unit
     running = daemon_record(st)
     if running and (not service.installed(job) or asyncio.run(service.job_state(job)).pid != running["pid"]):
         raise AthanorError(f"a gateway started by hand is running (pid {running['pid']}); stop it with "

@@ -13,14 +13,19 @@ on local model servers:
 
 The admin routes (``/athanor/...``, and ``/metrics``) start and stop runtimes: they take no browser requests at
 all, and only loopback peers unless ``spec.auth`` sets an admin key, which every admin request must then present
-(from any peer). ``spec.auth`` API keys likewise guard the OpenAI routes (``auth.py``). CORS headers are sent
-only to origins the Gateway lists; the runtimes' own ``Access-Control-*`` headers (mlx_lm.server sends ``*``,
-llama-server echoes the origin) never reach a client.
+(from any peer). ``spec.auth`` API keys likewise guard the OpenAI routes (``auth.py``), except a CORS preflight
+from an origin the Gateway lists: browsers never send ``Authorization`` on one, and the request that follows must
+present the key anyway. CORS headers are sent only to origins the Gateway lists; the runtimes' own
+``Access-Control-*`` headers (mlx_lm.server sends ``*``, llama-server echoes the origin) never reach a client.
+
+The checks run before the error middleware's ``try``, so they never raise: a bug in them is logged and answered
+as a 500 like any other.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import socket
 from dataclasses import dataclass
@@ -30,6 +35,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from athanor.auth import KeyCache, presented
+
+log = logging.getLogger(__name__)
 
 ADMIN_PREFIX = "/athanor/"
 METRICS_PATH = "/metrics"
@@ -149,7 +156,15 @@ class Guard:
         return allowed
 
     def refusal(self, request: web.Request, policy: Policy, auth: dict[str, Any]) -> tuple[int, str] | None:
-        """(status, reason) when the request must be refused, else None. ``auth``: the Gateway's spec.auth."""
+        """(status, reason) when the request must be refused, else None. ``auth``: the Gateway's spec.auth.
+        Never raises: the caller runs it outside its error handling."""
+        try:
+            return self._refusal(request, policy, auth)
+        except Exception:  # noqa: BLE001 - a bug here must still answer in the format clients parse
+            log.exception("unexpected error checking %s %s", request.method, request.path[:200])
+            return 500, "internal error in the gateway (see its log)"
+
+    def _refusal(self, request: web.Request, policy: Policy, auth: dict[str, Any]) -> tuple[int, str] | None:
         host = request.headers.get("Host")
         if host is not None and not self._host_allowed(host, policy):
             return 403, (f"host {host[:100]!r} is not served here (DNS-rebinding protection); add it to the "
@@ -172,7 +187,7 @@ class Guard:
                              "Gateway's spec.cors.allowOrigins to allow it")
         elif fetch_site == "cross-site":
             return 403, "cross-site request refused"
-        if self.keys.api.configured and path.startswith("/v1/"):
+        if self.keys.api.configured and path.startswith("/v1/") and not _cors_preflight(request, policy):
             return _key_refusal(self.keys.api, request, "API")
         return None
 
@@ -205,12 +220,20 @@ class Guard:
         return 204, headers, None
 
 
+def _cors_preflight(request: web.Request, policy: Policy) -> bool:
+    """A browser's CORS preflight from an origin the Gateway lists: it carries no key (browsers never send
+    ``Authorization`` on one) and does nothing but ask; the request it clears must present the key."""
+    origin = request.headers.get("Origin")
+    return (request.method == "OPTIONS" and origin is not None
+            and "Access-Control-Request-Method" in request.headers and policy.cors_allowed(origin))
+
+
 def _key_refusal(keys: Any, request: web.Request, what: str) -> tuple[int, str] | None:
     key = presented(request.headers)
     if keys.admits(key):
         return None
-    if keys.problem:
-        return 401, f"the gateway cannot check {what} keys: {keys.problem}"
+    if keys.problem:  # the why (a file's path) is in the gateway's log (auth.KeyCache), not for any client
+        return 503, f"the gateway's {what} key configuration is unreadable, so it refuses every request (see its log)"
     if key is None:
         return 401, f"an {what} key is required: send Authorization: Bearer KEY"
     return 401, f"the {what} key presented is not valid"

@@ -1,11 +1,11 @@
 """pi, the terminal coding agent: an ``athanor`` provider in pi's models.json.
 
 pi reads custom providers from ``models.json`` in its agent directory (``$PI_CODING_AGENT_DIR``, else
-``~/.pi/agent``): ``{"providers": {NAME: {"baseUrl", "api", "apiKey", "compat", "models": [...]}}}``. athanor
-owns one entry, ``providers.athanor``, rebuilt from the store on every sync. Every other provider and every other
-key of the file belongs to the user and is written back with the value it was read with. A file that is not
-plain JSON is refused and left as it is: pi also accepts ``//`` comments and trailing commas, which a rewrite
-would lose.
+``~/.pi/agent``; athanor also honours ``$PI_HOME/agent`` after the first, as the tool it replaces did):
+``{"providers": {NAME: {"baseUrl", "api", "apiKey", "compat", "models": [...]}}}``. athanor owns one entry,
+``providers.athanor``, rebuilt from the store on every sync. Every other provider and every other key of the file
+belongs to the user and is written back with the value it was read with. A file that is not plain JSON is refused
+and left as it is: pi also accepts ``//`` comments and trailing commas, which a rewrite would lose.
 
 pi resolves ``apiKey`` itself: a value starting with ``!`` is a shell command whose output is the key; a value
 naming an environment variable that is set is that variable's value; anything else is the key as written. So the
@@ -45,9 +45,11 @@ COMPAT = {"supportsDeveloperRole": False, "supportsReasoningEffort": False, "sup
 
 def agent_dir(doc: dict[str, Any], override: str | None = None) -> Path:
     """``override`` (``--dir``), else the Gateway's ``integrations.pi.dir``, else ``$PI_CODING_AGENT_DIR``, else
-    ``~/.pi/agent``: where pi itself looks, unless told otherwise."""
+    ``$PI_HOME/agent``, else ``~/.pi/agent``: where pi itself looks, unless told otherwise."""
     configured = override or (catalog.gateway_spec(doc)["integrations"].get("pi") or {}).get("dir")
-    raw = configured or os.environ.get("PI_CODING_AGENT_DIR") or "~/.pi/agent"
+    pi_home = os.environ.get("PI_HOME")
+    raw = (configured or os.environ.get("PI_CODING_AGENT_DIR") or (pi_home and os.path.join(pi_home, "agent"))
+           or "~/.pi/agent")
     return Path(os.path.abspath(os.path.expanduser(raw)))
 
 

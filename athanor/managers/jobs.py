@@ -4,7 +4,9 @@ A model job's environment is exactly what its runtime needs (the launch's own va
 who renders it, or ``apply`` from a shell and the daemon would write different files for the same spec. The
 ingress job carries what the gateway needs to find its files and its runtimes, taken from the environment of
 ``athanor install``: a service manager starts it with a bare environment otherwise (launchd's PATH has no
-Homebrew).
+Homebrew). That includes the variables the Gateway's ``auth.apiKeyEnv`` and ``auth.adminKeyEnv`` name, or the
+installed gateway would refuse every request: their values are written into the gateway's plist or unit, which
+``write_if_changed`` makes 0600 (readable by the user alone, like the key files themselves).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from athanor.managers import UNDER_ENV
 from athanor.managers.base import Job, sorted_env
@@ -27,13 +30,22 @@ def model_job(name: str, launch: LaunchSpec, home: Path) -> Job:
                log_path=str(home / "logs" / f"{name}.log"))
 
 
-def ingress_job(home: Path, manager: str, environ: Mapping[str, str] | None = None) -> Job:
+def ingress_job(home: Path, manager: str, environ: Mapping[str, str] | None = None,
+                auth: Mapping[str, Any] | None = None) -> Job:
     """``athanor serve`` for ``home`` under ``manager``, run by this Python (the installation athanor runs from).
-    The gateway learns which manager it runs under from its environment, and runs its models with the same one."""
+    The gateway learns which manager it runs under from its environment, and runs its models with the same one.
+    ``auth``: the Gateway's ``spec.auth``; the key variables it names are passed when this environment sets them."""
     environ = os.environ if environ is None else environ
-    env = {key: environ[key] for key in INGRESS_ENV if environ.get(key)}
+    names = (*INGRESS_ENV, *key_variables(auth or {}))
+    env = {key: environ[key] for key in names if environ.get(key)}
     env["ATHANOR_HOME"] = str(home)
     env[UNDER_ENV] = manager
     return Job(kind="ingress", name="ingress", argv=(sys.executable, "-m", "athanor", "serve"),
                env=sorted_env(env), workdir=str(home), log_path=str(home / "logs" / "daemon.log"),
                stop_timeout_s=INGRESS_STOP_S)
+
+
+def key_variables(auth: Mapping[str, Any]) -> tuple[str, ...]:
+    """The environment variables ``auth.apiKeyEnv`` and ``auth.adminKeyEnv`` name (the gateway reads its keys
+    there)."""
+    return tuple(name for name in (auth.get("apiKeyEnv"), auth.get("adminKeyEnv")) if name)

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import fcntl
+import os
 import subprocess
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+from athanor.errors import StoreError
 from athanor.managers import logs
 from athanor.managers.base import Handle, JobState
-from athanor.store.files import atomic_write_text
+from athanor.paths import ensure_private_dir
+from athanor.store.files import LOCK_TIMEOUT_S, atomic_write_text
 
 
 class ExternalManager:
@@ -37,14 +44,47 @@ class ExternalManager:
 
 
 def write_if_changed(path: Path, content: bytes) -> bool:
-    """Write a service file atomically, and only when its bytes differ (a rewrite would look like a change)."""
+    """Write a service file atomically, and only when its bytes differ (a rewrite would look like a change).
+
+    ``apply`` in a shell and the daemon starting a model may write the same file at once. ``atomic_write_text``
+    removes any temp file of its target it finds, as a leftover of a killed writer, so its writers must take
+    turns: they do under a lock on the directory, which leaves no lock file among the service files (launchd
+    and systemd read that directory). The lock also makes the answer (written or not) true for this writer."""
+    with _directory_locked(ensure_private_dir(path.parent)):
+        try:
+            if path.read_bytes() == content:
+                return False
+        except FileNotFoundError:
+            pass
+        atomic_write_text(path, content.decode("utf-8"))  # 0600: the gateway's file may carry its keys
+        return True
+
+
+@contextlib.contextmanager
+def _directory_locked(directory: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """An exclusive ``flock`` on ``directory`` itself, across threads and processes; bounded like the store's."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if path.read_bytes() == content:
-            return False
-    except FileNotFoundError:
-        pass
-    atomic_write_text(path, content.decode("utf-8"))
-    return True
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise StoreError(f"{directory}: still locked after {timeout:.0f} s by another athanor "
+                                     "process writing a service file") from exc
+                time.sleep(delay)  # lock back-off, not test synchronisation
+                delay = min(delay * 2, 0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def said(result: subprocess.CompletedProcess[str]) -> str:

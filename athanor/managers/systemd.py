@@ -9,8 +9,10 @@ stopped), with the start limit in ``[Unit]``, where systemd reads it; ``KillMode
 runtime and SIGKILL to anything left after ``TimeoutStopSec``.
 
 The verbs: ``daemon-reload`` after writing units; ``reset-failed`` then ``start`` (a unit stopped by its start limit
-stays failed otherwise); ``stop``, which returns once the unit is stopped; ``show`` for ``MainPID``,
-``ActiveState``, ``SubState``, ``Result``, ``NRestarts`` and the main process's exit.
+stays failed otherwise); ``stop --no-block``, then ``kill --signal=SIGKILL`` once the caller's grace is over (a
+blocking ``stop`` would give a hung runtime the unit's whole ``TimeoutStopSec``, whatever grace the controller
+chose), polling ``show`` until the unit is down; ``show`` for ``MainPID``, ``ActiveState``, ``SubState``,
+``Result``, ``NRestarts`` and the main process's exit.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from athanor.errors import AthanorError, RuntimeNotFoundError
@@ -32,6 +35,8 @@ START_LIMIT_INTERVAL_S = 60
 SHOW = ("MainPID", "ActiveState", "SubState", "Result", "NRestarts", "ExecMainCode", "ExecMainStatus",
         "NeedDaemonReload")
 _CLD_EXITED = "1"  # ExecMainCode: the main process exited (its status is an exit code), else it was killed
+KILLED_WAIT_S = 30.0  # after SIGKILL to every process of the unit, how long systemd may take to call it stopped
+_DOWN = ("inactive", "failed")
 _UNQUOTABLE = re.compile("[\x00\n\r]")
 
 
@@ -118,13 +123,38 @@ class SystemdManager(ExternalManager):
                 "started_at": utc_now()}
 
     async def stop(self, handle: Handle, grace: float) -> int | None:
-        return await asyncio.to_thread(self._stop, handle)
+        return await asyncio.to_thread(self._stop, handle, grace)
 
-    def _stop(self, handle: Handle) -> int | None:
-        result = self._run("stop", handle["unit"])  # returns once stopped (TimeoutStopSec, then SIGKILL)
-        if result.returncode not in (0, 5):  # 5: the unit is not loaded at all, so nothing runs
-            raise SystemctlError(f"systemctl --user stop {handle['unit']}: {said(result)}")
-        return _exit_code(self._show(handle["unit"])) if result.returncode == 0 else None
+    def _stop(self, handle: Handle, grace: float) -> int | None:
+        """SIGTERM (the unit's stop), ``grace`` seconds, then SIGKILL to every process of the unit. The unit's
+        ``TimeoutStopSec`` still bounds the grace from above: systemd kills at that point whatever the caller
+        asked."""
+        unit = handle["unit"]
+        result = self._run("stop", "--no-block", unit)  # queues the stop job and returns
+        if result.returncode == 5:  # the unit is not loaded at all, so nothing runs
+            return None
+        if result.returncode != 0:
+            raise SystemctlError(f"systemctl --user stop {unit}: {said(result)}")
+        facts = self._wait_down(unit, grace)
+        if facts is None:
+            self._run("kill", "--signal=SIGKILL", unit)  # an error here: it ended meanwhile (checked below)
+            facts = self._wait_down(unit, KILLED_WAIT_S)
+            if facts is None:
+                raise SystemctlError(f"{unit} is still running {KILLED_WAIT_S:.0f} s after SIGKILL")
+        return _exit_code(facts)
+
+    def _wait_down(self, unit: str, timeout: float) -> dict[str, str] | None:
+        """The unit's facts once it is inactive or failed (its stop job done), or None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            facts = self._show(unit)
+            if facts.get("ActiveState") in _DOWN:
+                return facts
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(delay)  # polling systemd for the end of a stop, bounded by the caller's grace
+            delay = min(delay * 2, 0.1)
 
     async def observe(self, handle: Handle) -> JobState:
         return await asyncio.to_thread(self._observe, handle)
