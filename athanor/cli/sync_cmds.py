@@ -23,7 +23,7 @@ def sync_cmd() -> None:
 @sync_cmd.command("pi")
 @click.option("--dir", "directory", metavar="DIR",
               help="pi's agent directory (default: the Gateway's integrations.pi.dir, else $PI_CODING_AGENT_DIR, "
-                   "else ~/.pi/agent).")
+                   "else $PI_HOME/agent, else ~/.pi/agent).")
 @click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
 def sync_pi(directory: str | None, dry_run: bool) -> None:
     """Write the 'athanor' provider, one model per served model, into pi's models.json.
