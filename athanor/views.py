@@ -47,6 +47,7 @@ def model_view(obj: dict[str, Any], instance: dict[str, Any] | None, gateway_up:
         status.update(_live(instance["handle"]))
     if artifact:
         status["artifact"] = artifact
+    status["summary"] = _summary(conditions[0], obj, phase)
     view["status"] = status
     return view
 
@@ -129,14 +130,22 @@ def _available_condition(artifact: dict[str, Any] | None, obj: dict[str, Any], o
     return {**condition, "status": "True", "reason": "Found", "message": artifact["path"]}
 
 
-def display_status(view: dict[str, Any]) -> str:
-    """The one word a table shows: the phase, unless the model cannot run at all."""
-    available = view["status"]["conditions"][0]
+def _summary(available: dict[str, Any], obj: dict[str, Any], phase: str) -> str:
+    """The one word for a model's state: its phase, unless it cannot run at all (NotFound, Unreadable, Disabled).
+
+    Computed once, into the view, so that every reader (``athanor get``'s STATUS column, the admin API's
+    ``status.summary``, the TUI) says the same word, rather than the API's phase ``Standby`` where ``get`` says
+    ``Unreadable``."""
     if available["status"] != "True":
         return available["reason"]
-    if view["spec"].get("residency") == "disabled":
+    if obj["spec"].get("residency") == "disabled":
         return "Disabled"
-    return view["status"]["phase"]
+    return phase
+
+
+def display_status(view: dict[str, Any]) -> str:
+    """The one word a table shows (``status.summary``)."""
+    return view["status"]["summary"]
 
 
 def age(timestamp: Any, now: datetime | None = None) -> str:

@@ -1,10 +1,15 @@
 """The CLI's side of the admin API (``ingress/admin.py``): requests and Server-Sent Event streams over urllib, so
-commands that talk to the daemon import no HTTP framework."""
+commands that talk to the daemon import no HTTP framework.
+
+A stream is read with a timeout of several heartbeats (``ingress/heartbeat.py``): a quiet gateway sends a
+heartbeat comment, which is skipped, so only a gateway that sends nothing at all for that long ends a stream."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +17,7 @@ from typing import Any
 from athanor import catalog
 from athanor.auth import admin_key_for_cli
 from athanor.errors import AthanorError, NotFoundError
+from athanor.ingress import heartbeat
 from athanor.liveness import daemon_record
 from athanor.store import Store
 
@@ -29,13 +35,19 @@ class AdminClient:
         record = daemon_record(store)
         if not record:
             raise AthanorError("the gateway is not running; start it with 'athanor up' (or 'athanor serve')")
+        if not record.get("admin"):  # never guess one: the admin key would go to whoever holds that address
+            raise AthanorError(f"the gateway (pid {record['pid']}, http://{record['listen']}) has no loopback "
+                               "listener for its admin API (its loopback address on that port is in use; it retries "
+                               "every few seconds): the admin API is not reachable; see 'athanor get events'")
         auth = catalog.gateway_spec(store.models.load())["auth"]
         # A loopback address: without an admin key, the admin API answers nothing else.
-        return cls(record.get("admin") or record["listen"], admin_key_for_cli(auth))
+        return cls(record["admin"], admin_key_for_cli(auth))
 
-    def _open(self, method: str, path: str, timeout: float | None) -> Any:
+    def _open(self, method: str, path: str, timeout: float | None, accept: str | None = None) -> Any:
         url = f"http://{self.address}{path if path.startswith('/metrics') else PREFIX + path}"
         request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+        if accept:
+            request.add_header("Accept", accept)
         if self.key:
             request.add_header("Authorization", f"Bearer {self.key}")
         try:
@@ -58,18 +70,47 @@ class AdminClient:
             body = resp.read()
             return json.loads(body) if resp.headers.get_content_type() == "application/json" else body
 
+    def _stream(self, path: str) -> Iterator[tuple[str, str]]:
+        """(event type, data) of each Server-Sent Event of ``path``, until the caller stops. Comments (heartbeats)
+        are skipped; a gateway that sends not even those for ``heartbeat.read_timeout()`` seconds ends it with an
+        error, and so does a stream the gateway closes (a stream of the admin API ends only when the gateway
+        stops)."""
+        timeout = heartbeat.read_timeout()
+        with self._open("GET", path, timeout, accept="text/event-stream") as resp:
+            if resp.headers.get_content_type() != "text/event-stream":  # a gateway from before streams were SSE
+                raise AthanorError(f"the gateway at {self.address} is older than this athanor (it answered "
+                                   f"{resp.headers.get_content_type()}, not an event stream); restart it")
+            kind, data = "message", []
+            try:
+                for raw in resp:
+                    line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                    if not line:
+                        if data:
+                            yield kind, "\n".join(data)
+                        kind, data = "message", []
+                    elif line.startswith("data:"):
+                        data.append(line[5:].removeprefix(" "))
+                    elif line.startswith("event:"):
+                        kind = line[6:].strip()
+            except TimeoutError as exc:
+                raise AthanorError(f"the gateway at {self.address} sent nothing for {timeout:.0f} s, not even a "
+                                   f"heartbeat; giving the stream up") from exc
+            except (OSError, http.client.HTTPException) as exc:
+                raise AthanorError(f"lost the stream from the gateway at {self.address}: {exc}") from exc
+        raise AthanorError(f"the gateway at {self.address} closed the stream (is it stopping?)")
+
     def events(self, since: int | None = None) -> Iterator[dict[str, Any]]:
         """Events from ``since`` on, then each new one as it happens (an SSE stream), until the caller stops."""
         path = "/events?follow=1" + (f"&since={since}" if since is not None else "")
-        with self._open("GET", path, None) as resp:
-            data: list[str] = []
-            for raw in resp:
-                line = raw.decode("utf-8").rstrip("\r\n")
-                if line.startswith("data:"):
-                    data.append(line[5:].lstrip())
-                elif not line and data:
-                    payload = json.loads("\n".join(data))
-                    data = []
-                    if "seq" not in payload:  # event: lagged
-                        raise AthanorError(f"the event stream was cut off: {payload.get('message')}")
-                    yield payload
+        for kind, data in self._stream(path):
+            payload = json.loads(data)
+            if kind == "lagged":
+                raise AthanorError(f"the event stream was cut off: {payload.get('message')}")
+            yield payload
+
+    def log(self, model: str, lines: int) -> Iterator[str]:
+        """The last ``lines`` lines of a model's runtime log, then its text as it is written (across restarts, with
+        a line where a new runtime starts), until the caller stops."""
+        path = f"/models/{urllib.parse.quote(model, safe='')}/logs?follow=1&lines={lines}"
+        for _, data in self._stream(path):
+            yield json.loads(data)["text"]

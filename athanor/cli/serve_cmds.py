@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -18,6 +19,7 @@ from athanor.cli.install_cmds import installed_ingress
 from athanor.errors import AthanorError, InvalidValueError, NotFoundError
 from athanor.liveness import daemon_record
 from athanor.paths import ensure_private_dir, open_private_file
+from athanor.store import Store
 
 
 @click.command("serve")
@@ -29,10 +31,13 @@ def serve_cmd(listen: str | None, verbose: bool) -> None:
     import logging
 
     from athanor.daemon import serve
+    from athanor.store.daemon_lock import hold_daemon_lock
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     st = store()
+    # One daemon per home, decided before anything is scanned, re-attached or written; held until this process ends.
+    hold_daemon_lock(st, listen or catalog.gateway_spec(st.models.load())["listen"])  # its descriptor stays open
     result = actions.scan(st)
     for message in result.warnings:
         warn(message)
@@ -71,13 +76,45 @@ def up_cmd(listen: str | None, timeout: float) -> None:
         return
     ensure_private_dir(st.logs_dir)
     argv = [sys.executable, "-m", "athanor", "serve"] + (["--listen", listen] if listen else [])
-    with open(open_private_file(st.logs_dir / "daemon.log", os.O_WRONLY | os.O_APPEND), "ab") as log_file:
+    log_path = st.logs_dir / "daemon.log"
+    with open(open_private_file(log_path, os.O_WRONLY | os.O_APPEND), "ab") as log_file:
+        said_before = os.fstat(log_file.fileno()).st_size
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    host, port = parse_listen(address)
-    if not wait_for_port(host, port, timeout) or proc.poll() is not None:
-        raise AthanorError(f"the gateway did not start listening on {address}; see {st.logs_dir / 'daemon.log'}")
-    click.echo(f"athanor up on http://{address} (pid {proc.pid})")
+    record = _wait_recorded(st, proc, timeout)
+    if record is not None:
+        click.echo(f"athanor up on http://{record['listen']} (pid {proc.pid})")
+        return
+    if proc.poll() is None:
+        raise AthanorError(f"the gateway did not start listening on {address} in {timeout:g} s; see {log_path}")
+    running = daemon_record(st)
+    if running:  # another `up` or `serve` won the home's lock meanwhile
+        click.echo(f"athanor already up on http://{running['listen']} (pid {running['pid']})")
+        return
+    raise AthanorError(f"the gateway exited at start ({_last_line(log_path, said_before) or 'no message'}); "
+                       f"see {log_path}")
+
+
+def _wait_recorded(st: Store, proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any] | None:
+    """The record of the daemon ``proc`` once it serves (it writes it after its sockets accept), or None when it
+    exits first or the timeout passes. A port that answers proves nothing: another process may hold it."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while time.monotonic() < deadline and proc.poll() is None:
+        record = daemon_record(st)
+        if record and record["pid"] == proc.pid:
+            return record
+        time.sleep(delay)  # polling a start-up
+        delay = min(delay * 1.5, 0.25)
+    return None
+
+
+def _last_line(path: Path, offset: int) -> str:
+    """The last line written to ``path`` after ``offset`` (the error a daemon that exited at start printed)."""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        lines = fh.read().decode(errors="replace").strip().splitlines()
+    return lines[-1].removeprefix("athanor: ") if lines else ""
 
 
 @click.command("down")
@@ -160,28 +197,37 @@ unload_cmd.help = "Unload model NAME (stop it after its requests finish); the ne
 @click.option("-n", "--lines", default=50, show_default=True, help="Lines to show from the end.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
 def logs_cmd(name: str, lines: int, follow: bool) -> None:
-    """Show the runtime log of model NAME."""
+    """Show the runtime log of model NAME.
+
+    ``-f`` follows through the running gateway's admin API (the stream the TUI reads: heartbeats while the log is
+    quiet, a line where a new runtime starts); with no gateway running, it follows the file itself."""
     from athanor.managers import logs
+    from athanor.managers.log_reader import POLL_S, LogReader
 
     st = store()
     model = actions.resolve_name(st.models.load(), name)
     path = st.logs_dir / f"{model}.log"
     if not path.exists():
         raise NotFoundError(f"no log yet for {model} ({path}); it has not been started")
-    for line in logs.tail(path, lines):
-        click.echo(line)
-    if not follow:
+    if follow and daemon_record(st) is not None:
+        from athanor.cli.admin_client import AdminClient
+
+        for text in AdminClient.for_store(st).log(model, lines):
+            click.echo(text, nl=False)
         return
-    with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        while True:
-            chunk = fh.read()
-            if chunk:
-                click.echo(chunk.decode(errors="replace"), nl=False)
-            elif fh.tell() > path.stat().st_size:  # rotated (truncated in place)
-                fh.seek(0)
-            else:
-                time.sleep(0.2)  # follow-mode polling interval
+    if not follow:
+        for line in logs.tail(path, lines):
+            click.echo(line)
+        return
+    reader = LogReader(path)
+    for line in reader.start(lines):
+        click.echo(line)
+    while True:
+        text = reader.read()
+        if text:
+            click.echo(text, nl=False)
+        else:
+            time.sleep(POLL_S)  # follow-mode polling interval
 
 
 @click.command("wait")

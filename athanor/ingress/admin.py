@@ -8,8 +8,12 @@
                                                   starts it even if the memory guard says it does not fit
     GET  /athanor/v1/events[?since=SEQ][&follow=1]  events as JSON, or as a Server-Sent Events stream that goes on
                                                   (``id:`` is the sequence number: reconnect with ``since``)
-    GET  /athanor/v1/models/{model}/logs[?lines=N][&follow=1]   the runtime's log, followed across restarts
+    GET  /athanor/v1/models/{model}/logs[?lines=N][&follow=1]   the runtime's log, followed across restarts (as
+                                                  Server-Sent Events for a client that accepts text/event-stream)
     GET  /metrics                                 Prometheus text format
+
+Streams that go on send a heartbeat while they are quiet (``heartbeat.py``: every 15 s, a ``: keep-alive``
+comment, which SSE clients skip). A followed log as plain text has none: any byte sent would be a byte of the log.
 
 It changes what runs, so the guard (``guard.py``) lets only loopback peers and no web page reach it, unless an
 admin key is configured, which every request must then present. Errors are JSON ``{"error": {...}}`` objects.
@@ -19,23 +23,32 @@ A new version of the API gets a new prefix; fields are only ever added to a vers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
 from athanor import views
 from athanor.controller.events import Lagged
-from athanor.errors import ModelUnavailable
+from athanor.errors import InvalidValueError, ModelUnavailable
+from athanor.ingress import heartbeat
 from athanor.ingress.app import CONTROLLER, METRICS, error_response, short
+from athanor.managers.log_reader import POLL_S, LogReader
+
+if TYPE_CHECKING:
+    from athanor.controller.controller import Controller
 
 ADMIN = "/athanor/v1"
 ACTIONS = ("start", "stop", "restart", "unload")
-LOG_POLL_S = 0.25  # how often a followed log is looked at for new lines
-SSE_HEARTBEAT_S = 15.0  # a comment line this often keeps idle streams (and proxies in between) open
 MAX_LOG_LINES = 10_000
+KEEP_ALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it, proxies and read timeouts see bytes
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+T = TypeVar("T")
+_END = object()
 
 
 def _resolved(request: web.Request) -> str | web.Response:
@@ -71,23 +84,26 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response({"apiVersion": "v1", "pid": os.getpid(), **request.app[CONTROLLER].status()})
 
 
-def _model_view(request: web.Request, name: str) -> dict[str, Any]:
-    controller = request.app[CONTROLLER]
-    inst = controller.instances.get(name)
-    record = controller.record(inst) if inst is not None else None
-    return views.model_view(controller.doc()["models"][name], record, gateway_up=True)
+async def _model_views(controller: Controller, only: str | None = None) -> list[dict[str, Any]]:
+    """The views of every model (or of ``only``), built in a thread: a live model's view reads its process tree from
+    /proc (psutil), which must not hold up the loop and the streams it serves (a TUI asks for this every second).
+    What the views are made of is taken here, on the loop, where the controller changes it."""
+    models = controller.doc()["models"]
+    pairs = [(models[name], controller.record(inst) if (inst := controller.instances.get(name)) else None)
+             for name in ([only] if only else sorted(models))]
+    return await asyncio.to_thread(lambda: [views.model_view(obj, record, gateway_up=True) for obj, record in pairs])
 
 
 async def models(request: web.Request) -> web.Response:
-    names = sorted(request.app[CONTROLLER].doc()["models"])
-    return web.json_response({"apiVersion": "v1", "kind": "List", "items": [_model_view(request, n) for n in names]})
+    items = await _model_views(request.app[CONTROLLER])
+    return web.json_response({"apiVersion": "v1", "kind": "List", "items": items})
 
 
 async def model(request: web.Request) -> web.Response:
     name = _resolved(request)
     if isinstance(name, web.Response):
         return name
-    return web.json_response(_model_view(request, name))
+    return web.json_response((await _model_views(request.app[CONTROLLER], name))[0])
 
 
 def _since(request: web.Request) -> int | None | web.Response:
@@ -100,6 +116,41 @@ def _since(request: web.Request) -> int | None | web.Response:
         return error_response(400, f"since must be an event sequence number, not {short(raw)}", "bad_since")
 
 
+async def with_heartbeats(source: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
+    """``source``'s items as they come, and None each time it has been quiet for ``interval`` seconds.
+
+    One read of ``source`` stays pending across heartbeats: a heartbeat never cancels it. (``wait_for`` would, and
+    cancelling an async generator's read finishes the generator: the stream would end at its first heartbeat.)
+    Closing this closes ``source``.
+    """
+    pending: asyncio.Future[Any] = asyncio.ensure_future(anext(source, _END))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            item = pending.result()  # an error of the source (Lagged) goes to the caller
+            if item is _END:
+                return
+            pending = asyncio.ensure_future(anext(source, _END))
+            yield item
+    finally:
+        if not pending.done():
+            pending.cancel()
+            await asyncio.wait({pending})
+        if not pending.cancelled():
+            pending.exception()  # seen: a read nobody waits for any more is not reported as lost
+        await source.aclose()
+
+
+def _heartbeat() -> float | web.Response:
+    try:
+        return heartbeat.interval()
+    except InvalidValueError as exc:
+        return error_response(500, f"the gateway's heartbeat setting is invalid: {exc}", "bad_heartbeat")
+
+
 async def events(request: web.Request) -> web.StreamResponse:
     log = request.app[CONTROLLER].events
     since = _since(request)
@@ -107,30 +158,32 @@ async def events(request: web.Request) -> web.StreamResponse:
         return since
     if request.query.get("follow") not in ("1", "true"):
         return web.json_response({"apiVersion": "v1", "items": log.since(since)})
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+    interval = _heartbeat()
+    if isinstance(interval, web.Response):
+        return interval
+    response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    stream = log.follow(since)
     try:
-        while True:
-            try:
-                event = await asyncio.wait_for(anext(stream), SSE_HEARTBEAT_S)
-            except TimeoutError:
-                await response.write(b": keep-alive\n\n")
-                continue
-            await response.write(f"id: {event['seq']}\ndata: {json.dumps(event)}\n\n".encode())
+        async with contextlib.aclosing(with_heartbeats(log.follow(since), interval)) as stream:
+            async for event in stream:
+                if event is None:
+                    await response.write(KEEP_ALIVE)
+                else:
+                    await response.write(f"id: {event['seq']}\ndata: {json.dumps(event)}\n\n".encode())
     except Lagged as exc:
         await response.write(f"event: lagged\ndata: {json.dumps({'message': str(exc)})}\n\n".encode())
     except ConnectionResetError:
         pass  # the client left
-    finally:
-        await stream.aclose()
     return response
 
 
 async def logs(request: web.Request) -> web.StreamResponse:
     """The runtime's log as text. ``follow``: new lines as they are written, across restarts (every runtime of
-    a model appends to one file) and rotations (copytruncate: the file shrinks, reading starts over)."""
+    a model appends to one file) and rotations (copytruncate: the file shrinks, reading starts over).
+
+    A client that accepts ``text/event-stream`` (the CLI, the TUI) gets the followed log as Server-Sent Events,
+    ``data: {"text": ...}`` (``"incarnation": N`` too on the line that says a new runtime starts), with heartbeats
+    while the log is quiet. Any other client gets plain text and no heartbeat."""
     name = _resolved(request)
     if isinstance(name, web.Response):
         return name
@@ -140,55 +193,54 @@ async def logs(request: web.Request) -> web.StreamResponse:
     except ValueError:
         return error_response(400, "lines must be a number", "bad_lines")
     path = controller.store.logs_dir / f"{name}.log"
-    from athanor.managers import logs as log_files
+    if request.query.get("follow") not in ("1", "true"):
+        from athanor.managers import logs as log_files
 
-    head = await asyncio.to_thread(log_files.tail, path, lines)
-    follow = request.query.get("follow") in ("1", "true")
-    if not follow:
+        head = await asyncio.to_thread(log_files.tail, path, lines)
         if not head and not path.exists():
             return error_response(404, f"no log yet for {name}; it has not been started", "no_log")
         return web.Response(text="".join(line + "\n" for line in head))
-    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+    sse = "text/event-stream" in request.headers.get("Accept", "")
+    interval = _heartbeat()
+    if isinstance(interval, web.Response):
+        return interval
+    response = web.StreamResponse(headers=SSE_HEADERS if sse else {
+        "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await response.prepare(request)
-    await response.write("".join(line + "\n" for line in head).encode())
-    inst = controller.instance(name)
-    incarnation = inst.incarnation
-    offset = await asyncio.to_thread(_size, path)
+    reader = LogReader(path)
+    head = await asyncio.to_thread(reader.start, lines)
+    source = _followed_log(controller, name, reader, head)
     try:
-        while True:
-            if inst.incarnation != incarnation:
-                incarnation = inst.incarnation
-                await response.write(f"--- athanor: runtime {incarnation} of {name} starting ---\n".encode())
-            chunk, offset = await asyncio.to_thread(_read_from, path, offset)
-            if chunk:
-                await response.write(chunk)
-            else:
-                await asyncio.sleep(LOG_POLL_S)  # a polling interval for new lines in the file
+        async with contextlib.aclosing(with_heartbeats(source, interval) if sse else source) as stream:
+            async for piece in stream:
+                if not sse:
+                    await response.write(piece["text"].encode())
+                elif piece is None:
+                    await response.write(KEEP_ALIVE)
+                else:
+                    await response.write(f"data: {json.dumps(piece)}\n\n".encode())
     except ConnectionResetError:
-        pass
+        pass  # the client left
     return response
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
-    """New bytes after ``offset`` (at most 1 MiB at a time); a file that shrank was rotated: start over."""
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < offset:
-                offset = 0
-            fh.seek(offset)
-            data = fh.read(2**20)
-    except FileNotFoundError:
-        return b"", 0
-    return data, offset + len(data)
+async def _followed_log(controller: Controller, name: str, reader: LogReader,
+                        head: list[str]) -> AsyncIterator[dict[str, Any]]:
+    """``{"text": ...}`` pieces of the log: ``head``, then what ``reader`` finds written next, with a line of its own
+    (which also carries ``incarnation``) where a new runtime of the model starts."""
+    if head:
+        yield {"text": "".join(line + "\n" for line in head)}
+    inst = controller.instance(name)
+    incarnation = inst.incarnation
+    while True:
+        if inst.incarnation != incarnation:
+            incarnation = inst.incarnation
+            yield {"text": f"--- athanor: runtime {incarnation} of {name} starting ---\n", "incarnation": incarnation}
+        text = await asyncio.to_thread(reader.read)
+        if text:
+            yield {"text": text}
+        else:
+            await asyncio.sleep(POLL_S)  # a polling interval for new lines in the file
 
 
 async def metrics(request: web.Request) -> web.Response:
