@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-from typing import Any
 
 from aiohttp import web
 
 from athanor import catalog
-from athanor.addresses import authority, loopback_for, parse_listen
+from athanor.addresses import parse_listen
 from athanor.controller.controller import Controller
 from athanor.controller.readiness import probe_session
 from athanor.errors import AthanorError
 from athanor.ingress.admin import add_admin_routes
 from athanor.ingress.app import create_app
+from athanor.ingress.protocol import GatewayRunner
 from athanor.ingress.upstream import UpstreamPool
-from athanor.managers import Managers, resolve_manager
+from athanor.listener import Listener, bind_error, record_daemon
+from athanor.managers import Managers
 from athanor.store import Store
-from athanor.units import parse_duration
 
 log = logging.getLogger("athanor.daemon")
 
@@ -33,10 +32,15 @@ LISTEN_CHECK_S = 1.0
 
 async def serve(store: Store, listen: str | None = None) -> None:
     """Run until SIGTERM/SIGINT. ``listen`` overrides the Gateway's ``spec.listen`` (and then a change of it in
-    the spec is not followed)."""
+    the spec is not followed). The caller holds the home's daemon lock (``store/daemon_lock.py``)."""
     gateway = catalog.gateway_spec(store.models.load())
     address = listen or gateway["listen"]
     host, port = parse_listen(address)
+    listener = Listener(store)
+    try:  # before anything is re-attached or written: a busy address is one line and no change
+        listener.bind(host, port)
+    except OSError as exc:
+        raise AthanorError(bind_error(address, exc)) from exc
     # The controller's probes use aiohttp; proxied requests go through the lean pool in ingress/upstream.py.
     async with probe_session() as session:
         controller = Controller(store, Managers(store.home), session)
@@ -44,20 +48,20 @@ async def serve(store: Store, listen: str | None = None) -> None:
         if adopted:
             log.info("re-attached to %s", ", ".join(adopted))
         controller.start_monitor()
-        pool = UpstreamPool(parse_duration(gateway["limits"]["upstreamIdleTimeout"]))
-        app = create_app(controller, pool, host, gateway["limits"]["maxRequestBytes"])
+        pool = UpstreamPool()  # its idle limit, like the body limit, follows the Gateway spec (ingress/limits.py)
+        app = create_app(controller, pool, host)
         add_admin_routes(app)
         # Idle keep-alive connections must not hold a shutdown for aiohttp's default 60 s.
         # A client that goes away cancels its handler: a request still waiting for a load never reaches the
         # runtime, and a forwarded one is closed upstream, so no generation runs for nobody.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
+        # Requests aiohttp cannot parse get JSON errors too, and slow request headers a deadline (protocol.py).
+        runner = GatewayRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
                                handler_cancellation=True)
         await runner.setup()
-        listener = Listener(runner, store)
-        await listener.open(host, port)
-        helpers = [asyncio.create_task(_watch_models(store, controller), name="cache-watch")]
-        if listen is None:
-            helpers.append(asyncio.create_task(_follow_listen(controller, listener, app), name="listen"))
+        await listener.serve(runner, lambda type_, reason, message: controller.events.emit(
+            "Gateway", "default", type_, reason, message))
+        helpers = [asyncio.create_task(_watch_models(store, controller), name="cache-watch"),
+                   asyncio.create_task(_tend_listener(controller, listener, app, listen is None), name="listen")]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -73,72 +77,19 @@ async def serve(store: Store, listen: str | None = None) -> None:
             await controller.close()
             await runner.cleanup()
             pool.close()
-            await asyncio.to_thread(_record_daemon, store, None)
+            await asyncio.to_thread(record_daemon, store, None)
 
 
-class Listener:
-    """The sockets the gateway accepts on: the listen address, plus a loopback one for the admin API when the
-    listen address is not loopback. Moving to a new address opens the new sockets before closing the old ones,
-    and closing a socket only stops new connections: requests and streams under way finish."""
-
-    def __init__(self, runner: web.AppRunner, store: Store):
-        self._runner = runner
-        self._store = store
-        self.sites: list[web.TCPSite] = []
-        self.address = ""
-
-    async def open(self, host: str, port: int) -> None:
-        """Listen on host:port (raises OSError when it cannot); then close what was open before."""
-        sites = [web.TCPSite(self._runner, host, port, reuse_address=True)]
-        await sites[0].start()
-        admin_host = loopback_for(host)
-        if admin_host is None:  # the admin API answers loopback peers only: give the CLI a way in
-            admin_host = "127.0.0.1"
-            sites.append(web.TCPSite(self._runner, admin_host, port, reuse_address=True))
-            try:
-                await sites[-1].start()
-            except OSError as exc:
-                sites.pop()
-                log.warning("no loopback listener for the admin API on port %s (%s): athanor start/stop/restart "
-                            "will not reach this gateway", port, exc.strerror or exc)
-        old, self.sites = self.sites, sites
-        for site in old:
-            await site.stop()
-        self.address = authority(host, port)
-        record = {"pid": os.getpid(), "listen": self.address, "admin": authority(admin_host, port),
-                  "manager": resolve_manager(catalog.gateway_spec(self._store.models.load())["serviceManager"]),
-                  "startedAt": catalog.now_iso(), "createTime": _create_time()}
-        await asyncio.to_thread(_record_daemon, self._store, record)
-        log.info("athanor serving on http://%s", self.address)
-
-    async def close(self) -> None:
-        for site in self.sites:
-            await site.stop()
-        self.sites = []
-
-
-async def _follow_listen(controller: Controller, listener: Listener, app: web.Application) -> None:
-    """Apply a new ``spec.listen`` without a restart: bind the new address, then let go of the old one."""
+async def _tend_listener(controller: Controller, listener: Listener, app: web.Application, follow_spec: bool) -> None:
+    """Retry an address that could not be bound, and (``follow_spec``) apply a new ``spec.listen`` without a
+    restart: bind the new address, then let go of the old one."""
     from athanor.ingress.app import GUARD
 
-    failed = None  # the address that could not be bound, said once
     while True:
         await asyncio.sleep(LISTEN_CHECK_S)  # the spec is re-read from disk when it changes; look every second
-        wanted = controller.gateway()["listen"]
-        host, port = parse_listen(wanted)
-        if authority(host, port) == listener.address or wanted == failed:
-            continue
-        try:
-            await listener.open(host, port)
-        except OSError as exc:
-            failed = wanted
-            message = f"cannot listen on {wanted} ({exc.strerror or exc}); still serving on {listener.address}"
-            log.error(message)
-            controller.events.emit("Gateway", "default", "Warning", "ListenFailed", message)
-            continue
-        failed = None
-        app[GUARD].rebind(host)
-        controller.events.emit("Gateway", "default", "Normal", "Listening", f"now serving on {listener.address}")
+        await listener.retry_admin()
+        if follow_spec and await listener.follow(*parse_listen(controller.gateway()["listen"])):
+            app[GUARD].rebind(listener.host)
 
 
 async def _watch_models(store: Store, controller: Controller) -> None:
@@ -173,14 +124,3 @@ def _sync_clients(store: Store) -> None:
             log.info("%s", message)
     except AthanorError as exc:
         log.warning("pi sync failed: %s", exc)
-
-
-def _create_time() -> float:
-    import psutil
-
-    return psutil.Process().create_time()
-
-
-def _record_daemon(store: Store, record: dict[str, Any] | None) -> None:
-    with store.state.edit() as state:
-        state["daemon"] = record

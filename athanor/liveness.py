@@ -13,7 +13,8 @@ CREATE_TIME_TOLERANCE_S = 0.01
 
 
 def daemon_record(store: Store) -> dict[str, Any] | None:
-    """The running daemon's record, or None if there is none (a stale record of a dead daemon counts as none)."""
+    """The running daemon's record, or None if there is none (a stale record of a dead daemon counts as none, and so
+    does a zombie: a daemon killed but not yet reaped by its parent serves nothing and holds no lock)."""
     import psutil
 
     record = store.state.load().get("daemon")
@@ -22,6 +23,8 @@ def daemon_record(store: Store) -> dict[str, Any] | None:
     try:
         proc = psutil.Process(record["pid"])
         if abs(proc.create_time() - record.get("createTime", 0)) > CREATE_TIME_TOLERANCE_S:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
             return None
     except (psutil.Error, KeyError, TypeError):
         return None

@@ -9,6 +9,13 @@ Failures are typed by what the caller may do about them: ``UpstreamUnreachable``
 (safe to retry); ``UpstreamClosed`` means the connection ended before the response did; ``UpstreamTimeout`` means
 the runtime sent nothing for the idle limit.
 
+A request, once written, is never sent again. A connection that closes before any answer looks the same whether the
+runtime dropped it while idle or read the request and died of it, and running a request twice (a prompt that
+crashed one runtime crashes the next) is worse than failing it once. So idle drops are caught before the request is
+written: a kept-alive connection is reused only if the runtime has sent nothing on it since (no end of stream
+waiting in the socket) and only within ``REUSE_IDLE_S`` of its last answer, before the runtime's own keep-alive
+limit can close it under the request.
+
 The pool opens at most ``limit`` connections to one runtime (its incarnation: a restarted runtime on the same port
 starts a fresh pool). Requests beyond the limit wait here, in order, for a connection to come back: a runtime
 serves each kept-alive connection on a thread of its own, so connections it has no thread for would wait inside
@@ -19,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import select
+import time
 from collections.abc import AsyncIterator, Iterable
 
 import httptools
@@ -26,6 +35,7 @@ import httptools
 BUFFER_HIGH = 256 * 1024  # pause reading from the runtime above this many unread bytes, until they are taken
 DEFAULT_LIMIT = 32
 ONE_WRITE_BODY = 16 * 1024  # bodies up to this size go out with the head in one write (copying beats a syscall)
+REUSE_IDLE_S = 4.0  # llama-server (cpp-httplib) and uvicorn close a connection idle for 5 s
 
 
 class UpstreamError(Exception):
@@ -42,10 +52,6 @@ class UpstreamClosed(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     """The runtime sent nothing for longer than the idle limit."""
-
-
-class _Stale(UpstreamClosed):
-    """A reused keep-alive connection closed before answering: the runtime dropped it while idle."""
 
 
 class Response:
@@ -92,13 +98,14 @@ class Response:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection and the response currently being read on it."""
 
-    def __init__(self, slot: _Slot, idle_timeout: float | None):
-        self.slot = slot
-        self.idle_timeout = idle_timeout
+    def __init__(self, runtime: _RuntimeConnections):
+        self.runtime = runtime
+        self.idle_timeout: float | None = None
+        self.idle_since = 0.0
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.reused = False
+        self._poll: select.poll | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._reset()
 
@@ -118,6 +125,10 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -136,8 +147,9 @@ class _Connection(asyncio.Protocol):
             return
         if self.close_delimited and self.error is None:
             self.complete = True  # the body ran to the end of the connection, as announced
-        elif not self.headers_done and self.reused:
-            self._fail(_Stale("the runtime closed an idle connection"))
+        elif not self.headers_done:  # never sent again: the runtime may have read the request and died of it
+            detail = f" ({exc})" if exc else ""
+            self._fail(UpstreamClosed(f"the runtime closed the connection without answering{detail}"))
         else:
             detail = f": {exc}" if exc else ""
             self._fail(UpstreamClosed(f"the runtime closed the connection before the response was complete{detail}"))
@@ -217,9 +229,16 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def dropped(self) -> bool:
+        """Closed, or the runtime sent something since its last answer: its end of stream (or anything else)
+        waiting in the socket means it dropped the connection, even when the event loop has not read that yet.
+        One poll(2) of the socket, no read."""
+        return self.closed or (self._poll is not None and bool(self._poll.poll(0)))
+
     # one exchange
-    async def send(self, head: bytes, body: bytes) -> Response:
+    async def send(self, head: bytes, body: bytes, idle_timeout: float | None) -> Response:
         self._reset()
+        self.idle_timeout = idle_timeout
         self.response = Response(self)
         assert self.transport is not None
         if len(body) <= ONE_WRITE_BODY:
@@ -240,13 +259,13 @@ class _Connection(asyncio.Protocol):
         return self.complete and self.keep_alive and not self.closed and self.error is None
 
 
-class _Slot:
+class _RuntimeConnections:
     """The connections to one runtime incarnation: idle ones, how many are open, and who waits for one."""
 
-    __slots__ = ("epoch", "idle", "limit", "open", "port", "waiters")
+    __slots__ = ("idle", "incarnation", "limit", "open", "port", "waiters")
 
-    def __init__(self, port: int, epoch: int, limit: int):
-        self.port, self.epoch, self.limit = port, epoch, limit
+    def __init__(self, port: int, incarnation: int, limit: int):
+        self.port, self.incarnation, self.limit = port, incarnation, limit
         self.idle: list[_Connection] = []
         self.open = 0
         self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
@@ -263,141 +282,136 @@ class _Slot:
 
 class UpstreamPool:
     """Keep-alive connections to runtimes: one request at a time per connection, at most ``limit`` connections
-    per runtime."""
+    per runtime. ``idle_timeout`` (the Gateway's ``limits.upstreamIdleTimeout``) may be changed at any time: each
+    request takes the value of the moment it is sent."""
 
-    def __init__(self, idle_timeout: float | None = None) -> None:
-        self._slots: dict[int, _Slot] = {}
+    def __init__(self, idle_timeout: float | None = None, *, reuse_idle_s: float = REUSE_IDLE_S) -> None:
+        self._runtimes: dict[int, _RuntimeConnections] = {}
         self.idle_timeout = idle_timeout
+        self.reuse_idle_s = reuse_idle_s
 
     def request(
         self, port: int, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes, *,
-        limit: int = DEFAULT_LIMIT, epoch: int = 0,
+        limit: int = DEFAULT_LIMIT, incarnation: int = 0,
     ) -> _Exchange:
         """Send one request: ``async with pool.request(...) as response``. The body must be read inside the block;
         leaving it early (an error, a cancelled handler) closes the connection, so the runtime stops working for
-        nobody. ``epoch`` names the runtime process behind ``port``: a new one gets fresh connections."""
+        nobody. ``incarnation`` names the runtime process behind ``port``: a new one gets fresh connections."""
         lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
         lines += [f"{name}: {value}" for name, value in headers]
         lines.append(f"Content-Length: {len(body)}")
         # aiohttp decoded the client's header bytes as UTF-8 with surrogateescape: this gives back the same bytes.
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
-        return _Exchange(self, self._slot(port, epoch, limit), head, body)
+        return _Exchange(self, self._runtime(port, incarnation, limit), head, body)
 
-    def _slot(self, port: int, epoch: int, limit: int) -> _Slot:
-        slot = self._slots.get(port)
-        if slot is None or slot.epoch != epoch:
-            if slot is not None:
-                self._retire(slot)
-            slot = self._slots[port] = _Slot(port, epoch, limit)
-        return slot
+    def _runtime(self, port: int, incarnation: int, limit: int) -> _RuntimeConnections:
+        runtime = self._runtimes.get(port)
+        if runtime is None or runtime.incarnation != incarnation:
+            if runtime is not None:
+                self._retire(runtime)
+            runtime = self._runtimes[port] = _RuntimeConnections(port, incarnation, limit)
+        return runtime
 
-    def _retire(self, slot: _Slot) -> None:
-        """The runtime behind ``slot`` is gone: close its idle connections and send its waiters to a new one."""
-        for connection in slot.idle:
+    def _retire(self, runtime: _RuntimeConnections) -> None:
+        """The runtime is gone: close its idle connections and send its waiters to a new one."""
+        for connection in runtime.idle:
             connection.close()
-        slot.open -= len(slot.idle)
-        slot.idle.clear()
-        while slot.pass_on(None):
-            slot.open += 1
+        runtime.open -= len(runtime.idle)
+        runtime.idle.clear()
+        while runtime.pass_on(None):
+            runtime.open += 1
 
-    async def _acquire(self, slot: _Slot) -> _Connection:
-        """A connection of ``slot``: an idle one, a new one while under the limit and nobody waits, else the next
-        one released, in order. A waiter handed None holds a reservation: a connection counted in ``open`` that
-        it opens itself."""
-        while slot.idle:
-            connection = slot.idle.pop()
-            if not connection.closed:
-                connection.reused = True
-                return connection
-            self._free(slot)  # the runtime closed it while idle
-        if slot is not self._slots.get(slot.port) or (slot.open < slot.limit and not slot.waiters):
-            slot.open += 1
-            return await self._connect(slot)
+    async def _acquire(self, runtime: _RuntimeConnections) -> _Connection:
+        """A connection to ``runtime``: an idle one fit for reuse, a new one while under the limit and nobody
+        waits, else the next one released, in order. A waiter handed None holds a reservation: a connection
+        counted in ``open`` that it opens itself."""
+        if runtime.idle:
+            now = time.monotonic()
+            while runtime.idle:
+                connection = runtime.idle.pop()  # the most recently used first: the least likely to be dropped
+                if now - connection.idle_since < self.reuse_idle_s and not connection.dropped():
+                    return connection
+                self._discard(connection)  # dropped by the runtime, or about to be: never written to
+        if runtime is not self._runtimes.get(runtime.port) or (runtime.open < runtime.limit and not runtime.waiters):
+            runtime.open += 1
+            return await self._connect(runtime)
         waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
-        slot.waiters.append(waiter)
+        runtime.waiters.append(waiter)
         try:
             handed = await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():  # handed something, then cancelled: pass it on
                 handed = waiter.result()
                 if handed is None:
-                    self._free(slot)
+                    self._free(runtime)
                 else:
                     self._release(handed)
             raise
         if handed is None:
-            return await self._connect(slot)
-        handed.reused = True
+            return await self._connect(runtime)
+        if handed.dropped():  # answered just now, and dropped since
+            handed.close()
+            return await self._connect(runtime)  # in its place: this request already waited its turn
         return handed
 
-    async def _connect(self, slot: _Slot) -> _Connection:
-        """Open the connection ``slot.open`` already counts (or give the count back)."""
+    async def _connect(self, runtime: _RuntimeConnections) -> _Connection:
+        """Open the connection ``runtime.open`` already counts (or give the count back)."""
         loop = asyncio.get_running_loop()
         try:
-            _, connection = await loop.create_connection(lambda: _Connection(slot, self.idle_timeout),
-                                                         "127.0.0.1", slot.port)
+            _, connection = await loop.create_connection(lambda: _Connection(runtime), "127.0.0.1", runtime.port)
         except BaseException as exc:
-            self._free(slot)
+            self._free(runtime)
             if isinstance(exc, OSError):
-                raise UpstreamUnreachable(f"cannot connect to 127.0.0.1:{slot.port}: {exc.strerror or exc}") from exc
+                raise UpstreamUnreachable(f"cannot connect to 127.0.0.1:{runtime.port}: {exc.strerror or exc}") from exc
             raise
         return connection
 
-    def _free(self, slot: _Slot) -> None:
-        """One connection of ``slot`` is gone: its place goes to the oldest waiter, or is free again."""
-        if not slot.pass_on(None):
-            slot.open -= 1
+    def _free(self, runtime: _RuntimeConnections) -> None:
+        """One connection to ``runtime`` is gone: its place goes to the oldest waiter, or is free again."""
+        if not runtime.pass_on(None):
+            runtime.open -= 1
 
     def _release(self, connection: _Connection) -> None:
-        slot = connection.slot
-        if connection.reusable and slot is self._slots.get(slot.port):
-            connection.reused = False
-            if not slot.pass_on(connection):
-                slot.idle.append(connection)
+        runtime = connection.runtime
+        if connection.reusable and runtime is self._runtimes.get(runtime.port):
+            connection.idle_since = time.monotonic()
+            if not runtime.pass_on(connection):
+                runtime.idle.append(connection)
             return
         self._discard(connection)
 
     def _discard(self, connection: _Connection) -> None:
         connection.close()
-        self._free(connection.slot)
+        self._free(connection.runtime)
 
     def forget(self, port: int) -> None:
         """Close idle connections to a runtime that stopped (its port may be served by another one later)."""
-        slot = self._slots.pop(port, None)
-        if slot is not None:
-            self._retire(slot)
+        runtime = self._runtimes.pop(port, None)
+        if runtime is not None:
+            self._retire(runtime)
 
     def close(self) -> None:
-        for port in list(self._slots):
+        for port in list(self._runtimes):
             self.forget(port)
 
 
 class _Exchange:
     """One request on a pooled connection (a class rather than a generator: it runs on every request)."""
 
-    __slots__ = ("_body", "_connection", "_head", "_pool", "_slot")
+    __slots__ = ("_body", "_connection", "_head", "_pool", "_runtime")
 
-    def __init__(self, pool: UpstreamPool, slot: _Slot, head: bytes, body: bytes):
-        self._pool, self._slot, self._head, self._body = pool, slot, head, body
+    def __init__(self, pool: UpstreamPool, runtime: _RuntimeConnections, head: bytes, body: bytes):
+        self._pool, self._runtime, self._head, self._body = pool, runtime, head, body
         self._connection: _Connection | None = None
 
     async def __aenter__(self) -> Response:
-        pool, slot = self._pool, self._slot
-        self._connection = await pool._acquire(slot)
+        pool = self._pool
+        self._connection = connection = await pool._acquire(self._runtime)
         try:
-            try:
-                return await self._connection.send(self._head, self._body)
-            except _Stale:
-                # A kept-alive connection the runtime had closed: once more, on a new connection in its place
-                # (the same place in the limit: this request already waited its turn).
-                self._connection.close()
-                self._connection = None
-                self._connection = await pool._connect(slot)
-                return await self._connection.send(self._head, self._body)
-        except BaseException:
-            if self._connection is not None:  # also when cancelled: the runtime must not work for nobody
-                pool._discard(self._connection)
-                self._connection = None
+            return await connection.send(self._head, self._body, pool.idle_timeout)
+        except BaseException:  # also when cancelled: the runtime must not work for nobody
+            self._connection = None
+            pool._discard(connection)
             raise
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from athanor.errors import StoreCorruptError, StoreVersionError
+from athanor.errors import StoreCorruptError, StoreError, StoreVersionError
 from athanor.paths import athanor_home
 from athanor.store import migrations
 from athanor.store.files import atomic_write_text, locked, read_json
@@ -133,4 +135,25 @@ class Store:
 
 
 def open_store(home: Path | None = None) -> Store:
-    return Store(home or athanor_home())
+    """The store under ``home`` (default ``$ATHANOR_HOME``); an existing home of ours is made private first."""
+    home = home or athanor_home()
+    tighten_home(home)
+    return Store(home)
+
+
+def tighten_home(home: Path) -> None:
+    """Make an existing home of ours 0700, whatever mode it was made with (``mkdir`` under a 022 umask gives 0755,
+    which lets other users read the specs, the logs and the key files' names).
+
+    Only the home itself, only when it is ours and a directory: a missing home is not created here (read-only
+    commands must not create it), and someone else's is left to fail where it is used.
+    """
+    try:
+        info = home.stat()
+    except OSError:
+        return
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & 0o077:
+        try:
+            os.chmod(home, stat.S_IMODE(info.st_mode) & ~0o077)
+        except OSError as exc:
+            raise StoreError(f"{home}: cannot make the athanor home private (mode 0700): {exc.strerror}") from exc
