@@ -19,7 +19,9 @@ from athanor.catalog import Change
 from athanor.discovery.scan import Discovery, discover
 from athanor.errors import AthanorError, InvalidValueError, NotFoundError
 from athanor.runtimes.args import effective_args, effective_env
+from athanor.paths import athanor_home
 from athanor.runtimes.launch import LaunchSpec, Target, binary_or_name, launch_spec
+from athanor.runtimes.secret import secret_path
 from athanor.runtimes.presets import (
     BUILTIN_RECIPES,
     DEFAULT_RECIPE,
@@ -327,7 +329,8 @@ def launch_for(doc: dict[str, Any], obj: dict[str, Any]) -> LaunchSpec | None:
     extra = [(arg, "spec.args" if where == "model" else gateway_args)
              for arg, where in effective_args(spec["runtime"], gateway, spec)]
     return launch_spec(target, effective_for(doc, obj), spec["port"], binary_or_name(spec["runtime"], configured),
-                       quiet=quiet, extra_args=extra, extra_env=effective_env(spec["runtime"], gateway, spec))
+                       quiet=quiet, extra_args=extra, extra_env=effective_env(spec["runtime"], gateway, spec),
+                       secret_file=str(secret_path(athanor_home().absolute(), target.name)))
 
 
 def draft_path(doc: dict[str, Any], obj: dict[str, Any]) -> str | None:

@@ -43,6 +43,7 @@ from fixtures.tiny_models import write_tiny_bert_gguf, write_tiny_llama_gguf, wr
 MiB = 2**20
 LOAD_TIMEOUT_S = 120
 REQUEST_TIMEOUT_S = 300
+AUTH: dict[str, str] = {}  # the running runtime's secret, as every request to it carries it
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "hex",
          "every", "vexing", "judge")
 
@@ -116,6 +117,7 @@ def _spec(name: str, weights: Path, runtime: str = "llama-server") -> str:
 
 def measure(doc: dict, name: str, context: int, root: Path) -> Row:
     from athanor import actions, fit
+    from athanor.runtimes import secret as runtime_secret
 
     obj = copy.deepcopy(doc["models"][name])
     runtime = obj["spec"]["runtime"]
@@ -129,6 +131,8 @@ def measure(doc: dict, name: str, context: int, root: Path) -> Row:
                  "total": estimate.total}
     launch = actions.launch_for(doc, obj)
     assert launch is not None, f"{name}: no weights"
+    launch = runtime_secret.issued(launch)  # the runtime answers the holder of its start's secret alone
+    AUTH["Authorization"] = f"Bearer {launch.secret}"
     log = root / f"{name}-{context}.log"
     embedding = "embedding" in obj["artifact"]["capabilities"]
     try:
@@ -177,7 +181,7 @@ def wait_ready(base: str, health_path: str, process: subprocess.Popen) -> None:
         if process.poll() is not None:
             raise RuntimeError(f"the runtime exited with {process.returncode}")
         try:
-            with urllib.request.urlopen(base + health_path, timeout=2) as resp:
+            with urllib.request.urlopen(urllib.request.Request(base + health_path, headers=AUTH), timeout=2) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -224,7 +228,7 @@ def request(base: str, model: str, prompt: str, embedding: bool) -> int | None:
 
 
 def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json", **AUTH})
     with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
         return json.loads(resp.read())
 

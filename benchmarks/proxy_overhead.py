@@ -123,6 +123,9 @@ async def main(args: argparse.Namespace) -> None:
             await timed(session, proxied, BODY)  # starts m1
             status = await admin_status(session, served.url)
             direct = f"http://127.0.0.1:{status['instances']['m1']['port']}/v1/completions"
+            # The runtime answers the holder of its start's secret alone (the gateway drops a client's own).
+            secret = (served.home / "run" / "m1.key").read_text().strip()
+            session.headers["Authorization"] = f"Bearer {secret}"
             for _ in range(20):  # warm both paths
                 await timed(session, direct, BODY)
                 await timed(session, proxied, BODY)

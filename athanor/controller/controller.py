@@ -24,7 +24,12 @@ Nothing here blocks the event loop: process starts and stops, file reads and the
 as tasks of their own.
 
 Residency: ``single`` keeps one model loaded; ``memory`` keeps several while their estimates fit the budget,
-evicting the least recently used first. ``pinned`` models are never evicted; ``disabled`` ones never start.
+evicting the least recently used first. ``pinned`` models are never evicted; ``disabled`` ones never start. Which
+models a start stops and whether it then fits the machine is one plan (``residency.py``), which the memory guard
+(``memory_guard.py``) judges: the guard never counts on an eviction that will not be made.
+
+Stops can fail (a service manager times out): the runtime keeps its handle, is recorded ``StopFailed`` and its
+stop is retried (``stopping.py``), so no job is left running unrecorded. Deleted models are forgotten once stopped.
 """
 
 from __future__ import annotations
@@ -32,18 +37,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
-import subprocess
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timezone
 from typing import Any
 
 import aiohttp
 
 from athanor import actions, catalog
+from athanor.controller import memory_guard, residency
 from athanor.controller.events import Event, EventLog
-from athanor.controller import memory_guard
 from athanor.controller.gate import SwapGate
 from athanor.controller.instance import RUNNING, Instance, Observer, Phase
 from athanor.controller.lease import Lease
@@ -57,13 +60,17 @@ from athanor.controller.readiness import (
     probe_once,
     wait_ready,
 )
+from athanor.controller.stopping import STOP_RETRY_DELAYS_S, StopFailed, exit_text, stop_retrying
 from athanor.errors import AthanorError, ModelUnavailable, QueueFull, StoreError
-from athanor.fit import estimate_model
+from athanor.fit import Memory, machine_memory
 from athanor.managers import Managers, jobs, logs
 from athanor.managers.base import Handle, JobState, ServiceManager
+from athanor.runtimes import secret as runtime_secret
 from athanor.runtimes.launch import LLAMA_AUTO_PARALLEL, MLX_MAX_CONNECTIONS, LaunchSpec
 from athanor.store import Store
-from athanor.units import parse_budget, parse_duration
+from athanor.units import parse_duration
+
+__all__ = ["Controller", "exit_text", "stop_left_behind"]
 
 log = logging.getLogger("athanor.controller")
 
@@ -90,7 +97,7 @@ class Controller:
         self.session = session
         self.instances: dict[str, Instance] = {}
         self.store_problem: str | None = None  # models.json is unreadable: serving goes on from the last good one
-        self._gate = SwapGate(lambda name: self.serving(self.instances[name]))
+        self._gate = SwapGate(lambda name: name in self.instances and self.serving(self.instances[name]))
         self._doc: dict[str, Any] = {"models": {}, "recipes": {}, "gateway": None, "ignoredSources": []}
         self._gateway = catalog.gateway_spec(self._doc)
         self._doc_stamp: object = None
@@ -113,6 +120,8 @@ class Controller:
         self._closing = False  # set at shutdown: nothing new starts
         self.orphans_stopped: dict[str, int | None] = {}  # runtimes re-attach found running and stopped
         self._monitor: asyncio.Task[None] | None = None
+        self.machine_memory: Callable[[], Memory] = machine_memory  # what residency plans with (tests inject it)
+        self.stop_retry_delays: tuple[float, ...] = STOP_RETRY_DELAYS_S  # between the attempts of a failed stop
 
     # ------------------------------------------------------------------ desired state
 
@@ -268,11 +277,11 @@ class Controller:
             except ModelUnavailable as exc:
                 self._refused(inst, str(exc))
                 raise
-            problem = await self._memory_problem(inst, obj)
+            evict, problem = await self._plan_room(inst, obj)
             if problem:
                 self._refused(inst, problem, "InsufficientMemory")
                 raise ModelUnavailable(problem)
-            await self._make_room(name)
+            await self._make_room(name, evict)
             if (inst.phase not in (Phase.STANDBY, Phase.FAILED) or self._doc["models"].get(name) is not obj
                     or self._closing):
                 continue  # something changed while room was made: look again
@@ -290,6 +299,7 @@ class Controller:
         inst.generation = obj["metadata"].get("generation", 1)
         inst.move(Phase.STARTING, "starting")
         try:
+            launch = inst.launch = await asyncio.to_thread(runtime_secret.issued, launch)  # before the job reads it
             manager = self.managers.current(self._gateway)
             inst.handle = await manager.start(jobs.model_job(inst.name, launch, self.store.home))
             self._save(inst)
@@ -317,7 +327,17 @@ class Controller:
         """Why ``inst`` cannot be started now, from what is known without touching the disk (None: it can be)."""
         if self._closing:
             return "the gateway is shutting down"
-        return unservable(self._doc["models"].get(inst.name), inst.name) or self._crash_loop(inst)
+        return (unservable(self._doc["models"].get(inst.name), inst.name) or self._crash_loop(inst)
+                or self._unstoppable(inst))
+
+    @staticmethod
+    def _unstoppable(inst: Instance) -> str | None:
+        """A failed runtime whose stop and its retries all failed may still hold the model's port and memory."""
+        if inst.phase is not Phase.FAILED or inst.handle is None or inst.cleanup_task is None \
+                or not inst.cleanup_task.done():
+            return None
+        failure = (inst.last_failure or {}).get("message", inst.message)
+        return f"model {inst.name!r}: its runtime could not be stopped: {failure} ('athanor stop {inst.name}' retries)"
 
     def _manager(self, handle: Handle) -> ServiceManager:
         return self.managers.of(handle, self._gateway)
@@ -347,8 +367,19 @@ class Controller:
                                             f"clean-up-{inst.name}")
 
     async def _clean_up(self, inst: Instance, handle: Handle, failure: dict[str, Any], grace: float) -> None:
+        """Stop what is left of a failed runtime (retrying a stop that fails), then record its exit and log tail.
+        A stop that keeps failing leaves the handle in place, so the job stays reachable (``StopFailed``)."""
         manager = self._manager(handle)
-        code = await manager.stop(handle, grace)
+        try:
+            code = await stop_retrying(manager, handle, grace, delays=self.stop_retry_delays, hurry=self._hurry,
+                                       failed=lambda attempt, exc, delay: self._stop_attempt_failed(
+                                           inst, handle, attempt, exc, delay))
+        except StopFailed as exc:
+            if failure["reason"] != "StopFailed":
+                failure.update(reason="StopFailed", message=f"stopping pid {_pid(handle)} after {failure['reason']} "
+                               f"failed: {exc.last}; its job may still run")
+            self._save(inst)
+            return
         tail = await asyncio.to_thread(logs.tail, self.store.logs_dir / f"{inst.name}.log", 20)
         manager.forget(handle)
         if inst.handle is handle:
@@ -358,7 +389,28 @@ class Controller:
             if failure["reason"] == "Crashed":
                 failure["message"] = exit_text(code)
         failure["logTail"] = tail
+        if failure["reason"] == "StopFailed":
+            self._event("Model", inst.name, "Normal", "Stopped", f"stopped pid {_pid(handle)} on a retry")
         self._save(inst)
+
+    def _stop_attempt_failed(self, inst: Instance, handle: Handle, attempt: int, exc: Exception,
+                             retry_in: float | None) -> None:
+        then = f"retrying in {retry_in:g} s" if retry_in is not None else "giving up for now: the next stop retries"
+        message = f"stopping pid {_pid(handle)} failed (attempt {attempt}): {exc}; {then}"
+        log.warning("%s: %s", inst.name, message)
+        self._event("Model", inst.name, "Warning", "StopFailed", message, attempt=attempt, pid=_pid(handle))
+
+    def _stop_failed(self, inst: Instance, handle: Handle, error: BaseException | str) -> None:
+        """A stop of a runtime failed: keep its handle (its job may still run), say so (Failed, StopFailed: the
+        record keeps the handle, so ``athanor down`` still reaches it) and retry the stop in a clean-up task.
+        Not a failure of the runtime: it does not count towards a crash loop."""
+        message = f"stopping pid {_pid(handle)} failed: {error}; its job may still run (retrying the stop)"
+        inst.last_failure = {"reason": "StopFailed", "message": message, "time": _iso(time.time()),
+                             "exitCode": None, "logTail": []}
+        log.warning("%s: %s", inst.name, message)
+        inst.move(Phase.FAILED, message)
+        inst.cleanup_task = self._spawn(self._clean_up(inst, handle, inst.last_failure, STOP_TIMEOUT_S),
+                                        f"clean-up-{inst.name}")
 
     async def runtime_died(self, inst: Instance, incarnation: int) -> bool:
         """A request says the runtime of ``incarnation`` failed it. True when that runtime is gone (replaced, or
@@ -367,12 +419,16 @@ class Controller:
         the manager, not one per request."""
         if inst.incarnation != incarnation or inst.phase not in (Phase.READY, Phase.DRAINING):
             return True
+        return await asyncio.shield(self._death_check(inst, incarnation))
+
+    def _death_check(self, inst: Instance, incarnation: int) -> asyncio.Task[bool]:
+        """The one look at runtime ``incarnation`` that requests and the monitor share."""
         key = (inst.name, incarnation)
         check = self._death_checks.get(key)
         if check is None:
             check = self._death_checks[key] = self._spawn(self._check_death(inst, incarnation), f"death-{inst.name}")
             check.add_done_callback(lambda _: self._death_checks.pop(key, None))
-        return await asyncio.shield(check)
+        return check
 
     async def _check_death(self, inst: Instance, incarnation: int) -> bool:
         handle = inst.handle
@@ -384,8 +440,22 @@ class Controller:
             if not await manager.wait_exit(handle, EXIT_GRACE_S):
                 return False  # still running: the failure was the connection's, not the runtime's
             state = await manager.observe(handle)
-        self._crashed(inst, incarnation, state.exit_code)
+        code = state.exit_code
+        if code is None and inst.incarnation == incarnation and inst.phase in (Phase.READY, Phase.DRAINING):
+            code = await self._collect_exit(manager, handle)
+        self._crashed(inst, incarnation, code)
         return True
+
+    async def _collect_exit(self, manager: ServiceManager, handle: Handle) -> int | None:
+        """The exit code of a runtime just seen dead, when its manager could not tell it yet: a process whose
+        main thread has exited shows as a zombie while its other threads still exit, and only then can its exit
+        status be collected. Stopping it, as its clean-up does anyway (a stop is safe on a dead job and when
+        repeated), waits for that; a job that is not this daemon's child has no exit code to give (None)."""
+        try:
+            return await manager.stop(handle, STOP_GRACE_S)
+        except Exception as exc:  # noqa: BLE001 - the crash is recorded without a code; the clean-up retries the stop
+            log.warning("%s: cannot collect the exit code of pid %s: %s", handle.get("name"), _pid(handle), exc)
+            return None
 
     def _crashed(self, inst: Instance, incarnation: int, exit_code: int | None) -> None:
         """Record the death of runtime ``incarnation``: once, however many requests and monitor rounds see it."""
@@ -400,16 +470,6 @@ class Controller:
             inst.refusal = {"reason": kind, "message": reason, "time": _iso(time.time())}
             self._save(inst)
             self._event("Model", inst.name, "Warning", kind, reason)
-
-    async def _memory_problem(self, inst: Instance, obj: dict[str, Any]) -> str | None:
-        """Why starting ``obj`` would overcommit memory even after every eviction it may cause (None: it fits,
-        or the spec or ``athanor start --force`` allows overcommitting)."""
-        if inst.force_next or memory_guard.overcommit_allowed(self._gateway, obj):
-            return None
-        models = self._doc["models"]
-        evictable = [models[i.name] for i in self._evictable(inst.name) if i.name in models]
-        verdict = await asyncio.to_thread(memory_guard.check, self._doc, obj, evictable)
-        return verdict.problem
 
     @staticmethod
     def _backoff(inst: Instance) -> float:
@@ -439,6 +499,7 @@ class Controller:
 
     async def _stop(self, name: str, drain: bool) -> None:
         inst = self.instances.get(name)
+        halted = False  # one stop asks its manager once more after a clean-up gave up, not for ever
         while inst is not None:
             if inst.phase is Phase.STARTING:
                 inst.abort.set()
@@ -450,11 +511,15 @@ class Controller:
                 if drain and inst.inflight:
                     await self._drained(inst)
                 if inst.phase is Phase.DRAINING:  # unless it died while draining
+                    halted = True
                     await self._halt(inst, "stopping")
             elif inst.phase is Phase.FAILED:
                 if inst.cleanup_task is not None:
                     await asyncio.wait({inst.cleanup_task})
                 if inst.phase is Phase.FAILED:
+                    if halted and inst.handle is not None:
+                        return  # its stop and the retries failed: Failed (StopFailed), handle kept
+                    halted = True
                     await self._halt(inst, "clearing the failure")
             elif inst.phase is Phase.STOPPING:
                 await inst.changed.wait()
@@ -469,21 +534,25 @@ class Controller:
         hurry.cancel()
 
     async def _halt(self, inst: Instance, message: str) -> None:
-        """Stop the process and end in Standby, whatever happens: a waiter must never find it Stopping for good."""
+        """Stop the process and end in Standby, or in Failed (``StopFailed``, the handle kept, the stop retried)
+        when it could not be stopped: a waiter must never find it Stopping for good, and a job that may still run
+        must never lose its handle."""
         inst.move(Phase.STOPPING, message)
         handle = inst.handle
-        result = "stopped"
+        error: BaseException | str = "the stop was interrupted"
         try:
             if handle is not None:
                 manager = self._manager(handle)
                 await manager.stop(handle, STOP_TIMEOUT_S)
                 manager.forget(handle)
+                inst.handle = None
         except Exception as exc:  # noqa: BLE001 - recorded; the phase must still settle
-            log.exception("%s: stopping pid %s failed", inst.name, _pid(handle))
-            result = f"stopped, but stopping pid {_pid(handle)} failed: {exc!r}"
+            error = exc
         finally:
-            inst.handle = None
-            inst.move(Phase.STANDBY, result)
+            if inst.handle is None:
+                inst.move(Phase.STANDBY, "stopped")
+            else:
+                self._stop_failed(inst, inst.handle, error)
 
     async def _follow_spec(self, inst: Instance) -> bool:
         """A ready model's spec changed: True when what it runs did not (an alias, a label, the idle limit), so
@@ -563,45 +632,35 @@ class Controller:
 
     # ------------------------------------------------------------------ residency
 
-    async def _make_room(self, name: str) -> None:
+    async def _plan_room(self, inst: Instance, obj: dict[str, Any]) -> tuple[list[Instance], str | None]:
+        """What a start of ``obj`` stops, and why it is refused for memory (None: it fits after those stops, or
+        the spec or ``athanor start --force`` allows overcommitting): one plan (``residency.py``) decides both."""
+        doc, gateway = self._doc, self._gateway
+        models = doc["models"]
+        residents = [(i.name, i.last_used, models.get(i.name, {}).get("spec", {}).get("residency") != "pinned")
+                     for i in self.instances.values() if i.name != inst.name and i.phase in RUNNING]
+        overcommit = inst.force_next or memory_guard.overcommit_allowed(gateway, obj)
+
+        def plan() -> tuple[residency.RoomPlan, str | None]:  # reads the machine's memory (vm_stat): off the loop
+            room, estimate = residency.plan_start(doc, obj, residents, gateway["residency"], self.machine_memory())
+            return room, None if overcommit else memory_guard.refusal(inst.name, estimate, room)
+
+        room, problem = await asyncio.to_thread(plan)
+        if problem:
+            return [], problem
+        return [self.instances[name] for name in room.evict if name in self.instances], None
+
+    async def _make_room(self, name: str, evict: list[Instance]) -> None:
         """Stop what must go before ``name`` starts (the caller holds the swap gate)."""
-        loaded = [i for i in self.instances.values() if i.name != name and i.phase in RUNNING]
-        evictable = self._evictable(name)
-        residency = self._gateway["residency"]
-        if residency["policy"] == "memory":
-            evictable = self._over_budget(name, loaded, evictable, residency.get("budget", "80%"))
-        if not evictable:
+        if not evict:
             return
-        names = ", ".join(i.name for i in evictable)
-        self._event("Model", name, "Normal", "Swapping", f"stopping {names} to make room "
-                    f"(residency {residency['policy']})", evicted=[i.name for i in evictable])
-        for victim in evictable:
+        names = ", ".join(i.name for i in evict)
+        policy = self._gateway["residency"]["policy"]
+        self._event("Model", name, "Normal", "Swapping", f"stopping {names} to make room (residency {policy})",
+                    evicted=[i.name for i in evict])
+        for victim in evict:
             self._event("Model", victim.name, "Normal", "Evicted", f"stopped to make room for {name}", by=name)
-        await asyncio.gather(*(self.stop(i.name) for i in evictable))
-
-    def _evictable(self, name: str) -> list[Instance]:
-        """The running models a start of ``name`` may stop: every other one that is not pinned."""
-        models = self._doc["models"]
-        return [i for i in self.instances.values() if i.name != name and i.phase in RUNNING
-                and models.get(i.name, {}).get("spec", {}).get("residency") != "pinned"]
-
-    def _over_budget(self, name: str, loaded: list[Instance], evictable: list[Instance], budget: str) -> list[Instance]:
-        import psutil
-
-        def estimate(model: str) -> int:
-            obj = self._doc["models"].get(model)
-            return estimate_model(self._doc, obj).total if obj else 0
-
-        limit = parse_budget(budget, psutil.virtual_memory().total)
-        need = estimate(name)
-        used = sum(estimate(i.name) for i in loaded)
-        victims = []
-        for inst in sorted(evictable, key=lambda i: i.last_used):  # least recently used first
-            if used + need <= limit:
-                break
-            victims.append(inst)
-            used -= estimate(inst.name)
-        return victims
+        await asyncio.gather(*(self.stop(i.name) for i in evict))
 
     # ------------------------------------------------------------------ observed state
 
@@ -612,7 +671,8 @@ class Controller:
         if new is Phase.READY and inst.load_seconds is not None:
             extra["loadSeconds"] = round(inst.load_seconds, 3)
         if new is Phase.FAILED and inst.last_failure:
-            reason = inst.last_failure["reason"]  # Crashed, Hung, Unhealthy, StartFailed
+            reason = inst.last_failure["reason"]  # Crashed, Hung, Unhealthy, StartFailed, StopFailed
+            extra["exitCode"] = inst.last_failure.get("exitCode")
         self._event("Model", inst.name, "Warning" if new is Phase.FAILED else "Normal", reason,
                     f"{old.value} -> {new.value}: {inst.message}", **extra)
 
@@ -641,6 +701,8 @@ class Controller:
             record["healthPath"] = inst.launch.health_path
             record["maxConnections"] = inst.launch.max_connections
             record["argv"] = inst.launch.argv
+            if inst.launch.secret_file:
+                record["secretFile"] = inst.launch.secret_file  # the secret itself is never recorded
         if inst.last_failure:
             record["lastFailure"] = inst.last_failure
         if inst.refusal:
@@ -678,23 +740,41 @@ class Controller:
                 continue
             try:
                 note = await self._reattach_one(name, record)
-            except (ValueError, TypeError, AthanorError, subprocess.TimeoutExpired) as exc:
+            except (ValueError, TypeError) as exc:  # no manager can read the handle: nothing can reach its job
                 note = (f"could not check the runtime its record names ({exc}); it may still run "
                         f"(pid {record.get('pid')!r})")
                 log.warning("%s: %s", name, note)
                 self._event("Model", name, "Warning", "UnreadableRecord", note)
+            except Exception as exc:  # noqa: BLE001 - its manager failed: keep the handle and retry the stop
+                self._adopt_unstopped(name, record, exc)
+                note = None
             if note is None:
                 adopted.append(name)
             elif note:
                 notes[name] = note
         for name, record in state["instances"].items():
-            if name not in adopted:
-                cleared = {"phase": "Standby", "phaseSince": _iso(time.time()), "message": notes.get(name, ""),
-                           "generation": 0}
-                if record.get("lastFailure"):
-                    cleared["lastFailure"] = record["lastFailure"]
-                self._writer.record(name, cleared)
+            if name in adopted:
+                continue
+            if name not in self._doc["models"] and name not in notes:
+                self._writer.forget(name)  # a deleted model with nothing left to say
+                continue
+            cleared = {"phase": "Standby", "phaseSince": _iso(time.time()), "message": notes.get(name, ""),
+                       "generation": 0}
+            if record.get("lastFailure"):
+                cleared["lastFailure"] = record["lastFailure"]
+            self._writer.record(name, cleared)
         return adopted
+
+    def _adopt_unstopped(self, name: str, record: dict[str, Any], error: Exception) -> None:
+        """A runtime a previous daemon left, which its manager could not check or stop: tracked like any stop
+        that failed (Failed, StopFailed, its handle kept and the stop retried), never dropped."""
+        raw = record["handle"]
+        log.warning("%s: stopping or checking pid %s left by the previous daemon failed: %s", name, _pid(raw), error)
+        inst = self.instance(name)
+        inst.handle, inst.launch, inst.generation = raw, _recorded_launch(record), record.get("generation", 0)
+        inst.move(Phase.STARTING, f"re-attaching to pid {_pid(raw)}")
+        inst.move(Phase.STOPPING, f"stopping pid {_pid(raw)}, left running by the previous daemon")
+        self._stop_failed(inst, raw, error)
 
     async def _reattach_one(self, name: str, record: dict[str, Any]) -> str | None:
         """Adopt (None) or stop the runtime of one record; returns what to note on the record ("" for nothing)."""
@@ -710,6 +790,8 @@ class Controller:
             why = "its model was deleted"
         elif record.get("phase") not in ("Ready", "Starting"):
             why = f"it was {record.get('phase')}"
+        elif launch.secret_file and launch.secret is None:
+            why = f"its secret {launch.secret_file} is gone, so the gateway cannot talk to it"
         elif not await self._healthy(launch):
             why = "it did not answer its health check"
         else:
@@ -781,10 +863,16 @@ class Controller:
             if isinstance(state, BaseException):
                 log.warning("%s: cannot ask its manager about it: %s", inst.name, state)
             elif not state.running and inst.handle is handle:  # about the runtime observed, not a newer one
-                self._crashed(inst, incarnation, state.exit_code)
+                if state.exit_code is not None:
+                    self._crashed(inst, incarnation, state.exit_code)
+                else:  # dead, its exit code not collected yet: the look requests share finds it
+                    self._death_check(inst, incarnation)
         models = self.doc()["models"]
         now = time.monotonic()
         for inst in list(self.instances.values()):
+            if inst.name not in models and self._settled(inst):
+                self._forget(inst)
+                continue
             if inst.phase is not Phase.READY or inst.name in self._stops or inst.name in self._reloading:
                 continue
             obj = models.get(inst.name)
@@ -810,6 +898,24 @@ class Controller:
         if now >= self._next_drift_check and (self._drift_checker is None or self._drift_checker.done()):
             self._next_drift_check = now + DRIFT_INTERVAL_S
             self._drift_checker = self._spawn(self._reload_drifted(), "drift")
+
+    def _settled(self, inst: Instance) -> bool:
+        """Nothing runs, waits or is under way for ``inst``: no process (a failed stop keeps its handle), no
+        request, no task of the controller's."""
+        tasks = [inst.start_task, inst.cleanup_task, self._stops.get(inst.name)]
+        return (inst.phase in (Phase.STANDBY, Phase.FAILED) and inst.handle is None and not inst.inflight
+                and not inst.waiting and inst.name not in self._reloading
+                and all(task is None or task.done() for task in tasks)
+                and not any(name == inst.name for name, _ in self._death_checks))
+
+    def _forget(self, inst: Instance) -> None:
+        """Drop the instance of a deleted model once it is stopped: from /status, the metrics gauges and
+        state.json, so deleted models do not pile up in a long-running gateway."""
+        log.info("%s was deleted and is stopped: forgetting it", inst.name)
+        del self.instances[inst.name]
+        self._next_probe.pop(inst.name, None)
+        self._writer.forget(inst.name)
+        self._event("Model", inst.name, "Normal", "Forgotten", "deleted and stopped: no longer tracked")
 
     async def _reload_drifted(self) -> None:
         """Reload a loaded model whose job would run differently now although its spec kept its generation: a
@@ -890,7 +996,7 @@ class Controller:
         by the next request like a crashed one (its clients get their errors as its connections close)."""
         try:
             assert inst.launch is not None
-            answered = await answers(self.session, inst.launch.port, timeout)
+            answered = await answers(self.session, inst.launch.port, timeout, secret=inst.launch.secret)
         finally:
             self._probes.pop(inst.name, None)
         if inst.incarnation != incarnation or inst.phase is not Phase.READY:
@@ -908,35 +1014,30 @@ def _pid(handle: Handle | None) -> int | None:
     return handle.get("pid") if handle else None
 
 
-def exit_text(code: int | None) -> str:
-    """How a runtime ended, for people: 'killed by SIGKILL' rather than 'exit code -9'."""
-    if code is None:
-        return "the runtime exited unexpectedly"
-    if code < 0:
-        try:
-            return f"the runtime was killed by {signal.Signals(-code).name} (exit code {code})"
-        except ValueError:
-            return f"the runtime was killed by signal {-code} (exit code {code})"
-    return f"the runtime exited unexpectedly with code {code}"
-
-
 def _recorded_launch(record: dict[str, Any]) -> LaunchSpec:
     """How a runtime a previous daemon started is reached, from its state.json record."""
     runtime = record.get("runtime", "")
     default_connections = LLAMA_AUTO_PARALLEL if runtime == "llama-server" else MLX_MAX_CONNECTIONS
-    return LaunchSpec(runtime, list(record.get("argv", [])), {}, record.get("port", 0), record.get("servedModel", ""),
-                      record.get("healthPath", "/health"), record.get("maxConnections", default_connections))
+    launch = LaunchSpec(runtime, list(record.get("argv", [])), {}, record.get("port", 0), record.get("servedModel", ""),
+                        record.get("healthPath", "/health"), record.get("maxConnections", default_connections),
+                        secret_file=record.get("secretFile"))
+    return runtime_secret.recalled(launch)  # read once per incarnation, never per request
 
 
 async def stop_left_behind(store: Store) -> dict[str, int | None]:
     """``athanor down`` without a gateway: stop the runtimes a dead one left, through the same state machine and
     records (adopted and then stopped, or stopped at once when not adoptable). Returns {model: pid} of those that
-    were still running."""
+    were still running. Raises AthanorError naming those that could not be stopped: their handles stay recorded."""
     from athanor.controller.readiness import probe_session
 
     async with probe_session() as session:
         controller = Controller(store, Managers(store.home), session)
         await controller.reattach()
-        stopped = {name: _pid(inst.handle) for name, inst in controller.instances.items() if inst.handle}
+        tracked = {name: _pid(inst.handle) for name, inst in controller.instances.items() if inst.handle}
         await controller.close()
-    return {**controller.orphans_stopped, **stopped}
+    left = {name: inst for name, inst in controller.instances.items() if inst.handle is not None}
+    if left:  # their handles stay in state.json: the next 'athanor down' tries again
+        raise AthanorError("could not stop " + "; ".join(
+            f"model/{name} (pid {_pid(inst.handle)}): {(inst.last_failure or {}).get('message', inst.message)}"
+            for name, inst in sorted(left.items())) + " ('athanor down' tries again)")
+    return {**controller.orphans_stopped, **tracked}

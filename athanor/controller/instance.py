@@ -1,9 +1,10 @@
 """One model's runtime instance and the only code that changes its phase.
 
     Standby -> Starting -> Ready -> Draining -> Stopping -> Standby
-                  |          |         |
-                  v          v         v
-                Failed <-----+---------+   (a start error, a crash, or a runtime that stopped answering)
+                  |          |         |           |
+                  v          v         v           v
+                Failed <-----+---------+-----------+   (a start error, a crash, a runtime that stopped
+                                                        answering, or a stop its service manager failed)
     Starting -> Stopping (a stop aborts the start)
     Failed -> Starting (a new request retries, unless it keeps failing) | Stopping (a stop, or cleaning up)
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from athanor.managers.process import ProcessHandle
+from athanor.managers.base import Handle
 from athanor.runtimes.launch import LaunchSpec
 
 
@@ -45,7 +46,7 @@ ALLOWED: dict[Phase, frozenset[Phase]] = {
     Phase.STARTING: frozenset({Phase.READY, Phase.FAILED, Phase.STOPPING}),
     Phase.READY: frozenset({Phase.DRAINING, Phase.FAILED}),
     Phase.DRAINING: frozenset({Phase.STOPPING, Phase.FAILED}),
-    Phase.STOPPING: frozenset({Phase.STANDBY}),
+    Phase.STOPPING: frozenset({Phase.STANDBY, Phase.FAILED}),  # Failed: the stop failed, the job may still run
     Phase.FAILED: frozenset({Phase.STARTING, Phase.STOPPING}),
 }
 RUNNING = frozenset({Phase.STARTING, Phase.READY, Phase.DRAINING})  # a process of ours may be serving
@@ -63,7 +64,7 @@ class Instance:
     phase: Phase = Phase.STANDBY
     phase_since: float = field(default_factory=time.time)
     message: str = ""
-    handle: ProcessHandle | None = None
+    handle: Handle | None = None  # the JSON handle its service manager made (it alone reads what is inside)
     launch: LaunchSpec | None = None
     generation: int = 0
     incarnation: int = 0

@@ -9,12 +9,24 @@ alive while it loads) and "where do I send it?" (``acquire``), and takes its one
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from athanor.controller.controller import Controller
     from athanor.controller.instance import Instance
+
+
+class Keeper(Protocol):
+    """What a lease needs from whoever runs the models (the Controller), and no more: the lease does not import
+    the controller, which imports it."""
+
+    def serving(self, inst: Instance) -> bool: ...
+
+    async def make_ready(self, inst: Instance) -> None: ...
+
+    async def runtime_died(self, inst: Instance, incarnation: int) -> bool: ...
+
+    def runtime_errored(self, inst: Instance, incarnation: int, status: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +38,7 @@ class Upstream:
     served_model: str
     incarnation: int
     max_connections: int
+    secret: str | None = field(default=None, repr=False)  # sent as a Bearer token: the runtime answers nothing else
 
 
 class Lease:
@@ -33,7 +46,7 @@ class Lease:
 
     __slots__ = ("_controller", "_instance", "_upstream", "_waiting")
 
-    def __init__(self, controller: Controller, instance: Instance, *, waiting: bool):
+    def __init__(self, controller: Keeper, instance: Instance, *, waiting: bool):
         """``waiting``: the model does not serve now, so the request counts as waiting from the start."""
         self._controller = controller
         self._instance = instance
@@ -60,7 +73,7 @@ class Lease:
         launch = inst.launch
         assert launch is not None
         self._upstream = Upstream(inst.name, launch.port, launch.served_model, inst.incarnation,
-                                  launch.max_connections)
+                                  launch.max_connections, launch.secret)
         return self._upstream
 
     async def runtime_died(self) -> bool:

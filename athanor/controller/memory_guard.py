@@ -2,59 +2,41 @@
 is refused before anything starts, and before anything is evicted for it.
 
 The question is not "is there room now" but "could there be room": what is available now, plus what stopping the
-models a start may evict would give back, less the headroom the OS needs. A model that cannot fit even with
-every evictable model stopped is refused at once, with nothing stopped (Ollama's known failure is to empty the
-machine first and then fail anyway). A model bigger than the machine's usable memory is refused the same way.
-The spec can allow it (``spec.allowOvercommit``, the Gateway's ``residency.allowOvercommit``), and so can
-``athanor start --force`` for one start.
+models this start would evict gives back, less the headroom the OS needs. Which models those are, and so what
+they give back, is decided once, by ``residency.plan_room``: the guard judges the very evictions that will be
+made. A model that cannot fit even with every evictable model stopped is refused at once, with nothing stopped
+(Ollama's known failure is to empty the machine first and then fail anyway). A model bigger than the machine's
+usable memory is refused the same way. The spec can allow it (``spec.allowOvercommit``, the Gateway's
+``residency.allowOvercommit``), and so can ``athanor start --force`` for one start.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-GIB = 2**30
+from athanor.controller.residency import RoomPlan
+from athanor.fit import Estimate
+from athanor.units import GIB
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """Why a start is refused for memory (``problem``), or None when it may go ahead."""
-
-    problem: str | None
-    need: int
-    room: int  # what could be made available: available now + what evictions free - headroom
-
-
-def check(doc: dict[str, Any], obj: dict[str, Any], evictable: list[dict[str, Any]]) -> Verdict:
-    """Whether ``obj`` can start, given the models a start may evict (their stored objects). Reads the machine's
-    memory (on macOS through vm_stat): run it off the event loop."""
-    from athanor.fit import estimate_model, headroom, machine_memory
-
-    name = obj["metadata"]["name"]
-    estimate = estimate_model(doc, obj)
-    memory = machine_memory()
-    reserve = headroom(memory.total)
-    freeable = sum(estimate_model(doc, other).total for other in evictable)
-    room = memory.available + freeable - reserve
-    usable = memory.total - reserve
-    need = estimate.total
+def refusal(name: str, estimate: Estimate, plan: RoomPlan) -> str | None:
+    """Why a start of model ``name`` (``estimate``) under ``plan`` is refused for memory, or None when the machine
+    holds it after the plan's evictions."""
+    if plan.fits:
+        return None
     parts = (f"weights {_gib(estimate.weights)}, KV cache {_gib(estimate.kv_cache)} at context {estimate.context}"
              + (f", projector {_gib(estimate.projector)}" if estimate.projector else "")
              + (f", draft {_gib(estimate.draft)}" if estimate.draft else ""))
     fixes = ("lower spec.preset.ctxSize, pick a smaller quantization, or allow it with spec.allowOvercommit / "
              f"'athanor start --force {name}'")
-    if need > usable:
-        return Verdict(f"not enough memory, ever: model {name!r} needs about {_gib(need)} ({parts}), more than this "
-                       f"machine can give a model ({_gib(memory.total)} total, {_gib(reserve)} kept for the "
-                       f"system): {fixes}", need, room)
-    if need > room:
-        evicting = f", {_gib(freeable)} of it by stopping other models" if freeable else ""
-        return Verdict(f"not enough memory: model {name!r} needs about {_gib(need)} ({parts}), but only "
-                       f"{_gib(max(room, 0))} can be made available now ({_gib(memory.available)} available"
-                       f"{evicting}, {_gib(reserve)} kept for the system); nothing was stopped for it: {fixes}",
-                       need, room)
-    return Verdict(None, need, room)
+    if plan.need > plan.usable:
+        return (f"not enough memory, ever: model {name!r} needs about {_gib(plan.need)} ({parts}), more than this "
+                f"machine can give a model ({_gib(plan.usable + plan.reserve)} total, {_gib(plan.reserve)} kept "
+                f"for the system): {fixes}")
+    evicting = f", {_gib(plan.freed)} of it by stopping other models" if plan.freed else ""
+    return (f"not enough memory: model {name!r} needs about {_gib(plan.need)} ({parts}), but only "
+            f"{_gib(max(plan.room, 0))} can be made available now ({_gib(plan.available)} available"
+            f"{evicting}, {_gib(plan.reserve)} kept for the system); nothing was stopped for it: {fixes}")
 
 
 def overcommit_allowed(gateway: dict[str, Any], obj: dict[str, Any]) -> bool:

@@ -6,12 +6,17 @@ phase changes only put the newest record of an instance (and any event) into a p
 writes the batch in a worker thread, and whatever arrives meanwhile goes into the next batch. A write that fails
 (the lock is held too long, the file is corrupt) is logged and retried with the next batch: serving goes on, and
 the newest record of each instance wins.
+
+What waits is bounded however long the writes keep failing: one record per instance (the newest; an instance
+forgotten meanwhile waits as a removal), and the newest ``MAX_EVENTS`` events, since state.json keeps no more
+than that anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any
 
 from athanor.actions import MAX_EVENTS
@@ -26,8 +31,8 @@ RETRY_DELAY_S = 1.0
 class StateWriter:
     def __init__(self, store: Store):
         self._store = store
-        self._records: dict[str, dict[str, Any]] = {}
-        self._events: list[dict[str, Any]] = []
+        self._records: dict[str, dict[str, Any] | None] = {}  # None: remove the instance's record
+        self._events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failing = False
@@ -41,9 +46,20 @@ class StateWriter:
         self._records[name] = record
         self._wake()
 
+    def forget(self, name: str) -> None:
+        """Queue the removal of instance ``name``'s record (its model was deleted); a record pending is dropped."""
+        self._records[name] = None
+        self._wake()
+
     def event(self, event: dict[str, Any]) -> None:
+        """Queue an event; past ``MAX_EVENTS`` pending, the oldest is dropped (state.json would drop it too)."""
         self._events.append(event)
         self._wake()
+
+    @property
+    def pending(self) -> tuple[int, int]:
+        """(records, events) waiting to be written."""
+        return len(self._records), len(self._events)
 
     def _wake(self) -> None:
         self._queued += 1
@@ -56,8 +72,9 @@ class StateWriter:
             await self._dirty.wait()
             self._dirty.clear()
             batch = self._queued
-            records, events = self._records, self._events
-            self._records, self._events = {}, []
+            records, events = self._records, list(self._events)
+            self._records = {}
+            self._events.clear()
             try:
                 await asyncio.to_thread(self._write, records, events)
             except (StoreError, OSError) as exc:
@@ -68,7 +85,7 @@ class StateWriter:
                     log.error("cannot record state, serving goes on (retrying): %s", exc)
                 self._failing = True
                 self._records = {**records, **self._records}  # what arrived meanwhile is newer
-                self._events = events + self._events
+                self._events = deque([*events, *self._events], maxlen=MAX_EVENTS)  # the newest, in order
                 self._dirty.set()
                 await asyncio.sleep(RETRY_DELAY_S)  # a retry interval, not synchronisation
                 continue
@@ -81,9 +98,13 @@ class StateWriter:
             if self._closing and not self._dirty.is_set():
                 return
 
-    def _write(self, records: dict[str, dict[str, Any]], events: list[dict[str, Any]]) -> None:
+    def _write(self, records: dict[str, dict[str, Any] | None], events: list[dict[str, Any]]) -> None:
         with self._store.state.edit() as state:
-            state["instances"].update(records)
+            for name, record in records.items():
+                if record is None:
+                    state["instances"].pop(name, None)
+                else:
+                    state["instances"][name] = record
             if events:
                 state["events"] = (state["events"] + events)[-MAX_EVENTS:]
 

@@ -36,20 +36,27 @@ def probe_session() -> aiohttp.ClientSession:
                                  cookie_jar=aiohttp.DummyCookieJar())
 
 
+def secret_headers(secret: str | None) -> dict[str, str]:
+    """What every request to a runtime carries: the secret of its start (runtimes/secret.py), when it has one."""
+    return {"Authorization": f"Bearer {secret}"} if secret else {}
+
+
 async def probe_once(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: float) -> bool:
     """True when ready, False when not yet. Raises NotReady when the runtime answers that it never will:
     mlx_lm.server keeps running after its model failed to load and answers every request with an error."""
     base = f"http://127.0.0.1:{launch.port}"
     client_timeout = aiohttp.ClientTimeout(total=timeout)
+    headers = secret_headers(launch.secret)
     try:
         if launch.runtime == "mlx-lm":
             body = {"model": launch.served_model, "prompt": "hi", "max_tokens": 1, "stream": False}
-            async with session.post(f"{base}/v1/completions", json=body, timeout=client_timeout) as resp:
+            async with session.post(f"{base}/v1/completions", json=body, headers=headers,
+                                    timeout=client_timeout) as resp:
                 answer = await resp.read()
                 if resp.status in (200, 503):
                     return resp.status == 200
                 raise NotReady(f"the runtime answered {resp.status}: {_error_text(answer)} (see 'athanor logs')")
-        async with session.get(f"{base}{launch.health_path}", timeout=client_timeout) as resp:
+        async with session.get(f"{base}{launch.health_path}", headers=headers, timeout=client_timeout) as resp:
             await resp.read()
             return resp.status == 200
     except (TimeoutError, aiohttp.ClientError, OSError):
@@ -95,14 +102,16 @@ async def wait_ready(
         aborted.cancel()
 
 
-async def answers(session: aiohttp.ClientSession, port: int, timeout: float) -> bool:
+async def answers(session: aiohttp.ClientSession, port: int, timeout: float, *, secret: str | None = None) -> bool:
     """Liveness after readiness: does the runtime answer ``GET /health`` at all, within ``timeout``?
 
     Every runtime serves ``/health`` from its HTTP threads without touching the model, so a busy runtime still
     answers it; one that does not (frozen, deadlocked, swapping itself to death) is not serving anyone.
+    ``secret``: the runtime's, so the probe is served like the gateway's requests rather than refused at the door.
     """
     try:
-        async with session.get(f"http://127.0.0.1:{port}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with session.get(f"http://127.0.0.1:{port}/health", headers=secret_headers(secret),
+                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             await resp.read()
             return True
     except (TimeoutError, aiohttp.ClientError, OSError):
@@ -124,6 +133,7 @@ async def generates(session: aiohttp.ClientSession, launch: LaunchSpec, timeout:
     body = {"model": launch.served_model, **request}
     try:
         async with session.post(f"http://127.0.0.1:{launch.port}{route}", json=body,
+                                headers=secret_headers(launch.secret),
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             text = await resp.text(errors="replace")
             return None if resp.status == 200 else f"HTTP {resp.status}: {text[:200]}"

@@ -10,6 +10,11 @@ idle, which a burst of new connections outruns. Connections beyond the fixed thr
 unserved, for a kept-alive one to time out (5 s). So athanor sets the thread count itself (``parallel`` + 8
 unless the preset says) and the gateway opens at most that many less ``HTTP_RESERVE`` connections: requests
 beyond it queue in the gateway, never in a socket, and the reserve keeps health probes and direct callers served.
+
+Every runtime answers the gateway alone: its argv names the file of a per-start secret (``secret_file``; see
+``runtimes/secret.py``), which llama-server checks itself (``--api-key-file``) and the MLX servers through
+``runtimes/guarded.py``, each runtime's ``guard`` in its row. The argv names the file, never the secret. (The
+guard runs under the Python in the server script's shebang: the one read of a file while building an argv.)
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class LaunchSpec:
     health_path: str
     max_connections: int = MLX_MAX_CONNECTIONS  # the most connections the gateway opens to this runtime at once
     origins: tuple[str, ...] = field(default=(), compare=False)  # where each argv element comes from (describe)
+    secret_file: str | None = None  # the runtime secret's file, named in argv (runtimes/secret.py)
+    secret: str | None = field(default=None, compare=False, repr=False)  # this start's secret, once issued or read
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class RuntimeKind:
     health_path: str
     routes: frozenset[str]  # the /v1 routes it serves; a request for another never starts it
     connections: Callable[[Mapping[str, EffectiveValue]], tuple[list[str], int]]  # (extra argv, max connections)
+    guard: Callable[[list[tuple[str, str]], str], list[tuple[str, str]]]  # (argv, secret file) -> argv checking it
     env: Mapping[str, str] = field(default_factory=dict)
     quiet_args: tuple[str, ...] = ()  # log errors only (Gateway privacy.runtimeLogs: errors)
 
@@ -103,6 +111,31 @@ def _thread_per_connection(preset: Mapping[str, EffectiveValue]) -> tuple[list[s
     return [], MLX_MAX_CONNECTIONS
 
 
+SECRET_ORIGIN = "athanor: the gateway's secret"
+GUARD_ORIGIN = "athanor: the secret guard (MLX servers have no auth)"
+GUARD_SCRIPT = str(Path(__file__).with_name("guarded.py"))  # stdlib only: it runs under the runtime's own Python
+
+
+def _api_key_file(argv: list[tuple[str, str]], secret_file: str) -> list[tuple[str, str]]:
+    """llama-server checks the key itself; the file form keeps it out of ``ps``. ``/health`` stays open."""
+    return [*argv, ("--api-key-file", SECRET_ORIGIN), (secret_file, SECRET_ORIGIN)]
+
+
+def _guarded(argv: list[tuple[str, str]], secret_file: str) -> list[tuple[str, str]]:
+    """The MLX servers check nothing and answer any Origin: ``guarded.py`` runs the server's own console script in
+    its process (same pid, same signals) behind a check of the secret. It runs under the Python of the script's
+    shebang, the one that has the server installed, which need not be athanor's."""
+    return [(runtime_python(argv[0][0]), "athanor: the runtime's Python (its shebang)"), (GUARD_SCRIPT, GUARD_ORIGIN),
+            ("--secret-file", SECRET_ORIGIN), (secret_file, SECRET_ORIGIN), ("--", GUARD_ORIGIN), *argv]
+
+
+def runtime_python(script: str) -> str:
+    """The Python a runtime's console script runs with (its shebang), or this one when it names none."""
+    from athanor.doctor.probe import shebang_interpreter  # the shebang reader doctor uses to report versions
+
+    return shebang_interpreter(script) or sys.executable
+
+
 _LLAMA_ROUTES = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/rerank", "/v1/reranking",
     "/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions/input_tokens", "/v1/responses/input_tokens",
@@ -113,6 +146,10 @@ ALL_ROUTES = _LLAMA_ROUTES | _MLX_ROUTES | _VLM_ROUTES
 
 # MLX servers must never reach for the network: the weights are local, and a missing file should fail fast.
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+# llama-server echoes any page's Origin back by default; "localhost" reflects loopback origins only. A variable, not
+# a flag: a llama-server older than --cors-origins ignores it instead of refusing to start. (The secret is what
+# keeps pages out; this only stops foreign pages from reading even the refusal.)
+_LLAMA_CORS = {"LLAMA_ARG_CORS_ORIGINS": "localhost"}
 
 RUNTIMES: dict[str, RuntimeKind] = {
     r.name: r
@@ -126,6 +163,8 @@ RUNTIMES: dict[str, RuntimeKind] = {
             health_path="/health",  # 503 while loading, 200 when ready
             routes=_LLAMA_ROUTES,
             connections=_llama_connections,
+            guard=_api_key_file,
+            env=_LLAMA_CORS,
             quiet_args=("--log-verbosity", "1"),
         ),
         RuntimeKind(
@@ -137,6 +176,7 @@ RUNTIMES: dict[str, RuntimeKind] = {
             health_path="/v1/models",  # /health is ok before the weights load; readiness needs a real probe
             routes=_MLX_ROUTES,
             connections=_thread_per_connection,
+            guard=_guarded,
             env=_OFFLINE,
             quiet_args=("--log-level", "ERROR"),
         ),
@@ -149,6 +189,7 @@ RUNTIMES: dict[str, RuntimeKind] = {
             health_path="/health",
             routes=_VLM_ROUTES,
             connections=_thread_per_connection,
+            guard=_guarded,
             env=_OFFLINE,
         ),
     )
@@ -157,9 +198,11 @@ RUNTIMES: dict[str, RuntimeKind] = {
 
 def launch_spec(target: Target, preset: Mapping[str, EffectiveValue], port: int, binary: str,
                 *, quiet: bool = False, extra_args: Sequence[tuple[str, str]] = (),
-                extra_env: Mapping[str, str] | None = None) -> LaunchSpec:
+                extra_env: Mapping[str, str] | None = None, secret_file: str | None = None) -> LaunchSpec:
     """``quiet``: the runtime logs errors only (no per-request lines; never a prompt, whatever its defaults).
-    ``extra_args``: (argument, origin) pairs from ``spec.args`` and the Gateway's defaults, appended last."""
+    ``extra_args``: (argument, origin) pairs from ``spec.args`` and the Gateway's defaults, appended last.
+    ``secret_file``: the runtime refuses every request without the secret this file will hold (runtimes/secret.py);
+    the argv names the file, never the secret."""
     kind = RUNTIMES[target.runtime]
     argv: list[tuple[str, str]] = [(binary, "the runtime"), *kind.model_args(target),
                                    ("--host", "athanor: loopback"), (LOOPBACK, "athanor: loopback"),
@@ -172,6 +215,8 @@ def launch_spec(target: Target, preset: Mapping[str, EffectiveValue], port: int,
         argv += [(arg, "gateway privacy.runtimeLogs") for arg in kind.quiet_args]
     extra, max_connections = kind.connections(preset)
     argv += [(arg, "athanor: HTTP threads for parallel + 8") for arg in extra]
+    if secret_file:
+        argv = kind.guard(argv, secret_file)
     argv += list(extra_args)
     return LaunchSpec(
         runtime=target.runtime,
@@ -182,6 +227,7 @@ def launch_spec(target: Target, preset: Mapping[str, EffectiveValue], port: int,
         health_path=kind.health_path,
         max_connections=max_connections,
         origins=tuple(origin for _, origin in argv),
+        secret_file=secret_file,
     )
 
 
