@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 LOAD_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-FAILURE_REASONS = ("Crashed", "Hung", "Unhealthy", "StartFailed")
+FAILURE_REASONS = ("Crashed", "Hung", "Unhealthy", "StartFailed", "StopFailed")
 PHASES = ("Standby", "Starting", "Ready", "Draining", "Stopping", "Failed")
 
 
@@ -55,7 +55,7 @@ def _float_text(value: float) -> str:
 class Metrics:
     def __init__(self) -> None:
         self.started = time.time()
-        self.requests: dict[tuple[str, str, str], int] = {}  # (model, route, status) -> count
+        self.requests: dict[tuple[str, str, int], int] = {}  # (model, route, status) -> count
         self.latency: dict[tuple[str, str], Histogram] = {}  # (model, route)
         self.ttft: dict[str, Histogram] = {}  # model -> time to the first streamed byte
         self.tokens: dict[tuple[str, str], int] = {}  # (model, prompt|completion) -> count
@@ -67,7 +67,8 @@ class Metrics:
     # ------------------------------------------------------------------ the request path
 
     def request(self, model: str, route: str, status: int, seconds: float) -> None:
-        key = (model, route, str(status))
+        """One request that is over (called once per request, by ``Tap.finish``); 499: its client went away."""
+        key = (model, route, status)
         self.requests[key] = self.requests.get(key, 0) + 1
         hist = self.latency.get((model, route))
         if hist is None:
@@ -123,10 +124,11 @@ class _Collector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         m = self.metrics
-        requests = CounterMetricFamily("athanor_requests", "Requests proxied, by model, route and HTTP status.",
+        requests = CounterMetricFamily("athanor_requests", "Requests proxied, by model, route and HTTP status "
+                                       "(499: the client went away before the end of its answer).",
                                        labels=["model", "route", "status"])
         for (model, route, status), count in sorted(m.requests.items()):
-            requests.add_metric([model, route, status], count)
+            requests.add_metric([model, route, str(status)], count)
         yield requests
         latency = HistogramMetricFamily("athanor_request_duration_seconds",
                                         "Time from a request's arrival to the end of its answer (loads included).",

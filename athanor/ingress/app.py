@@ -10,13 +10,19 @@ controller records a death once) and the request is tried once more, on whatever
 Bodies are re-serialised only when the model name must change, and streamed chunks are only scanned when it must.
 
 Errors are OpenAI error objects. Before the response has started they carry the right status; after (a stream
-that was kept alive while its model loaded) they are sent as a final SSE ``data:`` event.
+that was kept alive while its model loaded, or one the runtime had begun) they are sent as a final SSE event and
+the stream ends: a second status line in the middle of a body would only corrupt it.
+
+Every request that named a model is counted once, when it is over, by ``Tap.finish``; a client that went away
+before the end of its answer is counted as 499, as llama-swap does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
+import functools
 import json
 import logging
 import time
@@ -31,8 +37,9 @@ from athanor.controller.instance import Phase
 from athanor.controller.lease import Lease, Upstream
 from athanor.errors import ModelUnavailable, QueueFull, ServingError
 from athanor.ingress.guard import Guard
+from athanor.ingress.limits import Limits
 from athanor.ingress.requests import reasoning_changes, task_refusal
-from athanor.ingress.tap import USAGE_ROUTES, Tap
+from athanor.ingress.tap import CLIENT_GONE, USAGE_ROUTES, Tap
 from athanor.metrics import Metrics
 from athanor.ingress.upstream import (
     Response,
@@ -46,7 +53,6 @@ from athanor.runtimes.launch import ALL_ROUTES, RUNTIMES
 
 log = logging.getLogger("athanor.ingress")
 
-DEFAULT_MAX_BODY = 32 * 2**20
 KEEPALIVE_S = 3.0
 MAX_ECHO = 64  # characters of a client's value repeated in an error message
 HOP_BY_HOP = frozenset(
@@ -59,7 +65,7 @@ HOP_BY_HOP = frozenset(
 REQUEST_SKIP = HOP_BY_HOP | {"content-type", "expect", "accept-encoding"}
 CONTROLLER: web.AppKey[Controller] = web.AppKey("controller", Controller)
 POOL: web.AppKey[UpstreamPool] = web.AppKey("pool", UpstreamPool)
-MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
+LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
 GUARD: web.AppKey[Guard] = web.AppKey("guard", Guard)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
@@ -89,6 +95,7 @@ def error_response(status: int, message: str, code: str | None = None, param: st
 ANTHROPIC_PREFIX = "/v1/messages"
 GATEWAY_ERROR: web.ResponseKey[dict[str, Any]] = web.ResponseKey("athanor.error", dict)
 ANTHROPIC_STREAM: web.ResponseKey[bool] = web.ResponseKey("athanor.anthropic", bool)
+STARTED: web.RequestKey[web.StreamResponse] = web.RequestKey("athanor.started", web.StreamResponse)
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                     503: "overloaded_error"}
@@ -127,17 +134,39 @@ async def guard_and_errors(request: web.Request, handler: Any) -> web.StreamResp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        started = request.get(STARTED)
+        if started is not None:
+            log.error("error %d after the answer to %s %s began: %s", exc.status, request.method, request.path, exc)
+            return await _end_started(request, started, exc.status, exc.reason, None)
         return _in_callers_format(request, _http_error(request, exc))
     except Exception:  # noqa: BLE001 - a bug must still answer in the format clients parse
         log.exception("unexpected error serving %s %s", request.method, request.path)
-        return _in_callers_format(request, error_response(500, "internal error in the gateway (see its log)",
-                                                          "internal_error"))
+        message = "internal error in the gateway (see its log)"
+        started = request.get(STARTED)
+        if started is not None:
+            return await _end_started(request, started, 500, message, "internal_error")
+        return _in_callers_format(request, error_response(500, message, "internal_error"))
+
+
+async def _end_started(request: web.Request, response: web.StreamResponse, status: int, message: str,
+                       code: str | None) -> web.StreamResponse:
+    """An error after the headers went out: an event stream ends with an error event (in the shape of the API
+    called); any other stream is cut, so its client sees a broken body rather than a complete one. The response
+    goes back to aiohttp as it is: already prepared, it sends nothing more (no second status line)."""
+    if response.content_type != "text/event-stream":
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    # ConnectionError: the client went away meanwhile. RuntimeError: the stream had already ended.
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await _failed(response, status, message, code or "internal_error")
+    return response
 
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     """aiohttp's own HTTP errors (413, 404, 405) as error objects."""
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        limit = request.app[MAX_BODY]
+        limit = request.app[LIMITS].max_body
         return error_response(413, f"request body larger than the gateway's limit of {limit} bytes",
                               "request_too_large")
     allow = exc.headers.get("Allow")
@@ -163,7 +192,7 @@ async def expect_continue(request: web.Request) -> web.Response | None:
         return refused
     if request.headers.get("Expect", "").lower() != "100-continue":
         return error_response(417, f"unsupported Expect: {short(request.headers['Expect'])}", "expectation_failed")
-    limit = request.app[MAX_BODY]
+    limit = request.app[LIMITS].follow()  # before the middlewares: the limit as it is now, read here too
     if request.content_length is not None and request.content_length > limit:
         return error_response(413, f"request body larger than the gateway's limit of {limit} bytes",
                               "request_too_large")
@@ -173,8 +202,10 @@ async def expect_continue(request: web.Request) -> web.Response | None:
     return None
 
 
-async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
-    """Every answer, streamed ones included, gets CORS headers exactly when the Gateway allows the origin."""
+async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer as its headers go out. It is remembered (``STARTED``), so an error after this point ends it
+    instead of starting a second one; and it gets CORS headers exactly when the Gateway allows the origin."""
+    request[STARTED] = response
     if "Origin" in request.headers:
         guard = request.app[GUARD]
         response.headers.update(guard.cors_headers(request, guard.policy(request.app[CONTROLLER].gateway())))
@@ -255,10 +286,27 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if name is None:
         return error_response(404, f"model {short(requested)} not found; GET /v1/models lists them",
                               "model_not_found", "model")
-    tap = Tap(request.app[METRICS], name, arrived)
-    response = await _for_model(request, controller, name, requested, route, payload, body, tap)
-    tap.metrics.request(name, route, response.status, time.monotonic() - arrived)
-    return response
+    tap = Tap(request.app[METRICS], name, route, arrived)
+    status = 0  # none yet: a handler cancelled because its client left has no answer of its own to count
+    try:
+        response = await _for_model(request, controller, name, requested, route, payload, body, tap)
+        status = response.status
+        return response
+    except Exception:
+        status = 500  # the error middleware answers it, or ends the stream it broke
+        raise
+    finally:
+        if not status:
+            started = request.get(STARTED)
+            status = started.status if started is not None else CLIENT_GONE
+        tap.finish(status, client_gone=_client_gone(request, tap))
+
+
+def _client_gone(request: web.Request, tap: Tap) -> bool:
+    """Whether the client went away before the end of its answer. A client may hang up as soon as it has read a
+    stream's last event (the openai SDK does, at ``[DONE]``): that one had all of it."""
+    transport = request.transport
+    return (transport is None or transport.is_closing()) and not tap.stream_ended()
 
 
 async def _for_model(request: web.Request, controller: Controller, name: str, requested: str, route: str,
@@ -373,10 +421,10 @@ async def _forward(
     started: web.StreamResponse | None, tap: Tap,
 ) -> web.StreamResponse:
     changes: dict[str, Any] = {}
-    swap = None
+    model_id = None
     if upstream.served_model != requested:
         changes["model"] = upstream.served_model
-        swap = (json.dumps(upstream.served_model).encode(), json.dumps(requested).encode())
+        model_id = model_id_rewrite(upstream.served_model, requested)
     if payload.get("stream") is True and request.path in USAGE_ROUTES:
         options = payload.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage")):
@@ -384,21 +432,25 @@ async def _forward(
             tap.drop_usage = True
     if changes:
         body = json.dumps({**payload, **changes}).encode()
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_SKIP]
+    # The client's credentials stop here (the gateway's key never reaches a runtime), and so does its Origin (the
+    # gateway has judged it); the runtime gets the gateway's per-start secret instead (runtimes/secret.py).
+    headers = [(k, v) for k, v in request.headers.items()
+               if k.lower() not in REQUEST_SKIP and k.lower() not in ("authorization", "x-api-key", "origin")]
     headers.append(("Content-Type", "application/json"))
+    if upstream.secret:
+        headers.append(("Authorization", f"Bearer {upstream.secret}"))
     response = started
     try:
         async with request.app[POOL].request(upstream.port, request.method, request.rel_url.path_qs, headers, body,
-                                             limit=upstream.max_connections, epoch=upstream.incarnation) as resp:
+                                             limit=upstream.max_connections, incarnation=upstream.incarnation) as resp:
             lease.answered(resp.status)
             is_sse = "text/event-stream" in resp.content_type
             if response is None and not is_sse:
                 data = await resp.read()
                 if resp.status == 200:
                     tap.read_usage(data)
-                    tap.done()
-                if swap:
-                    data = data.replace(swap[0], swap[1])
+                if model_id is not None:
+                    data = model_id.apply(data)
                 return web.Response(body=data, status=resp.status, headers=_response_headers(resp.headers))
             if response is not None and not is_sse:  # headers already sent: an error becomes an SSE event
                 await response.write(b"data: " + await resp.read() + b"\n\n")
@@ -408,9 +460,8 @@ async def _forward(
                 response = _sse_response(request)
                 response.set_status(resp.status)
                 await response.prepare(request)
-            tail = await _pump(resp, response, swap, tap)
-            tap.done()
-            if resp.close_delimited and not tail.rstrip().endswith(b"data: [DONE]") and await lease.runtime_died():
+            await _pump(resp, response, model_id, tap)
+            if resp.close_delimited and not tap.stream_ended() and await lease.runtime_died():
                 # A body that ends with the connection cannot tell a finished stream from a dead runtime.
                 raise UpstreamClosed("the runtime exited during the stream")
             await response.write_eof()
@@ -432,10 +483,9 @@ async def _forward(
         return response
 
 
-async def _pump(resp: Response, response: web.StreamResponse, swap: tuple[bytes, bytes] | None, tap: Tap) -> bytes:
+async def _pump(resp: Response, response: web.StreamResponse, model_id: ModelIdRewrite | None, tap: Tap) -> None:
     """Copy the upstream stream as it arrives, whole lines at a time (so a model id or a usage object split
-    across two chunks is still found); returns the last bytes written."""
-    last = b""
+    across two chunks is still found); the last bytes written are left in ``tap.tail``."""
     carry = b""
     first = True
     async for chunk in resp.iter_chunks():
@@ -446,32 +496,94 @@ async def _pump(resp: Response, response: web.StreamResponse, swap: tuple[bytes,
         cut = data.rfind(b"\n") + 1
         carry = data[cut:]
         if cut:
-            last = await _write_lines(response, data[:cut], swap, tap) or last
+            await _write_lines(response, data[:cut], model_id, tap)
     if carry:
-        last = await _write_lines(response, carry, swap, tap) or last
-    return last[-64:]
+        await _write_lines(response, carry, model_id, tap)
 
 
-async def _write_lines(response: web.StreamResponse, lines: bytes, swap: tuple[bytes, bytes] | None, tap: Tap) -> bytes:
+async def _write_lines(response: web.StreamResponse, lines: bytes, model_id: ModelIdRewrite | None, tap: Tap) -> None:
     if b'"usage"' in lines:
         lines = tap.usage_lines(lines)
-    if swap is not None:
-        lines = lines.replace(swap[0], swap[1])
+    if model_id is not None:
+        lines = model_id.apply(lines)
     if lines:
+        tap.tail = lines
         await response.write(lines)
-    return lines
 
 
-def create_app(controller: Controller, pool: UpstreamPool, listen_host: str,
-               max_body: int = DEFAULT_MAX_BODY) -> web.Application:
-    app = web.Application(client_max_size=max_body, middlewares=[guard_and_errors])
+class ModelIdRewrite:
+    """The model id in an answer, from what the runtime answers to back to what the client asked for.
+
+    Only the value of a ``"model"`` key changes, never text that happens to spell the same name (a model called
+    ``yes`` may well answer "yes"). Valid JSON cannot hold an unescaped quote inside a string, so an occurrence of
+    the served name as a JSON string right after ``"model":`` is that key's value: a scan of the raw bytes finds
+    exactly those, without parsing the body (an embedding answer can be megabytes). It finds them at any depth,
+    which the Responses and Anthropic streams need (their model sits in a nested ``response`` or ``message``).
+    """
+
+    __slots__ = ("_requested", "_served")
+
+    def __init__(self, served: str, requested: str):
+        self._served = json.dumps(served).encode()
+        self._requested = json.dumps(requested).encode()
+
+    def apply(self, data: bytes) -> bytes:
+        served = self._served
+        at = data.find(served)
+        if at < 0:
+            return data  # a streamed chunk without the id (the usual one): untouched, nothing allocated
+        size = len(served)
+        parts: list[bytes] = []
+        start = 0
+        while at >= 0:
+            if _after_model_key(data, at):
+                parts.append(data[start:at])
+                parts.append(self._requested)
+                start = at + size
+            at = data.find(served, at + size)
+        if not start:
+            return data
+        parts.append(data[start:])
+        return b"".join(parts)
+
+
+def _after_model_key(data: bytes, at: int) -> bool:
+    """Whether ``data[at:]`` is the value of a ``"model"`` key: ``"model"``, a colon, whitespace around it. The
+    two spellings runtimes send (llama-server's compact JSON, Python's ``": "``) are checked first, cheaply."""
+    if data[at - 8:at] == b'"model":' or data[at - 9:at] == b'"model": ':
+        return True
+    before = data[max(at - 32, 0):at].rstrip()
+    return before.endswith(b":") and before[:-1].rstrip().endswith(b'"model"')
+
+
+@functools.lru_cache(maxsize=256)
+def model_id_rewrite(served: str, requested: str) -> ModelIdRewrite:
+    """One per (served name, requested name) pair, built once: requests by alias are the common case."""
+    return ModelIdRewrite(served, requested)
+
+
+@web.middleware
+async def follow_limits(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The Gateway's limits as they are when the request arrives (``limits.py``). aiohttp's body limit is its
+    application's ``client_max_size``, set at start: after a change, the request goes on as a copy that carries
+    the new one (outermost, so every middleware and the handler see the same request)."""
+    limit = request.app[LIMITS].follow()
+    if limit != request.client_max_size:
+        request = request.clone(client_max_size=limit)
+    return await handler(request)
+
+
+def create_app(controller: Controller, pool: UpstreamPool, listen_host: str) -> web.Application:
+    """The ingress. Its limits follow the Gateway spec as it changes (``limits.py``)."""
+    limits = Limits(controller, pool)
+    app = web.Application(client_max_size=limits.max_body, middlewares=[follow_limits, guard_and_errors])
     app[CONTROLLER] = controller
     app[POOL] = pool
-    app[MAX_BODY] = max_body
+    app[LIMITS] = limits
     app[GUARD] = Guard(listen_host)
     app[METRICS] = Metrics()
     controller.events.listen(app[METRICS].event)
-    app.on_response_prepare.append(add_cors)
+    app.on_response_prepare.append(on_prepare)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)

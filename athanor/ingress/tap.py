@@ -1,8 +1,11 @@
-"""What one proxied request tells the metrics beyond its status: time to first token and the tokens used.
+"""What one proxied request tells the metrics: its status, time to first token and the tokens used.
 
 Usage is read where the runtimes put it, cheaply: a regular expression from the ``"usage"`` key on, over bytes,
 never a JSON parse of the answer. A stream whose client did not ask for usage is asked for it anyway (the
 ingress adds ``stream_options.include_usage``), and the usage-only event is cut from what the client gets.
+
+``Tap.finish`` is the one point where a request is over, whatever ended it (an answer, an error, a client that
+went away): everything about it is counted there, once.
 """
 
 from __future__ import annotations
@@ -17,19 +20,24 @@ USAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 _TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens|cache_read_input_tokens|'
                      rb'cache_creation_input_tokens)"\s*:\s*(\d+)')
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+# How each streamed API says its answer is complete: OpenAI's chat and completions, Anthropic's Messages, and
+# the Responses API. A client may hang up as soon as it has read one of these.
+STREAM_ENDS = (b"data: [DONE]", b"event: message_stop", b"event: response.completed")
+CLIENT_GONE = 499  # the status a request is counted with when its client went away before the end (llama-swap's)
 
 
 class Tap:
-    """What one request tells the metrics besides its status: time to first token, and the usage the runtime
-    reported. A stream whose client did not ask for usage is asked for it anyway (``stream_options``), and the
-    usage-only chunk is dropped on the way back (``drop_usage``)."""
+    """What one request tells the metrics: its status and duration (``finish``), time to first token, and the
+    usage the runtime reported. A stream whose client did not ask for usage is asked for it anyway
+    (``stream_options``), and the usage-only chunk is dropped on the way back (``drop_usage``)."""
 
-    __slots__ = ("arrived", "counts", "drop_usage", "metrics", "model")
+    __slots__ = ("arrived", "counts", "drop_usage", "metrics", "model", "route", "tail")
 
-    def __init__(self, metrics: Metrics, model: str, arrived: float):
-        self.metrics, self.model, self.arrived = metrics, model, arrived
+    def __init__(self, metrics: Metrics, model: str, route: str, arrived: float):
+        self.metrics, self.model, self.route, self.arrived = metrics, model, route, arrived
         self.drop_usage = False
         self.counts: dict[bytes, int] = {}
+        self.tail = b""  # the last bytes of a stream written to the client
 
     def first_byte(self) -> None:
         self.metrics.first_token(self.model, time.monotonic() - self.arrived)
@@ -57,12 +65,24 @@ class Tap:
             out.append(line)
         return b"".join(out)
 
-    def done(self) -> None:
-        """Count the usage seen. OpenAI's prompt_tokens (and the Responses API's input_tokens) include cached
-        tokens; Anthropic's input_tokens do not, so its cache counts are added back."""
+    def stream_ended(self) -> bool:
+        """Whether the stream's last write carried its end (so a client that hangs up now had all of it)."""
+        tail = self.tail
+        return bool(tail) and any(end in tail for end in STREAM_ENDS)
+
+    def finish(self, status: int, *, client_gone: bool = False) -> None:
+        """The request is over: count it, its duration and the usage seen, exactly once. ``status`` is what the
+        client was answered (or was being answered when it went away); ``client_gone``: it went away before the
+        end of its answer, counted as 499. The one place a per-request record can be taken from."""
+        self.metrics.request(self.model, self.route, CLIENT_GONE if client_gone else status,
+                             time.monotonic() - self.arrived)
+        if self.counts:
+            self._count_usage()
+
+    def _count_usage(self) -> None:
+        """OpenAI's prompt_tokens (and the Responses API's input_tokens) include cached tokens; Anthropic's
+        input_tokens do not, so its cache counts are added back."""
         counts = self.counts
-        if not counts:
-            return
         prompt = counts.get(b"prompt_tokens")
         if prompt is None:
             prompt = sum(counts.get(k, 0) for k in (b"input_tokens", b"cache_read_input_tokens",
