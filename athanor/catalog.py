@@ -15,7 +15,6 @@ import copy
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from athanor import API_VERSION
@@ -24,6 +23,7 @@ from athanor.errors import NotFoundError
 from athanor.naming import unique_name
 from athanor.ports import DEFAULT_RANGE, allocate_port
 from athanor.spec.validate import Resource
+from athanor.timestamps import utc_timestamp
 
 LAST_APPLIED = "athanor.dev/last-applied"
 DISCOVERED = "athanor.dev/discovered"
@@ -60,8 +60,7 @@ class Change:
         return f"{self.kind.lower()}/{self.name} {self.action}"
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+now_iso = utc_timestamp  # the name actions.py still calls it by (that file is being reworked elsewhere)
 
 
 def gateway_spec(doc: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +111,7 @@ def _new_object(kind: str, name: str, spec: dict[str, Any], annotations: dict[st
             "labels": {},
             "annotations": annotations,
             "generation": 1,
-            "creationTimestamp": now_iso(),
+            "creationTimestamp": utc_timestamp(),
         },
         "spec": spec,
     }

@@ -32,6 +32,7 @@ from athanor.addresses import authority, loopback_for
 from athanor.errors import AthanorError
 from athanor.managers import resolve_manager
 from athanor.store import Store
+from athanor.timestamps import utc_timestamp
 
 log = logging.getLogger("athanor.daemon")
 
@@ -154,7 +155,7 @@ class Listener:
 
     async def serve(self, runner: web.AppRunner, report: Report) -> None:
         """Serve the app on what ``bind`` bound (and the admin loopback socket, if it can be had), then record it."""
-        self._runner, self._report, self._started = runner, report, catalog.now_iso()
+        self._runner, self._report, self._started = runner, report, utc_timestamp()
         assert self.main is not None, "bind() first"
         try:
             await self._start(self.main)

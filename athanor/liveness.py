@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from athanor.managers.base import same_start
 from athanor.store import Store
-
-CREATE_TIME_TOLERANCE_S = 0.01
 
 
 def daemon_record(store: Store) -> dict[str, Any] | None:
@@ -22,7 +21,7 @@ def daemon_record(store: Store) -> dict[str, Any] | None:
         return None
     try:
         proc = psutil.Process(record["pid"])
-        if abs(proc.create_time() - record.get("createTime", 0)) > CREATE_TIME_TOLERANCE_S:
+        if not same_start(record.get("createTime", 0), proc.create_time()):
             return None
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None

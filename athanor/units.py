@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 
+GIB = 2**30  # bytes in a GiB: what sizes are shown and reasoned in (memory, tiers, headroom)
+
 _DURATION = re.compile(r"(\d+)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+               "KiB": 2**10, "MiB": 2**20, "GiB": GIB, "TiB": 2**40}
 
 
 def parse_duration(text: str) -> float | None:

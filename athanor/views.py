@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from athanor import catalog
+from athanor.managers.base import same_start
 
 PHASES = ("Standby", "Starting", "Ready", "Draining", "Stopping", "Failed", "Unknown")
 _LIVE_PHASES = ("Starting", "Ready", "Draining", "Stopping")
@@ -58,7 +59,7 @@ def _live(handle: dict[str, Any]) -> dict[str, Any]:
 
     try:
         proc = psutil.Process(handle["pid"])
-        if abs(proc.create_time() - handle["create_time"]) > 0.01:
+        if not same_start(handle["create_time"], proc.create_time()):
             return {}
         rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
         return {"uptimeSeconds": int(datetime.now(timezone.utc).timestamp() - proc.create_time()), "rssBytes": rss}

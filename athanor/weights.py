@@ -29,6 +29,7 @@ from typing import IO, Any
 
 from athanor import catalog
 from athanor.discovery.artifacts import shards, source_key
+from athanor.discovery.hfcache import hf_cache_dir
 from athanor.errors import AthanorError
 from athanor.store import Store
 from athanor.views import human_bytes
@@ -145,7 +146,7 @@ def plan(store: Store, names: Iterable[str]) -> Plan:
         resolved = resolve_name(doc, name)
         if resolved not in chosen:
             chosen.append(resolved)
-    result = Plan(chosen, cache_dir=_cache_dir(doc))
+    result = Plan(chosen, cache_dir=hf_cache_dir(catalog.gateway_spec(doc)["discovery"]))
     users = _Users(doc, exclude=set(chosen))
     hf_models: list[tuple[str, dict[str, Any]]] = []
     for name in chosen:
@@ -158,13 +159,6 @@ def plan(store: Store, names: Iterable[str]) -> Plan:
     if hf_models:
         _plan_hf(result, users, hf_models)
     return result
-
-
-def _cache_dir(doc: dict[str, Any]) -> Path:
-    from athanor.discovery.hfcache import default_cache_dir
-
-    configured = catalog.gateway_spec(doc)["discovery"].get("hfCacheDir")
-    return Path(configured).expanduser() if configured else default_cache_dir()
 
 
 def _plan_loose(result: Plan, users: _Users, name: str, obj: dict[str, Any]) -> None:

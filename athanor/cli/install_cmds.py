@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import click
 
@@ -13,12 +12,6 @@ from athanor.errors import AthanorError
 from athanor.liveness import daemon_record
 
 MANAGED = ("launchd", "systemd")
-
-
-def installed_ingress(st: Any, gateway: dict[str, Any]) -> tuple[Any, Any] | None:
-    from athanor.managers import installed_gateway
-
-    return installed_gateway(st.home, gateway)
 
 
 @click.command("install")

@@ -15,7 +15,6 @@ import click
 from athanor import actions, catalog, views
 from athanor.cli.common import store, warn
 from athanor.cli.get_cmds import _complete_model
-from athanor.cli.install_cmds import installed_ingress
 from athanor.errors import AthanorError, InvalidValueError, NotFoundError
 from athanor.liveness import daemon_record
 from athanor.paths import ensure_private_dir, open_private_file
@@ -55,6 +54,7 @@ def serve_cmd(listen: str | None, verbose: bool) -> None:
 def up_cmd(listen: str | None, timeout: float) -> None:
     """Start the gateway in the background (logs in $ATHANOR_HOME/logs/daemon.log)."""
     from athanor.addresses import loopback_for, parse_listen, wait_for_port
+    from athanor.managers import installed_gateway
 
     st = store()
     running = daemon_record(st)
@@ -63,7 +63,7 @@ def up_cmd(listen: str | None, timeout: float) -> None:
         return
     gateway = catalog.gateway_spec(st.models.load())
     address = listen or gateway["listen"]
-    installed = installed_ingress(st, gateway)
+    installed = installed_gateway(st.home, gateway)
     if installed and not listen:  # installed with launchd or systemd: start it there, where it is kept running
         import asyncio
 
@@ -125,9 +125,11 @@ def down_cmd(timeout: float) -> None:
 
     import psutil
 
+    from athanor.managers import installed_gateway
+
     st = store()
     said = False
-    installed = installed_ingress(st, catalog.gateway_spec(st.models.load()))
+    installed = installed_gateway(st.home, catalog.gateway_spec(st.models.load()))
     if installed:  # its manager would start it again: stop the job itself (whether or not it has a record yet)
         manager, job = installed
         if asyncio.run(manager.job_state(job)).pid:

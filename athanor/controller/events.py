@@ -14,18 +14,15 @@ import itertools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timezone
 from typing import Any
+
+from athanor.timestamps import utc_timestamp
 
 Event = dict[str, Any]
 Listener = Callable[[Event], None]
 
 KEEP = 500  # events held in memory (and in state.json)
 STREAM_BACKLOG = 1000  # events a slow stream may fall behind before it is cut off
-
-
-def iso_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Lagged(Exception):
@@ -45,8 +42,8 @@ class EventLog:
     def emit(self, kind: str, name: str, type_: str, reason: str, message: str, **extra: Any) -> Event:
         """Record one event. ``kind``: Model, Store, Gateway; ``type_``: Normal or Warning; ``reason``: one
         CamelCase word (Ready, Evicted, Crashed...); ``extra``: fields for machines (phase, seconds...)."""
-        event: Event = {"seq": next(self._seq), "time": iso_now(), "kind": kind, "name": name, "type": type_,
-                        "reason": reason, "message": message, **extra}
+        event: Event = {"seq": next(self._seq), "time": utc_timestamp(millis=True), "kind": kind, "name": name,
+                        "type": type_, "reason": reason, "message": message, **extra}
         self._events.append(event)
         for listener in self._listeners:
             listener(event)

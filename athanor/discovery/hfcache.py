@@ -1,12 +1,14 @@
 """Models in the local Hugging Face hub cache, found through ``huggingface_hub``'s own cache scanner.
 
-The cache location follows the hub's rules at call time (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else the XDG
-cache), so a test or a user can point it anywhere without re-importing anything.
+The cache location is the Gateway's ``spec.discovery.hfCacheDir`` when set, else follows the hub's rules at call time
+(``HF_HUB_CACHE``, else ``HF_HOME/hub``, else the XDG cache), so a test or a user can point it anywhere without
+re-importing anything.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,24 @@ from athanor.discovery.artifacts import Artifact, gguf_artifact, is_model_gguf, 
 from athanor.discovery.mlx import is_mlx_dir
 
 
-def default_cache_dir() -> Path:
+def hf_cache_location(discovery: Mapping[str, Any] | None = None) -> tuple[Path, str]:
+    """(the HF cache, what named it): ``discovery``'s ``hfCacheDir`` (the Gateway's ``spec.discovery``) when set,
+    else ``HF_HUB_CACHE``, else ``HF_HOME``/hub, else the XDG cache (``default``). Scan, the cache watcher, pull,
+    delete and doctor all ask here, so they agree on the one directory."""
+    configured = (discovery or {}).get("hfCacheDir")
+    if configured:
+        return Path(configured).expanduser(), "Gateway spec.discovery.hfCacheDir"
     if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser(), "HF_HUB_CACHE"
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub", "HF_HOME"
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "huggingface" / "hub"
+    return Path(xdg).expanduser() / "huggingface" / "hub", "default"
+
+
+def hf_cache_dir(discovery: Mapping[str, Any] | None = None) -> Path:
+    """The HF cache ``discovery`` names (see ``hf_cache_location``); the hub's own rules without it."""
+    return hf_cache_location(discovery)[0]
 
 
 @dataclass
@@ -45,7 +58,7 @@ class HFCacheIndex:
         from huggingface_hub import scan_cache_dir
         from huggingface_hub.errors import CacheNotFound
 
-        index = cls(cache_dir or default_cache_dir())
+        index = cls(cache_dir or hf_cache_dir())
         if not index.cache_dir.is_dir():
             return index
         try:

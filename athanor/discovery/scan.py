@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from athanor.discovery.artifacts import Artifact, inspect_path, source_key, walk_local
-from athanor.discovery.hfcache import HFCacheIndex
+from athanor.discovery.hfcache import HFCacheIndex, hf_cache_dir
 
 
 @dataclass
@@ -35,8 +35,7 @@ class Discovery:
 
 def discover(discovery_spec: dict[str, Any], extra_paths: tuple[str, ...] = ()) -> Discovery:
     """Scan what the Gateway's ``spec.discovery`` names (HF cache unless disabled, extra paths)."""
-    cache_dir = discovery_spec.get("hfCacheDir")
-    index = HFCacheIndex.scan(Path(cache_dir).expanduser() if cache_dir else None)
+    index = HFCacheIndex.scan(hf_cache_dir(discovery_spec))
     found = index.discovered() if discovery_spec.get("hfCache", True) else []
     warnings = list(index.warnings)
     for raw in [*discovery_spec.get("paths", []), *extra_paths]:

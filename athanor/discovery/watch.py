@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from athanor.discovery.hfcache import default_cache_dir
+from athanor.discovery.hfcache import hf_cache_dir
 
 log = logging.getLogger("athanor.watch")
 
@@ -27,8 +27,7 @@ def watched_dirs(discovery: dict[str, Any]) -> list[Path]:
     """The directories the Gateway's ``spec.discovery`` scans, whether or not they exist yet."""
     dirs = []
     if discovery.get("hfCache", True):
-        cache_dir = discovery.get("hfCacheDir")
-        dirs.append(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+        dirs.append(hf_cache_dir(discovery))
     dirs += [Path(p).expanduser() for p in discovery.get("paths", [])]
     return dirs
 

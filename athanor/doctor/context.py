@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from athanor import actions, catalog
-from athanor.doctor.runtimes import RuntimeInfo, probe_runtime
+from athanor.doctor.probe import RuntimeInfo, probe_runtime
 from athanor.errors import StoreError
 from athanor.liveness import daemon_record
 from athanor.managers import systemd_user_available

@@ -10,10 +10,9 @@ import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from athanor import views
-from athanor.discovery.hfcache import default_cache_dir
+from athanor.discovery.hfcache import hf_cache_location
 from athanor.doctor.check import Check
 from athanor.doctor.context import Context
 from athanor.doctor.updates import athanor_upgrade
@@ -61,15 +60,6 @@ def _unreadable_store_file(ctx: Context, path: Path, exc: StoreError) -> Check:
     return Check(False, "store", str(exc), fix, required=True)
 
 
-def hf_cache_location(gateway: dict[str, Any]) -> tuple[Path, str]:
-    """The cache discovery scans and where that choice comes from (the rule of ``discovery/scan.py``)."""
-    configured = gateway["discovery"].get("hfCacheDir")
-    if configured:
-        return Path(configured).expanduser(), "Gateway spec.discovery.hfCacheDir"
-    source = next((var for var in ("HF_HUB_CACHE", "HF_HOME") if os.environ.get(var)), "default")
-    return default_cache_dir(), source
-
-
 def tree_size(root: Path) -> tuple[int, int, int]:
     """(bytes, files, entries that could not be read) under ``root``: symlinks not followed (a snapshot's links to blobs
     are not counted again), hard links counted once."""
@@ -104,7 +94,7 @@ def tree_size(root: Path) -> tuple[int, int, int]:
 def check_hf_cache(ctx: Context) -> Iterator[Check]:
     """Where the HF cache is, how much it holds, and whether all of it can be read (a model in an unreadable part
     is never found)."""
-    path, source = hf_cache_location(ctx.gateway)
+    path, source = hf_cache_location(ctx.gateway["discovery"])
     where = f"{path} (from {source})"
     if not ctx.gateway["discovery"].get("hfCache", True):
         where += ", not scanned (spec.discovery.hfCache: false)"

@@ -22,7 +22,7 @@ from typing import Any
 from athanor import __version__
 from athanor.doctor.check import Check
 from athanor.doctor.context import Context
-from athanor.doctor.runtimes import normalise_name, our_pip, shown
+from athanor.doctor.probe import normalise_name, our_pip, shown
 from athanor.errors import InvalidValueError
 
 PYPI_URL_ENV = "ATHANOR_PYPI_URL"

@@ -9,10 +9,10 @@ from typing import Any
 from athanor.fit._estimate import estimate_model
 from athanor.fit._memory import Memory
 from athanor.fit._shape import read_shape
+from athanor.units import GIB
 
-GiB = 2**30
 # (machine size, headroom) corners of the curve; flat outside them, linear between.
-HEADROOM_CURVE = ((8 * GiB, 2 * GiB), (64 * GiB, 6 * GiB), (128 * GiB, 8 * GiB))
+HEADROOM_CURVE = ((8 * GIB, 2 * GIB), (64 * GIB, 6 * GIB), (128 * GIB, 8 * GIB))
 COMFORTABLE_SHARE = 0.75  # of the budget
 SMALLEST_CONTEXT = 512
 

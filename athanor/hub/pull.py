@@ -120,14 +120,13 @@ def cache_dir(doc: dict[str, Any]) -> Path:
     """The HF cache discovery scans (the Gateway's ``discovery.hfCacheDir``, else the hub's rules). A Gateway that
     does not scan the HF cache would never register what a pull fetches: refused before anything is fetched."""
     from athanor import catalog
-    from athanor.discovery.hfcache import default_cache_dir
+    from athanor.discovery.hfcache import hf_cache_dir
 
     discovery = catalog.gateway_spec(doc)["discovery"]
     if not discovery.get("hfCache", True):
         raise PullRefused("the Gateway's spec.discovery.hfCache is false, so nothing pulled into the Hugging Face "
                           "cache would be registered: set it to true (athanor apply) before pulling")
-    configured = discovery.get("hfCacheDir")
-    return Path(configured).expanduser() if configured else default_cache_dir()
+    return hf_cache_dir(discovery)
 
 
 def plan(repo: str, *, files: tuple[str, ...] = (), revision: str | None = None, cache_dir: Path) -> Plan:

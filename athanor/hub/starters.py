@@ -11,7 +11,7 @@ import platform
 import shlex
 from dataclasses import dataclass
 
-GIB = 2**30
+from athanor.units import GIB
 
 
 @dataclass(frozen=True)

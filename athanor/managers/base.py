@@ -23,6 +23,7 @@ Handle = dict[str, Any]
 
 LABEL_PREFIX = "dev.athanor."  # launchd labels: dev.athanor.ingress, dev.athanor.model.NAME
 UNIT_PREFIX = "athanor-"  # systemd units: athanor-ingress.service, athanor-model-NAME.service
+CREATE_TIME_TOLERANCE_S = 0.01  # how far two reads of one process's create time (a float) may differ
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,12 @@ class ServiceManager(Protocol):
 
     def forget(self, handle: Handle) -> None:
         """The caller has recorded the end of this handle's process; drop what is kept about it."""
+
+
+def same_start(recorded: float, observed: float) -> bool:
+    """Whether a process's create time (``observed``) is the one recorded with its PID: a PID alone is not an
+    identity (the kernel reuses them), so handles and the daemon's record carry the create time too."""
+    return abs(recorded - observed) <= CREATE_TIME_TOLERANCE_S
 
 
 def sorted_env(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

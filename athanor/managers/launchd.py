@@ -40,9 +40,10 @@ from pathlib import Path
 
 from athanor.errors import AthanorError, RuntimeNotFoundError
 from athanor.managers.base import LABEL_PREFIX, Handle, Job, JobState
-from athanor.managers.shared import ExternalManager, create_time, said, utc_now, write_if_changed
+from athanor.managers.shared import ExternalManager, create_time, said, write_if_changed
 from athanor.managers.templates import render
 from athanor.paths import ensure_private_dir
+from athanor.timestamps import utc_timestamp
 
 NOT_LOADED = (3, 113)  # bootout of an unloaded job; an unknown service
 BUSY = 5  # bootstrap of a job still loaded (or disabled, or a missing plist)
@@ -137,7 +138,7 @@ class LaunchdManager(ExternalManager):
         assert isinstance(pid, int)
         return {"manager": self.name, "label": job.label, "domain": self.domain(), "plist": str(path), "pid": pid,
                 "create_time": create_time(pid), "runs": facts.get("runs", 1), "log_path": job.log_path,
-                "started_at": utc_now()}
+                "started_at": utc_timestamp()}
 
     async def stop(self, handle: Handle, grace: float) -> int | None:
         return await asyncio.to_thread(self._stop, handle, grace)

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,12 @@ import psutil
 
 from athanor.errors import InvalidValueError, RuntimeNotFoundError
 from athanor.managers import logs
-from athanor.managers.base import Handle, Job, JobState
+from athanor.managers.base import Handle, Job, JobState, same_start
 from athanor.paths import ensure_private_dir, open_private_file
+from athanor.timestamps import UTC_FORMAT, utc_timestamp
 
 DEFAULT_LOG_MAX_BYTES = logs.DEFAULT_MAX_BYTES
-CREATE_TIME_TOLERANCE_S = 0.01
 KILL_WAIT_S = 5.0
-_TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
 _HANDLE_FIELDS = ("name", "pid", "create_time", "log_path", "started_at")
 
 
@@ -71,7 +70,7 @@ class ProcessHandle:
         if not isinstance(self.log_path, str) or not self.log_path:
             raise bad("log_path", "a non-empty string")
         try:
-            datetime.strptime(self.started_at, _TIMESTAMP)
+            datetime.strptime(self.started_at, UTC_FORMAT)
         except (TypeError, ValueError):
             raise bad("started_at", "an ISO-8601 UTC time like 2026-11-25T05:00:00Z") from None
 
@@ -114,7 +113,7 @@ class ProcessSupervisor:
         log_path = self._log_path(name)
         ensure_private_dir(log_path.parent)
         self._rotate(log_path)
-        started_at = _utc_now()
+        started_at = utc_timestamp()
         # 0600: the command line may carry an API key.
         fd = open_private_file(log_path, os.O_WRONLY | os.O_APPEND)
         try:
@@ -132,7 +131,7 @@ class ProcessSupervisor:
                 )
             except OSError as exc:
                 reason = f"{exc.filename or argv[0]}: {exc.strerror or exc}"
-                os.write(fd, f"=== {_utc_now()} failed: {reason}\n".encode())
+                os.write(fd, f"=== {utc_timestamp()} failed: {reason}\n".encode())
                 raise RuntimeNotFoundError(f"cannot start {name}: {reason}") from exc
         finally:
             os.close(fd)
@@ -256,7 +255,7 @@ class ProcessSupervisor:
 
     def _popen(self, handle: ProcessHandle) -> subprocess.Popen[bytes] | None:
         entry = self._children.get(handle.pid)
-        if entry is None or not _same_start(entry[0].create_time, handle.create_time):
+        if entry is None or not same_start(entry[0].create_time, handle.create_time):
             return None
         return entry[1]
 
@@ -264,7 +263,7 @@ class ProcessSupervisor:
         """The process behind ``handle`` if the PID still names it (alive or an unreaped zombie)."""
         try:
             proc = psutil.Process(handle.pid)
-            return proc if _same_start(proc.create_time(), handle.create_time) else None
+            return proc if same_start(handle.create_time, proc.create_time()) else None
         except psutil.Error:
             return None
 
@@ -274,14 +273,6 @@ class ProcessSupervisor:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(handle.pid, sig)
-
-
-def _same_start(a: float, b: float) -> bool:
-    return abs(a - b) <= CREATE_TIME_TOLERANCE_S
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).strftime(_TIMESTAMP)
 
 
 def _running(proc: psutil.Process) -> bool:

@@ -26,9 +26,10 @@ from pathlib import Path
 
 from athanor.errors import AthanorError, RuntimeNotFoundError
 from athanor.managers.base import UNIT_PREFIX, Handle, Job, JobState
-from athanor.managers.shared import ExternalManager, create_time, said, utc_now, write_if_changed
+from athanor.managers.shared import ExternalManager, create_time, said, write_if_changed
 from athanor.managers.templates import render
 from athanor.paths import ensure_private_dir
+from athanor.timestamps import utc_timestamp
 
 START_LIMIT_BURST = 5  # a model unit that fails this often in the interval is left failed by systemd itself
 START_LIMIT_INTERVAL_S = 60
@@ -120,7 +121,7 @@ class SystemdManager(ExternalManager):
                                  f"({facts.get('Result')}); see 'athanor logs {job.name}'")
         return {"manager": self.name, "unit": job.unit, "pid": pid, "create_time": create_time(pid),
                 "restarts": int(facts.get("NRestarts", "0") or 0), "log_path": job.log_path,
-                "started_at": utc_now()}
+                "started_at": utc_timestamp()}
 
     async def stop(self, handle: Handle, grace: float) -> int | None:
         return await asyncio.to_thread(self._stop, handle, grace)
