@@ -1,4 +1,5 @@
-"""Operations on the models document: apply, delete, prune, and merging discovered models.
+"""Operations on the models document: apply, delete, prune, merging discovered models, and finding a model by name
+or alias.
 
 These are pure edits of the in-memory document (the caller holds the store lock and writes once), so dry runs,
 diffs and real applies share exactly one code path.
@@ -12,6 +13,7 @@ replaces ``artifact``, the detected half of a model.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -60,13 +62,22 @@ class Change:
         return f"{self.kind.lower()}/{self.name} {self.action}"
 
 
-now_iso = utc_timestamp  # the name actions.py still calls it by (that file is being reworked elsewhere)
-
-
 def gateway_spec(doc: dict[str, Any]) -> dict[str, Any]:
     """The effective Gateway spec: defaults overlaid with what was applied."""
     applied = (doc.get("gateway") or {}).get("spec", {})
     return overlay(GATEWAY_DEFAULTS, applied)
+
+
+def resolve_name(doc: dict[str, Any], name: str) -> str:
+    """A model's name from its name or one of its aliases; NotFoundError names close matches."""
+    if name in doc["models"]:
+        return name
+    for model_name, obj in doc["models"].items():
+        if name in obj["spec"].get("aliases", []):
+            return model_name
+    close = difflib.get_close_matches(name, list(doc["models"]), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see 'athanor get models'"
+    raise NotFoundError(f"model {name!r} not found{hint}")
 
 
 def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

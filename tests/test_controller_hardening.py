@@ -18,7 +18,6 @@ import aiohttp
 import psutil
 import pytest
 
-from athanor.actions import MAX_EVENTS
 from athanor.controller import memory_guard
 from athanor.controller.controller import Controller, stop_left_behind
 from athanor.controller.instance import RUNNING, Phase
@@ -28,7 +27,8 @@ from athanor.errors import ModelUnavailable
 from athanor.fit import Memory, estimate_model, headroom
 from athanor.managers.process import ProcessSupervisor
 from athanor.metrics import Metrics
-from athanor.units import parse_budget
+from athanor.quantities import parse_budget
+from athanor.store.store import MAX_EVENTS
 from fixtures.tier import Tier, phase, pid_of, supervise_with, until
 
 GIB = 2**30

@@ -23,7 +23,7 @@ from fixtures.tiny_models import (
 from huggingface_hub import scan_cache_dir
 from test_apply_cli import PATH_MODEL, models_json
 
-from athanor import actions, weights
+from athanor import actions, registry, weights
 
 REPO_ID = "test-org/tiny-GGUF"
 
@@ -221,7 +221,7 @@ def test_a_file_that_cannot_be_removed_is_reported_and_the_model_stays_deleted(s
     loose = tmp_path / "models"
     solo = write_tiny_llama_gguf(loose / "solo.gguf")
     other = write_tiny_llama_gguf(loose / "other.gguf", seed=1)
-    actions.scan(store, (str(loose),))
+    registry.scan(store, (str(loose),))
     planned = weights.plan(store, ["solo", "other"])
     assert [r.label for r in planned.removals] == [str(solo), str(other)]
     actions.delete_model(store, "solo")
@@ -289,7 +289,7 @@ def test_links_and_directories_holding_other_weights_are_left_alone(cli, tmp_pat
 def test_a_download_during_the_confirmation_keeps_the_blobs_it_links(store, hf_root, tmp_path):
     gguf = write_tiny_llama_gguf(tmp_path / "src" / "tiny.gguf")
     hub = make_hf_cache(hf_root, {REPO_ID: {"tiny.gguf": gguf, "README.md": b"v1\n"}})
-    actions.scan(store)
+    registry.scan(store)
     planned = weights.plan(store, ["tiny"])
     (removal,) = planned.removals
     assert "the last one" in removal.label, "planned: the repo's only revision, blobs and all"

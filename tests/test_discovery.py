@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from athanor import actions
+from athanor import registry
 from athanor.naming import base_name, slugify, unique_name
 from fixtures.tiny_models import add_gguf_repo, add_mlx_repo, make_hf_cache, write_tiny_llama_gguf
 
@@ -24,7 +24,7 @@ def test_names_are_predictable_slugs():
 def test_same_file_name_in_two_repos_gets_distinct_names(store, hf_root):
     add_gguf_repo(hf_root, "a/tiny-GGUF", filename="tiny.gguf")
     add_gguf_repo(hf_root, "b/tiny-GGUF", filename="tiny.gguf", seed=1)
-    actions.scan(store)
+    registry.scan(store)
     models = store.models.load()["models"]
     assert {n: m["spec"]["source"]["hf"]["repo"] for n, m in models.items()} == {"tiny": "a/tiny-GGUF", "b-tiny": "b/tiny-GGUF"}
 
@@ -36,7 +36,7 @@ def test_split_shards_register_once_and_projectors_mark_vision(store, hf_root, t
         "Big-Q8_0-00002-of-00002.gguf": b"GGUF second shard",
         "mmproj-Big-f16.gguf": b"GGUF projector",
     }})
-    actions.scan(store)
+    registry.scan(store)
     models = store.models.load()["models"]
     assert list(models) == ["big-q8-0"]
     artifact = models["big-q8-0"]["artifact"]
@@ -47,7 +47,7 @@ def test_split_shards_register_once_and_projectors_mark_vision(store, hf_root, t
 
 def test_vision_mlx_model_is_detected_but_served_as_text_by_default(store, hf_root):
     add_mlx_repo(hf_root, "mlx-community/tiny-vl-4bit", quantized_bits=4, vision=True)
-    actions.scan(store)
+    registry.scan(store)
     (model,) = store.models.load()["models"].values()
     assert model["spec"]["runtime"] == "mlx-lm"
     assert model["artifact"]["capabilities"] == ["text", "vision"]
@@ -55,7 +55,7 @@ def test_vision_mlx_model_is_detected_but_served_as_text_by_default(store, hf_ro
 
 def test_plain_transformers_checkpoints_are_not_taken_for_mlx(store, hf_root):
     add_mlx_repo(hf_root, "sentence-transformers/tiny-embedder")  # unquantized, no 'mlx' in the name
-    actions.scan(store)
+    registry.scan(store)
     assert store.models.load()["models"] == {}
 
 
@@ -64,7 +64,7 @@ def test_loose_files_in_extra_paths(store, tmp_path, home):
     write_tiny_llama_gguf(models_dir / "nested" / "Loose-Q4_1.gguf")
     (models_dir / ".hidden").mkdir(parents=True)
     write_tiny_llama_gguf(models_dir / ".hidden" / "skip.gguf")
-    actions.scan(store, (str(models_dir),))
+    registry.scan(store, (str(models_dir),))
     models = store.models.load()["models"]
     assert list(models) == ["loose-q4-1"]
     assert models["loose-q4-1"]["spec"]["source"] == {"path": str(models_dir / "nested" / "Loose-Q4_1.gguf")}
@@ -72,13 +72,13 @@ def test_loose_files_in_extra_paths(store, tmp_path, home):
 
 def test_vanished_files_mark_the_model_missing_and_prune_forgets_it(store, hf_root, cli):
     gguf = add_gguf_repo(hf_root, "test-org/tiny-GGUF")
-    actions.scan(store)
+    registry.scan(store)
     gguf.unlink()
-    result = actions.scan(store)
+    result = registry.scan(store)
     assert [str(c) for c in result.changes] == ["model/tiny-llama-f32 missing"]
     table = cli("get", "models").stdout
     assert "NotFound" in table
-    assert [str(c) for c in actions.scan(store, prune=True).changes] == ["model/tiny-llama-f32 pruned"]
+    assert [str(c) for c in registry.scan(store, prune=True).changes] == ["model/tiny-llama-f32 pruned"]
     assert store.models.load()["models"] == {}
 
 
@@ -86,7 +86,7 @@ def test_corrupt_gguf_is_registered_with_its_problem(store, tmp_path, cli):
     bad = tmp_path / "models" / "broken.gguf"
     bad.parent.mkdir()
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 10)
-    actions.scan(store, (str(bad.parent),))
+    registry.scan(store, (str(bad.parent),))
     out = json.loads(cli("get", "models", "broken", "-o", "json").stdout)
     available = out["status"]["conditions"][0]
     assert available["status"] == "False" and available["reason"] == "Unreadable"
@@ -113,12 +113,12 @@ def test_rescan_says_what_was_added_updated_and_unchanged(cli, hf_root):
 def test_scan_counts_missing_and_pruned_models_apart(store, hf_root, cli):
     gguf = add_gguf_repo(hf_root, "test-org/tiny-GGUF")
     add_gguf_repo(hf_root, "other/extra-GGUF", filename="extra.gguf")
-    assert actions.scan(store).unchanged == 0
+    assert registry.scan(store).unchanged == 0
     gguf.unlink()
     gone = cli("scan")
     assert gone.stdout == "model/tiny-llama-f32 missing\n"
     assert gone.stderr.splitlines()[-1] == "scan: 0 added, 0 updated, 1 unchanged, 1 missing"
-    still = actions.scan(store)
+    still = registry.scan(store)
     assert (still.changes, still.unchanged) == ([], 2), "missing before and missing now is no change"
     pruned = cli("scan", "--prune")
     assert pruned.stdout == "model/tiny-llama-f32 pruned\n"

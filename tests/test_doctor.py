@@ -20,9 +20,10 @@ from conftest import write
 from fixtures.tiny_models import add_gguf_repo, add_mlx_repo
 
 from athanor import views
-from athanor.doctor.runtimes import install_fix, shebang_interpreter
+from athanor.doctor.runtimes import install_fix
 from athanor.doctor.updates import newer
 from athanor.runtimes.launch import find_runtime
+from athanor.runtimes.shebang import shebang_interpreter
 
 
 def free_port() -> int:

@@ -52,12 +52,12 @@ def fit_cmd(model: str, context: int | None, output: str | None) -> None:
     REPO (org/name) a Hugging Face repo, estimated before any download from the files 'athanor pull' would
     choose and the shape in their first bytes.
     """
-    from athanor import actions, fit
+    from athanor import catalog, fit
 
     memory = fit.machine_memory()
     doc = store().models.load()
     try:
-        name = actions.resolve_name(doc, model)
+        name = catalog.resolve_name(doc, model)
     except NotFoundError:
         if not _looks_like_repo(model):
             raise
@@ -71,7 +71,8 @@ def fit_cmd(model: str, context: int | None, output: str | None) -> None:
 
 
 def _registered(doc: dict[str, Any], model_name: str, context: int | None, memory: Memory) -> _Subject:
-    from athanor import actions, fit, views
+    from athanor import fit, views
+    from athanor.runtimes.resolve import effective_for
 
     obj = doc["models"][model_name]
     spec = obj["spec"]
@@ -86,7 +87,7 @@ def _registered(doc: dict[str, Any], model_name: str, context: int | None, memor
         runtime=spec["runtime"],
         source=views.source_text(spec["source"]),
         estimate=estimate,
-        context_from=_context_from(actions.effective_for(doc, obj).get("ctxSize"), context),
+        context_from=_context_from(effective_for(doc, obj).get("ctxSize"), context),
         recommended=recommended,
         recommended_band=_band_at(recommended, lambda c: fit.estimate_model(doc, obj, context=c), memory),
         window=meta.get("contextLength"),

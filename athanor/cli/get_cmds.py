@@ -8,11 +8,12 @@ from typing import Any
 
 import click
 
-from athanor import actions, catalog, views
+from athanor import catalog, views
 from athanor.cli.common import emit, output_option, store
 from athanor.errors import AthanorError, InvalidValueError, NotFoundError
 from athanor.liveness import daemon_record
 from athanor.managers import Managers, jobs
+from athanor.runtimes import resolve
 
 RESOURCE_TYPES = {
     "models": "model", "model": "model", "mo": "model",
@@ -86,7 +87,7 @@ def get_cmd(resource: str, name: str | None, output: str | None, selector: str |
         return
     instances = st.state.load()["instances"]
     terms = parse_selector(selector)
-    names = [actions.resolve_name(doc, name)] if name else sorted(doc["models"])
+    names = [catalog.resolve_name(doc, name)] if name else sorted(doc["models"])
     gateway_up = daemon_record(st) is not None
     since = _last_event(st) if watch else None  # asked first: a change after it is streamed, not lost
     items = [
@@ -158,7 +159,7 @@ EVENT_HEADER = ["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]
 def _get_events(st: Any, doc: dict[str, Any], name: str | None, output: str | None, watch: bool) -> None:
     """What happened, oldest first: what the gateway recorded (starts, swaps, evictions, failures) and what
     apply and scan changed. NAME narrows it to one model."""
-    model = actions.resolve_name(doc, name) if name else None
+    model = catalog.resolve_name(doc, name) if name else None
     events = [e for e in st.state.load()["events"] if model is None or e.get("name") == model]
     if output in ("json", "yaml"):
         if not watch:
@@ -245,7 +246,7 @@ def _get_gateway(doc: dict[str, Any], output: str | None) -> None:
 
 
 def _get_recipes(doc: dict[str, Any], name: str | None, output: str | None) -> None:
-    recipes = actions.recipes(doc)
+    recipes = resolve.recipes(doc)
     if name:
         if name not in recipes:
             raise NotFoundError(f"recipe {name!r} not found (known: {', '.join(sorted(recipes))})")
@@ -274,7 +275,7 @@ def describe_cmd(resource: str, name: str) -> None:
     st = store()
     doc = st.models.load()
     state = st.state.load()
-    model_name = actions.resolve_name(doc, name)
+    model_name = catalog.resolve_name(doc, name)
     obj = doc["models"][model_name]
     view = views.model_view(obj, state["instances"].get(model_name), daemon_record(st) is not None)
     spec, meta, status = view["spec"], view["metadata"], view["status"]
@@ -309,13 +310,13 @@ def describe_cmd(resource: str, name: str) -> None:
     else:
         out.append("  <not found on disk>")
     recipe = spec.get("recipe", "balanced")
-    recipes = actions.recipes(doc)
+    recipes = resolve.recipes(doc)
     out.append(f"Preset (recipe {recipe}{'' if recipe in recipes else ', MISSING'}):")
-    effective = actions.effective_for(doc, obj)
+    effective = resolve.effective_for(doc, obj)
     rows = [[k, _show(v.value), v.source] for k, v in effective.items()]
     out += ["  " + line for line in views.render_table(["KEY", "VALUE", "FROM"], rows).splitlines()]
     out.append("Launch:")
-    launch = actions.launch_for(doc, obj)
+    launch = resolve.launch_for(doc, obj, st.home)
     if launch:
         field("Command", shlex.join(launch.argv), 2)
         out.append("  Argv, where each part comes from:")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
-from athanor import actions, views
+from athanor import actions, catalog, registry, views
 from athanor.cli.common import echo_changes, emit, output_option, store, warn
 from athanor.cli.get_cmds import _complete_model, _get_recipes
 from athanor.cli.sync_cmds import sync_clients
+from athanor.runtimes.resolve import effective_for
 
 
 @click.command("scan")
@@ -19,7 +20,7 @@ def scan_cmd(paths: tuple[str, ...], prune: bool) -> None:
     New models are registered with a name and a port; known ones only get their detected facts refreshed
     (path, size, metadata). Presets, ports, aliases, recipes and flavors are never changed by a scan.
     """
-    result = actions.scan(store(), paths, prune=prune)
+    result = registry.scan(store(), paths, prune=prune)
     for message in result.warnings:
         warn(message)
     echo_changes(result.changes)
@@ -27,7 +28,7 @@ def scan_cmd(paths: tuple[str, ...], prune: bool) -> None:
     sync_clients(store().models.load())
 
 
-def scan_summary(result: actions.ScanResult) -> str:
+def scan_summary(result: registry.ScanResult) -> str:
     """``scan: 2 added, 1 updated, 5 unchanged`` (plus missing and pruned when there are any): what this scan did,
     not how many models exist, so a rescan that changed nothing says so."""
     parts = [f"{result.count('discovered')} added", f"{result.count('refreshed')} updated",
@@ -47,8 +48,8 @@ def preset_cmd() -> None:
 def preset_show(name: str, output: str | None) -> None:
     """The effective preset of NAME and where each value comes from."""
     doc = store().models.load()
-    obj = doc["models"][actions.resolve_name(doc, name)]
-    effective = actions.effective_for(doc, obj)
+    obj = doc["models"][catalog.resolve_name(doc, name)]
+    effective = effective_for(doc, obj)
     if output in ("json", "yaml"):
         emit({k: {"value": v.value, "from": v.source} for k, v in effective.items()}, output)
         return

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from athanor import actions, catalog, views
+from athanor import catalog, registry, views
 from athanor.cli.common import store, warn
 from athanor.cli.get_cmds import _complete_model
 from athanor.errors import AthanorError, InvalidValueError, NotFoundError
@@ -37,7 +37,7 @@ def serve_cmd(listen: str | None, verbose: bool) -> None:
     st = store()
     # One daemon per home, decided before anything is scanned, re-attached or written; held until this process ends.
     hold_daemon_lock(st, listen or catalog.gateway_spec(st.models.load())["listen"])  # its descriptor stays open
-    result = actions.scan(st)
+    result = registry.scan(st)
     for message in result.warnings:
         warn(message)
     try:
@@ -207,7 +207,7 @@ def logs_cmd(name: str, lines: int, follow: bool) -> None:
     from athanor.managers.log_reader import POLL_S, LogReader
 
     st = store()
-    model = actions.resolve_name(st.models.load(), name)
+    model = catalog.resolve_name(st.models.load(), name)
     path = st.logs_dir / f"{model}.log"
     if not path.exists():
         raise NotFoundError(f"no log yet for {model} ({path}); it has not been started")
@@ -240,7 +240,7 @@ def logs_cmd(name: str, lines: int, follow: bool) -> None:
 @click.option("--timeout", default="60s", show_default=True, help="Give up after this long (e.g. 30s, 5m).")
 def wait_cmd(resource: str, name: str, condition: str, timeout: str) -> None:
     """Wait until model NAME meets a condition (exit 1 on timeout)."""
-    from athanor.units import parse_duration
+    from athanor.quantities import parse_duration
 
     what, _, rest = condition.partition("=")
     value, _, wanted = rest.partition("=")
@@ -257,7 +257,7 @@ def wait_cmd(resource: str, name: str, condition: str, timeout: str) -> None:
     st = store()
     while True:
         doc = st.models.load()
-        model = actions.resolve_name(doc, name)
+        model = catalog.resolve_name(doc, name)
         view = views.model_view(doc["models"][model], st.state.load()["instances"].get(model),
                                 daemon_record(st) is not None)
         if what == "phase" and view["status"]["phase"] == value:

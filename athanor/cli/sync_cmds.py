@@ -48,11 +48,11 @@ def snippet_cmd(model: str) -> None:
 
     With the Gateway's auth set, they read the key from its environment variable or file; none prints it.
     """
-    from athanor import actions
+    from athanor import catalog
     from athanor.integrations import gateway_url, key_source
 
     doc = store().models.load()
-    name = actions.resolve_name(doc, model)
+    name = catalog.resolve_name(doc, model)
     if doc["models"][name]["spec"].get("residency") == "disabled":
         warn(f"{name} is disabled: the gateway does not serve it until its residency changes")
     click.echo(render_snippets(name, gateway_url(doc) + "/v1", key_source(doc)))

@@ -16,7 +16,7 @@ from typing import Any
 
 from athanor.controller.residency import RoomPlan
 from athanor.fit import Estimate
-from athanor.units import GIB
+from athanor.quantities import GIB
 
 
 def refusal(name: str, estimate: Estimate, plan: RoomPlan) -> str | None:

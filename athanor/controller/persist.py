@@ -19,9 +19,9 @@ import logging
 from collections import deque
 from typing import Any
 
-from athanor.actions import MAX_EVENTS
 from athanor.errors import StoreError
 from athanor.store import Store
+from athanor.store.store import MAX_EVENTS
 
 log = logging.getLogger("athanor.persist")
 

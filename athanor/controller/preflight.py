@@ -9,12 +9,14 @@ controller runs them in a worker thread.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
-from athanor import actions, views
+from athanor import views
 from athanor.errors import ModelUnavailable, RuntimeNotFoundError
 from athanor.ports import port_holder, port_is_free
 from athanor.runtimes.launch import LaunchSpec, find_runtime
+from athanor.runtimes.resolve import draft_path, launch_for, runtime_path
 
 
 def unservable(obj: dict[str, Any] | None, name: str) -> str | None:
@@ -36,8 +38,9 @@ def unservable(obj: dict[str, Any] | None, name: str) -> str | None:
     return None
 
 
-def prepare_launch(doc: dict[str, Any], obj: dict[str, Any]) -> LaunchSpec:
-    """How to start ``obj`` now, after every check a start can fail early on. Raises ModelUnavailable."""
+def prepare_launch(doc: dict[str, Any], obj: dict[str, Any], home: Path) -> LaunchSpec:
+    """How to start ``obj`` now, after every check a start can fail early on (``home``: the store's, where its
+    runtime secret lives; see ``launch_for``). Raises ModelUnavailable."""
     name = obj["metadata"]["name"]
     problem = unservable(obj, name)
     if problem:
@@ -47,16 +50,16 @@ def prepare_launch(doc: dict[str, Any], obj: dict[str, Any]) -> LaunchSpec:
         raise ModelUnavailable(f"model {name!r}: weights not found on disk: {path} (moved or deleted since the "
                                "last scan; 'athanor scan' refreshes it)")
     runtime = obj["spec"]["runtime"]
-    configured = actions.runtime_path(doc, runtime)
+    configured = runtime_path(doc, runtime)
     try:
         find_runtime(runtime, configured)
     except RuntimeNotFoundError as exc:
         raise ModelUnavailable(f"model {name!r}: {exc}") from exc
     draft = obj["spec"].get("draft")
-    if draft and actions.draft_path(doc, obj) is None:
+    if draft and draft_path(doc, obj) is None:
         raise ModelUnavailable(f"model {name!r}: its draft model {draft!r} (spec.draft) is neither a registered GGUF "
                                "model with weights on disk nor a .gguf file")
-    launch = actions.launch_for(doc, obj)
+    launch = launch_for(doc, obj, home)
     assert launch is not None  # the artifact was checked above
     if not port_is_free(launch.port, reuse_address=True):  # a runtime that cannot bind may never exit
         raise ModelUnavailable(f"model {name!r}: port {launch.port} is in use by {port_holder(launch.port)}; "

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from athanor.fit import Estimate, Memory, estimate_model, headroom
-from athanor.units import parse_budget
+from athanor.quantities import parse_budget
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ from collections.abc import Callable
 from athanor.managers.base import Handle, ServiceManager
 
 STOP_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # between the attempts: six attempts over about 15 s, plus theirs
+STOP_GRACE_S = 5.0  # SIGTERM to SIGKILL for a failed runtime
+STOP_TIMEOUT_S = 10.0  # ... and for one that is stopped on purpose
+HUNG_GRACE_S = 1.0  # ... and for a frozen one, which cannot act on SIGTERM anyway
 
 # (attempt, the error, seconds until the next attempt or None: the last one failed)
 AttemptFailed = Callable[[int, Exception, "float | None"], None]

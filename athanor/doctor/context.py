@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from athanor import actions, catalog
+from athanor import catalog
 from athanor.doctor.probe import RuntimeInfo, probe_runtime
 from athanor.errors import StoreError
 from athanor.liveness import daemon_record
 from athanor.managers import systemd_user_available
 from athanor.runtimes.launch import RUNTIMES
+from athanor.runtimes.resolve import runtime_path
 from athanor.store import Store
 
 
@@ -53,7 +54,7 @@ class Context:
         ctx = cls(store, doc, catalog.gateway_spec(doc), state, daemon, errors)
         for runtime in RUNTIMES:
             if ctx.mlx_applies or runtime == "llama-server":
-                ctx.runtimes[runtime] = probe_runtime(runtime, actions.runtime_path(doc, runtime))
+                ctx.runtimes[runtime] = probe_runtime(runtime, runtime_path(doc, runtime))
         return ctx
 
     @functools.cached_property

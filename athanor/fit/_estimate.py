@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from athanor import actions
 from athanor.errors import InvalidValueError
 from athanor.fit._shape import Shape, read_shape
 from athanor.runtimes.launch import LLAMA_AUTO_PARALLEL
+from athanor.runtimes.resolve import draft_path, effective_for
 
 MiB = 2**20
 
@@ -112,7 +112,7 @@ def estimate_model(doc: dict[str, Any], obj: dict[str, Any], *, context: int | N
     runtime = obj["spec"]["runtime"]
     meta = artifact.get("metadata") or {}
     shape = read_shape(meta)
-    effective = {name: value.value for name, value in actions.effective_for(doc, obj).items()}
+    effective = {name: value.value for name, value in effective_for(doc, obj).items()}
     ctx = _context(runtime, shape, context if context is not None else effective.get("ctxSize"))
     cache = _cache_for(runtime, effective)
     weights = artifact.get("sizeBytes") or _weights_from(meta)
@@ -212,7 +212,7 @@ def _draft_bytes(doc: dict[str, Any], obj: dict[str, Any], ctx: int) -> int:
     """The draft model's weights, plus its KV cache when it is a registered model whose metadata says its shape
     (llama-server gives the draft the main context's per-slot size, f16 unless told otherwise; at most ``ctx``,
     counted whole). A draft named by path counts its file only: reading its header here would cost I/O."""
-    path = actions.draft_path(doc, obj)
+    path = draft_path(doc, obj)
     if not path:
         return 0
     other = doc["models"].get(obj["spec"].get("draft"))

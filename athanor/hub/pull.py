@@ -4,7 +4,7 @@
     check_fit(plan, force=)                    refuse a model that cannot fit this machine, before any byte
     check_disk(plan)                           refuse a pull the cache's disk cannot hold
     download(plan, progress)                   hf_hub_download, file by file, progress to a ``Progress``
-    register(plan, store)                      after every file is complete: ``actions.scan``, the names found
+    register(plan, store)                      after every file is complete: ``registry.scan``, the names found
 
 What is fetched is what ``athanor search`` shows for the repo: for GGUF the quantization ``choose_gguf`` prefers
 (every shard of a split one) and the projector (``mmproj``) beside it; for MLX the weights and what mlx-lm loads
@@ -527,17 +527,17 @@ class Registration:
 
 
 def register(plan: Plan, store: Store) -> Registration:
-    """Call only once every file is complete. Runs the daemon's discovery (``actions.scan``) and finds the models
+    """Call only once every file is complete. Runs the daemon's discovery (``registry.scan``) and finds the models
     the pull was for by their source. A source the user had deleted (``ignoredSources``) is considered again:
     pulling it is asking for it. Ctrl-C waits until the store transaction is over."""
-    from athanor import actions, catalog
+    from athanor import catalog, registry
 
     keys = [m.key for m in plan.models]
     with _interrupts_deferred():
         if keys and any(k in store.models.load()["ignoredSources"] for k in keys):
             with store.models.edit() as doc:
                 doc["ignoredSources"] = [k for k in doc["ignoredSources"] if k not in keys]
-        result = actions.scan(store)
+        result = registry.scan(store)
     doc = store.models.load()
     discovered = {c.name for c in result.changes if c.action == "discovered"}
     models = []

@@ -11,7 +11,7 @@ import platform
 import shlex
 from dataclasses import dataclass
 
-from athanor.units import GIB
+from athanor.quantities import GIB
 
 
 @dataclass(frozen=True)

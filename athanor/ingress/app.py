@@ -39,7 +39,7 @@ from athanor.errors import ModelUnavailable, QueueFull, ServingError
 from athanor.ingress.guard import Guard
 from athanor.ingress.limits import Limits
 from athanor.ingress.requests import reasoning_changes, task_refusal
-from athanor.ingress.tap import CLIENT_GONE, USAGE_ROUTES, Tap
+from athanor.ingress.tap import CLIENT_GONE, Tap
 from athanor.metrics import Metrics
 from athanor.ingress.upstream import (
     Response,
@@ -49,7 +49,8 @@ from athanor.ingress.upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from athanor.runtimes.launch import ALL_ROUTES, RUNTIMES
+from athanor.runtimes.launch import RUNTIMES
+from athanor.runtimes.routes import ALL_ROUTES, USAGE_ROUTES
 
 log = logging.getLogger("athanor.ingress")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from athanor.controller.controller import Controller
 from athanor.ingress.upstream import UpstreamPool
-from athanor.units import parse_duration
+from athanor.quantities import parse_duration
 
 
 class Limits:

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-TASK_ROUTES = {
-    "embedding": frozenset({"/v1/embeddings"}),
-    "rerank": frozenset({"/v1/rerank", "/v1/reranking"}),
-}
+from athanor.runtimes.routes import REASONING_ROUTES, TASK_ROUTES
+
 _TASK_ONLY = frozenset().union(*TASK_ROUTES.values())
-CHAT_ROUTES = frozenset({"/v1/chat/completions", "/v1/responses"})
 
 
 def task_refusal(name: str, route: str, capabilities: list[str]) -> str | None:
@@ -38,7 +35,7 @@ def task_refusal(name: str, route: str, capabilities: list[str]) -> str | None:
 def reasoning_changes(name: str, route: str, runtime: str, metadata: dict[str, Any],
                       payload: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     """(fields to change in the body, or None; an error message, or None) for ``thinking``/``reasoning_effort``."""
-    if route not in CHAT_ROUTES:
+    if route not in REASONING_ROUTES:
         return None, None
     effort = payload.get("reasoning_effort")
     thinking = payload.get("thinking")

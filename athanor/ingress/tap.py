@@ -15,8 +15,6 @@ import time
 
 from athanor.metrics import Metrics
 
-# Routes whose streams can carry a usage chunk when asked for one (stream_options.include_usage).
-USAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 _TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens|cache_read_input_tokens|'
                      rb'cache_creation_input_tokens)"\s*:\s*(\d+)')
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')

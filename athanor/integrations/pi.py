@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from athanor import actions, catalog
+from athanor import catalog
 from athanor.errors import StoreCorruptError, StoreError
 from athanor.integrations import KeySource, gateway_url, key_source
 from athanor.paths import PRIVATE_FILE_MODE
 from athanor.runtimes.presets import EffectiveValue
+from athanor.runtimes.resolve import effective_for
 from athanor.store import Store, atomic_write_text, locked
 
 PROVIDER = "athanor"
@@ -78,7 +79,7 @@ def provider(doc: dict[str, Any]) -> dict[str, Any]:
 def model_entry(doc: dict[str, Any], obj: dict[str, Any]) -> dict[str, Any]:
     """One model as pi lists it: its context window, what it answers at most, whether it takes images."""
     name = obj["metadata"]["name"]
-    effective = actions.effective_for(doc, obj)
+    effective = effective_for(doc, obj)
     entry: dict[str, Any] = {"id": name, "name": name, "input": ["text", "image"] if _vision(obj) else ["text"]}
     window = _context_window(obj, effective)
     cap = effective.get("maxTokens")

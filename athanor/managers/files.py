@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from athanor import actions, catalog
+from athanor import catalog
 from athanor.managers import Managers, jobs, resolve_manager
 from athanor.managers.base import LABEL_PREFIX, UNIT_PREFIX, ServiceManager
 from athanor.managers.shared import write_if_changed
+from athanor.runtimes.resolve import launch_for
 from athanor.store import Store
 
 _MODEL_FILES = {"launchd": (f"{LABEL_PREFIX}model.", ".plist"), "systemd": (f"{UNIT_PREFIX}model-", ".service")}
@@ -50,7 +51,7 @@ def desired(store: Store, doc: dict[str, Any], manager: ServiceManager) -> dict[
     """Every model's service file, as the manager renders it now (models whose weights are missing have none)."""
     files: dict[Path, bytes] = {}
     for name, obj in doc["models"].items():
-        launch = actions.launch_for(doc, obj)
+        launch = launch_for(doc, obj, store.home)
         if launch is not None:
             files.update(manager.files(jobs.model_job(name, launch, store.home)))
     return files

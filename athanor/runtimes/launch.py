@@ -29,6 +29,8 @@ from pathlib import Path
 
 from athanor.errors import RuntimeNotFoundError
 from athanor.runtimes.presets import EffectiveValue, preset_argv
+from athanor.runtimes.routes import served_by
+from athanor.runtimes.shebang import shebang_interpreter
 
 LOOPBACK = "127.0.0.1"
 DRAFT_SPEC_TYPE = "draft-simple"  # llama-server's speculative decoding with a separate draft model
@@ -73,7 +75,7 @@ class RuntimeKind:
     model_args: Callable[[Target], list[tuple[str, str]]]  # (argument, where it comes from)
     served_model: Callable[[Target], str]
     health_path: str
-    routes: frozenset[str]  # the /v1 routes it serves; a request for another never starts it
+    routes: frozenset[str]  # the /v1 routes it serves (routes.py); a request for another never starts it
     connections: Callable[[Mapping[str, EffectiveValue]], tuple[list[str], int]]  # (extra argv, max connections)
     guard: Callable[[list[tuple[str, str]], str], list[tuple[str, str]]]  # (argv, secret file) -> argv checking it
     env: Mapping[str, str] = field(default_factory=dict)
@@ -131,18 +133,8 @@ def _guarded(argv: list[tuple[str, str]], secret_file: str) -> list[tuple[str, s
 
 def runtime_python(script: str) -> str:
     """The Python a runtime's console script runs with (its shebang), or this one when it names none."""
-    from athanor.doctor.probe import shebang_interpreter  # the shebang reader doctor uses to report versions
-
     return shebang_interpreter(script) or sys.executable
 
-
-_LLAMA_ROUTES = frozenset({
-    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/rerank", "/v1/reranking",
-    "/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions/input_tokens", "/v1/responses/input_tokens",
-})
-_MLX_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
-_VLM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
-ALL_ROUTES = _LLAMA_ROUTES | _MLX_ROUTES | _VLM_ROUTES
 
 # MLX servers must never reach for the network: the weights are local, and a missing file should fail fast.
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -161,7 +153,7 @@ RUNTIMES: dict[str, RuntimeKind] = {
             model_args=_llama_args,
             served_model=lambda t: t.name,  # --alias makes it answer to the model's name
             health_path="/health",  # 503 while loading, 200 when ready
-            routes=_LLAMA_ROUTES,
+            routes=served_by("llama-server"),
             connections=_llama_connections,
             guard=_api_key_file,
             env=_LLAMA_CORS,
@@ -174,7 +166,7 @@ RUNTIMES: dict[str, RuntimeKind] = {
             model_args=_mlx_args,
             served_model=lambda t: t.path,  # it loads whatever `model` names: send the path it already has
             health_path="/v1/models",  # /health is ok before the weights load; readiness needs a real probe
-            routes=_MLX_ROUTES,
+            routes=served_by("mlx-lm"),
             connections=_thread_per_connection,
             guard=_guarded,
             env=_OFFLINE,
@@ -187,7 +179,7 @@ RUNTIMES: dict[str, RuntimeKind] = {
             model_args=_mlx_args,
             served_model=lambda t: t.path,
             health_path="/health",
-            routes=_VLM_ROUTES,
+            routes=served_by("mlx-vlm"),
             connections=_thread_per_connection,
             guard=_guarded,
             env=_OFFLINE,

@@ -45,6 +45,8 @@ MODELS = DocumentType(
     migrations={0: migrations.models_v0_to_v1},
 )
 
+MAX_EVENTS = 500  # state.json keeps its newest this many events (whoever writes them: scan, apply, the daemon)
+
 STATE = DocumentType(
     filename="state.json",
     version=1,

@@ -1,4 +1,4 @@
-"""Durations and sizes as written in specs: ``90s``, ``1h30m``, ``never``; ``24GiB``, ``80%``."""
+"""Quantities as written in specs: durations (``90s``, ``1h30m``, ``never``) and sizes (``24GiB``, ``80%``)."""
 
 from __future__ import annotations
 
