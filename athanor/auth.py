@@ -1,6 +1,7 @@
 """Bearer keys for the ingress and the admin API, read from where the Gateway spec points, never from the spec.
 
 ``spec.auth`` names files (one key per line, ``#`` comments) or environment variables of the gateway's process.
+Three kinds: API keys (the OpenAI routes), admin keys (the whole admin API) and read-only admin keys (its GETs).
 Keys configured but unreadable fail closed: every request is refused, rather than the gateway quietly serving
 without the protection its user asked for. The reason, which names the file, goes to the gateway's log, once per
 change of the key configuration; a client, who may not have presented any key yet, learns only that the keys
@@ -25,7 +26,8 @@ RECHECK_S = 1.0  # how often a key file's mtime is looked at: a rotated key coun
 
 @dataclass(frozen=True)
 class Keys:
-    """The keys of one kind (api or admin). ``problem``: why configured keys could not be read (fail closed)."""
+    """The keys of one kind (api, admin or readOnly). ``problem``: why configured keys could not be read (fail
+    closed)."""
 
     keys: frozenset[str] = frozenset()
     configured: bool = False
@@ -56,7 +58,7 @@ def _read_file(path: Path) -> set[str]:
 
 
 def load(auth: dict[str, Any], kind: str) -> Keys:
-    """``kind`` "api" or "admin": the keys ``auth.<kind>KeyFile`` and ``auth.<kind>KeyEnv`` name."""
+    """``kind`` "api", "admin" or "readOnly": the keys ``auth.<kind>KeyFile`` and ``auth.<kind>KeyEnv`` name."""
     file, env = auth.get(f"{kind}KeyFile"), auth.get(f"{kind}KeyEnv")
     if not file and not env:
         return Keys()
@@ -101,18 +103,20 @@ class KeyCache:
         self._checked = 0.0
         self.api = Keys()
         self.admin = Keys()
+        self.read_only = Keys()  # admin keys that grant GETs only
 
     def refresh(self, auth: dict[str, Any]) -> None:
         now = time.monotonic()
         if auth is self._auth and now - self._checked < RECHECK_S:
             return
         self._checked = now
-        stamp = (repr(sorted(auth.items())), *(_mtime(auth.get(k)) for k in ("apiKeyFile", "adminKeyFile")))
+        stamp = (repr(sorted(auth.items())),
+                 *(_mtime(auth.get(k)) for k in ("apiKeyFile", "adminKeyFile", "readOnlyKeyFile")))
         if auth is self._auth and stamp == self._stamp:
             return
         self._auth, self._stamp = auth, stamp
-        self.api, self.admin = load(auth, "api"), load(auth, "admin")
-        for keys in (self.api, self.admin):
+        self.api, self.admin, self.read_only = load(auth, "api"), load(auth, "admin"), load(auth, "readOnly")
+        for keys in (self.api, self.admin, self.read_only):
             if keys.problem:  # the client is told only that keys cannot be checked: the why is for the log
                 log.error("every request that needs this key is refused: %s", keys.problem)
 

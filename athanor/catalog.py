@@ -47,6 +47,7 @@ GATEWAY_DEFAULTS: dict[str, Any] = {
     "auth": {},
     "integrations": {"pi": {"sync": False}},
     "privacy": {"runtimeLogs": "normal"},
+    "telemetry": {"retention": {"maxRecords": 100_000, "maxAge": "720h"}},
 }
 
 Resolver = Callable[[dict[str, Any]], Artifact | None]

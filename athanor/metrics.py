@@ -105,6 +105,49 @@ class Metrics:
 
     # ------------------------------------------------------------------ scrape time
 
+    def as_json(self, controller: Controller) -> dict[str, Any]:
+        """The same counts as ``render``, per model, for the admin API's ``GET /athanor/v1/metrics`` (a TUI's
+        figures without parsing the text format). ``errors``: answers with a status of 400 or more, except 499
+        (the client went away)."""
+        models: dict[str, dict[str, Any]] = {}
+
+        def entry(name: str) -> dict[str, Any]:
+            found = models.get(name)
+            if found is None:
+                found = models[name] = {
+                    "requests": 0, "errors": 0, "statuses": {}, "promptTokens": 0, "completionTokens": 0,
+                    "ttftSecondsSum": 0.0, "ttftCount": 0, "durationSecondsSum": 0.0, "durationCount": 0,
+                    "loadSecondsSum": 0.0, "loadCount": 0, "evictions": 0, "failures": {}, "phase": None,
+                    "inflight": 0, "waiting": 0}
+            return found
+
+        for (model, _route, status), count in self.requests.items():
+            e = entry(model)
+            e["requests"] += count
+            e["statuses"][str(status)] = e["statuses"].get(str(status), 0) + count
+            if status >= 400 and status != 499:
+                e["errors"] += count
+        for (model, _route), hist in self.latency.items():
+            e = entry(model)
+            e["durationSecondsSum"] += hist.total
+            e["durationCount"] += sum(hist.counts)
+        for model, hist in self.ttft.items():
+            e = entry(model)
+            e["ttftSecondsSum"], e["ttftCount"] = hist.total, sum(hist.counts)
+        for (model, kind), count in self.tokens.items():
+            entry(model)["promptTokens" if kind == "prompt" else "completionTokens"] += count
+        for model, hist in self.loads.items():
+            e = entry(model)
+            e["loadSecondsSum"], e["loadCount"] = hist.total, sum(hist.counts)
+        for model, count in self.evictions.items():
+            entry(model)["evictions"] = count
+        for (model, reason), count in self.failures.items():
+            entry(model)["failures"][reason] = count
+        for name, inst in controller.instances.items():
+            e = entry(name)
+            e["phase"], e["inflight"], e["waiting"] = inst.phase.value, inst.inflight, inst.waiting
+        return {"startTime": self.started, "swaps": self.swaps, "models": dict(sorted(models.items()))}
+
     def render(self, controller: Controller) -> bytes:
         from prometheus_client import CollectorRegistry, generate_latest
 

@@ -61,8 +61,16 @@ class AdminClient:
         except OSError as exc:
             raise AthanorError(f"cannot reach the gateway at {self.address}: {exc}") from exc
 
+    def action(self, model: str, action: str, force: bool = False) -> dict[str, Any]:
+        """``start``, ``stop``, ``restart`` or ``unload`` of ``model`` (a name, an alias or a Hugging Face id)."""
+        return self.post(f"{model_path(model)}/{action}" + ("?force=1" if force else ""))
+
     def post(self, path: str, timeout: float = 600.0) -> dict[str, Any]:
-        with self._open("POST", path, timeout) as resp:
+        return self.request("POST", path, timeout)
+
+    def request(self, method: str, path: str, timeout: float = 60.0) -> Any:
+        """``method`` on ``path``, answered with JSON."""
+        with self._open(method, path, timeout) as resp:
             return json.loads(resp.read())
 
     def get(self, path: str, timeout: float = 30.0) -> Any:
@@ -111,6 +119,22 @@ class AdminClient:
     def log(self, model: str, lines: int) -> Iterator[str]:
         """The last ``lines`` lines of a model's runtime log, then its text as it is written (across restarts, with
         a line where a new runtime starts), until the caller stops."""
-        path = f"/models/{urllib.parse.quote(model, safe='')}/logs?follow=1&lines={lines}"
+        path = f"{model_path(model)}/logs?follow=1&lines={lines}"
         for _, data in self._stream(path):
             yield json.loads(data)["text"]
+
+    def daemon_log(self, lines: int) -> Iterator[str]:
+        """The daemon's own log as ``log`` follows a model's."""
+        for _, data in self._stream(f"/daemon/logs?follow=1&lines={lines}"):
+            yield json.loads(data)["text"]
+
+    def statuses(self) -> Iterator[dict[str, Any]]:
+        """The status now, then again after each change (coalesced by the gateway), until the caller stops."""
+        for kind, data in self._stream("/status?follow=1"):
+            if kind == "status":
+                yield json.loads(data)
+
+
+def model_path(model: str) -> str:
+    """The admin API's path of a model: a Hugging Face id's "/" percent-encoded, so it stays one path segment."""
+    return f"/models/{urllib.parse.quote(model, safe='')}"

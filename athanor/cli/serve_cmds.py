@@ -179,7 +179,7 @@ def _lifecycle(action: str):  # noqa: ANN202 - a small factory for identical com
     def command(name: str, force: bool = False) -> None:
         from athanor.cli.admin_client import AdminClient
 
-        result = AdminClient.for_store(store()).post(f"/models/{name}/{action}" + ("?force=1" if force else ""))
+        result = AdminClient.for_store(store()).action(name, action, force)  # quoted: an alias may hold "/"
         click.echo(f"model/{result['name']} {result['phase'].lower()}")
 
     command.help = f"{action.capitalize()} the runtime of model NAME in the running gateway."

@@ -46,6 +46,7 @@ from typing import Any
 import aiohttp
 
 from athanor.controller import failures, memory_guard, records, residency
+from athanor.controller.changes import Changes
 from athanor.controller.deaths import DeathWatch
 from athanor.controller.desired import DesiredState
 from athanor.controller.events import Event, EventLog
@@ -100,6 +101,8 @@ class Controller:
         self._writer = StateWriter(store)
         self.events = EventLog()  # what happened, in order: state.json, metrics and the admin API's stream read it
         self.events.listen(self._writer.event)
+        self.changes = Changes()  # bumped by every phase, count and event: the admin API's status feed follows it
+        self.events.listen(lambda _event: self.changes.bump())
         self._desired = DesiredState(store, self.events.emit)
         self._observers: list[Observer] = [self._phase_changed]
         self._stops: dict[str, asyncio.Task[None]] = {}
@@ -160,9 +163,10 @@ class Controller:
     def instance(self, name: str) -> Instance:
         inst = self.instances.get(name)
         if inst is None:
-            inst = self.instances[name] = Instance(name)
+            inst = self.instances[name] = Instance(name, changes=self.changes)
             for observer in self._observers:
                 inst.subscribe(observer)
+            self.changes.bump()
         return inst
 
     def subscribe(self, observer: Observer) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from athanor.controller.changes import Changes
 from athanor.managers.base import Handle
 from athanor.runtimes.launch import LaunchSpec
 
@@ -85,6 +86,7 @@ class Instance:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     observers: list[Observer] = field(default_factory=list)
+    changes: Changes = field(default_factory=Changes)  # the controller's: bumped by phases and counts (status feed)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -108,6 +110,7 @@ class Instance:
         # Wake everyone waiting on any change, then arm a fresh event for the next one.
         self.changed.set()
         self.changed = asyncio.Event()
+        self.changes.bump()
         for observer in self.observers:
             observer(self, old, new)
 
@@ -120,9 +123,16 @@ class Instance:
         self.inflight += 1
         self.last_used = time.monotonic()
         self.idle.clear()
+        self.changes.bump()
 
     def leave(self) -> None:
         self.inflight -= 1
         self.last_used = time.monotonic()
         if self.inflight == 0:
             self.idle.set()
+        self.changes.bump()
+
+    def add_waiting(self, delta: int) -> None:
+        """One more (1) or one fewer (-1) request waiting for this model to serve (``Lease``)."""
+        self.waiting += delta
+        self.changes.bump()

@@ -105,12 +105,12 @@ class Lease:
     def _wait(self) -> None:
         if not self._waiting:
             self._waiting = True
-            self._instance.waiting += 1
+            self._instance.add_waiting(1)
 
     def _unwait(self) -> None:
         if self._waiting:
             self._waiting = False
-            self._instance.waiting -= 1
+            self._instance.add_waiting(-1)
 
     def _leave(self) -> None:
         if self._upstream is not None:

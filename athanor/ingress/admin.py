@@ -1,7 +1,13 @@
 """The admin API, version 1: what the CLI uses now and the TUI next, under ``/athanor/v1``.
 
-    GET  /athanor/v1/status                       the daemon and every instance (phase, load, pid, port)
-    GET  /athanor/v1/models                       every model as ``athanor get models -o json`` shows it, live
+    GET  /athanor/v1/daemon                       the daemon itself: version, addresses, service manager, uptime,
+                                                  this machine's CPU, load and memory (with the budget)
+    GET  /athanor/v1/daemon/logs[?lines=N][&follow=1]   the daemon's own log, served like a model's
+    GET  /athanor/v1/status[?follow=1]            the daemon and every instance (phase, load, pid, port); follow:
+                                                  as Server-Sent Events, again on every change (coalesced)
+    GET  /athanor/v1/metrics                      the counts /metrics renders, as JSON per model
+    GET  /athanor/v1/models                       every model as ``athanor get models -o json`` shows it, live,
+                                                  with ``status.fit`` and (live runtimes) ``status.process``
     GET  /athanor/v1/models/{model}               one of them
     POST /athanor/v1/models/{model}/{action}      start | stop | restart | unload (unload: stop after draining;
                                                   the next request loads it again, as for stop); start?force=1
@@ -15,9 +21,12 @@
 Streams that go on send a heartbeat while they are quiet (``heartbeat.py``: every 15 s, a ``: keep-alive``
 comment, which SSE clients skip). A followed log as plain text has none: any byte sent would be a byte of the log.
 
+``{model}`` is a model's name, an alias or its discovered id; a Hugging Face id holds a "/", sent percent-encoded
+(``/models/org%2Frepo/start``): aiohttp matches the path with ``%2F`` still encoded and decodes the segment.
+
 It changes what runs, so the guard (``guard.py``) lets only loopback peers and no web page reach it, unless an
-admin key is configured, which every request must then present. Errors are JSON ``{"error": {...}}`` objects.
-A new version of the API gets a new prefix; fields are only ever added to a version.
+admin key is configured, which every request must then present (a read-only key admits GETs alone). Errors are
+JSON ``{"error": {...}}`` objects. A new version of the API gets a new prefix; fields are only ever added to a version.
 """
 
 from __future__ import annotations
@@ -26,20 +35,26 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
-from athanor import views
+from athanor import __version__, views
+from athanor.addresses import authority
 from athanor.controller.events import Lagged
 from athanor.errors import InvalidValueError, ModelUnavailable
-from athanor.ingress import heartbeat
+from athanor.ingress import admin_facts, admin_telemetry, heartbeat
 from athanor.ingress.app import CONTROLLER, METRICS, error_response, short
 from athanor.managers.log_reader import POLL_S, LogReader
+from athanor.timestamps import utc_timestamp
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from athanor.controller.controller import Controller
+    from athanor.controller.instance import Instance
 
 ADMIN = "/athanor/v1"
 ACTIONS = ("start", "stop", "restart", "unload")
@@ -47,8 +62,15 @@ MAX_LOG_LINES = 10_000
 KEEP_ALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it, proxies and read timeouts see bytes
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+STATUS_MIN_GAP_S = 0.25  # the status feed sends at most four updates a second: a burst of changes is one update
+_LIVE_PHASES = ("Starting", "Ready", "Draining", "Stopping")
+
 T = TypeVar("T")
 _END = object()
+FITS: web.AppKey[admin_facts.FitCache] = web.AppKey("fits", admin_facts.FitCache)
+PROCESSES: web.AppKey[admin_facts.ProcessSampler] = web.AppKey("processes", admin_facts.ProcessSampler)
+MEMORY: web.AppKey[admin_facts.MemoryCache] = web.AppKey("memory", admin_facts.MemoryCache)
+RECORD: web.AppKey[admin_facts.DaemonRecord] = web.AppKey("daemon_record", admin_facts.DaemonRecord)
 
 
 def _resolved(request: web.Request) -> str | web.Response:
@@ -80,22 +102,91 @@ async def model_action(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "phase": inst.phase.value, "message": inst.message})
 
 
-async def status(request: web.Request) -> web.Response:
-    return web.json_response({"apiVersion": "v1", "pid": os.getpid(), **request.app[CONTROLLER].status()})
+def _status_body(controller: Controller) -> dict[str, Any]:
+    return {"apiVersion": "v1", "pid": os.getpid(), **controller.status()}
 
 
-async def _model_views(controller: Controller, only: str | None = None) -> list[dict[str, Any]]:
+async def status(request: web.Request) -> web.StreamResponse:
+    """The status; ``follow``: as Server-Sent Events (``event: status``), at once and then whenever a phase, an
+    in-flight or waiting count, an instance or the event log changes, at most every ``STATUS_MIN_GAP_S`` (a burst
+    is one update, with the counts as they are when it is sent), with heartbeats while nothing changes."""
+    controller = request.app[CONTROLLER]
+    if request.query.get("follow") not in ("1", "true"):
+        return web.json_response(_status_body(controller))
+    interval = _heartbeat()
+    if isinstance(interval, web.Response):
+        return interval
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    try:
+        async with contextlib.aclosing(with_heartbeats(_status_feed(controller), interval)) as stream:
+            async for body in stream:
+                if body is None:
+                    await response.write(KEEP_ALIVE)
+                else:
+                    await response.write(f"event: status\ndata: {json.dumps(body)}\n\n".encode())
+    except ConnectionResetError:
+        pass  # the client left
+    return response
+
+
+async def _status_feed(controller: Controller) -> AsyncIterator[dict[str, Any]]:
+    """The status now, then again after each change (``controller.changes``), no closer than the minimum gap; an
+    update that would say the same as the last one (a request in and out within the gap) is not sent."""
+    changes = controller.changes
+    seen = changes.version
+    last = _status_body(controller)
+    yield last
+    loop = asyncio.get_running_loop()
+    sent_at = loop.time()
+    while True:
+        await changes.after(seen)
+        wait = sent_at + STATUS_MIN_GAP_S - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)  # the rate limit: changes meanwhile join this update
+        seen = changes.version
+        body = _status_body(controller)
+        if body != last:
+            last = body
+            sent_at = loop.time()
+            yield body
+
+
+async def _model_views(request: web.Request, only: str | None = None) -> list[dict[str, Any]]:
     """The views of every model (or of ``only``), built in a thread: a live model's view reads its process tree from
-    /proc (psutil), which must not hold up the loop and the streams it serves (a TUI asks for this every second).
-    What the views are made of is taken here, on the loop, where the controller changes it."""
-    models = controller.doc()["models"]
-    pairs = [(models[name], controller.record(inst) if (inst := controller.instances.get(name)) else None)
-             for name in ([only] if only else sorted(models))]
-    return await asyncio.to_thread(lambda: [views.model_view(obj, record, gateway_up=True) for obj, record in pairs])
+    /proc (psutil), and its estimate file sizes, which must not hold up the loop and the streams it serves (a TUI
+    asks for this every second). What the views are made of is taken here, on the loop, where the controller
+    changes it."""
+    controller = request.app[CONTROLLER]
+    fits, processes, memory = request.app[FITS], request.app[PROCESSES], request.app[MEMORY]
+    doc = controller.doc()
+    models = doc["models"]
+    triples = [(name, models[name], controller.record(inst) if (inst := controller.instances.get(name)) else None)
+               for name in ([only] if only else sorted(models))]
+
+    def build() -> list[dict[str, Any]]:
+        machine_memory = memory.get()
+        items = []
+        for name, obj, record in triples:
+            view = views.model_view(obj, record, gateway_up=True)
+            estimate = fits.fit(doc, name, machine_memory)
+            if estimate is not None:
+                view["status"]["fit"] = estimate
+            if record and record.get("phase") in _LIVE_PHASES:
+                sample = processes.sample(name, record.get("handle"))
+                if sample is not None:
+                    view["status"]["process"] = sample
+            items.append(view)
+        if only is None:
+            processes.forget_except({name for name, _, record in triples
+                                     if record and record.get("phase") in _LIVE_PHASES})
+        return items
+
+    return await asyncio.to_thread(build)
 
 
 async def models(request: web.Request) -> web.Response:
-    items = await _model_views(request.app[CONTROLLER])
+    items = await _model_views(request)
     return web.json_response({"apiVersion": "v1", "kind": "List", "items": items})
 
 
@@ -103,7 +194,34 @@ async def model(request: web.Request) -> web.Response:
     name = _resolved(request)
     if isinstance(name, web.Response):
         return name
-    return web.json_response((await _model_views(request.app[CONTROLLER], name))[0])
+    return web.json_response((await _model_views(request, name))[0])
+
+
+async def daemon(request: web.Request) -> web.Response:
+    """The daemon's own facts: its version and pid, where it listens (and where its admin API does), the service
+    manager it runs models under, when it started, and this machine's CPU, load and memory."""
+    controller = request.app[CONTROLLER]
+    gateway = controller.gateway()
+    started = request.app[METRICS].started
+    memory, daemon_record = request.app[MEMORY], request.app[RECORD]
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+
+    def build() -> dict[str, Any]:
+        from athanor.managers import resolve_manager
+
+        record = daemon_record.get()  # {} when not recorded (yet): this server, as the request reached it
+        here = authority(sockname[0], sockname[1]) if isinstance(sockname, tuple) else None
+        return {"apiVersion": "v1", "version": __version__, "pid": os.getpid(),
+                "listen": record.get("listen") or here, "admin": record.get("admin", here),
+                "serviceManager": resolve_manager(gateway["serviceManager"]), "startedAt": utc_timestamp(started),
+                "uptimeSeconds": round(time.time() - started, 1), "machine": admin_facts.machine(),
+                "memory": admin_facts.memory_view(memory.get(), gateway.get("residency", {}))}
+
+    return web.json_response(await asyncio.to_thread(build))
+
+
+async def metrics_json(request: web.Request) -> web.Response:
+    return web.json_response({"apiVersion": "v1", **request.app[METRICS].as_json(request.app[CONTROLLER])})
 
 
 def _since(request: web.Request) -> int | None | web.Response:
@@ -188,17 +306,32 @@ async def logs(request: web.Request) -> web.StreamResponse:
     if isinstance(name, web.Response):
         return name
     controller = request.app[CONTROLLER]
+    return await _serve_log(request, controller.store.logs_dir / f"{name}.log", lambda: controller.instance(name),
+                            f"no log yet for {name}; it has not been started")
+
+
+async def daemon_logs(request: web.Request) -> web.StreamResponse:
+    """The daemon's own log (``logs/daemon.log``, where ``athanor up`` and the service files send its output),
+    served as a model's log is, without the lines that mark a new runtime."""
+    return await _serve_log(request, request.app[CONTROLLER].store.logs_dir / "daemon.log", None,
+                            "no daemon log here: this daemon's output goes elsewhere (started in a terminal, or to "
+                            "the journal)")
+
+
+async def _serve_log(request: web.Request, path: Path, instance: Callable[[], Instance] | None,
+                     missing: str) -> web.StreamResponse:
+    """``path`` as the log endpoints serve it; ``instance``: the model's instance, whose new runtimes a followed log
+    marks (None: the daemon's log)."""
     try:
         lines = min(int(request.query.get("lines", "50")), MAX_LOG_LINES)
     except ValueError:
         return error_response(400, "lines must be a number", "bad_lines")
-    path = controller.store.logs_dir / f"{name}.log"
     if request.query.get("follow") not in ("1", "true"):
         from athanor.managers import logs as log_files
 
         head = await asyncio.to_thread(log_files.tail, path, lines)
         if not head and not path.exists():
-            return error_response(404, f"no log yet for {name}; it has not been started", "no_log")
+            return error_response(404, missing, "no_log")
         return web.Response(text="".join(line + "\n" for line in head))
     sse = "text/event-stream" in request.headers.get("Accept", "")
     interval = _heartbeat()
@@ -209,7 +342,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     reader = LogReader(path)
     head = await asyncio.to_thread(reader.start, lines)
-    source = _followed_log(controller, name, reader, head)
+    source = _followed_log(instance() if instance else None, reader, head)
     try:
         async with contextlib.aclosing(with_heartbeats(source, interval) if sse else source) as stream:
             async for piece in stream:
@@ -224,18 +357,18 @@ async def logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _followed_log(controller: Controller, name: str, reader: LogReader,
-                        head: list[str]) -> AsyncIterator[dict[str, Any]]:
+async def _followed_log(inst: Instance | None, reader: LogReader, head: list[str]) -> AsyncIterator[dict[str, Any]]:
     """``{"text": ...}`` pieces of the log: ``head``, then what ``reader`` finds written next, with a line of its own
-    (which also carries ``incarnation``) where a new runtime of the model starts."""
+    (which also carries ``incarnation``) where a new runtime of the model ``inst`` starts (None: the daemon's
+    log, which has no runtimes)."""
     if head:
         yield {"text": "".join(line + "\n" for line in head)}
-    inst = controller.instance(name)
-    incarnation = inst.incarnation
+    incarnation = inst.incarnation if inst is not None else 0
     while True:
-        if inst.incarnation != incarnation:
+        if inst is not None and inst.incarnation != incarnation:
             incarnation = inst.incarnation
-            yield {"text": f"--- athanor: runtime {incarnation} of {name} starting ---\n", "incarnation": incarnation}
+            yield {"text": f"--- athanor: runtime {incarnation} of {inst.name} starting ---\n",
+                   "incarnation": incarnation}
         text = await asyncio.to_thread(reader.read)
         if text:
             yield {"text": text}
@@ -249,6 +382,13 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def add_admin_routes(app: web.Application) -> None:
+    app[FITS] = admin_facts.FitCache()
+    app[PROCESSES] = admin_facts.ProcessSampler()
+    app[MEMORY] = admin_facts.MemoryCache()
+    app[RECORD] = admin_facts.DaemonRecord(app[CONTROLLER].store.state)
+    app.router.add_get(ADMIN + "/daemon", daemon)
+    app.router.add_get(ADMIN + "/daemon/logs", daemon_logs)
+    app.router.add_get(ADMIN + "/metrics", metrics_json)
     app.router.add_get(ADMIN + "/status", status)
     app.router.add_get(ADMIN + "/models", models)
     app.router.add_get(ADMIN + "/events", events)
@@ -256,3 +396,4 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get(ADMIN + "/models/{model}", model)
     app.router.add_post(ADMIN + "/models/{model}/{action}", model_action)
     app.router.add_get("/metrics", metrics)
+    admin_telemetry.add_telemetry_routes(app)

@@ -13,7 +13,10 @@ on local model servers:
 
 The admin routes (``/athanor/...``, and ``/metrics``) start and stop runtimes: they take no browser requests at
 all, and only loopback peers unless ``spec.auth`` sets an admin key, which every admin request must then present
-(from any peer). ``spec.auth`` API keys likewise guard the OpenAI routes (``auth.py``), except a CORS preflight
+(from any peer). A read-only admin key (``auth.readOnlyKeyFile``/``readOnlyKeyEnv``) admits its holder, from any
+peer, to GET (and HEAD) requests only: anything else it presents is refused with 403, so a dashboard can watch
+without being able to start or stop. Without an admin key, loopback peers that present no key keep full access.
+``spec.auth`` API keys likewise guard the OpenAI routes (``auth.py``), except a CORS preflight
 from an origin the Gateway lists: browsers never send ``Authorization`` on one, and the request that follows must
 present the key anyway. CORS headers are sent only to origins the Gateway lists; the runtimes' own
 ``Access-Control-*`` headers (mlx_lm.server sends ``*``, llama-server echoes the origin) never reach a client.
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 ADMIN_PREFIX = "/athanor/"
 METRICS_PATH = "/metrics"
+READ_METHODS = frozenset({"GET", "HEAD"})  # what a read-only admin key grants
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 MAX_REMEMBERED_HOSTS = 64
@@ -176,11 +180,7 @@ class Guard:
         if path.startswith(ADMIN_PREFIX) or path == METRICS_PATH:
             if origin is not None or fetch_site not in (None, "none", "same-origin"):
                 return 403, "the admin API takes no requests from web pages"
-            if self.keys.admin.configured:
-                return _key_refusal(self.keys.admin, request, "admin")
-            if not _loopback_peer(request):
-                return 403, "the admin API answers only on loopback (set auth.adminKeyFile to allow other clients)"
-            return None
+            return self._admin_refusal(request)
         if origin is not None:
             if origin == "null" or not policy.origin_allowed(origin):
                 return 403, (f"cross-site request from origin {origin[:100]!r} refused; add the origin to the "
@@ -189,6 +189,27 @@ class Guard:
             return 403, "cross-site request refused"
         if self.keys.api.configured and path.startswith("/v1/") and not _cors_preflight(request, policy):
             return _key_refusal(self.keys.api, request, "API")
+        return None
+
+    def _admin_refusal(self, request: web.Request) -> tuple[int, str] | None:
+        """An admin key admits everything; a read-only key, GETs only (from any peer, like an admin key). Without
+        an admin key configured, a loopback peer that presents no key is admitted, as before there were keys."""
+        admin, read_only = self.keys.admin, self.keys.read_only
+        key = presented(request.headers)
+        if key is not None and admin.configured and admin.admits(key):
+            return None
+        if key is not None and read_only.configured and read_only.admits(key):
+            if request.method in READ_METHODS:
+                return None
+            return 403, (f"the read-only admin key grants GET requests only, not {request.method[:20]}; "
+                         "present an admin key (auth.adminKeyFile) to change what runs")
+        if admin.configured:
+            return _key_refusal(admin, request, "admin")
+        if key is not None and read_only.configured:  # a key nobody configured: not valid, or not checkable
+            return _key_refusal(read_only, request, "read-only admin")
+        if not _loopback_peer(request):
+            return 403, ("the admin API answers only on loopback (set auth.adminKeyFile, or auth.readOnlyKeyFile for "
+                         "GETs, to allow other clients)")
         return None
 
     @staticmethod
