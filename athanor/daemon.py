@@ -18,12 +18,14 @@ from athanor.controller.controller import Controller
 from athanor.controller.readiness import probe_session
 from athanor.errors import AthanorError
 from athanor.ingress.admin import add_admin_routes
-from athanor.ingress.app import create_app
+from athanor.ingress.app import TELEMETRY, create_app
 from athanor.ingress.protocol import GatewayRunner
 from athanor.ingress.upstream import UpstreamPool
 from athanor.listener import Listener, bind_error, record_daemon
 from athanor.managers import Managers
 from athanor.store import Store
+from athanor.telemetry import db as telemetry_db
+from athanor.telemetry.recorder import Recorder, retention_of
 
 log = logging.getLogger("athanor.daemon")
 
@@ -50,6 +52,10 @@ async def serve(store: Store, listen: str | None = None) -> None:
         controller.start_monitor()
         pool = UpstreamPool()  # its idle limit, like the body limit, follows the Gateway spec (ingress/limits.py)
         app = create_app(controller, pool, host)
+        # Per-request records in $ATHANOR_HOME/telemetry.db, written off the loop once a second.
+        recorder = app[TELEMETRY] = Recorder(telemetry_db.path_in(store.home),
+                                             lambda: retention_of(controller.gateway()))
+        await recorder.open()
         add_admin_routes(app)
         # Idle keep-alive connections must not hold a shutdown for aiohttp's default 60 s.
         # A client that goes away cancels its handler: a request still waiting for a load never reaches the
@@ -61,6 +67,7 @@ async def serve(store: Store, listen: str | None = None) -> None:
         await listener.serve(runner, lambda type_, reason, message: controller.events.emit(
             "Gateway", "default", type_, reason, message))
         helpers = [asyncio.create_task(_watch_models(store, controller), name="cache-watch"),
+                   asyncio.create_task(recorder.run(), name="telemetry"),
                    asyncio.create_task(_tend_listener(controller, listener, app, listen is None), name="listen")]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -76,6 +83,7 @@ async def serve(store: Store, listen: str | None = None) -> None:
             await listener.close()  # no new connections; requests under way go on until the runtimes stop
             await controller.close()
             await runner.cleanup()
+            await recorder.close()  # after the ingress: the last requests' records too
             pool.close()
             await asyncio.to_thread(record_daemon, store, None)
 

@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "wait": ("athanor.cli.serve_cmds:wait_cmd", "Wait for a model condition, e.g. --for=condition=Ready."),
     "doctor": ("athanor.cli.doctor_cmd:doctor_cmd", "Check runtimes, cache, ports, service manager and gateway."),
     "top": ("athanor.cli.top_cmd:top_cmd", "Show requests, tokens, latency and phases live."),
+    "telemetry": ("athanor.cli.telemetry_cmds:telemetry_cmd", "List, compare or clear per-request records."),
+    "tui": ("athanor.cli.tui_cmd:tui_cmd", "Open the terminal UI (also 'athanor' alone on a terminal)."),
     "sync": ("athanor.cli.sync_cmds:sync_cmd", "Keep agent clients (pi) in step with the served models."),
     "snippet": ("athanor.cli.sync_cmds:snippet_cmd", "Print curl, Python and pi examples for a model."),
     "fit": ("athanor.cli.fit_cmd:fit_cmd", "Estimate a model's memory and how well it fits this machine."),
@@ -98,8 +100,11 @@ def completion_cmd(shell: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     from athanor.errors import AthanorError
 
+    args = sys.argv[1:] if argv is None else argv
+    if not args and _on_terminal():  # `athanor` alone on a terminal opens the TUI; elsewhere it prints help
+        args = ["tui"]
     try:
-        code = cli.main(args=argv, prog_name="athanor", standalone_mode=False)
+        code = cli.main(args=args, prog_name="athanor", standalone_mode=False)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -120,6 +125,13 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"athanor: internal error: {type(exc).__name__}: {exc} (ATHANOR_DEBUG=1 shows the traceback)", err=True)
         sys.exit(70)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _on_terminal() -> bool:
+    try:
+        return sys.stdin.isatty() and sys.stdout.isatty()
+    except (AttributeError, ValueError):  # closed or replaced streams
+        return False
 
 
 def _located(line: str) -> bool:

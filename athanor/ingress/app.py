@@ -51,6 +51,7 @@ from athanor.ingress.upstream import (
 )
 from athanor.runtimes.launch import RUNTIMES
 from athanor.runtimes.routes import ALL_ROUTES, USAGE_ROUTES
+from athanor.telemetry.recorder import Recorder
 
 log = logging.getLogger("athanor.ingress")
 
@@ -69,6 +70,7 @@ POOL: web.AppKey[UpstreamPool] = web.AppKey("pool", UpstreamPool)
 LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
 GUARD: web.AppKey[Guard] = web.AppKey("guard", Guard)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+TELEMETRY: web.AppKey[Recorder] = web.AppKey("telemetry", Recorder)  # set by the daemon (daemon.py)
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -287,7 +289,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if name is None:
         return error_response(404, f"model {short(requested)} not found; GET /v1/models lists them",
                               "model_not_found", "model")
-    tap = Tap(request.app[METRICS], name, route, arrived)
+    tap = Tap(request.app[METRICS], name, route, arrived, request.app.get(TELEMETRY))
     status = 0  # none yet: a handler cancelled because its client left has no answer of its own to count
     try:
         response = await _for_model(request, controller, name, requested, route, payload, body, tap)
@@ -316,7 +318,7 @@ async def _for_model(request: web.Request, controller: Controller, name: str, re
     cannot be asked is refused, then it is leased and served."""
     obj = controller.model(name)
     assert obj is not None  # resolved just now
-    runtime = obj["spec"]["runtime"]
+    runtime = tap.runtime = obj["spec"]["runtime"]
     if route not in RUNTIMES[runtime].routes:
         return error_response(404, f"model {name!r} runs on {runtime}, which does not serve {route} (it serves "
                               f"{', '.join(sorted(RUNTIMES[runtime].routes))})", "unsupported_route")

@@ -5,18 +5,26 @@ never a JSON parse of the answer. A stream whose client did not ask for usage is
 ingress adds ``stream_options.include_usage``), and the usage-only event is cut from what the client gets.
 
 ``Tap.finish`` is the one point where a request is over, whatever ended it (an answer, an error, a client that
-went away): everything about it is counted there, once.
+went away): everything about it is counted there, once, and handed to the telemetry recorder
+(``telemetry/recorder.py``) as one tuple appended to its buffer. llama-server's ``timings`` object, which follows
+``usage`` in the same answer or event, is kept as raw (key, value) pairs; the rates are worked out off the
+request path.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from typing import TYPE_CHECKING
 
 from athanor.metrics import Metrics
 
+if TYPE_CHECKING:
+    from athanor.telemetry.recorder import Recorder
+
 _TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens|cache_read_input_tokens|'
-                     rb'cache_creation_input_tokens)"\s*:\s*(\d+)')
+                     rb'cache_creation_input_tokens|cached_tokens)"\s*:\s*(\d+)')
+_TIMINGS = re.compile(rb'"(prompt_n|prompt_per_second|predicted_n|predicted_per_second|cache_n)"\s*:\s*([0-9.eE+-]+)')
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 # How each streamed API says its answer is complete: OpenAI's chat and completions, Anthropic's Messages, and
 # the Responses API. A client may hang up as soon as it has read one of these.
@@ -29,22 +37,31 @@ class Tap:
     usage the runtime reported. A stream whose client did not ask for usage is asked for it anyway
     (``stream_options``), and the usage-only chunk is dropped on the way back (``drop_usage``)."""
 
-    __slots__ = ("arrived", "counts", "drop_usage", "metrics", "model", "route", "tail")
+    __slots__ = ("arrived", "counts", "drop_usage", "metrics", "model", "route", "runtime", "tail", "telemetry",
+                 "timings", "ttft")
 
-    def __init__(self, metrics: Metrics, model: str, route: str, arrived: float):
+    def __init__(self, metrics: Metrics, model: str, route: str, arrived: float, telemetry: Recorder | None = None):
         self.metrics, self.model, self.route, self.arrived = metrics, model, route, arrived
+        self.telemetry = telemetry
+        self.runtime = ""  # set once the model's runtime is known (``app._for_model``)
         self.drop_usage = False
         self.counts: dict[bytes, int] = {}
+        self.timings: list[tuple[bytes, bytes]] | None = None  # llama-server's own, unparsed
+        self.ttft: float | None = None  # seconds from arrival to the first streamed byte
         self.tail = b""  # the last bytes of a stream written to the client
 
     def first_byte(self) -> None:
-        self.metrics.first_token(self.model, time.monotonic() - self.arrived)
+        self.ttft = time.monotonic() - self.arrived
+        self.metrics.first_token(self.model, self.ttft)
 
     def read_usage(self, data: bytes) -> None:
         """Token counts from a body or SSE event with a ``usage`` object; the last value of each wins (an
         Anthropic stream sends its input count first and its final output count last)."""
         for key, value in _TOKENS.findall(data[data.find(b'"usage"'):]):
             self.counts[key] = int(value)
+        at = data.find(b'"timings"')
+        if at >= 0:
+            self.timings = _TIMINGS.findall(data, at)
 
     def usage_lines(self, lines: bytes) -> bytes:
         """SSE lines that mention usage: count it, and cut the usage-only event the client did not ask for."""
@@ -71,13 +88,20 @@ class Tap:
     def finish(self, status: int, *, client_gone: bool = False) -> None:
         """The request is over: count it, its duration and the usage seen, exactly once. ``status`` is what the
         client was answered (or was being answered when it went away); ``client_gone``: it went away before the
-        end of its answer, counted as 499. The one place a per-request record can be taken from."""
-        self.metrics.request(self.model, self.route, CLIENT_GONE if client_gone else status,
-                             time.monotonic() - self.arrived)
+        end of its answer, counted as 499. The one place a per-request record is taken from: the telemetry
+        recorder gets one tuple appended to its buffer (``telemetry/recorder.py``: ``Record``)."""
+        total = time.monotonic() - self.arrived
+        if client_gone:
+            status = CLIENT_GONE
+        self.metrics.request(self.model, self.route, status, total)
+        prompt = completion = cached = None
         if self.counts:
-            self._count_usage()
+            prompt, completion, cached = self._count_usage()
+        if self.telemetry is not None:
+            self.telemetry.record((time.time() - total, self.model, self.runtime, self.route, status, prompt,
+                                   completion, cached, self.ttft, total, self.timings, client_gone))
 
-    def _count_usage(self) -> None:
+    def _count_usage(self) -> tuple[int, int, int | None]:
         """OpenAI's prompt_tokens (and the Responses API's input_tokens) include cached tokens; Anthropic's
         input_tokens do not, so its cache counts are added back."""
         counts = self.counts
@@ -87,3 +111,4 @@ class Tap:
                                                     b"cache_creation_input_tokens"))
         completion = counts.get(b"completion_tokens", counts.get(b"output_tokens", 0))
         self.metrics.usage(self.model, prompt, completion)
+        return prompt, completion, counts.get(b"cached_tokens", counts.get(b"cache_read_input_tokens"))

@@ -1,0 +1,230 @@
+"""Request telemetry that outlives the daemon (issue 15, Deliver 1): records written by a real gateway in front of
+real llama-server and mlx_lm.server, read back through the admin API and ``athanor telemetry`` with the gateway up,
+down, restarted, and killed with SIGKILL; retention; the request path's share (one append)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import sqlite3
+import stat
+import urllib.request
+from pathlib import Path
+
+from fixtures.serving import Gateway, apply_gateway, long_gguf, start_daemon, wait_until
+
+from athanor import catalog
+from athanor.ingress.tap import Tap
+from athanor.metrics import Metrics
+from athanor.telemetry import db
+from athanor.telemetry.recorder import Recorder, retention_of
+
+# A whole answer as llama-server gives it (captured from the one setup.sh builds): usage, then its own timings
+LLAMA_ANSWER = (b'{"choices":[{"finish_reason":"length","index":0,"message":{"role":"assistant","content":"hi"}}],'
+                b'"model":"tiny.gguf","object":"chat.completion","usage":{"completion_tokens":4,"prompt_tokens":20,'
+                b'"total_tokens":24,"prompt_tokens_details":{"cached_tokens":19}},"timings":{"cache_n":19,'
+                b'"prompt_n":1,"prompt_ms":0.158,"prompt_per_second":6329.1,"predicted_n":4,"predicted_ms":0.278,'
+                b'"predicted_per_second":10791.4}}')
+
+
+def _rows(path: Path) -> list[tuple]:
+    """What another process sees in the file now (a reader of its own, as the CLI is)."""
+    conn = db.connect(path, create=False)
+    if conn is None:
+        return []
+    try:
+        return conn.execute(f"SELECT {', '.join(db.COLUMNS)} FROM requests ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def _admin(gateway: Gateway, path: str, method: str = "GET") -> dict:
+    request = urllib.request.Request(gateway.url + "/athanor/v1" + path, method=method)
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _send(gateway: Gateway, model: str, stream: bool) -> dict:
+    """One chat request through the openai SDK; the usage the SDK saw, and the model asked."""
+    messages = [{"role": "user", "content": f"hello from a {'streamed' if stream else 'whole'} request"}]
+    if not stream:
+        usage = gateway.client.chat.completions.create(model=model, messages=messages, max_tokens=6).usage
+    else:
+        usage = None
+        for chunk in gateway.client.chat.completions.create(model=model, messages=messages, max_tokens=6,
+                                                            stream=True, stream_options={"include_usage": True}):
+            usage = chunk.usage or usage
+    assert usage is not None
+    return {"model": model, "stream": stream, "prompt": usage.prompt_tokens, "completion": usage.completion_tokens}
+
+
+def _restart(gateway: Gateway, sig: signal.Signals = signal.SIGTERM) -> None:
+    gateway.proc.send_signal(sig)
+    gateway.proc.wait(60)
+
+
+def _start(gateway: Gateway) -> None:
+    gateway.proc = start_daemon(gateway.home, int(gateway.url.rsplit(":", 1)[1]))
+
+
+# ---------------------------------------------------------------------------------------------- through a daemon
+
+
+def test_records_match_what_the_client_saw_and_compare_survives_a_restart(gateway):
+    sent = [_send(gateway, model, stream) for model in ("tiny-gguf", "tiny-mlx") for stream in (True, False, True)]
+    items = _admin(gateway, "/telemetry")["items"]  # the read flushes first: every request is there already
+    assert len(items) == len(sent)
+    for seen, record in zip(sent, reversed(items), strict=True):  # newest first
+        assert (record["model"], record["status"], record["route"]) == (seen["model"], 200, "/v1/chat/completions")
+        assert record["runtime"] == ("llama-server" if seen["model"] == "tiny-gguf" else "mlx-lm")
+        assert (record["promptTokens"], record["completionTokens"]) == (seen["prompt"], seen["completion"])
+        assert record["clientGone"] is False and record["totalSeconds"] > 0
+        assert (record["ttftSeconds"] is not None) == seen["stream"], "only a stream has a first token to time"
+        if seen["stream"]:
+            assert 0 < record["ttftSeconds"] <= record["totalSeconds"]
+        if record["runtime"] == "llama-server":  # llama-server's own timings, streamed or not
+            assert record["decodeTokensPerSecond"] > 0 and record["prefillTokensPerSecond"] > 0
+            assert record["cachedTokens"] is not None
+    only_mlx = _admin(gateway, "/telemetry?model=tiny-mlx&limit=2")["items"]
+    assert [r["model"] for r in only_mlx] == ["tiny-mlx", "tiny-mlx"] and only_mlx == items[:2]
+    by_alias = _admin(gateway, "/telemetry?model=tiny-alias")["items"]
+    assert {r["model"] for r in by_alias} == {"tiny-gguf"} and len(by_alias) == 3
+
+    def expected(model: str) -> dict:
+        mine = [s for s in sent if s["model"] == model]
+        ttfts = sorted(r["ttftSeconds"] for r in items if r["model"] == model and r["ttftSeconds"] is not None)
+        return {"model": model, "requests": len(mine), "errors": 0, "clientGone": 0,
+                "promptTokens": sum(s["prompt"] for s in mine), "completionTokens": sum(s["completion"] for s in mine),
+                "ttftP50": ttfts[math.ceil(0.5 * len(ttfts)) - 1], "ttftP95": ttfts[math.ceil(0.95 * len(ttfts)) - 1]}
+
+    def figures(result) -> list[dict]:
+        assert result.returncode == 0, result.stderr
+        models = json.loads(result.stdout)["models"]
+        return [{k: m[k] for k in expected("tiny-gguf")} for m in models]
+
+    want = [expected("tiny-gguf"), expected("tiny-mlx")]
+    assert figures(gateway.athanor("telemetry", "compare", "tiny-gguf", "tiny-mlx", "-o", "json")) == want
+    _restart(gateway)
+    # The gateway is down: the CLI reads the file itself.
+    assert figures(gateway.athanor("telemetry", "compare", "tiny-gguf", "tiny-mlx", "-o", "json")) == want
+    _start(gateway)
+    assert figures(gateway.athanor("telemetry", "compare", "tiny-gguf", "tiny-mlx", "-o", "json")) == want
+    table = gateway.athanor("telemetry", "compare", "tiny-gguf", "tiny-mlx")
+    assert table.returncode == 0 and "TTFT P95" in table.stdout and "tiny-mlx" in table.stdout, table.stderr
+    last_two = json.loads(gateway.athanor("telemetry", "compare", "tiny-gguf", "--last", "2", "-o", "json").stdout)
+    assert last_two["models"][0]["requests"] == 2
+
+    after = _send(gateway, "tiny-gguf", True)  # the restarted daemon appends to the same file
+    listed = json.loads(gateway.athanor("telemetry", "ls", "tiny-gguf", "-o", "json").stdout)["items"]
+    assert len(listed) == 4 and listed[0]["completionTokens"] == after["completion"]
+    assert stat.S_IMODE(os.stat(gateway.home / db.FILENAME).st_mode) == 0o600
+    cleared = gateway.athanor("telemetry", "clear")
+    assert cleared.returncode == 0 and "deleted 7 records" in cleared.stdout, cleared.stderr
+    assert _admin(gateway, "/telemetry")["items"] == []
+
+
+def test_a_daemon_killed_with_sigkill_leaves_a_readable_file_with_every_flushed_record(gateway):
+    path = gateway.home / db.FILENAME
+    sent = [_send(gateway, "tiny-gguf", stream) for stream in (True, False, True, False)]
+    wait_until(lambda: len(_rows(path)) == len(sent), 30, "the recorder to write its batch")
+    _restart(gateway, signal.SIGKILL)  # no shutdown: no last flush, no checkpoint of the WAL
+
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        conn.close()
+    rows = _rows(path)
+    assert [(r[5], r[6]) for r in rows] == [(s["prompt"], s["completion"]) for s in sent]
+    listed = gateway.athanor("telemetry", "ls", "-o", "json")  # no daemon: straight from the file
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)["items"]) == len(sent)
+
+    _start(gateway)  # reopens the file (and re-attaches the runtime, which the fixture's down then stops)
+    _send(gateway, "tiny-gguf", False)
+    assert len(_admin(gateway, "/telemetry")["items"]) == len(sent) + 1
+
+
+def test_retention_follows_the_gateway_spec(gateway, tmp_path):
+    apply_gateway(gateway, tmp_path, "  telemetry: {retention: {maxRecords: 2, maxAge: 720h}}\n")
+    sent = [_send(gateway, "tiny-gguf", False) for _ in range(3)]
+    items = _admin(gateway, "/telemetry")["items"]
+    assert [r["completionTokens"] for r in items] == [s["completion"] for s in sent][::-1][:2]
+
+
+def test_a_client_that_hangs_up_mid_stream_is_recorded_as_gone(gateway, tmp_path):
+    model = long_gguf(tmp_path)
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"model": model, "stream": True, "max_tokens": 100000, "ignore_eos": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + gateway.url[7:].encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        received = b""
+        while b"data:" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, "the stream ended early"
+            received += chunk
+    wait_until(lambda: _admin(gateway, f"/telemetry?model={model}")["items"], 30, "the request to be over")
+    (record,) = _admin(gateway, f"/telemetry?model={model}")["items"]
+    assert (record["status"], record["clientGone"], record["runtime"]) == (499, True, "llama-server")
+    assert 0 < record["ttftSeconds"] <= record["totalSeconds"]
+    figures = _admin(gateway, f"/telemetry/compare?model={model}")["models"][0]
+    assert (figures["requests"], figures["errors"], figures["clientGone"]) == (1, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- without a daemon
+
+
+def test_the_request_path_only_appends_and_a_flush_writes_the_batch(tmp_path):
+    """Tap.finish puts one tuple in the recorder's buffer and touches no file; the flush writes it, with
+    llama-server's own timings preferred over the figures the gateway could work out."""
+    path = tmp_path / db.FILENAME
+
+    async def scenario() -> None:
+        recorder = Recorder(path, lambda: db.Retention(None, None))
+        await recorder.open()
+        tap = Tap(Metrics(), "tiny-gguf", "/v1/chat/completions", arrived=0.0, telemetry=recorder)
+        tap.runtime = "llama-server"
+        tap.read_usage(LLAMA_ANSWER)
+        tap.finish(200)
+        assert len(recorder.pending) == 1 and _rows(path) == []
+        assert await recorder.flush() == 1 and not recorder.pending
+        (row,) = _rows(path)
+        assert row[1:8] == ("tiny-gguf", "llama-server", "/v1/chat/completions", 200, 20, 4, 19)
+        assert (row[8], row[10], row[11]) == (None, 10791.4, 6329.1)  # no stream: no TTFT; the runtime's rates
+        streamed = Tap(Metrics(), "tiny-mlx", "/v1/chat/completions", arrived=0.0, telemetry=recorder)
+        streamed.ttft = 0.5
+        streamed.read_usage(b'data: {"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":9}}')
+        streamed.finish(200, client_gone=True)
+        await recorder.close()
+        last = _rows(path)[-1]
+        total = last[9]
+        assert last[4] == 499 and last[12] == 1
+        assert last[10] == 9 / (total - 0.5) and last[11] == 10 / 0.5  # computed: no timings from this runtime
+
+    asyncio.run(scenario())
+
+
+def test_retention_trims_by_count_and_age(tmp_path):
+    conn = db.connect(tmp_path / db.FILENAME, create=True)
+    assert conn is not None
+    retention = retention_of(catalog.overlay(catalog.GATEWAY_DEFAULTS, {"telemetry": {"retention": {"maxRecords": 3}}}))
+    assert retention == db.Retention(3, 720 * 3600)
+    now = 1_000_000_000.0
+
+    def row(at: float, completion: int) -> db.Row:
+        return db.Row(at, "m", "llama-server", "/v1/completions", 200, 1, completion, None, None, 0.1, None, None,
+                      False)
+
+    db.write(conn, [row(now - 10 * 86400, 1)] + [row(now - i, i + 2) for i in range(5, 0, -1)], retention, now)
+    assert [r["completionTokens"] for r in db.records(conn, "m")] == [3, 4, 5]  # the newest three
+    db.write(conn, [row(now, 9)], db.Retention(None, 2.5), now)
+    assert [r["completionTokens"] for r in db.records(conn, "m")] == [9, 3, 4]  # nothing older than 2.5 s
+    assert db.clear(conn) == 3 and db.records(conn) == []
+    conn.close()
