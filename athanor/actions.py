@@ -181,6 +181,23 @@ def unset_preset(store: Store, name: str, keys: Iterable[str]) -> dict[str, Any]
         return dict(preset)
 
 
+def set_recipe(store: Store, name: str, recipe: str) -> str:
+    """Point model ``name`` at another recipe (the TUI's preset editor): the edit ``apply`` would make of a new
+    ``spec.recipe``, generation bumped when it changes. Returns the model's name."""
+    from athanor.runtimes.resolve import recipes
+
+    with edit_models(store) as doc:
+        model = resolve_name(doc, name)
+        known = recipes(doc)
+        if recipe not in known:
+            raise InvalidValueError(f"unknown recipe {recipe!r} (known: {', '.join(sorted(known))})")
+        obj = doc["models"][model]
+        changed = obj["spec"].get("recipe") != recipe
+        obj["spec"]["recipe"] = recipe
+        _bump(obj, changed)
+        return model
+
+
 def set_flavor(store: Store, name: str, flavor: str) -> Change:
     """MLX models run on mlx_lm.server (lm) or mlx_vlm.server (vlm); flavor picks which."""
     with edit_models(store) as doc:

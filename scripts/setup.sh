@@ -27,6 +27,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
 if [ "$extras" = "runtimes,test" ] && [ "$(uname -s)" = "Linux" ]; then
   need=""
   command -v plistutil >/dev/null || need="$need libplist-utils"
+  command -v tmux >/dev/null || need="$need tmux"  # the TUI's smoke test (tests/test_tui.py)
   command -v systemd-analyze >/dev/null || need="$need systemd"
   command -v systemd-nspawn >/dev/null || need="$need systemd-container"
   command -v debootstrap >/dev/null || need="$need debootstrap"

@@ -42,12 +42,13 @@ def test_these_modules_do_not_import_each_other(a, b):
     assert not (b in _imports(a) and a in _imports(b)), f"{a} and {b} import each other"
 
 
-def test_only_the_cli_imports_its_actions():
-    """``actions.py`` is the CLI's store transactions; the layers below it (daemon, controller, managers, doctor,
-    fit, hub) take what they need from lower modules (``runtimes/resolve.py``, ``registry.py``, ``catalog.py``)."""
+def test_only_the_user_interfaces_import_actions():
+    """``actions.py`` is the store transactions of the CLI and the TUI (which makes the same calls); the layers below
+    them (daemon, controller, managers, doctor, fit, hub) take what they need from lower modules
+    (``runtimes/resolve.py``, ``registry.py``, ``catalog.py``)."""
     importers = sorted(
         name for path in PACKAGE.rglob("*.py")
-        if not (name := _module_name(path)).startswith(("athanor.cli.", "athanor.actions"))
+        if not (name := _module_name(path)).startswith(("athanor.cli.", "athanor.tui.", "athanor.actions"))
         and "athanor.actions" in _imports(name)
     )
     assert importers == []

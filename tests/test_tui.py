@@ -1,0 +1,329 @@
+"""The TUI (athanor/tui) against a real daemon serving the tiny GGUF model: Textual's Pilot drives the same app
+``athanor`` opens, and a tmux smoke test runs the real entry point on a real terminal.
+
+Waits are bounded polls of what the screen shows (``until``), never sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import ATHANOR
+from fixtures.serving import _descendants_of_home, chat, free_port, wait_until, write_gateway
+
+from athanor.tui.app import AthanorApp
+from athanor.tui.client import AdminUnavailable
+from athanor.tui.screens.dialogs import ConfirmScreen
+from athanor.tui.screens.logs import LogsScreen
+from athanor.tui.widgets.models import ModelTable
+from athanor.tui.widgets.panes import Banner, EventFeed, LogTail
+
+SIZE = (160, 48)
+
+
+def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test in a fresh event loop (the app and Pilot share it), with its fixtures as arguments."""
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+async def until(pilot, predicate: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
+    """Let the app run until ``predicate`` holds (checked between its message rounds), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (screen: {type(pilot.app.screen).__name__}, "
+                                 f"notices: {[n.message for n in pilot.app._notifications]})")
+        await pilot.pause(0.05)  # a polling interval with a deadline: the app keeps running meanwhile
+
+
+def after(lines: list[str], marker: str) -> str:
+    """The text of ``lines`` after the last one that holds ``marker`` ("" when none does)."""
+    found = [i for i, line in enumerate(lines) if marker in line]
+    return "\n".join(lines[found[-1] + 1:]) if found else ""
+
+
+def table(app: AthanorApp) -> ModelTable:
+    return app.main.query_one(ModelTable)
+
+
+def banner(app: AthanorApp) -> str:
+    widget = app.main.query_one(Banner)
+    return str(widget.render()) if widget.has_class("shown") else ""
+
+
+@in_loop
+async def test_the_table_shows_a_phase_change_live_when_another_client_starts_a_model(gateway):
+    app = AthanorApp()
+    async with app.run_test(size=SIZE) as pilot:
+        models = table(app)
+        await until(pilot, lambda: models.cell("tiny-gguf", "phase") == "Standby", "the table to list tiny-gguf")
+        assert models.cell("tiny-gguf", "markers") == "[alias] [tuned]"
+        assert models.cell("tiny-mlx", "runtime") == "mlx-lm"
+        assert banner(app) == ""
+        await pilot.press("down")  # the cursor on tiny-mlx: it must stay there while tiny-gguf's row changes
+        assert models.selected == "tiny-mlx"
+        rows = models.row_count
+
+        phases: list[str] = []
+
+        def seen(phase: str) -> bool:
+            current = models.cell("tiny-gguf", "phase") or ""
+            if not phases or phases[-1] != current:
+                phases.append(current)
+            return current == phase
+
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(chat, gateway.client, "tiny-gguf")  # another client starts it, by a request
+            await until(pilot, lambda: seen("Ready"), "the table to show tiny-gguf Ready")
+            assert reply.result(timeout=120).choices
+        assert phases[0] == "Standby" and phases[-1] == "Ready", phases
+        assert all(p in ("Standby", "Ready") or p.startswith("Starting") for p in phases), phases
+        assert models.cell("tiny-gguf", "port") == str(gateway.live("tiny-gguf")["port"])
+        await until(pilot, lambda: models.cell("tiny-gguf", "rss") != "-", "the runtime's memory")
+        assert models.selected == "tiny-mlx" and models.row_count == rows
+        feed = app.main.query_one(EventFeed)
+        await until(pilot, lambda: any("tiny-gguf Ready" in line for line in feed.lines), "the Ready event in the feed")
+        await pilot.press("q")
+    assert gateway.phase("tiny-gguf") == "Ready"  # quitting the TUI changes nothing
+
+
+@in_loop
+async def test_enter_starts_and_stops_a_model_and_destructive_keys_ask_first(gateway):
+    app = AthanorApp()
+    async with app.run_test(size=SIZE) as pilot:
+        models = table(app)
+        await until(pilot, lambda: models.cell("tiny-gguf", "phase") == "Standby", "the table to list tiny-gguf")
+        assert models.selected == "tiny-gguf"
+
+        await pilot.press("enter")
+        await until(pilot, lambda: models.cell("tiny-gguf", "phase") == "Ready", "Enter to start tiny-gguf")
+        assert gateway.phase("tiny-gguf") == "Ready"
+        first = gateway.runtime_pid("tiny-gguf")
+
+        await pilot.press("r")  # restart asks first; "n" leaves the model alone
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the restart question")
+        await pilot.press("n")
+        await until(pilot, lambda: app.screen is app.main, "the question to close")
+        assert gateway.runtime_pid("tiny-gguf") == first
+
+        await pilot.press("r")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the restart question")
+        await pilot.press("y")
+        await until(pilot, lambda: gateway.runtime_pid("tiny-gguf") not in (None, first)
+                    and models.cell("tiny-gguf", "phase") == "Ready", "the restart")
+        tail = app.main.query_one(LogTail)  # the selected model's log, followed into its new runtime
+        await until(pilot, lambda: "listening on" in after(tail.lines, "runtime 2 of tiny-gguf starting"),
+                    "the log of the new runtime")
+
+        await pilot.press("enter")  # idle: stops without a question
+        await until(pilot, lambda: models.cell("tiny-gguf", "phase") == "Standby", "Enter to stop tiny-gguf")
+        assert gateway.phase("tiny-gguf") == "Standby" and gateway.runtime_pid("tiny-gguf") is None
+
+        await pilot.press("enter")
+        await until(pilot, lambda: models.cell("tiny-gguf", "phase") == "Ready", "Enter to start it again")
+        await pilot.press("k")  # kill asks first
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the kill question")
+        await pilot.press("y")
+        await until(pilot, lambda: models.cell("tiny-gguf", "phase") == "Standby", "k to stop it")
+        assert gateway.runtime_pid("tiny-gguf") is None
+        await pilot.press("q")
+
+
+@in_loop
+async def test_keys_views_and_filter(gateway):
+    """?, /, i, Tab and : against a real daemon: each opens its view and esc comes back."""
+    app = AthanorApp()
+    async with app.run_test(size=SIZE) as pilot:
+        models = table(app)
+        await until(pilot, lambda: models.cell("tiny-mlx", "phase") == "Standby", "the table")
+        await pilot.press("slash", "m", "l", "x")
+        await until(pilot, lambda: models.row_count == 1 and models.cell("tiny-gguf", "phase") is None, "the filter")
+        await pilot.press("escape")
+        await until(pilot, lambda: models.row_count == 2, "the filter to clear")
+        models.focus()
+
+        assert models.selected == "tiny-mlx"  # the cursor stayed on the row the filter left
+        await pilot.press("i")
+        await until(pilot, lambda: "runtime: mlx-lm" in getattr(app.screen, "text", ""),
+                    "describe to show the model")
+        await pilot.press("escape")
+        await pilot.press("tab")  # full-screen logs of tiny-mlx, with their toggles
+        await until(pilot, lambda: isinstance(app.screen, LogsScreen), "the logs view")
+        logs = app.screen
+        assert logs.model == "tiny-mlx" and (logs.follow, logs.wrap, logs.stamps) == (True, False, False)
+        await pilot.press("w", "t", "f")
+        assert (logs.follow, logs.wrap, logs.stamps) == (False, True, True)
+        assert "follow off   wrap on   timestamps on" in str(logs.query_one("#title").render())
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is app.main, "esc back from the logs")
+        await pilot.press("question_mark")
+        await until(pilot, lambda: type(app.screen).__name__ == "HelpScreen", "the keys")
+        await pilot.press("escape")
+        await pilot.press("P")  # reserved, not yet: a notice, no view
+        assert app.screen is app.main
+        assert any("not yet" in notice.message for notice in app._notifications)
+        await pilot.press("space")  # marks tiny-mlx for the telemetry view, which compares the marked models
+        assert models.cell("tiny-mlx", "markers").startswith("[marked]") and app.main.marked == {"tiny-mlx"}
+        await pilot.press("t")
+        await until(pilot, lambda: type(app.screen).__name__ == "TelemetryScreen", "the telemetry view")
+        assert app.screen.chosen == ["tiny-mlx"]
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is app.main, "esc back from telemetry")
+        await pilot.press("e")
+        await until(pilot, lambda: type(app.screen).__name__ == "PresetScreen", "the preset editor")
+        assert app.screen.model == "tiny-mlx"
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is app.main, "esc back from the preset editor")
+        await pilot.press("colon", *"events", "enter")
+        await until(pilot, lambda: type(app.screen).__name__ == "EventsScreen", ":events")
+        await pilot.press("colon", *"models", "enter")
+        await until(pilot, lambda: app.screen is app.main, ":models")
+        await pilot.press("colon", "q", "enter")
+    assert app.return_code in (0, None)
+
+
+@pytest.fixture
+def stops_daemon(home: Path) -> Iterator[None]:
+    """Whatever a test starts in this home is stopped afterwards: athanor down, then anything left is killed."""
+    try:
+        yield
+    finally:
+        subprocess.run([ATHANOR, "down"], env=dict(os.environ), capture_output=True, timeout=120)
+        leftovers = _descendants_of_home(home)
+        for leftover in leftovers:
+            leftover.kill()
+        wait_until(lambda: not _descendants_of_home(home), 10, "killed leftovers to die")
+        assert not leftovers, f"left running after down: {leftovers}"
+
+
+@pytest.fixture
+def idle_home(home: Path, models: Path, tmp_path: Path, stops_daemon: None) -> str:
+    """A home with the tiny models and a Gateway on a free port, and no daemon yet."""
+    port = free_port()
+    write_gateway(tmp_path, f"  listen: 127.0.0.1:{port}\n")
+    return f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def empty_home(home: Path, tmp_path: Path, stops_daemon: None) -> str:
+    """A home with no model and a Gateway on a free port, and no daemon yet."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    write_gateway(tmp_path, f"  listen: 127.0.0.1:{port}\n")
+    return f"127.0.0.1:{port}"
+
+
+@in_loop
+async def test_says_the_daemon_is_not_running_starts_it_on_u_and_attaches_again_after_it_comes_back(idle_home):
+    app = AthanorApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: "not running" in banner(app), "the not-running banner")
+        assert table(app).row_count == 0
+
+        await pilot.press("u")  # athanor up, in a worker
+        await until(pilot, lambda: table(app).cell("tiny-gguf", "phase") == "Standby" and not banner(app),
+                    "the TUI to attach to the daemon it started")
+        assert idle_home in str(app.main.query_one("#header").render())
+
+        down = await asyncio.to_thread(subprocess.run, [ATHANOR, "down"], env=dict(os.environ),
+                                       capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stderr
+        await until(pilot, lambda: "went away" in banner(app), "the went-away banner")
+
+        up = await asyncio.to_thread(subprocess.run, [ATHANOR, "up"], env=dict(os.environ),
+                                     capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stderr
+        await until(pilot, lambda: not banner(app) and table(app).cell("tiny-gguf", "phase") == "Standby",
+                    "the TUI to attach again")
+        await pilot.press("q")
+
+
+@in_loop
+async def test_with_no_model_it_suggests_starters_for_this_machine_with_their_pull_commands(empty_home):
+    from athanor.hub.starters import suggestions
+    from athanor.tui.widgets.panes import EmptyState
+
+    app = AthanorApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("u")
+        empty = app.main.query_one(EmptyState)
+        await until(pilot, lambda: empty.display and "athanor pull" in str(empty.render()), "the starters")
+        try:
+            total = (await app.session.get("/daemon"))["memory"]["totalBytes"]
+        except AdminUnavailable:  # a daemon without /daemon: the TUI sizes the tier from this machine
+            total = psutil.virtual_memory().total
+        tier, picks = suggestions(total)
+        shown = str(empty.render())
+        assert f"({tier} tier)" in shown and all(pick.pull in shown for pick in picks)
+        assert not table(app).display
+        await pilot.press("q")
+
+
+def test_athanor_alone_without_a_terminal_prints_help_and_tui_says_it_needs_one(cli):
+    alone = cli()
+    assert alone.returncode == 2 and "Usage: athanor" in alone.stderr and "tui " in alone.stderr  # click's help
+    tui = cli("tui")
+    assert tui.returncode == 1 and "needs a terminal" in tui.stderr
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (scripts/setup.sh --test installs it)")
+def test_athanor_in_tmux_shows_the_models_and_quits_leaving_them_running(gateway, tmp_path):
+    socket = f"athanor-test-{os.getpid()}"
+    tmux = ["tmux", "-L", socket, "-f", "/dev/null"]
+    env = {k: v for k, v in os.environ.items() if k != "TMUX"}
+    env.pop("NO_COLOR", None)
+
+    def screen() -> str:
+        return subprocess.run([*tmux, "capture-pane", "-p", "-t", "tui"], capture_output=True, text=True,
+                              env=env).stdout
+
+    def running() -> bool:
+        return subprocess.run([*tmux, "has-session", "-t", "tui"], capture_output=True, env=env).returncode == 0
+
+    assert gateway.runtime_pid("tiny-gguf") is None
+    command = f"ATHANOR_HOME={gateway.home} {ATHANOR}"
+    subprocess.run([*tmux, "new-session", "-d", "-s", "tui", "-x", "160", "-y", "48", command], env=env, check=True)
+    try:
+        wait_until(lambda: "tiny-gguf" in screen() and "Standby" in screen(), 60, "the model table in tmux")
+        subprocess.run([*tmux, "send-keys", "-t", "tui", "Enter"], env=env, check=True)
+        wait_until(lambda: "Ready" in screen(), 120, "Enter to start the model, on the screen")
+        pid = gateway.runtime_pid("tiny-gguf")
+        subprocess.run([*tmux, "send-keys", "-t", "tui", "q"], env=env, check=True)
+        wait_until(lambda: not running(), 30, "q to quit the TUI")
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True, env=env)
+    assert gateway.runtime_pid("tiny-gguf") == pid and gateway.phase("tiny-gguf") == "Ready"
+    assert chat(gateway.client, "tiny-gguf").choices  # the model still answers
+
+
+def test_cells_of_an_older_daemon_s_answers_are_dashes_never_errors():
+    """What a daemon without fit, process figures, telemetry or /daemon answers: "-" in those places."""
+    from athanor.tui import format as fmt
+
+    bare = {"metadata": {"name": "m"}, "spec": {"runtime": "llama-server"}, "status": {"phase": "Standby"}}
+    assert fmt.row(bare) == {"name": "m", "runtime": "llama-server", "port": "-", "phase": "Standby", "cpu": "-",
+                             "rss": "-", "toks": "-", "fit": "-", "markers": "-"}
+    assert fmt.row({}) == {key: "-" for key, _ in fmt.COLUMNS}
+    starting = {"metadata": {"name": "m"}, "spec": {"residency": "pinned", "publish": False},
+                "status": {"phase": "Starting", "conditions": [
+                    {"type": "Ready", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}
+    cells = fmt.row(starting, now=datetime(2026, 1, 1, 0, 0, 42, tzinfo=timezone.utc).timestamp())
+    assert cells["phase"] == "Starting 42s" and cells["markers"] == "[pinned] [hidden]"
+    header = fmt.header(None, "127.0.0.1:8080", 123)
+    assert "pid 123" in header and "ingress http://127.0.0.1:8080" in header and "mem -/-" in header
