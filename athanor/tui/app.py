@@ -10,6 +10,7 @@ from textual.app import App
 from textual.binding import Binding
 
 from athanor.tui.client import AdminSession
+from athanor.tui.downloads import Downloads
 from athanor.tui.screens.describe import DescribeScreen
 from athanor.tui.screens.dialogs import CommandPrompt, HelpScreen
 from athanor.tui.screens.events import EventsScreen
@@ -29,6 +30,7 @@ class AthanorApp(App[None]):
     def __init__(self) -> None:
         super().__init__()
         self.main = MainScreen()
+        self.downloads = Downloads(self)  # pulls go on whichever view is open
 
     @property
     def session(self) -> AdminSession | None:
@@ -46,7 +48,8 @@ class AthanorApp(App[None]):
         self.push_screen(CommandPrompt(), self.run_command)
 
     def run_command(self, text: str | None) -> None:
-        """``:models``, ``:events``, ``:telemetry``, ``:logs [MODEL]``, ``:describe [MODEL]``, ``:help``, ``:q``."""
+        """``:models``, ``:events``, ``:telemetry``, ``:search [QUERY]``, ``:downloads``, ``:logs [MODEL]``,
+        ``:describe [MODEL]``, ``:help``, ``:q``."""
         if not text:
             return
         verb, _, arg = text.partition(" ")
@@ -58,6 +61,10 @@ class AthanorApp(App[None]):
         elif verb in ("events", "event", "ev"):
             self._to_main()
             self.push_screen(EventsScreen())
+        elif verb in ("search", "s"):
+            self.open_search(arg)
+        elif verb in ("downloads", "dl"):
+            self.open_downloads()
         elif verb in ("telemetry", "tel", "t"):
             self._to_main()
             self.main.action_telemetry()
@@ -68,7 +75,7 @@ class AthanorApp(App[None]):
         elif verb == "help":
             self.action_help()
         else:
-            self.notify(f"unknown command :{verb} (try :models, :events, :telemetry, :logs, :describe, :q)", severity="warning")
+            self.notify(f"unknown command :{verb} (try :models, :events, :telemetry, :search, :downloads, :logs, :describe, :q)", severity="warning")
 
     def _to_main(self) -> None:
         while len(self.screen_stack) > 1 and self.screen is not self.main:
@@ -81,6 +88,18 @@ class AthanorApp(App[None]):
             return
         self._to_main()
         opener(name)
+
+    def open_search(self, query: str = "") -> None:
+        from athanor.tui.screens.search import SearchScreen
+
+        self._to_main()
+        self.push_screen(SearchScreen(query))
+
+    def open_downloads(self) -> None:
+        from athanor.tui.screens.downloads import DownloadsScreen
+
+        self._to_main()
+        self.push_screen(DownloadsScreen())
 
     def open_logs(self, name: str) -> None:
         self.push_screen(LogsScreen(name))
