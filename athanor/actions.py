@@ -213,6 +213,20 @@ def set_flavor(store: Store, name: str, flavor: str) -> Change:
     return Change("Model", model_name, "configured" if changed else "unchanged")
 
 
+def set_publish(store: Store, name: str, publish: bool) -> Change:
+    """Expose (``spec.publish``) or hide a model: a hidden one is still routed by name, but not listed in
+    ``/v1/models`` or pi. How it runs does not change, so the generation stays and a running model keeps running."""
+    with edit_models(store) as doc:
+        model_name = resolve_name(doc, name)
+        spec = doc["models"][model_name]["spec"]
+        changed = spec.get("publish", True) != publish
+        if publish:
+            spec.pop("publish", None)  # the default, as a fresh spec leaves it
+        else:
+            spec["publish"] = False
+    return Change("Model", model_name, "configured" if changed else "unchanged")
+
+
 def _drop_foreign_preset_keys(obj: dict[str, Any]) -> None:
     preset = obj["spec"].get("preset")
     if preset:

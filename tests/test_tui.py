@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -21,8 +23,9 @@ from typing import Any
 import psutil
 import pytest
 from conftest import ATHANOR
-from fixtures.serving import _descendants_of_home, chat, free_port, wait_until, write_gateway
+from fixtures.serving import _descendants_of_home, apply_gateway, chat, free_port, wait_until, write_gateway
 
+from athanor.store import open_store
 from athanor.tui.app import AthanorApp
 from athanor.tui.client import AdminUnavailable
 from athanor.tui.screens.dialogs import ConfirmScreen
@@ -175,9 +178,10 @@ async def test_keys_views_and_filter(gateway):
         await pilot.press("question_mark")
         await until(pilot, lambda: type(app.screen).__name__ == "HelpScreen", "the keys")
         await pilot.press("escape")
-        await pilot.press("P")  # reserved, not yet: a notice, no view
-        assert app.screen is app.main
-        assert any("not yet" in notice.message for notice in app._notifications)
+        await pilot.press("D")  # the downloads of this session: none yet
+        await until(pilot, lambda: type(app.screen).__name__ == "DownloadsScreen", "the downloads view")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is app.main, "esc back from the downloads")
         await pilot.press("space")  # marks tiny-mlx for the telemetry view, which compares the marked models
         assert models.cell("tiny-mlx", "markers").startswith("[marked]") and app.main.marked == {"tiny-mlx"}
         await pilot.press("t")
@@ -255,9 +259,13 @@ async def test_says_the_daemon_is_not_running_starts_it_on_u_and_attaches_again_
 
 
 @in_loop
-async def test_with_no_model_it_suggests_starters_for_this_machine_with_their_pull_commands(empty_home):
+async def test_with_no_model_it_suggests_starters_for_this_machine_with_their_pull_commands(
+        empty_home, monkeypatch):
     from athanor.hub.starters import suggestions
+    from athanor.tui.screens.dialogs import StarterPicker
     from athanor.tui.widgets.panes import EmptyState
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the starter's pull is queued and refused here, never sent anywhere
 
     app = AthanorApp()
     async with app.run_test(size=SIZE) as pilot:
@@ -270,8 +278,21 @@ async def test_with_no_model_it_suggests_starters_for_this_machine_with_their_pu
             total = psutil.virtual_memory().total
         tier, picks = suggestions(total)
         shown = str(empty.render())
-        assert f"({tier} tier)" in shown and all(pick.pull in shown for pick in picks)
+        assert f"({tier} tier" in shown and all(pick.pull in shown for pick in picks)
         assert not table(app).display
+        await pilot.press("enter")  # Enter picks a starter to pull
+        await until(pilot, lambda: isinstance(app.screen, StarterPicker), "the starter picker")
+        await pilot.press("enter")
+        await until(pilot, lambda: type(app.screen).__name__ == "DownloadsScreen", "the downloads view")
+        [download] = app.downloads.items
+        assert (download.repo, download.only) == (picks[0].repo, (picks[0].file,) if picks[0].file else ())
+        await until(pilot, lambda: app.downloads.items[0].error is not None, "the offline pull to fail")
+        assert "offline" in app.downloads.items[0].error.lower()
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is app.main, "esc back from the downloads")
+        await pilot.press("p", *"org/repo model.Q4_K_M.gguf", "enter")  # p: a repo (and file) as athanor pull
+        await until(pilot, lambda: len(app.downloads.items) == 2, "the second pull to be queued")
+        assert (app.downloads.items[1].repo, app.downloads.items[1].only) == ("org/repo", ("model.Q4_K_M.gguf",))
         await pilot.press("q")
 
 
@@ -327,3 +348,234 @@ def test_cells_of_an_older_daemon_s_answers_are_dashes_never_errors():
     assert cells["phase"] == "Starting 42s" and cells["markers"] == "[pinned] [hidden]"
     header = fmt.header(None, "127.0.0.1:8080", 123)
     assert "pid 123" in header and "ingress http://127.0.0.1:8080" in header and "mem -/-" in header
+
+
+# ---------------------------------------------------------------------------------- store writes: P, d, s, f
+
+
+def notices(app: AthanorApp) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+def listed(gateway) -> set[str]:
+    """What GET /v1/models lists (blocking: run it in a thread)."""
+    return {m.id for m in gateway.client.models.list().data}
+
+
+@in_loop
+async def test_P_hides_a_model_from_v1_models_and_pi_and_shows_it_again(gateway, tmp_path):
+    pi_dir = tmp_path / "pi"
+    apply_gateway(gateway, tmp_path, f"  integrations: {{pi: {{sync: true, dir: {json.dumps(str(pi_dir))}}}}}\n")
+
+    def pi_models() -> set[str]:
+        return {m["id"] for m in json.loads((pi_dir / "models.json").read_text())["providers"]["athanor"]["models"]}
+
+    assert pi_models() == {"tiny-gguf", "tiny-mlx"}
+    app = AthanorApp()
+    async with app.run_test(size=SIZE) as pilot:
+        models = table(app)
+        await until(pilot, lambda: models.cell("tiny-gguf", "markers") == "[alias] [pi] [tuned]", "the [pi] marker")
+        assert models.cell("tiny-mlx", "markers") == "[pi] [tuned]" and models.selected == "tiny-gguf"
+
+        await pilot.press("P")
+        await until(pilot, lambda: models.cell("tiny-gguf", "markers") == "[alias] [tuned] [hidden]", "[hidden]")
+        assert await asyncio.to_thread(listed, gateway) == {"tiny-mlx"}  # the daemon saw the store change
+        assert pi_models() == {"tiny-mlx"}  # and pi followed, as after the CLI
+        assert open_store(gateway.home).models.load()["models"]["tiny-gguf"]["spec"]["publish"] is False
+        assert (await asyncio.to_thread(chat, gateway.client, "tiny-gguf")).choices  # hidden, still served by name
+        pid = gateway.runtime_pid("tiny-gguf")
+
+        await pilot.press("P")
+        await until(pilot, lambda: models.cell("tiny-gguf", "markers") == "[alias] [pi] [tuned]", "exposed again")
+        assert await asyncio.to_thread(listed, gateway) == {"tiny-gguf", "tiny-mlx"}
+        assert gateway.runtime_pid("tiny-gguf") == pid  # a listing change: the running model is not restarted
+        assert pi_models() == {"tiny-gguf", "tiny-mlx"}
+        await pilot.press("q")
+
+
+@in_loop
+async def test_d_asks_then_asks_about_the_weights_and_deletes_the_model_keeping_or_removing_them(gateway, tmp_path):
+    gguf, mlx = tmp_path / "weights" / "tiny.gguf", tmp_path / "weights" / "tiny-mlx"
+    app = AthanorApp()
+    async with app.run_test(size=SIZE) as pilot:
+        models = table(app)
+        await until(pilot, lambda: models.cell("tiny-mlx", "phase") == "Standby", "the table")
+        assert models.selected == "tiny-gguf"
+
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the delete question")
+        await pilot.press("n")  # no: nothing happens
+        await until(pilot, lambda: app.screen is app.main, "the question to close")
+        assert models.cell("tiny-gguf", "phase") == "Standby"
+
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the delete question")
+        await pilot.press("y")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen) and "--files" in app.screen.question,
+                    "the separate question about the weights")
+        assert str(gguf) in app.screen.question  # the CLI's plan: what --files would remove
+        await pilot.press("n")
+        await until(pilot, lambda: models.cell("tiny-gguf", "phase") is None, "the row to go")
+        assert "tiny-gguf" not in open_store(gateway.home).models.load()["models"]
+        assert gguf.is_file()  # the weights stay
+        assert models.selected == "tiny-mlx"
+
+        await pilot.press("d")  # the other one, with its weights
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the delete question")
+        await pilot.press("y")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen) and "--files" in app.screen.question,
+                    "the question about the weights")
+        await pilot.press("y")
+        await until(pilot, lambda: models.row_count == 0 and not mlx.exists(), "tiny-mlx and its directory to go")
+        assert open_store(gateway.home).models.load()["models"] == {}
+        assert any(f"removed {mlx}" in n for n in notices(app)), notices(app)
+        await pilot.press("q")
+
+
+@in_loop
+async def test_s_rescans_and_registers_a_gguf_dropped_into_a_watched_directory(gateway, tmp_path):
+    from fixtures.tiny_models import write_tiny_llama_gguf
+
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    apply_gateway(gateway, tmp_path, f"  discovery: {{hfCache: false, paths: [{json.dumps(str(watched))}]}}\n")
+    app = AthanorApp()
+    async with app.run_test(size=SIZE) as pilot:
+        models = table(app)
+        await until(pilot, lambda: models.row_count == 2, "the table")
+        write_tiny_llama_gguf(watched / "dropped.gguf", seed=5)
+        await pilot.press("s")
+        # The daemon's own watcher may register it first; either way the model is there and s said what it did.
+        await until(pilot, lambda: models.row_count == 3, "the dropped model in the table")
+        await until(pilot, lambda: any(n.startswith("scan: ") for n in notices(app)), "the scan's summary")
+        doc = open_store(gateway.home).models.load()
+        new = next(name for name in doc["models"] if name not in ("tiny-gguf", "tiny-mlx"))
+        assert doc["models"][new]["artifact"]["path"] == str(watched / "dropped.gguf")
+        assert models.cell(new, "phase") == "Standby"
+        await pilot.press("q")
+
+
+@in_loop
+async def test_f_switches_an_mlx_model_to_mlx_vlm_and_back_and_says_no_for_a_gguf(gateway):
+    def runtime(name: str) -> str:
+        return open_store(gateway.home).models.load()["models"][name]["spec"]["runtime"]
+
+    app = AthanorApp()
+    async with app.run_test(size=SIZE) as pilot:
+        models = table(app)
+        await until(pilot, lambda: models.cell("tiny-mlx", "phase") == "Standby", "the table")
+        await pilot.press("f")  # tiny-gguf is a GGUF: a notice, nothing changes
+        await until(pilot, lambda: any("for MLX models" in n for n in notices(app)), "the notice")
+        assert runtime("tiny-gguf") == "llama-server"
+
+        await pilot.press("down", "f")
+        await until(pilot, lambda: models.cell("tiny-mlx", "runtime") == "mlx-vlm", "the vlm flavor")
+        assert runtime("tiny-mlx") == "mlx-vlm"
+        live = json.loads(urllib.request.urlopen(f"{gateway.url}/v1/models", timeout=30).read())
+        assert "tiny-mlx" in {m["id"] for m in live["data"]}
+        await pilot.press("f")
+        await until(pilot, lambda: models.cell("tiny-mlx", "runtime") == "mlx-lm", "back to lm")
+        assert runtime("tiny-mlx") == "mlx-lm"
+        await pilot.press("q")
+
+
+def test_the_pi_marker_sits_with_the_others():
+    from athanor.tui import format as fmt
+
+    model = {"metadata": {"name": "m"}, "spec": {"aliases": ["a"], "preset": {"ctxSize": 1}}}
+    assert fmt.row(model, pi=True)["markers"] == "[alias] [pi] [tuned]"
+    assert fmt.row(model)["markers"] == "[alias] [tuned]"
+
+
+# ---------------------------------------------------------------------------------- snapshots
+
+
+FROZEN_PID = 4242
+
+
+class FrozenSession:
+    """A real session on the real daemon whose answers have their volatile figures fixed (machine, memory, load,
+    uptime, pids, ports, process figures, telemetry) and whose streams stay silent, so a snapshot of the main view
+    is the same on every run and machine. Only the snapshots use it."""
+
+    def __init__(self, real: Any) -> None:
+        from athanor.tui.client import Target
+
+        self.real = real
+        self.target = Target(real.target.admin, "127.0.0.1:8080", FROZEN_PID, real.target.key)
+
+    async def get(self, path: str, timeout: float = 5.0) -> Any:
+        return frozen(path, await self.real.get(path, timeout))
+
+    async def post(self, path: str, timeout: float = 600.0) -> Any:
+        return await self.real.post(path, timeout)
+
+    async def stream(self, path: str, read_timeout: float):
+        await asyncio.Event().wait()  # nothing ever arrives (the worker is cancelled when the app ends)
+        yield "message", None
+
+    async def close(self) -> None:
+        await self.real.close()
+
+
+def frozen(path: str, answer: Any) -> Any:
+    if path == "/status":
+        return {**answer, "pid": FROZEN_PID}
+    if path == "/daemon":
+        return {**answer, "version": "0.1.0", "listen": "127.0.0.1:8080", "uptimeSeconds": 3723,
+                "machine": {"cpu": "Test CPU", "cores": 8, "load": [0.5, 0.25, 0.12]},
+                "memory": {**answer.get("memory", {}), "usedBytes": 12 << 30, "totalBytes": 32 << 30}}
+    if path.startswith("/telemetry"):
+        return {"items": []}
+    if path == "/models":
+        items = []
+        for n, model in enumerate(answer["items"]):
+            status = {"phase": model["status"]["phase"], "port": 8101 + n, "fit": model["status"].get("fit")}
+            items.append({**model, "spec": {**model["spec"], "port": 8101 + n}, "status": status})
+        return {**answer, "items": items}
+    return answer
+
+
+async def frozen_connect() -> Any:
+    from athanor.tui.screens.main import connect_to_daemon
+
+    real = await connect_to_daemon()
+    return real if isinstance(real, str) else FrozenSession(real)
+
+
+def frozen_app() -> AthanorApp:
+    from athanor.tui.screens.main import MainScreen
+
+    app = AthanorApp()
+    app.main = MainScreen(connect=frozen_connect)
+    return app
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=["80x24", "160x48"])
+def test_snapshot_of_the_main_view(gateway, snap_compare, size):
+    app = frozen_app()
+
+    async def ready(pilot) -> None:
+        models = table(app)
+        await until(pilot, lambda: models.cell("tiny-mlx", "phase") == "Standby" and not banner(app), "the table")
+        await until(pilot, lambda: "Test CPU" in str(app.main.query_one("#header").render()), "the header")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=ready)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=["80x24", "160x48"])
+def test_snapshot_of_the_empty_state(empty_home, snap_compare, size):
+    from athanor.tui.widgets.panes import EmptyState
+
+    up = subprocess.run([ATHANOR, "up"], env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr
+    app = frozen_app()
+
+    async def ready(pilot) -> None:
+        empty = app.main.query_one(EmptyState)
+        await until(pilot, lambda: empty.display and "athanor pull" in str(empty.render()) and not banner(app)
+                    and "Test CPU" in str(app.main.query_one("#header").render()), "the starters")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=ready)

@@ -58,6 +58,7 @@ class Download:
 
     id: int
     repo: str
+    only: tuple[str, ...] = ()  # the files asked for (``athanor pull REPO --file F``); empty: what pull chooses
     state: str = QUEUED
     done: int = 0  # bytes downloaded by this pull
     total: int = 0  # bytes to download (files already in the cache are not counted)
@@ -126,14 +127,14 @@ class Downloads:
         with self._lock:
             self._watchers.add(node)
 
-    def pull(self, repo: str) -> Download:
-        """Queue a pull of ``repo`` (the files ``athanor pull REPO`` fetches). A repo already queued or downloading
-        is not pulled twice: its download is returned."""
+    def pull(self, repo: str, files: tuple[str, ...] = ()) -> Download:
+        """Queue a pull of ``repo`` (the files ``athanor pull REPO [--file F]`` fetches). A repo already queued or
+        downloading is not pulled twice: its download is returned."""
         with self._lock:
             same = next((d for d in self._items.values() if d.repo == repo and d.active), None)
             if same is not None:
                 return same
-            download = Download(next(self._ids), repo)
+            download = Download(next(self._ids), repo, tuple(files))
             self._items[download.id] = download
             self._queue.append(download.id)
             if self._runner is None:
@@ -182,12 +183,12 @@ class Downloads:
         from athanor.hub import pull
         from athanor.store import open_store
 
-        repo = self._items[download_id].repo
+        repo, files = self._items[download_id].repo, self._items[download_id].only
         try:
             self._check(download_id)
             self._update(download_id, state=DOWNLOADING)  # listing its files and checking the fit, first
             store = open_store(self.home)
-            plan = pull.plan(repo, cache_dir=pull.cache_dir(store.models.load()))
+            plan = pull.plan(repo, files=files, cache_dir=pull.cache_dir(store.models.load()))
             notes = [note.text for note in pull.check_fit(plan)]
             pull.check_disk(plan)
             self._update(download_id, state=DOWNLOADING, total=plan.download_bytes, files=len(plan.files),

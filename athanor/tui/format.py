@@ -60,7 +60,8 @@ def phase(model: dict[str, Any], now: float | None = None) -> str:
     return value
 
 
-def markers(model: dict[str, Any]) -> str:
+def markers(model: dict[str, Any], pi: bool = False) -> str:
+    """``[pinned]``, ``[alias]``, ``[pi]`` (pi's provider lists it), ``[tuned]`` (preset overrides), ``[hidden]``."""
     spec = model.get("spec") or {}
     found = []
     if spec.get("residency") == "pinned":
@@ -69,6 +70,8 @@ def markers(model: dict[str, Any]) -> str:
         found.append("disabled")
     if spec.get("aliases"):
         found.append("alias")
+    if pi:
+        found.append("pi")
     if spec.get("preset"):
         found.append("tuned")
     if spec.get("publish") is False:
@@ -76,8 +79,9 @@ def markers(model: dict[str, Any]) -> str:
     return " ".join(f"[{m}]" for m in found) or DASH
 
 
-def row(model: dict[str, Any], tokens_per_second: float | None = None, now: float | None = None) -> dict[str, str]:
-    """One model's cells, by column key."""
+def row(model: dict[str, Any], tokens_per_second: float | None = None, now: float | None = None,
+        pi: bool = False) -> dict[str, str]:
+    """One model's cells, by column key (``pi``: pi's provider lists the model, from the store)."""
     status = model.get("status") or {}
     process = status.get("process") or {}
     cpu = process.get("cpuPercent")
@@ -92,7 +96,7 @@ def row(model: dict[str, Any], tokens_per_second: float | None = None, now: floa
         "rss": size(rss) if rss is not None else DASH,
         "toks": f"{tokens_per_second:.1f}" if isinstance(tokens_per_second, (int, float)) else DASH,
         "fit": _get(status, "fit", "band") or DASH,
-        "markers": markers(model),
+        "markers": markers(model, pi),
     }
 
 

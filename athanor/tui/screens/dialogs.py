@@ -1,5 +1,5 @@
-"""Small screens over the current view: the confirmation a destructive key asks for, the list of keys (``?``) and
-the command line (``:``)."""
+"""Small screens over the current view: the confirmation a destructive key asks for, the list of keys (``?``), the
+command line (``:``), the repo a pull (``p``) fetches and the starter models an empty registry offers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import ModalScreen, Screen
-from textual.widgets import DataTable, Input, Label
+from textual.widgets import DataTable, Input, Label, OptionList
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -96,6 +96,52 @@ class CommandPrompt(ModalScreen[str | None]):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip().lstrip(":"))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class PullPrompt(ModalScreen["tuple[str, tuple[str, ...]] | None"]):
+    """``p``: a Hugging Face repo to pull, as ``athanor pull`` takes it: ``org/repo`` or ``org/repo FILE``."""
+
+    BINDINGS: list[BindingType] = [Binding("escape", "cancel", "back")]
+    DEFAULT_CSS = """
+    PullPrompt { align: left bottom; background: $background 0%; }
+    PullPrompt > Input { dock: bottom; width: 100%; border: tall $accent; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="pull: org/repo [FILE.gguf]   (esc: back)", id="pull")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        repo, *files = event.value.split()
+        self.dismiss((repo, tuple(files)) if repo else None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class StarterPicker(ModalScreen["int | None"]):
+    """The starter models for this machine (``hub/starters.py``); Enter pulls the one under the cursor."""
+
+    BINDINGS: list[BindingType] = [Binding("escape", "cancel", "back")]
+    DEFAULT_CSS = """
+    StarterPicker { align: center middle; }
+    StarterPicker > Vertical { width: 90%; height: auto; max-height: 80%; border: thick $accent; padding: 0 1; }
+    StarterPicker OptionList { height: auto; max-height: 20; }
+    """
+
+    def __init__(self, choices: list[str]) -> None:
+        super().__init__()
+        self.choices = choices
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Pull a starter model (Enter pulls, esc goes back):")
+            yield OptionList(*self.choices, id="starters")
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option_index)
 
     def action_cancel(self) -> None:
         self.dismiss(None)

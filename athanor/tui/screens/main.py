@@ -3,8 +3,9 @@
 This screen owns the connection to the daemon. One worker attaches (every second while there is no daemon) and
 then refreshes the table from the admin API at least once a second, sooner when an event arrives; one follows the
 event stream; one follows the selected model's log. All of them are async and bounded by timeouts, so a slow or
-failed admin call delays a refresh and never the keyboard. Actions are POSTs to the admin API in workers of their
-own; the screen holds no logic about models beyond what to ask the daemon.
+failed admin call delays a refresh and never the keyboard. Start, stop and restart are POSTs to the admin API in
+workers of their own; expose/hide, delete, rescan and the MLX flavor are the CLI's own library calls, run in a thread
+(``tui/model_actions.py``). The screen holds no logic about models beyond what to ask for.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import asyncio
 import contextlib
 import re
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from rich.markup import escape
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -25,6 +28,7 @@ from textual.widgets import DataTable, Footer, Input
 from textual.worker import Worker
 
 from athanor.tui import format as fmt
+from athanor.tui import model_actions
 from athanor.tui.client import AdminSession, AdminUnavailable, Target, locate, model_path
 from athanor.tui.screens.dialogs import ConfirmScreen
 from athanor.tui.widgets.models import ModelTable
@@ -32,9 +36,21 @@ from athanor.tui.widgets.panes import Banner, EmptyState, EventFeed, HeaderBar, 
 
 ATTACH_EVERY_S = 1.0  # how often the screen tries to attach while there is no daemon
 REFRESH_EVERY_S = 1.0  # the longest the table goes without a refresh while attached
-NOT_YET = {
-    "P": "expose/hide", "d": "delete", "D": "downloads", "s": "rescan", "p": "pull", "S": "search",
-}
+NOT_YET: dict[str, str] = {}  # the original tool's keys not in the TUI yet (each says so when pressed)
+
+
+async def connect_to_daemon() -> AdminSession | str:
+    """A session on the running daemon once it answers, or a one-line reason why there is none."""
+    found = await asyncio.to_thread(locate, None)
+    if isinstance(found, str):
+        return found
+    session = AdminSession(found)
+    try:
+        await session.get("/status")
+    except AdminUnavailable as exc:
+        await session.close()
+        return f"the gateway (pid {found.pid}) does not answer: {exc}"
+    return session
 
 
 class MainScreen(Screen[None]):
@@ -44,13 +60,20 @@ class MainScreen(Screen[None]):
         Binding("r", "restart", "restart"),
         Binding("k", "kill", "kill"),
         Binding("tab,l", "logs", "logs", key_display="Tab"),
-        Binding("i", "describe", "describe"),
+        Binding("i", "describe", "desc"),
         Binding("space", "mark", "mark", key_display="space"),
         Binding("t", "telemetry", "telemetry"),
-        Binding("e", "preset", "preset editor"),
+        Binding("e", "preset", "preset"),
         Binding("slash", "filter", "filter", key_display="/"),
         Binding("escape", "back", "back", show=False),
-        Binding("u", "up", "start gateway"),
+        Binding("P", "publish", "expose"),
+        Binding("d", "delete", "delete"),
+        Binding("s", "rescan", "rescan"),
+        Binding("f", "flavor", "flavor"),
+        Binding("S", "search", "search"),
+        Binding("p", "pull", "pull"),
+        Binding("D", "downloads", "pulls"),
+        Binding("u", "up", "up"),
         *(Binding(key, f"not_yet('{key}')", f"{what} (not yet)", show=False) for key, what in NOT_YET.items()),
     ]
     DEFAULT_CSS = """
@@ -60,14 +83,15 @@ class MainScreen(Screen[None]):
     MainScreen ModelTable { height: 1fr; min-height: 5; }
     MainScreen EmptyState { height: 1fr; padding: 1 2; display: none; }
     MainScreen #panes { height: 45%; min-height: 8; }
-    MainScreen LogTail { width: 3fr; border: round $primary; border-title-align: left; }
-    MainScreen EventFeed { width: 2fr; border: round $primary; border-title-align: left; }
+    MainScreen LogTail { width: 3fr; border: round $primary; border-title-align: left; overflow: auto auto; }
+    MainScreen EventFeed { width: 2fr; border: round $primary; border-title-align: left; overflow: auto auto; }
     MainScreen #filter { dock: bottom; display: none; }
     MainScreen #filter.shown { display: block; }
     """
 
-    def __init__(self) -> None:
+    def __init__(self, connect: Callable[[], Awaitable[AdminSession | str]] | None = None) -> None:
         super().__init__()
+        self._connect = connect or connect_to_daemon
         self.session: AdminSession | None = None
         self.models: dict[str, dict[str, Any]] = {}  # the daemon's last view of each model, by name
         self.instances: dict[str, dict[str, Any]] = {}  # /status's instances (in-flight and waiting counts)
@@ -81,6 +105,8 @@ class MainScreen(Screen[None]):
         self._tokens: dict[str, float] = {}
         self.marked: set[str] = set()  # models the telemetry view compares (space marks; none marked: all)
         self._events_worker: Worker[None] | None = None
+        self._pi = model_actions.PiWatch()
+        self._pi_names: frozenset[str] = frozenset()  # the models pi's provider lists ([pi])
 
     def compose(self) -> ComposeResult:
         yield Banner("", id="banner")
@@ -91,7 +117,7 @@ class MainScreen(Screen[None]):
             yield LogTail(id="logtail")
             yield EventFeed(id="events")
         yield Input(placeholder="filter by regex (Enter keeps it, esc clears it)", id="filter")
-        yield Footer()
+        yield Footer(compact=True)  # every key of this view fits in 160 columns; ? lists them all
 
     def on_mount(self) -> None:
         self.query_one(LogTail).border_title = "log"
@@ -129,16 +155,9 @@ class MainScreen(Screen[None]):
                                        REFRESH_EVERY_S if self.session else ATTACH_EVERY_S)
 
     async def _try_attach(self) -> None:
-        found = await asyncio.to_thread(locate, None)
-        if isinstance(found, str):
-            self._say_detached(found)
-            return
-        session = AdminSession(found)
-        try:
-            await session.get("/status")
-        except AdminUnavailable as exc:
-            await session.close()
-            self._say_detached(f"the gateway (pid {found.pid}) does not answer: {exc}")
+        session = await self._connect()
+        if isinstance(session, str):
+            self._say_detached(session)
             return
         self.session, self.gone_from = session, None
         self._telemetry = self._daemon_facts = True
@@ -190,6 +209,8 @@ class MainScreen(Screen[None]):
                     rate = record.get("decodeTokensPerSecond")
                     if record.get("model") not in self._tokens and isinstance(rate, (int, float)):
                         self._tokens[record["model"]] = rate
+        with contextlib.suppress(Exception):  # an unreadable store: no [pi] markers, the table still shows
+            self._pi_names = await asyncio.to_thread(self._pi.names)
         self.instances = status.get("instances", {}) if isinstance(status, dict) else {}
         items = listing.get("items", []) if isinstance(listing, dict) else []
         self.models = {m["metadata"]["name"]: m for m in items if isinstance(m, dict) and "metadata" in m}
@@ -219,7 +240,8 @@ class MainScreen(Screen[None]):
             empty.update(Text(self._starters(daemon)))  # plain text: its indentation kept, no markup
         else:
             table.display, empty.display = True, False
-        rows = {name: fmt.row(model, self._tokens.get(name)) for name, model in self.models.items()}
+        rows = {name: fmt.row(model, self._tokens.get(name), pi=name in self._pi_names)
+                for name, model in self.models.items()}
         for name in self.marked & rows.keys():
             rows[name]["markers"] = f"[marked] {rows[name]['markers']}".rstrip(" -")
         table.show(rows, self.pattern)
@@ -235,10 +257,10 @@ class MainScreen(Screen[None]):
 
             total = psutil.virtual_memory().total
         tier, picks = suggestions(total)
-        lines = [f"No models registered. Pull one that fits this machine ({tier} tier), or run 'athanor scan' to "
-                 "find models already on disk:", ""]
+        lines = [f"No models registered. Pull one that fits this machine ({tier} tier; Enter picks one), or press "
+                 "'s' to find models already on disk:", ""]
         lines += [f"  {s.pull}\n      {s.what}" for s in picks]
-        lines += ["", "More: athanor search QUERY --sort fit"]
+        lines += ["", "More: S searches the Hub, sorted by fit"]
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ streams
@@ -321,6 +343,9 @@ class MainScreen(Screen[None]):
         return True
 
     def action_toggle(self) -> None:
+        if self.attached and not self.models:  # the empty state: Enter pulls one of the starters it shows
+            self._pick_starter()
+            return
         name = self._selected()
         if name is None:
             return
@@ -418,6 +443,104 @@ class MainScreen(Screen[None]):
             from athanor.tui.screens.preset import PresetScreen
 
             self.app.push_screen(PresetScreen(name))
+
+    # ------------------------------------------------------------------ store writes (the CLI's library calls)
+
+    def action_publish(self) -> None:
+        """``P``: hide the model from /v1/models and pi, or expose it again (``spec.publish``)."""
+        if (name := self._selected()) is not None:
+            hidden = (self.models[name].get("spec") or {}).get("publish") is False
+            self.write_store(f"{'expose' if hidden else 'hide'} {name}", model_actions.set_publish, name, hidden)
+
+    def action_delete(self) -> None:
+        """``d``: delete the model after a yes; then a second question, whether its weights go too (``--files``)."""
+        if (name := self._selected()) is None:
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.ask_about_files(name)
+
+        self.app.push_screen(ConfirmScreen(f"Delete model {name}? (athanor delete model {name})"), answered)
+
+    @work(group="store")
+    async def ask_about_files(self, name: str) -> None:
+        """Show what ``--files`` would remove (the CLI's plan) and ask; the model is deleted either way."""
+        try:
+            planned = await asyncio.to_thread(model_actions.plan_files, name)
+        except Exception as exc:  # noqa: BLE001 - the library's message, as the CLI would print it
+            self.notify(f"delete {name}: {exc}", severity="error", timeout=8)
+            return
+        if not planned.removals:
+            self.write_store(f"delete {name}", model_actions.delete, name, None)
+            return
+        total = fmt.size(planned.size_bytes)
+        question = "\n".join([f"Also remove {name}'s weights from disk ({total})? (--files)", *planned.lines()])
+        question = escape(question)  # paths are text, not markup
+
+        def answered(yes: bool | None) -> None:
+            self.write_store(f"delete {name}", model_actions.delete, name, planned if yes else None)
+
+        self.app.push_screen(ConfirmScreen(question), answered)
+
+    def action_rescan(self) -> None:
+        """``s``: ``athanor scan``."""
+        self.write_store("rescan", model_actions.rescan)
+
+    def action_flavor(self) -> None:
+        """The MLX flavor switch: mlx-lm (text) to mlx-vlm (images too) and back, as ``athanor flavor``."""
+        if (name := self._selected()) is None:
+            return
+        runtime = (self.models[name].get("spec") or {}).get("runtime")
+        if runtime not in model_actions.MLX_FLAVORS:
+            self.notify(f"{name} runs on {runtime or 'an unknown runtime'}: the flavor switch is for MLX models",
+                        severity="warning")
+            return
+        self.write_store(f"flavor {name}", model_actions.switch_flavor, name, runtime)
+
+    @work(group="store")
+    async def write_store(self, what: str, call: Callable[..., list[str]], *args: Any) -> None:
+        """Run one of ``model_actions``' store writes in a thread and say what it did; the daemon sees the change
+        at once, and the table follows on the refresh this asks for."""
+        try:
+            lines = await asyncio.to_thread(call, *args)
+        except Exception as exc:  # noqa: BLE001 - the library's message (an unknown model, a locked store), said
+            self.notify(f"{what}: {exc}", severity="error", timeout=8)
+        else:
+            self.notify("\n".join(lines) or what, timeout=6)
+        self._refresh_now.set()
+
+    def action_search(self) -> None:
+        self.app.open_search()  # type: ignore[attr-defined]
+
+    def action_downloads(self) -> None:
+        self.app.open_downloads()  # type: ignore[attr-defined]
+
+    def action_pull(self) -> None:
+        from athanor.tui.screens.dialogs import PullPrompt
+
+        self.app.push_screen(PullPrompt(), self._pull)
+
+    def _pull(self, asked: tuple[str, tuple[str, ...]] | None) -> None:
+        """Queue a pull in the app's downloads (it goes on whatever view is open) and show the downloads."""
+        if asked is not None:
+            repo, files = asked
+            self.app.downloads.pull(repo, files)  # type: ignore[attr-defined]
+            self.app.open_downloads()  # type: ignore[attr-defined]
+
+    def _pick_starter(self) -> None:
+        import psutil
+
+        from athanor.hub.starters import suggestions
+        from athanor.tui.screens.dialogs import StarterPicker
+
+        _, picks = suggestions(psutil.virtual_memory().total)
+
+        def chosen(index: int | None) -> None:
+            if index is not None:
+                self._pull((picks[index].repo, (picks[index].file,) if picks[index].file else ()))
+
+        self.app.push_screen(StarterPicker([f"{s.repo}  {s.file or ''}  - {s.what}" for s in picks]), chosen)
 
     def action_not_yet(self, key: str) -> None:
         self.notify(f"{key} ({NOT_YET[key]}): not yet in the TUI; use the athanor CLI", severity="warning")
