@@ -17,6 +17,11 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
   echo "athanor needs Python 3.11 or newer (found: $("$python" --version 2>&1))" >&2
   exit 1
 fi
+if ! "$python" -c 'import sqlite3' 2>/dev/null; then
+  echo "athanor needs Python's sqlite3 module (its telemetry); $python has none: install a Python built with" \
+       "SQLite (Debian: apt-get install python3; pyenv: install libsqlite3-dev, then rebuild)" >&2
+  exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi

@@ -260,7 +260,8 @@ def test_top_shows_each_model_s_requests_and_tokens(gateway):
 def test_privacy_quiets_the_runtime_logs(gateway, tmp_path):
     chat(gateway.client, "tiny-gguf")
     log = gateway.home / "logs" / "tiny-gguf.log"
-    assert "prompt eval time" in log.read_text(), "by default llama-server logs a line per request"
+    # llama-server writes a request's timings just after its answer: wait for them (bounded), do not race them
+    wait_until(lambda: "prompt eval time" in log.read_text(), 30, "llama-server's per-request line (its default)")
     write_gateway(tmp_path, gateway.base_spec + "  privacy: {runtimeLogs: errors}\n")
     old = gateway.runtime_pid("tiny-gguf")
     wait_until(lambda: gateway.runtime_pid("tiny-gguf") not in (old, None) and gateway.phase("tiny-gguf") == "Ready",
