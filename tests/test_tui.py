@@ -7,14 +7,12 @@ Waits are bounded polls of what the screen shows (``until``), never sleeps.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +22,7 @@ import psutil
 import pytest
 from textual.widgets import DataTable
 from conftest import ATHANOR
+from fixtures.tui import SIZE, in_loop, until
 from fixtures.serving import _descendants_of_home, apply_gateway, chat, free_port, wait_until, write_gateway
 
 from athanor.store import open_store
@@ -33,27 +32,6 @@ from athanor.tui.screens.dialogs import ConfirmScreen
 from athanor.tui.screens.logs import LogsScreen
 from athanor.tui.widgets.models import ModelTable
 from athanor.tui.widgets.panes import Banner, EventFeed, LogTail
-
-SIZE = (160, 48)
-
-
-def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    """Run an async test in a fresh event loop (the app and Pilot share it), with its fixtures as arguments."""
-    @functools.wraps(test)
-    def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(test(*args, **kwargs))
-
-    return run
-
-
-async def until(pilot, predicate: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
-    """Let the app run until ``predicate`` holds (checked between its message rounds), or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what} (screen: {type(pilot.app.screen).__name__}, "
-                                 f"notices: {[n.message for n in pilot.app._notifications]})")
-        await pilot.pause(0.05)  # a polling interval with a deadline: the app keeps running meanwhile
 
 
 def after(lines: list[str], marker: str) -> str:
@@ -183,6 +161,10 @@ async def test_keys_views_and_filter(gateway):
         await until(pilot, lambda: type(app.screen).__name__ == "DownloadsScreen", "the downloads view")
         await pilot.press("escape")
         await until(pilot, lambda: app.screen is app.main, "esc back from the downloads")
+        await pilot.press("S")  # the Hub search (nothing is asked of the Hub until a query is typed)
+        await until(pilot, lambda: type(app.screen).__name__ == "SearchScreen", "the search view")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is app.main, "esc back from the search")
         await pilot.press("space")  # marks tiny-mlx for the telemetry view, which compares the marked models
         assert models.cell("tiny-mlx", "markers").startswith("[marked]") and app.main.marked == {"tiny-mlx"}
         await pilot.press("t")

@@ -9,16 +9,13 @@ test chooses, so "the download goes on while the user is elsewhere" is seen, not
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import os
 import threading
-import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from fixtures.tui import SIZE, in_loop, until
 from fixtures.fake_hub import HubFile, HubRepo, tiny_gguf
 
 from athanor.tui.app import AthanorApp
@@ -32,26 +29,6 @@ MiB = 2**20
 HELD = "athanor-test/Tui-Held-GGUF"
 HELD_FILE = "Tui-Held-Q4_K_M.gguf"
 BAND_ORDER = {"comfortable": 0, "tight": 1, "risky": 2, "-": 3}
-SIZE = (160, 48)
-
-
-def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    """Run an async test in a fresh event loop (the app and Pilot share it), with its fixtures as arguments."""
-    @functools.wraps(test)
-    def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(test(*args, **kwargs))
-
-    return run
-
-
-async def until(pilot, predicate: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
-    """Let the app run until ``predicate`` holds (checked between its message rounds), or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what} (screen: {type(pilot.app.screen).__name__}, "
-                                 f"notices: {[n.message for n in pilot.app._notifications]})")
-        await pilot.pause(0.05)  # a polling interval with a deadline: the app keeps running meanwhile
 
 
 def table(app: AthanorApp) -> ModelTable:

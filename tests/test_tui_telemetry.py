@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fixtures.tui import SIZE, in_loop, until
 from fixtures.serving import chat
 
 from athanor.telemetry import db
@@ -24,8 +25,6 @@ from athanor.tui.screens.dialogs import ConfirmScreen
 from athanor.tui.screens.telemetry import TelemetryScreen
 from textual.app import App
 from textual.widgets import DataTable
-
-SIZE = (160, 48)
 
 
 class TelemetryApp(App[None]):
@@ -47,16 +46,6 @@ class TelemetryApp(App[None]):
     async def on_unmount(self) -> None:
         if self.session is not None:
             await self.session.close()
-
-
-async def until(pilot, predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """Let the app run until ``predicate`` holds (checked between its message rounds), or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what} (notices: "
-                                 f"{[n.message for n in pilot.app._notifications]})")
-        await pilot.pause(0.05)  # a polling interval with a deadline: the app keeps running meanwhile
 
 
 def cell(view: TelemetryScreen, model: str, column: str) -> str | None:
