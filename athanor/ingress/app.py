@@ -64,7 +64,9 @@ HOP_BY_HOP = frozenset(
 # Forwarded as they came, except what the gateway sets itself (framing, the runtime's address, the body type),
 # Expect (the gateway already answered it; a runtime's 100 Continue would only precede the real answer) and
 # Accept-Encoding (a compressed answer could not have its model id rewritten, and loopback needs no compression).
-REQUEST_SKIP = HOP_BY_HOP | {"content-type", "expect", "accept-encoding"}
+# The client's credentials stop here too (the gateway's key never reaches a runtime), and so does its Origin (the
+# gateway has judged it); the runtime gets the gateway's per-start secret instead (runtimes/secret.py).
+REQUEST_SKIP = HOP_BY_HOP | {"content-type", "expect", "accept-encoding", "authorization", "x-api-key", "origin"}
 CONTROLLER: web.AppKey[Controller] = web.AppKey("controller", Controller)
 POOL: web.AppKey[UpstreamPool] = web.AppKey("pool", UpstreamPool)
 LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
@@ -435,10 +437,7 @@ async def _forward(
             tap.drop_usage = True
     if changes:
         body = json.dumps({**payload, **changes}).encode()
-    # The client's credentials stop here (the gateway's key never reaches a runtime), and so does its Origin (the
-    # gateway has judged it); the runtime gets the gateway's per-start secret instead (runtimes/secret.py).
-    headers = [(k, v) for k, v in request.headers.items()
-               if k.lower() not in REQUEST_SKIP and k.lower() not in ("authorization", "x-api-key", "origin")]
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_SKIP]
     headers.append(("Content-Type", "application/json"))
     if upstream.secret:
         headers.append(("Authorization", f"Bearer {upstream.secret}"))
