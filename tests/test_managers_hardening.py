@@ -129,6 +129,29 @@ def test_an_installed_gateway_gets_the_key_from_the_installing_shell(home, tmp_p
         wait_gone(lambda: not serving_processes(home), "the gateway to end")
 
 
+def test_install_warns_when_a_key_variable_is_not_set_in_the_installing_shell(home, tmp_path, cli, launchctl,
+                                                                          monkeypatch):
+    """The installed gateway would refuse every request for want of its key: install says so, and why."""
+    from test_install import serving_processes, wait_gone
+
+    port = free_port()
+    agents = tmp_path / "LaunchAgents"
+    spec = write(tmp_path / "gateway.yaml", "apiVersion: athanor.dev/v1alpha1\nkind: Gateway\nmetadata: "
+                 f"{{name: default}}\nspec:\n  listen: 127.0.0.1:{port}\n  serviceManager: launchd\n"
+                 f"  launchd: {{agentsDir: {json.dumps(str(agents))}}}\n  auth: {{apiKeyEnv: ATHANOR_TEST_UNSET_KEY}}\n")
+    assert cli("apply", "-f", str(spec)).returncode == 0
+    monkeypatch.delenv("ATHANOR_TEST_UNSET_KEY", raising=False)
+    try:
+        installed = cli("install", "--timeout", "110")
+        assert installed.returncode == 0, installed.stderr + installed.stdout
+        assert "warning: the Gateway's auth names ATHANOR_TEST_UNSET_KEY" in installed.stderr
+        assert status_of(f"http://127.0.0.1:{port}/v1/models", "anything") == 503, "what the warning said"
+    finally:
+        removed = cli("uninstall")
+        assert removed.returncode == 0, removed.stderr
+        wait_gone(lambda: not serving_processes(home), "the gateway to end")
+
+
 def run(coro):
     return asyncio.run(coro)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import click
 
@@ -42,6 +43,11 @@ def install_cmd(ctx: click.Context, manager: str | None, timeout: float) -> None
     if running and (not service.installed(job) or asyncio.run(service.job_state(job)).pid != running["pid"]):
         raise AthanorError(f"a gateway started by hand is running (pid {running['pid']}); stop it with "
                            "'athanor down', then install")
+    for variable in jobs.key_variables(gateway["auth"]):
+        if not os.environ.get(variable):
+            click.echo(f"warning: the Gateway's auth names {variable}, which this shell does not set: the installed "
+                       "gateway will refuse every request with 503 until 'athanor install' runs again from a shell "
+                       "that sets it (or use auth.apiKeyFile)", err=True)
     result = asyncio.run(service.install(job))
     address = gateway["listen"]
     host, port = parse_listen(address)
