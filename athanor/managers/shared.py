@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import os
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from athanor.errors import StoreError
 from athanor.managers import logs
 from athanor.managers.base import Handle, JobState
 from athanor.paths import ensure_private_dir
-from athanor.store.files import LOCK_TIMEOUT_S, atomic_write_text
+from athanor.store.files import LOCK_TIMEOUT_S, atomic_write_text, flocked
 
 
 class ExternalManager:
@@ -64,24 +61,9 @@ def _directory_locked(directory: Path, timeout: float = LOCK_TIMEOUT_S) -> Itera
     """An exclusive ``flock`` on ``directory`` itself, across threads and processes; bounded like the store's."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        deadline = time.monotonic() + timeout
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise StoreError(f"{directory}: still locked after {timeout:.0f} s by another athanor "
-                                     "process writing a service file") from exc
-                time.sleep(delay)  # lock back-off, not test synchronisation
-                delay = min(delay * 2, 0.05)
-        try:
+        with flocked(fd, timeout, lambda: f"{directory}: still locked after {timeout:.0f} s by another athanor "
+                     "process writing a service file"):
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
 

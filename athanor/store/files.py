@@ -19,7 +19,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,30 +87,36 @@ def locked(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     ensure_private_dir(lock_path.parent)
     fd = open_private_file(lock_path, os.O_RDWR)
     try:
-        deadline = time.monotonic() + timeout
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                    raise StoreError(
-                        f"{path}: still locked after {timeout:.0f} s by another athanor process (pid {holder})"
-                    ) from exc
-                time.sleep(delay)  # lock back-off, not test synchronisation
-                delay = min(delay * 2, 0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        try:
+        with flocked(fd, timeout, lambda: f"{path}: still locked after {timeout:.0f} s by another athanor process "
+                     f"(pid {os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'})"):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def flocked(fd: int, timeout: float, busy: Callable[[], str]) -> Iterator[None]:
+    """An exclusive ``flock`` on ``fd``, across threads and processes, waited for up to ``timeout`` seconds with a
+    short back-off; then a StoreError with ``busy()``'s message (which may name the holder)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            if time.monotonic() >= deadline:
+                raise StoreError(busy()) from exc
+            time.sleep(delay)  # lock back-off, not test synchronisation
+            delay = min(delay * 2, 0.05)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def read_json(path: Path) -> Any | None:
