@@ -12,7 +12,7 @@ from textual.binding import Binding
 from athanor.tui.client import AdminSession
 from athanor.tui.downloads import Downloads
 from athanor.tui.screens.describe import DescribeScreen
-from athanor.tui.screens.dialogs import CommandPrompt, HelpScreen
+from athanor.tui.screens.dialogs import HelpScreen, command_prompt
 from athanor.tui.screens.events import EventsScreen
 from athanor.tui.screens.logs import LogsScreen
 from athanor.tui.screens.main import MainScreen
@@ -45,11 +45,12 @@ class AthanorApp(App[None]):
             self.push_screen(HelpScreen(self.screen))
 
     def action_command(self) -> None:
-        self.push_screen(CommandPrompt(), self.run_command)
+        self.push_screen(command_prompt(), self.run_command)
 
     def run_command(self, text: str | None) -> None:
         """``:models``, ``:events``, ``:telemetry``, ``:search [QUERY]``, ``:downloads``, ``:logs [MODEL]``,
         ``:describe [MODEL]``, ``:help``, ``:q``."""
+        text = (text or "").lstrip(":")
         if not text:
             return
         verb, _, arg = text.partition(" ")

@@ -82,43 +82,37 @@ def _display(key: str) -> str:
             "tab": "Tab"}.get(key, key)
 
 
-class CommandPrompt(ModalScreen[str | None]):
+class LinePrompt(ModalScreen[str | None]):
+    """One line typed at the bottom of the screen: its text (stripped) on Enter, None on esc or when empty."""
+
+    BINDINGS: list[BindingType] = [Binding("escape", "cancel", "back")]
+    DEFAULT_CSS = """
+    LinePrompt { align: left bottom; background: $background 0%; }
+    LinePrompt > Input { dock: bottom; width: 100%; border: tall $accent; }
+    """
+
+    def __init__(self, placeholder: str) -> None:
+        super().__init__()
+        self.placeholder = placeholder
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder=self.placeholder)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+def command_prompt() -> LinePrompt:
     """k9s's command line: ``:models``, ``:events``, ``:logs [MODEL]``, ``:describe [MODEL]``, ``:q``."""
-
-    BINDINGS: list[BindingType] = [Binding("escape", "cancel", "back")]
-    DEFAULT_CSS = """
-    CommandPrompt { align: left bottom; background: $background 0%; }
-    CommandPrompt > Input { dock: bottom; width: 100%; border: tall $accent; }
-    """
-
-    def compose(self) -> ComposeResult:
-        yield Input(placeholder=":models  :events  :logs [MODEL]  :describe [MODEL]  :q", id="command")
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.dismiss(event.value.strip().lstrip(":"))
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
+    return LinePrompt(":models  :events  :telemetry  :search  :downloads  :logs [MODEL]  :describe [MODEL]  :q")
 
 
-class PullPrompt(ModalScreen["tuple[str, tuple[str, ...]] | None"]):
+def pull_prompt() -> LinePrompt:
     """``p``: a Hugging Face repo to pull, as ``athanor pull`` takes it: ``org/repo`` or ``org/repo FILE``."""
-
-    BINDINGS: list[BindingType] = [Binding("escape", "cancel", "back")]
-    DEFAULT_CSS = """
-    PullPrompt { align: left bottom; background: $background 0%; }
-    PullPrompt > Input { dock: bottom; width: 100%; border: tall $accent; }
-    """
-
-    def compose(self) -> ComposeResult:
-        yield Input(placeholder="pull: org/repo [FILE.gguf]   (esc: back)", id="pull")
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        repo, *files = event.value.split()
-        self.dismiss((repo, tuple(files)) if repo else None)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
+    return LinePrompt("pull: org/repo [FILE.gguf]   (esc: back)")
 
 
 class StarterPicker(ModalScreen["int | None"]):

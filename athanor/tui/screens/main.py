@@ -517,16 +517,19 @@ class MainScreen(Screen[None]):
         self.app.open_downloads()  # type: ignore[attr-defined]
 
     def action_pull(self) -> None:
-        from athanor.tui.screens.dialogs import PullPrompt
+        from athanor.tui.screens.dialogs import pull_prompt
 
-        self.app.push_screen(PullPrompt(), self._pull)
+        def asked(text: str | None) -> None:
+            if text:
+                repo, *files = text.split()
+                self._pull(repo, tuple(files))
 
-    def _pull(self, asked: tuple[str, tuple[str, ...]] | None) -> None:
+        self.app.push_screen(pull_prompt(), asked)
+
+    def _pull(self, repo: str, files: tuple[str, ...]) -> None:
         """Queue a pull in the app's downloads (it goes on whatever view is open) and show the downloads."""
-        if asked is not None:
-            repo, files = asked
-            self.app.downloads.pull(repo, files)  # type: ignore[attr-defined]
-            self.app.open_downloads()  # type: ignore[attr-defined]
+        self.app.downloads.pull(repo, files)  # type: ignore[attr-defined]
+        self.app.open_downloads()  # type: ignore[attr-defined]
 
     def _pick_starter(self) -> None:
         import psutil
@@ -538,7 +541,7 @@ class MainScreen(Screen[None]):
 
         def chosen(index: int | None) -> None:
             if index is not None:
-                self._pull((picks[index].repo, (picks[index].file,) if picks[index].file else ()))
+                self._pull(picks[index].repo, (picks[index].file,) if picks[index].file else ())
 
         self.app.push_screen(StarterPicker([f"{s.repo}  {s.file or ''}  - {s.what}" for s in picks]), chosen)
 
