@@ -86,8 +86,9 @@ def test_records_match_what_the_client_saw_and_compare_survives_a_restart(gatewa
         assert (record["ttftSeconds"] is not None) == seen["stream"], "only a stream has a first token to time"
         if seen["stream"]:
             assert 0 < record["ttftSeconds"] <= record["totalSeconds"]
+        # A rate is positive or absent, never 0: llama-server says 0 when its timer read 0 ms (measured nothing)
+        assert all(record[k] is None or record[k] > 0 for k in ("decodeTokensPerSecond", "prefillTokensPerSecond"))
         if record["runtime"] == "llama-server":  # llama-server's own timings, streamed or not
-            assert record["decodeTokensPerSecond"] > 0 and record["prefillTokensPerSecond"] > 0
             assert record["cachedTokens"] is not None
     only_mlx = _admin(gateway, "/telemetry?model=tiny-mlx&limit=2")["items"]
     assert [r["model"] for r in only_mlx] == ["tiny-mlx", "tiny-mlx"] and only_mlx == items[:2]
@@ -228,3 +229,14 @@ def test_retention_trims_by_count_and_age(tmp_path):
     assert [r["completionTokens"] for r in db.records(conn, "m")] == [9, 3, 4]  # nothing older than 2.5 s
     assert db.clear(conn) == 3 and db.records(conn) == []
     conn.close()
+
+
+def test_a_runtime_rate_of_zero_measured_nothing_and_is_not_recorded_as_zero():
+    """llama-server reports 0 tokens/s when its timer read 0 ms: a stream falls back to the gateway's own figures,
+    a whole answer has none; a real rate is kept as the runtime gave it."""
+    from athanor.telemetry.recorder import rates
+
+    zero = {"predicted_per_second": 0.0, "prompt_per_second": 0.0}
+    assert rates(10, 9, None, 1.0, zero) == (None, None)
+    assert rates(10, 9, 0.5, 1.5, zero) == (9 / 1.0, 10 / 0.5)
+    assert rates(10, 9, None, 1.0, {"predicted_per_second": 120.5, "prompt_per_second": float("inf")}) == (120.5, None)

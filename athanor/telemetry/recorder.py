@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sqlite3
 import time
 from collections import deque
@@ -52,15 +53,21 @@ def rates(prompt: int | None, completion: int | None, ttft: float | None, total:
     ``prompt_per_second``) time the work itself, without queueing, loading or the gateway. Otherwise, for a
     streamed answer: decode = completion tokens / (total - TTFT), the pace after the first token (only with two
     tokens or more, the first one being in the TTFT); prefill = prompt tokens / TTFT, which includes any wait for a
-    slot or a load, so it is a lower bound. A whole (not streamed) answer without ``timings`` has neither.
+    slot or a load, so it is a lower bound. A whole (not streamed) answer without ``timings`` has neither. A
+    runtime's rate that is not a positive number (llama-server says 0 when its timer read 0 ms) measured nothing:
+    it counts as absent, never as a request that ran at 0 tokens/s.
     """
-    decode = timings.get("predicted_per_second")
+    decode = _measured(timings.get("predicted_per_second"))
     if decode is None and completion is not None and completion >= 2 and ttft is not None and total > ttft:
         decode = completion / (total - ttft)
-    prefill = timings.get("prompt_per_second")
+    prefill = _measured(timings.get("prompt_per_second"))
     if prefill is None and prompt and ttft:
         prefill = prompt / ttft
     return decode, prefill
+
+
+def _measured(rate: float | None) -> float | None:
+    return rate if rate is not None and 0 < rate < math.inf else None
 
 
 def row_of(record: Record) -> db.Row:
