@@ -131,6 +131,7 @@ def delete_files(store: Store, targets: Iterable[str], stdin: IO[str] | None = N
         resources = _read_resources(store, targets, stdin, doc)
         changes = [catalog.delete_resource(doc, res.kind, res.name) for res in resources]
     record_events(store, changes)
+    _unpark(store, changes)
     return changes
 
 
@@ -138,7 +139,18 @@ def delete_model(store: Store, name: str) -> Change:
     with edit_models(store) as doc:
         change = catalog.delete_model(doc, resolve_name(doc, name))
     record_events(store, [change])
+    _unpark(store, [change])
     return change
+
+
+def _unpark(store: Store, changes: Iterable[Change]) -> None:
+    """A deleted model's parked conversations go with it (a running gateway also clears them once it has stopped
+    the model, since its stop parks the slots first)."""
+    from athanor.parking import files
+
+    for change in changes:
+        if change.kind == "Model" and change.action == "deleted":
+            files.clear(store.home, change.name)
 
 
 def delete_recipe(store: Store, name: str) -> list[Change]:

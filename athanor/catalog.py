@@ -48,6 +48,7 @@ GATEWAY_DEFAULTS: dict[str, Any] = {
     "integrations": {"pi": {"sync": False}},
     "privacy": {"runtimeLogs": "normal"},
     "telemetry": {"retention": {"maxRecords": 100_000, "maxAge": "720h"}},
+    "parking": {"enabled": True, "budget": "4GiB"},
 }
 
 Resolver = Callable[[dict[str, Any]], Artifact | None]

@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("athanor.cli.doctor_cmd:doctor_cmd", "Check runtimes, cache, ports, service manager and gateway."),
     "top": ("athanor.cli.top_cmd:top_cmd", "Show requests, tokens, latency and phases live."),
     "telemetry": ("athanor.cli.telemetry_cmds:telemetry_cmd", "List, compare or clear per-request records."),
+    "park": ("athanor.cli.park_cmds:park_cmd", "List or clear parked KV caches (swap-back without re-prefill)."),
     "tui": ("athanor.cli.tui_cmd:tui_cmd", "Open the terminal UI (also 'athanor' alone on a terminal)."),
     "sync": ("athanor.cli.sync_cmds:sync_cmd", "Keep agent clients (pi) in step with the served models."),
     "snippet": ("athanor.cli.sync_cmds:snippet_cmd", "Print curl, Python and pi examples for a model."),

@@ -55,6 +55,7 @@ from athanor.controller.health import HealthChecks
 from athanor.controller.instance import RUNNING, Instance, Observer, Phase
 from athanor.controller.lease import Lease
 from athanor.controller.monitor import Monitor
+from athanor.controller.parking import Parking
 from athanor.controller.persist import StateWriter
 from athanor.controller.preflight import prepare_launch, unservable
 from athanor.controller.readiness import NotReady, StartAborted, wait_ready
@@ -75,6 +76,8 @@ from athanor.errors import AthanorError, ModelUnavailable, QueueFull
 from athanor.fit import Memory, machine_memory
 from athanor.managers import Managers, jobs, logs
 from athanor.managers.base import Handle, JobState, ServiceManager
+from athanor.parking import files as park_files
+from athanor.parking.slots import SlotError
 from athanor.quantities import parse_duration
 from athanor.runtimes import secret as runtime_secret
 from athanor.runtimes.launch import LaunchSpec
@@ -109,6 +112,8 @@ class Controller:
         self._tasks = OwnedTasks()
         self._spawn = self._tasks.spawn
         self._deaths = DeathWatch(self._spawn, self.manager_of, self.crashed)
+        self._parking = Parking(session, store.home, lambda: self._desired.gateway, self.events.emit,
+                                store.logs_dir)
         self._health = HealthChecks(session, lambda: self._desired.gateway, self.model, self._spawn, self._fail)
         self._specs = SpecChanges(lambda: self._desired.doc, self._save, self.events.emit, self.stop,
                                   self.make_ready, self.stopping, self._spawn, store.home)
@@ -256,15 +261,17 @@ class Controller:
         try:
             launch = inst.launch = await asyncio.to_thread(runtime_secret.issued, launch)  # before the job reads it
             manager = self.managers.current(self._desired.gateway)
+            parked = self._parking.before_start(inst.name, launch)  # verified while the runtime loads
             inst.handle = await manager.start(jobs.model_job(inst.name, launch, self.store.home))
             self._save(inst)
             timeout = parse_duration(self.setting(obj, "startupTimeout")) or 3600.0
             waited = await wait_ready(self.session, launch, timeout=timeout, alive=lambda: self._alive(inst),
                                       abort=inst.abort)
+            await self._parking.restore(inst, parked)  # before the first request: queued ones wait for it
         except StartAborted:
             await self._halt(inst, "start aborted by a stop")
             return
-        except (NotReady, AthanorError) as exc:
+        except (NotReady, AthanorError, SlotError) as exc:
             self._fail(inst, str(exc), "StartFailed")
         except Exception as exc:  # noqa: BLE001 - any surprise must end in a phase, never leave it Starting
             log.exception("%s: unexpected error while starting", inst.name)
@@ -401,6 +408,8 @@ class Controller:
                 if drain and inst.inflight:
                     await self._drained(inst)
                 if inst.phase is Phase.DRAINING:  # unless it died while draining
+                    await self._parking.park(inst)
+                if inst.phase is Phase.DRAINING:  # unless it died while draining or parking
                     halted = True
                     await self._halt(inst, "stopping")
             elif inst.phase is Phase.FAILED:
@@ -601,6 +610,7 @@ class Controller:
         del self.instances[inst.name]
         self._health.forget(inst.name)
         self._writer.forget(inst.name)
+        self._spawn(asyncio.to_thread(park_files.clear, self.store.home, inst.name), f"unpark-{inst.name}")
         self._event("Model", inst.name, "Normal", "Forgotten", "deleted and stopped: no longer tracked")
 
 

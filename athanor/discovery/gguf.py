@@ -108,6 +108,8 @@ _SKIPPED = object()
 # Encoder architectures llama.cpp serves as embedding models (``--embeddings``).
 ENCODER_ARCHITECTURES = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3",
                                    "neo-bert", "modern-bert", "t5encoder", "eurobert"})
+# Key groups of recurrent layers (Mamba's ssm.*, RWKV's wkv.*, LFM2's shortconv.*): their state is not a K/V cache.
+RECURRENT_KEYS = ("ssm", "wkv", "shortconv")
 POOLING_RANK = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a reranker's classification head
 REASONING_MARKERS = ("enable_thinking", "<think>", "reasoning_content")
 
@@ -132,6 +134,7 @@ class GGUFInfo:
     key_length: int | None = None
     value_length: int | None = None
     sliding_window: int | None = None
+    recurrent: bool = False  # state-space or RWKV layers: a state beside (or instead of) the K/V cache
     chat_template: str | None = field(default=None, repr=False)
     kv: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
@@ -169,6 +172,7 @@ class GGUFInfo:
             "keyLength": self.key_length,
             "valueLength": self.value_length,
             "slidingWindow": self.sliding_window,
+            "recurrent": self.recurrent or None,
             "task": self.task,
             "reasoning": self.reasoning if self.chat_template else None,  # unknown without a template
         }
@@ -466,6 +470,7 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> GGUFInfo:
     def arch_int(suffix: str) -> int | None:
         return _int(values.get(f"{arch}.{suffix}")) if arch else None
 
+    recurrent_prefixes = tuple(f"{arch}.{group}." for group in RECURRENT_KEYS)
     file_type = _int(values.get("general.file_type"))
     quantization = FILE_TYPE_NAMES.get(file_type) if file_type is not None else None
     if quantization is None:
@@ -488,6 +493,7 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> GGUFInfo:
         key_length=arch_int("attention.key_length"),
         value_length=arch_int("attention.value_length"),
         sliding_window=arch_int("attention.sliding_window"),
+        recurrent=bool(arch) and any(key.startswith(recurrent_prefixes) for key in values),
         chat_template=_str(values.get("tokenizer.chat_template")) if values.get("tokenizer.chat_template")
         is not _SKIPPED else None,
         kv=kept,

@@ -65,6 +65,7 @@ class LaunchSpec:
     origins: tuple[str, ...] = field(default=(), compare=False)  # where each argv element comes from (describe)
     secret_file: str | None = None  # the runtime secret's file, named in argv (runtimes/secret.py)
     secret: str | None = field(default=None, compare=False, repr=False)  # this start's secret, once issued or read
+    park_dir: str | None = None  # where it saves and restores its slots (``--slot-save-path``; athanor/parking)
 
 
 @dataclass(frozen=True)

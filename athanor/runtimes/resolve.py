@@ -9,10 +9,13 @@ layers never reach up into the CLI's ``actions.py`` for them.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from athanor import catalog
+from athanor.parking.files import key_dir
+from athanor.parking.key import park_key, unparkable
 from athanor.runtimes.args import effective_args, effective_env
 from athanor.runtimes.launch import LaunchSpec, Target, binary_or_name, launch_spec
 from athanor.runtimes.presets import BUILTIN_RECIPES, DEFAULT_RECIPE, EffectiveValue, Recipe, effective_preset
@@ -75,6 +78,27 @@ def launch_for(doc: dict[str, Any], obj: dict[str, Any], home: Path) -> LaunchSp
     gateway_args = f"gateway runtimes.{spec['runtime']}.args"
     extra = [(arg, "spec.args" if where == "model" else gateway_args)
              for arg, where in effective_args(spec["runtime"], gateway, spec)]
-    return launch_spec(target, effective_for(doc, obj), spec["port"], binary_or_name(spec["runtime"], configured),
-                       quiet=quiet, extra_args=extra, extra_env=effective_env(spec["runtime"], gateway, spec),
-                       secret_file=str(secret_path(home.absolute(), target.name)))
+    launch = launch_spec(target, effective_for(doc, obj), spec["port"], binary_or_name(spec["runtime"], configured),
+                         quiet=quiet, extra_args=extra, extra_env=effective_env(spec["runtime"], gateway, spec),
+                         secret_file=str(secret_path(home.absolute(), target.name)))
+    if parking_refusal(doc, obj, launch) is not None:
+        return launch
+    key = park_key(launch.argv, [path for path in (target.path, target.mmproj, target.draft) if path])
+    directory = str(key_dir(home.absolute(), target.name, key))
+    return replace(launch, argv=[*launch.argv, "--slot-save-path", directory],
+                   origins=(*launch.origins, PARK_ORIGIN, PARK_ORIGIN), park_dir=directory)
+
+
+PARK_ORIGIN = "athanor: KV parking (gateway parking)"
+
+
+def parking_refusal(doc: dict[str, Any], obj: dict[str, Any], launch: LaunchSpec) -> str | None:
+    """Why this model's slots are not parked across its stops (None: they are; ``athanor/parking``)."""
+    if not catalog.gateway_spec(doc)["parking"]["enabled"]:
+        return "parking is off (gateway parking.enabled)"
+    if obj["spec"].get("parking") is False:
+        return "parking is off for this model (spec.parking)"
+    artifact = obj.get("artifact") or {}
+    facts = artifact.get("metadata", {})
+    return unparkable(obj["spec"]["runtime"], facts, task=facts.get("task"), mmproj=artifact.get("mmproj"),
+                      argv=launch.argv)

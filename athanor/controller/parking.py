@@ -1,0 +1,165 @@
+"""The controller's two parking steps: save a runtime's slots before it stops, restore them before it serves.
+
+``before_start`` runs as the start begins: it makes the park directory, drops files of the model's older keys and
+verifies the parked files against their manifests in a worker thread, while the runtime loads. ``restore`` runs
+between "runtime ready" and "Ready": the requests queued for the model wait meanwhile, and the time counts as part
+of the load. ``park`` runs after a stop has drained the runtime and before its process is stopped.
+
+Neither step can make a start or a stop fail on its own. A file that does not match its manifest is removed and
+never offered (llama-server aborts on a truncated one). A restore the runtime refuses is reported with the reason
+from its log, and the slot is erased before anyone is served, since a failed restore can leave the K/V corrupted
+(llama.cpp #27068); if even the erase fails, the start fails and the next request gets a fresh runtime. Every
+outcome is an event (``Parked``, ``Restored``, ``ParkRejected``, ``ParkFailed``, ``RestoreFailed``,
+``ParkEvicted``): metrics count them and the feed shows them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from athanor.controller.instance import Instance
+from athanor.managers import logs
+from athanor.parking import files, slots
+from athanor.quantities import parse_budget
+from athanor.runtimes.launch import LaunchSpec
+
+log = logging.getLogger("athanor.controller")
+
+SLOT_TIMEOUT_S = 120.0  # one save or restore: gigabytes of K/V at disk speed
+LIST_TIMEOUT_S = 5.0
+LOG_ERROR = re.compile(r"^\S+ E (?!srv +send_error)")  # "0.02.674.000 E state_seq_load_file: ..." (not the echo
+# of the HTTP error the restore already answered)
+
+Emit = Callable[..., Any]  # EventLog.emit(kind, name, type, reason, message, **extra)
+Verified = tuple[list[files.Parked], list[str]]
+
+
+class Parking:
+    def __init__(self, session: aiohttp.ClientSession, home: Path, gateway: Callable[[], dict[str, Any]],
+                 emit: Emit, logs_dir: Path):
+        self._session = session
+        self._home = home
+        self._gateway = gateway
+        self._emit = emit
+        self._logs_dir = logs_dir
+
+    # ------------------------------------------------------------------ start
+
+    def before_start(self, name: str, launch: LaunchSpec) -> asyncio.Future[Verified] | None:
+        """Prepare the park directory and verify what is parked there, in a worker thread, while the runtime
+        loads. None when this start does not park."""
+        if not launch.park_dir:
+            return None
+        directory = Path(launch.park_dir)
+
+        def prepare() -> Verified:
+            files.prepare(directory)
+            dropped = files.drop_other_keys(self._home, name, directory.name)
+            if dropped:
+                log.info("%s: removed park files of %d older key(s)", name, len(dropped))
+            return files.verify(self._home, name, directory.name)
+
+        verified = asyncio.ensure_future(asyncio.to_thread(prepare))
+        verified.add_done_callback(lambda done: done.cancelled() or done.exception())  # a start that failed first
+        return verified
+
+    async def restore(self, inst: Instance, verified: asyncio.Future[Verified] | None) -> None:
+        """Restore every verified parked slot into the runtime that just became ready. Raises SlotError when a
+        refused restore could not be undone (the start must fail: its K/V cannot be trusted)."""
+        if verified is None:
+            return
+        launch = inst.launch
+        assert launch is not None and launch.park_dir
+        good, problems = await verified
+        for problem in problems:
+            self._emit("Model", inst.name, "Warning", "ParkRejected",
+                       f"parked slot not restored: {problem}; removed, the conversation is prefilled anew")
+        if not good:
+            return
+        started = time.monotonic()
+        restored: list[slots.SlotResult] = []
+        for record in good:
+            try:
+                restored.append(await slots.act(self._session, launch, record.slot, "restore", record.filename,
+                                                SLOT_TIMEOUT_S))
+            except slots.SlotError as exc:
+                await self._restore_failed(inst, launch, record, exc)
+                continue
+            await asyncio.to_thread(files.touch, record)
+        if restored:
+            self._emit("Model", inst.name, "Normal", "Restored",
+                       f"restored {_amount(restored)} in {_ms(started)} ms: the conversation continues without "
+                       "a prefill", **_figures(restored, started))
+
+    async def _restore_failed(self, inst: Instance, launch: LaunchSpec, record: files.Parked,
+                              error: slots.SlotError) -> None:
+        reason = await asyncio.to_thread(self._runtime_says, inst.name)
+        await asyncio.to_thread(files.discard, Path(launch.park_dir or ""), record.slot)
+        self._emit("Model", inst.name, "Warning", "RestoreFailed",
+                   f"slot {record.slot} was not restored ({error}{'; the runtime says: ' + reason if reason else ''});"
+                   " its file is removed, the slot erased, and the conversation is prefilled anew",
+                   slot=record.slot)
+        await slots.act(self._session, launch, record.slot, "erase", None, LIST_TIMEOUT_S)  # raises: start fails
+
+    def _runtime_says(self, name: str) -> str:
+        """The runtime's last error lines: llama-server gives its reason for a refused restore only in its log.
+        (Error lines name what failed, never a prompt.)"""
+        tail = logs.tail(self._logs_dir / f"{name}.log", 20)
+        errors = [line.strip() for line in tail if LOG_ERROR.match(line)]
+        return " | ".join(errors[-2:])
+
+    # ------------------------------------------------------------------ stop
+
+    async def park(self, inst: Instance) -> None:
+        """Save the runtime's slots that hold a conversation, then keep the park within its budget. Never raises:
+        a runtime that cannot park is stopped all the same."""
+        launch = inst.launch
+        if launch is None or not launch.park_dir or inst.handle is None:
+            return
+        directory = Path(launch.park_dir)
+        started = time.monotonic()
+        saved: list[slots.SlotResult] = []
+        try:
+            held = await slots.occupied(self._session, launch, LIST_TIMEOUT_S)
+            for slot, _tokens in held:
+                result = await slots.act(self._session, launch, slot, "save", files.slot_filename(slot),
+                                         SLOT_TIMEOUT_S)
+                if result.tokens:
+                    await asyncio.to_thread(files.seal, directory, inst.name, directory.name, slot, result.tokens)
+                    saved.append(result)
+        except (slots.SlotError, OSError) as exc:
+            self._emit("Model", inst.name, "Warning", "ParkFailed",
+                       f"its slots were not parked ({exc}); the next start prefills anew")
+            return
+        if not saved:
+            return
+        self._emit("Model", inst.name, "Normal", "Parked", f"parked {_amount(saved)} in {_ms(started)} ms",
+                   **_figures(saved, started))
+        budget = parse_budget(self._gateway()["parking"]["budget"], 0)
+        for record in await asyncio.to_thread(files.evict, self._home, budget):
+            self._emit("Model", record.model, "Normal", "ParkEvicted",
+                       f"parked slot {record.slot} ({record.size} bytes) removed: the park is over its budget "
+                       f"(parking.budget {self._gateway()['parking']['budget']})", bytes=record.size)
+
+
+def _amount(results: list[slots.SlotResult]) -> str:
+    tokens = sum(r.tokens for r in results)
+    size = sum(r.size for r in results)
+    return f"{len(results)} slot{'s' if len(results) != 1 else ''} ({tokens:,} tokens, {size / 1e6:.1f} MB)"
+
+
+def _ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
+
+
+def _figures(results: list[slots.SlotResult], started: float) -> dict[str, Any]:
+    return {"slots": len(results), "tokens": sum(r.tokens for r in results), "bytes": sum(r.size for r in results),
+            "seconds": round(time.monotonic() - started, 4)}
