@@ -23,6 +23,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 LOAD_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 FAILURE_REASONS = ("Crashed", "Hung", "Unhealthy", "StartFailed", "StopFailed")
+PARKING = {"Parked": "park", "Restored": "restore"}  # event reason -> operation
+PARKING_PROBLEMS = ("ParkRejected", "RestoreFailed", "ParkFailed", "ParkEvicted")
 PHASES = ("Standby", "Starting", "Ready", "Draining", "Stopping", "Failed")
 
 
@@ -63,6 +65,8 @@ class Metrics:
         self.evictions: dict[str, int] = {}
         self.failures: dict[tuple[str, str], int] = {}  # (model, reason)
         self.swaps = 0
+        self.parking: dict[tuple[str, str], list[float]] = {}  # (model, park|restore) -> [count, bytes, seconds]
+        self.parking_problems: dict[tuple[str, str], int] = {}  # (model, reason)
 
     # ------------------------------------------------------------------ the request path
 
@@ -102,6 +106,13 @@ class Metrics:
             self.evictions[name] = self.evictions.get(name, 0) + 1
         elif reason in FAILURE_REASONS and event.get("phase") == "Failed":
             self.failures[(name, reason)] = self.failures.get((name, reason), 0) + 1
+        elif reason in PARKING:
+            figures = self.parking.setdefault((name, PARKING[reason]), [0, 0, 0.0])
+            figures[0] += 1
+            figures[1] += event.get("bytes", 0)
+            figures[2] += event.get("seconds", 0.0)
+        elif reason in PARKING_PROBLEMS:
+            self.parking_problems[(name, reason)] = self.parking_problems.get((name, reason), 0) + 1
 
     # ------------------------------------------------------------------ scrape time
 
@@ -118,7 +129,7 @@ class Metrics:
                     "requests": 0, "errors": 0, "statuses": {}, "promptTokens": 0, "completionTokens": 0,
                     "ttftSecondsSum": 0.0, "ttftCount": 0, "durationSecondsSum": 0.0, "durationCount": 0,
                     "loadSecondsSum": 0.0, "loadCount": 0, "evictions": 0, "failures": {}, "phase": None,
-                    "inflight": 0, "waiting": 0}
+                    "inflight": 0, "waiting": 0, "parking": {}}
             return found
 
         for (model, _route, status), count in self.requests.items():
@@ -143,6 +154,8 @@ class Metrics:
             entry(model)["evictions"] = count
         for (model, reason), count in self.failures.items():
             entry(model)["failures"][reason] = count
+        for (model, operation), (count, size, seconds) in self.parking.items():
+            entry(model)["parking"][operation] = {"count": count, "bytes": size, "seconds": seconds}
         for name, inst in controller.instances.items():
             e = entry(name)
             e["phase"], e["inflight"], e["waiting"] = inst.phase.value, inst.inflight, inst.waiting
@@ -206,6 +219,7 @@ class _Collector:
         for (model, reason), count in sorted(m.failures.items()):
             failures.add_metric([model, reason], count)
         yield failures
+        yield from self._parking()
         phase = GaugeMetricFamily("athanor_model_phase", "1 for the phase each model is in.",
                                   labels=["model", "phase"])
         waiting = GaugeMetricFamily("athanor_queue_depth", "Requests waiting for a model to load or swap in.",
@@ -222,3 +236,22 @@ class _Collector:
         yield inflight
         yield GaugeMetricFamily("athanor_start_time_seconds", "When the gateway started (Unix time).",
                                 value=m.started)
+
+    def _parking(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        m = self.metrics
+        families = [CounterMetricFamily(f"athanor_parking_{what}", help_text, labels=["model", "operation"])
+                    for what, help_text in (("operations", "KV parking saves (park) and restores (restore)."),
+                                            ("bytes", "Bytes of K/V parked and restored."),
+                                            ("seconds", "Seconds spent parking and restoring."))]
+        for (model, operation), figures in sorted(m.parking.items()):
+            for family, value in zip(families, figures, strict=True):
+                family.add_metric([model, operation], value)
+        yield from families
+        problems = CounterMetricFamily("athanor_parking_problems", "Park files rejected, restores refused, saves "
+                                       "failed and files evicted for the budget, by event reason.",
+                                       labels=["model", "reason"])
+        for (model, reason), count in sorted(m.parking_problems.items()):
+            problems.add_metric([model, reason], count)
+        yield problems

@@ -82,6 +82,10 @@ def test_a_swap_back_reuses_the_parked_conversation_as_cached_tokens(smollm2: Ga
     [parked] = events(gateway, "Parked")
     assert parked["tokens"] >= first.usage.prompt_tokens and parked["bytes"] > 0  # the prompt and the answer
 
+    described = gateway.athanor("describe", "model", "smollm2").stdout
+    assert f"{parked['tokens']:,} tokens" in described and str(park_files.park_root(gateway.home)) in described
+    assert "Off: mlx-lm keeps its prompt cache in memory only" in gateway.athanor("describe", "model", "tiny-mlx").stdout
+
     directory = park_dir(gateway)
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     for path in directory.iterdir():
@@ -93,6 +97,13 @@ def test_a_swap_back_reuses_the_parked_conversation_as_cached_tokens(smollm2: Ga
     assert again.usage.prompt_tokens - usage_cached < 40  # only the new turn was computed
     [restored] = events(gateway, "Restored")
     assert restored["tokens"] == parked["tokens"]
+
+    with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as resp:
+        samples = dict(line.rsplit(" ", 1) for line in resp.read().decode().splitlines() if not line.startswith("#"))
+    for operation, figures in (("park", parked), ("restore", restored)):
+        labels = f'{{model="smollm2",operation="{operation}"}}'
+        assert float(samples["athanor_parking_operations_total" + labels]) == 1
+        assert float(samples["athanor_parking_bytes_total" + labels]) == figures["bytes"]
 
     listed = gateway.athanor("park", "ls", "-o", "json")
     assert listed.returncode == 0, listed.stderr

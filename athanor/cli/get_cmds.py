@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -333,6 +335,7 @@ def describe_cmd(resource: str, name: str) -> None:
     files = manager.files(jobs.model_job(model_name, launch, st.home)) if launch else {}
     field("Service file", ", ".join(str(p) for p in files) or "<none: the embedded supervisor runs it>", 2)
     field("Log", st.logs_dir / f"{model_name}.log", 2)
+    out += _parking_lines(doc, obj, launch, st.home, model_name)
     out.append("Status:")
     field("Phase", status["phase"], 2)
     handle = state["instances"].get(model_name, {}).get("handle")
@@ -363,6 +366,22 @@ def describe_cmd(resource: str, name: str) -> None:
     else:
         out.append("  <none>")
     click.echo("\n".join(out))
+
+
+def _parking_lines(doc: dict[str, Any], obj: dict[str, Any], launch: Any, home: Any, name: str) -> list[str]:
+    """Whether this model's conversations survive its stops (KV parking), and what is parked now."""
+    from athanor.parking import files as park_files
+
+    if launch is None:
+        return []
+    if not launch.park_dir:
+        return ["Parking:", f"  Off: {resolve.parking_refusal(doc, obj, launch) or 'not for this runtime'}"]
+    parked = park_files.parked(home, name, Path(launch.park_dir).name)
+    lines = ["Parking:", f"  {'Directory:':<14}{launch.park_dir}"]
+    if not parked:
+        return [*lines, f"  {'Parked:':<14}nothing yet (slots are saved when a drained runtime stops)"]
+    return [*lines, *(f"  {'Parked:':<14}slot {p.slot}, {p.tokens:,} tokens, {views.human_bytes(p.size)}, parked "
+                      f"{views.human_duration(int(time.time() - p.parked_at))} ago" for p in parked)]
 
 
 def _argv_rows(launch: Any) -> list[list[str]]:
