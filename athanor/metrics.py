@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 LOAD_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-FAILURE_REASONS = ("Crashed", "Hung", "Unhealthy", "StartFailed", "StopFailed")
+FAILURE_REASONS = ("Crashed", "Hung", "Unhealthy", "StartFailed", "StopFailed", "RestoreFailed")
 PARKING = {"Parked": "park", "Restored": "restore"}  # event reason -> operation
-PARKING_PROBLEMS = ("ParkRejected", "RestoreFailed", "ParkFailed", "ParkEvicted")
+PARKING_PROBLEMS = ("ParkRejected", "RestoreRefused", "ParkFailed", "ParkEvicted")
 PHASES = ("Standby", "Starting", "Ready", "Draining", "Stopping", "Failed")
 
 
@@ -215,7 +215,7 @@ class _Collector:
             evictions.add_metric([model], count)
         yield evictions
         failures = CounterMetricFamily("athanor_failures", "Runtime failures by reason (Crashed, Hung, Unhealthy, "
-                                       "StartFailed).", labels=["model", "reason"])
+                                       "StartFailed, RestoreFailed).", labels=["model", "reason"])
         for (model, reason), count in sorted(m.failures.items()):
             failures.add_metric([model, reason], count)
         yield failures

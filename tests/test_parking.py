@@ -137,9 +137,18 @@ def _forged(path: Path) -> None:
     manifest.write_text(json.dumps({**body, "sha256": park_files.file_sha256(path)}))
 
 
+def _forged_truncated(path: Path) -> None:
+    """A truncated file that its manifest vouches for: llama-server aborts on it (an assertion), mid-restore."""
+    _truncated(path)
+    manifest = path.with_suffix(".json")
+    body = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**body, "bytes": path.stat().st_size, "sha256": park_files.file_sha256(path)}))
+
+
 @pytest.mark.parametrize("spoil, reason", [(_garbage, "ParkRejected"), (_truncated, "ParkRejected"),
-                                           (_foreign, "ParkRejected"), (_forged, "RestoreFailed")],
-                         ids=["garbage", "truncated", "foreign", "forged-manifest"])
+                                           (_foreign, "ParkRejected"), (_forged, "RestoreRefused"),
+                                           (_forged_truncated, "RestoreFailed")],
+                         ids=["garbage", "truncated", "foreign", "forged-manifest", "forged-truncated"])
 def test_a_spoiled_park_file_gives_a_normal_answer_and_an_event(smollm2: Gateway, spoil, reason: str):
     gateway = smollm2
     reference = swap_away(gateway, 2)  # the answer of a prefill from nothing
@@ -151,7 +160,9 @@ def test_a_spoiled_park_file_gives_a_normal_answer_and_an_event(smollm2: Gateway
     assert again.choices[0].message.content == reference.choices[0].message.content
     [event] = events(gateway, reason)
     assert event["type"] == "Warning"
-    if reason == "RestoreFailed":
+    if reason == "RestoreRefused":
         assert "the runtime says" in event["message"] and "state" in event["message"]
+    if reason == "RestoreFailed":  # the runtime died restoring it: restarted without it, the request never knew
+        assert event["phase"] == "Failed" and len(events(gateway, "RestoreRefused")) == 1
     assert not slot_file.exists()  # never offered again
     assert not events(gateway, "Restored")

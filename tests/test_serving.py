@@ -62,7 +62,7 @@ def test_chat_completion_non_streaming_and_streaming(gateway, model):
 
 @pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
 def test_swap_with_requests_in_flight_loses_nothing(gateway):
-    """Clients on both models at once under `single`: every request answered, never two runtimes at once."""
+    """Clients on both models at once under `single`: every request answered, never two models serving at once."""
     errors: list[BaseException] = []
     answered: list[str] = []
     max_runtimes = [0]
@@ -100,10 +100,24 @@ def test_swap_with_requests_in_flight_loses_nothing(gateway):
     watcher.join()
     assert not errors, errors
     assert sorted(answered) == sorted(["tiny-gguf"] * 8 + ["tiny-mlx"] * 4)
-    assert max_runtimes[0] == 1, "single residency: one runtime at a time"
-    ready = [m for m in ("tiny-gguf", "tiny-mlx") if gateway.phase(m) == "Ready"]
-    loaded = [m for m in ("tiny-gguf", "tiny-mlx") if gateway.job_loaded(m)]
-    assert len(ready) == 1 and loaded == ready, "the swapped-out model's job is stopped (booted out, unit stopped)"
+    # single residency: one model serves at a time. The one swapped out may still be exiting (and parking its
+    # slots) while the next loads, when memory holds both: at most two processes, never two Ready at once.
+    assert max_runtimes[0] <= 2
+    serving: set[str] = set()
+    with urllib.request.urlopen(gateway.url + "/athanor/v1/events", timeout=10) as resp:
+        for event in json.loads(resp.read())["items"]:
+            if event.get("phase") == "Ready":
+                serving.add(event["name"])
+                assert len(serving) == 1, f"two models served at once: {serving}"
+            elif "phase" in event:
+                serving.discard(event["name"])
+
+    def settled() -> bool:
+        ready = [m for m in ("tiny-gguf", "tiny-mlx") if gateway.phase(m) == "Ready"]
+        loaded = [m for m in ("tiny-gguf", "tiny-mlx") if gateway.job_loaded(m)]
+        return len(ready) == 1 and loaded == ready
+
+    wait_until(settled, 30, "the swapped-out model's job to be stopped (booted out, unit stopped)")
 
 
 @pytest.mark.parametrize("gateway", MANAGERS, indirect=True)

@@ -237,17 +237,17 @@ class Controller:
             except ModelUnavailable as exc:
                 self._refused(inst, str(exc))
                 raise
-            evict, problem = await self._plan_room(inst, obj)
+            evict, problem, overlap = await self._plan_room(inst, obj)
             if problem:
                 self._refused(inst, problem, "InsufficientMemory")
                 raise ModelUnavailable(problem)
-            await self._make_room(name, evict)
+            await self._make_room(name, evict, wait=not overlap)
             if (inst.phase not in (Phase.STANDBY, Phase.FAILED)
                     or self._desired.doc["models"].get(name) is not obj or self._closing):
                 continue  # something changed while room was made: look again
             inst.start_task = self._spawn(self._start(inst, obj, launch), f"start-{name}")
             await asyncio.wait({inst.start_task})
-            if inst.phase is Phase.FAILED:
+            if inst.phase is Phase.FAILED and (inst.last_failure or {}).get("reason") != "RestoreFailed":
                 raise ModelUnavailable(f"model {name!r} failed to start: {inst.message}")
 
     # ------------------------------------------------------------------ starting and stopping
@@ -271,8 +271,11 @@ class Controller:
         except StartAborted:
             await self._halt(inst, "start aborted by a stop")
             return
-        except (NotReady, AthanorError, SlotError) as exc:
+        except (NotReady, AthanorError) as exc:
             self._fail(inst, str(exc), "StartFailed")
+        except SlotError as exc:  # its parked file is gone now: the next start prefills (``_make_ready`` retries)
+            self._fail(inst, f"a parked slot could not be restored or erased ({exc}): restarting without it",
+                       "RestoreFailed")
         except Exception as exc:  # noqa: BLE001 - any surprise must end in a phase, never leave it Starting
             log.exception("%s: unexpected error while starting", inst.name)
             self._fail(inst, f"unexpected error while starting: {exc!r}", "StartFailed")
@@ -484,9 +487,10 @@ class Controller:
 
     # ------------------------------------------------------------------ residency
 
-    async def _plan_room(self, inst: Instance, obj: dict[str, Any]) -> tuple[list[Instance], str | None]:
-        """What a start of ``obj`` stops, and why it is refused for memory (None: it fits after those stops, or
-        the spec or ``athanor start --force`` allows overcommitting): one plan (``residency.py``) decides both."""
+    async def _plan_room(self, inst: Instance, obj: dict[str, Any]) -> tuple[list[Instance], str | None, bool]:
+        """What a start of ``obj`` stops, why it is refused for memory (None: it fits after those stops, or
+        the spec or ``athanor start --force`` allows overcommitting), and whether it fits beside them while they
+        stop: one plan (``residency.py``) decides all three."""
         doc, gateway = self._desired.doc, self._desired.gateway
         models = doc["models"]
         residents = [(i.name, i.last_used, models.get(i.name, {}).get("spec", {}).get("residency") != "pinned")
@@ -499,11 +503,12 @@ class Controller:
 
         room, problem = await asyncio.to_thread(plan)
         if problem:
-            return [], problem
-        return [self.instances[name] for name in room.evict if name in self.instances], None
+            return [], problem, False
+        return [self.instances[name] for name in room.evict if name in self.instances], None, room.fits_beside
 
-    async def _make_room(self, name: str, evict: list[Instance]) -> None:
-        """Stop what must go before ``name`` starts (the caller holds the swap gate)."""
+    async def _make_room(self, name: str, evict: list[Instance], *, wait: bool) -> None:
+        """Stop what must go before ``name`` starts (the caller holds the swap gate). ``wait`` False: the start
+        fits in memory beside them, so it need not wait for their drains, parking and exits."""
         if not evict:
             return
         names = ", ".join(i.name for i in evict)
@@ -512,7 +517,9 @@ class Controller:
                     evicted=[i.name for i in evict])
         for victim in evict:
             self._event("Model", victim.name, "Normal", "Evicted", f"stopped to make room for {name}", by=name)
-        await asyncio.gather(*(self.stop(i.name) for i in evict))
+        stops = [self._spawn(self.stop(victim.name), f"evict-{victim.name}") for victim in evict]
+        if wait:
+            await asyncio.wait(stops)
 
     # ------------------------------------------------------------------ observed state
 
@@ -523,7 +530,7 @@ class Controller:
         if new is Phase.READY and inst.load_seconds is not None:
             extra["loadSeconds"] = round(inst.load_seconds, 3)
         if new is Phase.FAILED and inst.last_failure:
-            reason = inst.last_failure["reason"]  # Crashed, Hung, Unhealthy, StartFailed, StopFailed
+            reason = inst.last_failure["reason"]  # Crashed, Hung, Unhealthy, StartFailed, StopFailed, RestoreFailed
             extra["exitCode"] = inst.last_failure.get("exitCode")
         self._event("Model", inst.name, "Warning" if new is Phase.FAILED else "Normal", reason,
                     f"{old.value} -> {new.value}: {inst.message}", **extra)

@@ -20,8 +20,8 @@ CRASH_LIMIT = 3
 
 
 def count_failure(inst: Instance, kind: str, reason: str, exit_code: int | None = None) -> dict[str, Any]:
-    """Count one failure of ``kind`` (Crashed, Hung, Unhealthy, StartFailed) now and record it as the instance's
-    last; returns that record, which its clean-up completes (exit code, log tail)."""
+    """Count one failure of ``kind`` (Crashed, Hung, Unhealthy, StartFailed, RestoreFailed) now and record it as
+    the instance's last; returns that record, which its clean-up completes (exit code, log tail)."""
     now = time.time()
     inst.failures = [t for t in inst.failures if now - t < CRASH_WINDOW_S] + [now]
     inst.last_failure = _failure(kind, reason, now, exit_code)

@@ -9,8 +9,13 @@ Neither step can make a start or a stop fail on its own. A file that does not ma
 never offered (llama-server aborts on a truncated one). A restore the runtime refuses is reported with the reason
 from its log, and the slot is erased before anyone is served, since a failed restore can leave the K/V corrupted
 (llama.cpp #27068); if even the erase fails, the start fails and the next request gets a fresh runtime. Every
-outcome is an event (``Parked``, ``Restored``, ``ParkRejected``, ``ParkFailed``, ``RestoreFailed``,
+outcome is an event (``Parked``, ``Restored``, ``ParkRejected``, ``ParkFailed``, ``RestoreRefused``,
 ``ParkEvicted``): metrics count them and the feed shows them.
+
+An mlx-vlm runtime parks differently (``parking/apc.py``): its prefix cache writes shards to the park directory
+while it serves and reads them back itself on the first request, so ``park`` waits for its writer and seals the
+shards with a manifest, ``before_start`` removes any shard the manifest does not vouch for, and there is nothing
+to restore.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import aiohttp
 
 from athanor.controller.instance import Instance
 from athanor.managers import logs
-from athanor.parking import files, slots
+from athanor.parking import apc, files, slots
 from athanor.quantities import parse_budget
 from athanor.runtimes.launch import LaunchSpec
 
@@ -65,6 +70,8 @@ class Parking:
             dropped = files.drop_other_keys(self._home, name, directory.name)
             if dropped:
                 log.info("%s: removed park files of %d older key(s)", name, len(dropped))
+            if launch.runtime == "mlx-vlm":  # nothing to restore: its cache reads the shards on the first request
+                return [], apc.verify(directory, directory.name)
             return files.verify(self._home, name, directory.name)
 
         verified = asyncio.ensure_future(asyncio.to_thread(prepare))
@@ -78,10 +85,11 @@ class Parking:
             return
         launch = inst.launch
         assert launch is not None and launch.park_dir
-        good, problems = await verified
+        good, problems = await verified  # before Ready: no request reaches a shard or slot being removed
+        what = "cache shard" if launch.runtime == "mlx-vlm" else "slot"
         for problem in problems:
             self._emit("Model", inst.name, "Warning", "ParkRejected",
-                       f"parked slot not restored: {problem}; removed, the conversation is prefilled anew")
+                       f"parked {what} not restored: {problem}; removed, the conversation is prefilled anew")
         if not good:
             return
         started = time.monotonic()
@@ -103,7 +111,7 @@ class Parking:
                               error: slots.SlotError) -> None:
         reason = await asyncio.to_thread(self._runtime_says, inst.name)
         await asyncio.to_thread(files.discard, Path(launch.park_dir or ""), record.slot)
-        self._emit("Model", inst.name, "Warning", "RestoreFailed",
+        self._emit("Model", inst.name, "Warning", "RestoreRefused",
                    f"slot {record.slot} was not restored ({error}{'; the runtime says: ' + reason if reason else ''});"
                    " its file is removed, the slot erased, and the conversation is prefilled anew",
                    slot=record.slot)
@@ -125,6 +133,9 @@ class Parking:
         if launch is None or not launch.park_dir or inst.handle is None:
             return
         directory = Path(launch.park_dir)
+        if launch.runtime == "mlx-vlm":
+            await self._park_apc(inst, launch, directory)
+            return
         started = time.monotonic()
         saved: list[slots.SlotResult] = []
         try:
@@ -143,10 +154,31 @@ class Parking:
             return
         self._emit("Model", inst.name, "Normal", "Parked", f"parked {_amount(saved)} in {_ms(started)} ms",
                    **_figures(saved, started))
+        await self._keep_budget()
+
+    async def _park_apc(self, inst: Instance, launch: LaunchSpec, directory: Path) -> None:
+        """mlx-vlm wrote its shards while it served: wait for its writer, then vouch for what is on disk."""
+        started = time.monotonic()
+        try:
+            await apc.flush(self._session, launch, SLOT_TIMEOUT_S)
+            count, size = await asyncio.to_thread(apc.seal, directory, directory.name)
+        except (apc.ApcError, OSError) as exc:
+            self._emit("Model", inst.name, "Warning", "ParkFailed",
+                       f"its prefix cache was not parked ({exc}); the next start prefills anew")
+            return
+        if not count:
+            return
+        self._emit("Model", inst.name, "Normal", "Parked",
+                   f"parked {count} cache shard{'s' if count != 1 else ''} ({size / 1e6:.1f} MB) in {_ms(started)} ms",
+                   shards=count, bytes=size, seconds=round(time.monotonic() - started, 4))
+        await self._keep_budget()
+
+    async def _keep_budget(self) -> None:
         budget = parse_budget(self._gateway()["parking"]["budget"], 0)
         for record in await asyncio.to_thread(files.evict, self._home, budget):
+            what = f"slot {record.slot}" if record.slot != files.NO_SLOT else f"cache shard {record.path.name}"
             self._emit("Model", record.model, "Normal", "ParkEvicted",
-                       f"parked slot {record.slot} ({record.size} bytes) removed: the park is over its budget "
+                       f"parked {what} ({record.size} bytes) removed: the park is over its budget "
                        f"(parking.budget {self._gateway()['parking']['budget']})", bytes=record.size)
 
 

@@ -52,6 +52,12 @@ class RoomPlan:
         return self.available + self.freed - self.reserve
 
     @property
+    def fits_beside(self) -> bool:
+        """The machine holds it with every evicted model still loaded: their stops (drain, parking, exit) can
+        overlap its start instead of preceding it."""
+        return self.need <= min(self.available - self.reserve, self.usable)
+
+    @property
     def fits(self) -> bool:
         """The machine holds it after the evictions (and could at all: estimates freed can overstate)."""
         return self.need <= min(self.room, self.usable)
