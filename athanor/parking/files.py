@@ -29,6 +29,8 @@ PARK_DIR = "park"
 SLOT_SUFFIX = ".bin"
 MANIFEST_SUFFIX = ".json"
 ORPHAN_AGE_S = 600.0  # a slot file without a manifest this old is no save in progress: it goes first
+SHARD_SUFFIX = ".safetensors"  # mlx-vlm's prefix-cache shards (apc.py), counted in the budget
+NO_SLOT = -1  # the slot of a cache shard: it belongs to no llama-server slot
 
 
 @dataclass(frozen=True)
@@ -213,9 +215,23 @@ def listing(home: Path, model: str | None = None) -> list[Parked]:
     return sorted(found, key=lambda p: p.used_at, reverse=True)
 
 
+def cache_shards(home: Path) -> list[Parked]:
+    """mlx-vlm's prefix-cache shards (``apc.py``) as the budget sees them: no slot (``NO_SLOT``), and their mtime
+    as their last use (mlx-vlm touches a shard when it reads it back)."""
+    found = []
+    root = park_root(home)
+    for path in root.rglob(f"*{SHARD_SUFFIX}") if root.is_dir() else ():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            model, key = path.relative_to(root).parts[:2]
+            st = path.stat()
+            found.append(Parked(model, key, NO_SLOT, 0, st.st_size, "", st.st_mtime, st.st_mtime, path))
+    return found
+
+
 def evict(home: Path, budget: int) -> list[Parked]:
-    """Remove parked slots, least recently used first, until the park fits ``budget`` bytes (slot files without a
-    manifest older than ``ORPHAN_AGE_S`` go first). Returns the slots removed."""
+    """Remove parked slots and mlx-vlm cache shards, least recently used first, until the park fits ``budget``
+    bytes (slot files without a manifest older than ``ORPHAN_AGE_S`` go first). Returns what was removed. (A shard
+    gone from under its manifest is only dropped from it at the next start: ``apc.verify``.)"""
     root = park_root(home)
     if not root.is_dir():
         return []
@@ -228,8 +244,10 @@ def evict(home: Path, budget: int) -> list[Parked]:
                 _remove(path)
                 continue
             total += st.st_size
+    shards = cache_shards(home)
+    total += sum(shard.size for shard in shards)
     removed = []
-    for record in sorted(listing(home), key=lambda p: p.used_at):
+    for record in sorted([*listing(home), *shards], key=lambda p: p.used_at):
         if total <= budget:
             break
         _remove(record.path, _manifest_path(record.path))

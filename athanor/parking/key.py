@@ -6,7 +6,8 @@ of: the weights (path, size, mtime and the hash of their first MiB: a file repla
 and size still changes it), the projector and the draft model likewise, the runtime binary (path, size, mtime),
 and the runtime's whole argv except what provably does not shape the cache (network, auth, threads, sampling,
 logging). Hashing the argv rather than a list of cache flags errs one way only: a new flag costs a re-prefill,
-never a wrong restore.
+never a wrong restore. An MLX start adds what its argv cannot say (``mlx_identity``): the model directory's files
+and the server's version.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 HEAD_BYTES = 2**20
@@ -71,24 +73,47 @@ def shaping_argv(argv: Sequence[str]) -> list[str]:
     return kept
 
 
-def park_key(argv: Sequence[str], weights: Sequence[str]) -> str:
+def park_key(argv: Sequence[str], weights: Sequence[str], *, stat_only: Sequence[str] = ()) -> str:
     """The key of a start: ``argv`` as it will run (before ``--slot-save-path``), ``weights`` every model file it
-    loads (the model, a projector, a draft)."""
-    identity = {
+    loads (the model, a projector, a draft), ``stat_only`` files known by path, size and mtime alone (an MLX
+    model's shards, a server script)."""
+    identity: dict[str, Any] = {
         "binary": file_identity(argv[0], head=False),
         "weights": [file_identity(path) for path in weights],
         "argv": shaping_argv(argv),
     }
+    if stat_only:  # absent otherwise: llama-server's keys stay what they were
+        identity["files"] = [file_identity(path, head=False) for path in stat_only]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:KEY_CHARS]
+
+
+def mlx_identity(argv: Sequence[str], model_dir: str) -> tuple[list[str], list[str]]:
+    """(files hashed by their head, files known by their stat) that identify an MLX start beyond its argv.
+
+    A guarded MLX runtime's ``argv[0]`` is the Python that runs the server (``runtimes/guarded.py``), which says
+    nothing of mlx-vlm's version, and athanor cannot import the runtime's packages. So: the server's console script
+    (pip rewrites it on every install or upgrade) and, when it sits in the usual ``lib/python*/site-packages`` of
+    that Python's prefix, ``mlx_vlm/version.py`` (its head hash holds the version string); the model directory's
+    ``config.json`` (hashed) and its ``*.safetensors`` (stat: reading a MiB of each of dozens of shards every few
+    seconds buys nothing over their size and mtime)."""
+    script = argv[argv.index("--") + 1] if "--" in argv[:-1] else argv[0]
+    prefix = Path(argv[0]).parent.parent
+    versions = sorted(str(p) for p in prefix.glob("lib/python*/site-packages/mlx_vlm/version.py"))
+    directory = Path(model_dir)
+    return ([str(directory / "config.json"), *versions],
+            [script, *sorted(str(p) for p in directory.glob("*.safetensors"))])
 
 
 def unparkable(runtime: str, facts: Mapping[str, Any], *, task: str | None, mmproj: str | None,
                argv: Sequence[str]) -> str | None:
     """Why this model's slots are not parked (None: they are). ``facts``: the artifact's discovered metadata."""
-    if runtime != "llama-server":
-        return f"{runtime} keeps its prompt cache in memory only (see the README's KV parking section)"
+    if runtime not in ("llama-server", "mlx-vlm"):
+        return (f"{runtime} keeps its prompt cache in memory only (see the README's KV parking section; "
+                "`athanor flavor MODEL vlm` serves an MLX model on mlx-vlm, whose cache is parked)")
     if task:
         return f"an {task} model keeps no conversation"
+    if runtime == "mlx-vlm":
+        return None  # its prefix cache keeps hybrid models' checkpoints and hashes images into its blocks (apc.py)
     architecture = facts.get("architecture")
     if facts.get("recurrent") or architecture in RECURRENT_ARCHITECTURES:
         return (f"its cache is recurrent or hybrid ({architecture}): llama-server does not save its state "

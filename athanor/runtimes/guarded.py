@@ -190,6 +190,7 @@ def main(argv: list[str]) -> None:
     except (SyntaxError, ValueError):
         sys.exit(f"guarded: {script} is not a Python script; the MLX servers are console scripts, and this runs "
                  "them in its own process")
+    os.umask(0o077)  # what the server writes is private: mlx-vlm's cache shards (conversations) are 0644 otherwise
     guard_http_server(secret)
     guard_uvicorn(secret)
     sys.argv = [script, *args]

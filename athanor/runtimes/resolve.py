@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from athanor import catalog
+from athanor.parking import apc
 from athanor.parking.files import key_dir
-from athanor.parking.key import park_key, unparkable
+from athanor.parking.key import mlx_identity, park_key, unparkable
+from athanor.quantities import parse_budget
 from athanor.runtimes.args import effective_args, effective_env
 from athanor.runtimes.launch import LaunchSpec, Target, binary_or_name, launch_spec
 from athanor.runtimes.presets import BUILTIN_RECIPES, DEFAULT_RECIPE, EffectiveValue, Recipe, effective_preset
@@ -83,6 +85,11 @@ def launch_for(doc: dict[str, Any], obj: dict[str, Any], home: Path) -> LaunchSp
                          secret_file=str(secret_path(home.absolute(), target.name)))
     if parking_refusal(doc, obj, launch) is not None:
         return launch
+    if target.runtime == "mlx-vlm":  # its prefix cache writes to disk itself, told by variables (parking/apc.py)
+        hashed, stat_only = mlx_identity(launch.argv, target.path)
+        directory = str(key_dir(home.absolute(), target.name, park_key(launch.argv, hashed, stat_only=stat_only)))
+        budget = parse_budget(gateway["parking"]["budget"], 0)
+        return replace(launch, env={**launch.env, **apc.launch_env(directory, budget)}, park_dir=directory)
     key = park_key(launch.argv, [path for path in (target.path, target.mmproj, target.draft) if path])
     directory = str(key_dir(home.absolute(), target.name, key))
     return replace(launch, argv=[*launch.argv, "--slot-save-path", directory],
