@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import stat
 import urllib.request
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from athanor.parking import files as park_files
-from tests.fixtures.serving import Gateway, apply_models, chat, model_spec, wait_until
+from tests.fixtures.serving import Gateway, apply_models, chat, model_spec, start_daemon, wait_until
 
 SYSTEM = "You are a terse assistant. Answer in one short sentence."
 STORY = ("The lighthouse keeper wrote the weather in the log every evening, then climbed the stairs to trim the "
@@ -111,6 +112,21 @@ def test_a_swap_back_reuses_the_parked_conversation_as_cached_tokens(smollm2: Ga
     cleared = gateway.athanor("park", "clear", "smollm2")
     assert cleared.returncode == 0 and "cleared" in cleared.stdout, cleared.stderr
     assert [entry["model"] for entry in json.loads(gateway.athanor("park", "ls", "-o", "json").stdout)] == ["tiny-gguf"]
+
+
+def test_a_runtime_a_restarted_gateway_re_attached_parks_its_slots_when_swapped_out(smollm2: Gateway):
+    gateway = smollm2
+    first = ask(gateway, 1)
+    pid = gateway.runtime_pid("smollm2")
+    gateway.recorded()
+    gateway.proc.send_signal(signal.SIGKILL)
+    gateway.proc.wait(30)
+    gateway.proc = start_daemon(gateway.home, int(gateway.url.rsplit(":", 1)[1]))
+    chat(gateway.client, "tiny-gguf")
+    wait_until(lambda: events(gateway, "Parked"), 30, "the re-attached runtime's slots to be parked")
+    again = ask(gateway, 2)
+    assert gateway.runtime_pid("smollm2") != pid  # a new runtime, which restored the re-attached one's slots
+    assert cached(again)[0] >= first.usage.prompt_tokens
 
 
 def _garbage(path: Path) -> None:

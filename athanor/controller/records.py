@@ -40,6 +40,8 @@ def record(inst: Instance) -> dict[str, Any]:
         out["argv"] = inst.launch.argv
         if inst.launch.secret_file:
             out["secretFile"] = inst.launch.secret_file  # the secret itself is never recorded
+        if inst.launch.park_dir:
+            out["parkDir"] = inst.launch.park_dir  # a re-attached runtime parks its slots when it stops
     if inst.last_failure:
         out["lastFailure"] = inst.last_failure
     if inst.refusal:
