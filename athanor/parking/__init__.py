@@ -10,5 +10,6 @@ depends on (the weights' identity, the binary's, the settings that shape the K/V
 offered to the runtime it came from. llama-server itself checks little: a truncated file aborts it on an assertion
 and a garbage one leaves the slot's K/V in doubt, so athanor writes a manifest beside each file (its size and
 hash, the key, the token count) and never hands the runtime a file that does not match (``files.py``). The slot
-API client is ``slots.py``; when to park and restore is the controller's (``controller/parking.py``).
+API client is ``slots.py``; when to park and restore is the controller's (``controller/parking.py``). mlx-vlm's
+own disk prefix cache is parked in the same directories, flushed and vouched for by ``apc.py``.
 """
