@@ -85,6 +85,9 @@ def test_a_swap_back_reads_the_parked_prefix_as_cached_tokens(tiny_vl: Gateway):
     for path in [directory / apc.MANIFEST, *shards]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path  # conversations: the runtime ran under umask 077
     assert {stat.S_IMODE(p.stat().st_mode) for p in [directory, *(s.parent for s in shards)]} == {0o700}
+    listed = json.loads(gateway.athanor("park", "ls", MODEL, "-o", "json").stdout)
+    assert [(e["slot"], e["bytes"]) for e in listed] == [(park_files.NO_SLOT, sum(p.stat().st_size for p in shards))]
+    assert "prefix cache, " in gateway.athanor("describe", "model", MODEL).stdout
 
     again = ask(gateway, 2)  # the swap parks tiny-mlx
     parked_away(gateway, "tiny-mlx")

@@ -376,12 +376,19 @@ def _parking_lines(doc: dict[str, Any], obj: dict[str, Any], launch: Any, home: 
         return []
     if not launch.park_dir:
         return ["Parking:", f"  Off: {resolve.parking_refusal(doc, obj, launch) or 'not for this runtime'}"]
-    parked = park_files.parked(home, name, Path(launch.park_dir).name)
+    key = Path(launch.park_dir).name
+    parked = [p for p in park_files.listing(home, name) if p.key == key]
     lines = ["Parking:", f"  {'Directory:':<14}{launch.park_dir}"]
     if not parked:
-        return [*lines, f"  {'Parked:':<14}nothing yet (slots are saved when a drained runtime stops)"]
-    return [*lines, *(f"  {'Parked:':<14}slot {p.slot}, {p.tokens:,} tokens, {views.human_bytes(p.size)}, parked "
+        return [*lines, f"  {'Parked:':<14}nothing yet (saved when a drained runtime stops)"]
+    return [*lines, *(f"  {'Parked:':<14}{_parked_text(p)}, {views.human_bytes(p.size)}, parked "
                       f"{views.human_duration(int(time.time() - p.parked_at))} ago" for p in parked)]
+
+
+def _parked_text(parked: Any) -> str:
+    from athanor.parking import files as park_files
+
+    return "prefix cache" if parked.slot == park_files.NO_SLOT else f"slot {parked.slot}, {parked.tokens:,} tokens"
 
 
 def _argv_rows(launch: Any) -> list[list[str]]:

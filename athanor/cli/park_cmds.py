@@ -47,8 +47,9 @@ def ls_cmd(model: str | None, output: str | None) -> None:
     from athanor.views import human_bytes, human_duration, render_table
 
     now = time.time()
-    rows = [[p.model, p.key, str(p.slot), f"{p.tokens:,}", human_bytes(p.size), human_duration(int(now - p.parked_at)),
-             human_duration(int(now - p.used_at))] for p in parked]
+    rows = [[p.model, p.key, "cache" if p.slot == files.NO_SLOT else str(p.slot), f"{p.tokens:,}" if p.tokens else "-",
+             human_bytes(p.size), human_duration(int(now - p.parked_at)), human_duration(int(now - p.used_at))]
+            for p in parked]
     click.echo(render_table(["MODEL", "KEY", "SLOT", "TOKENS", "SIZE", "PARKED", "USED"], rows)
                if rows else "nothing parked")
 

@@ -204,7 +204,8 @@ def clear(home: Path, model: str | None = None) -> int:
 
 
 def listing(home: Path, model: str | None = None) -> list[Parked]:
-    """Every parked slot (of ``model``), newest use first: what ``athanor park ls`` prints."""
+    """Every parked slot (of ``model``), newest use first: what ``athanor park ls`` prints. An mlx-vlm key's
+    cache shards are one entry (``NO_SLOT``, their total size, the newest shard's time)."""
     root = park_root(home)
     models = [model] if model else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     found = []
@@ -212,6 +213,11 @@ def listing(home: Path, model: str | None = None) -> list[Parked]:
         directory = model_dir(home, name)
         for key in sorted(p.name for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else ():
             found += parked(home, name, key)
+            shards = [(p.stat().st_size, p.stat().st_mtime) for p in (directory / key).rglob(f"*{SHARD_SUFFIX}")]
+            if shards:
+                newest = max(mtime for _, mtime in shards)
+                found.append(Parked(name, key, NO_SLOT, 0, sum(size for size, _ in shards), "",
+                                    min(mtime for _, mtime in shards), newest, directory / key))
     return sorted(found, key=lambda p: p.used_at, reverse=True)
 
 
