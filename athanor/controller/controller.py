@@ -7,8 +7,8 @@ nothing (ready), waiting (a start is under way: everyone shares it), starting, o
 Swap policy (anti-thrash). Requests for a model that is serving (ready, spec unchanged) go straight to it, whatever
 else is loading: under ``memory`` residency one model keeps answering while another loads. Every other request
 enters the swap gate (``gate.py``). A swap moves the models it stops to ``Draining``: their requests already in
-flight finish first (bounded by ``DRAIN_TIMEOUT_S``), new ones queue in the gate, then the old model stops and
-the new one starts. Whenever the gate passes on, waiters whose model is serving go ahead of waiters that need a
+flight finish first (bounded by ``DRAIN_TIMEOUT_S``), new ones queue in the gate, then the old model parks its
+K/V and stops. The new one starts at once when memory holds both (``RoomPlan.fits_beside``), else after the stop. Whenever the gate passes on, waiters whose model is serving go ahead of waiters that need a
 swap (bounded by ``MAX_JUMPS``), so clients alternating between models are served in batches, one swap per batch.
 
 What can fail early fails before anything is evicted (``preflight.py``): a model that cannot start never costs
@@ -19,6 +19,9 @@ record one failure against that runtime's incarnation (``instance.py``), however
 (``deaths.py``: one shared look per incarnation; ``health.py``: liveness and a test generation after readiness);
 the next request restarts it after a short backoff, and ``CRASH_LIMIT`` failures in ``CRASH_WINDOW_S`` leave it
 ``Failed`` until ``athanor restart`` (``failures.py``).
+
+How one runtime is started, stopped and cleaned up after a failure is ``lifecycle.py``'s, with KV parking's two
+steps (``parking.py``): restore between "runtime ready" and Ready, park between "drained" and the stop.
 
 Nothing here blocks the event loop: process starts and stops, file reads and the state.json writes
 (``persist.py``) run in worker threads, and the monitor (``monitor.py``) only looks; stops, probes and clean-ups it
@@ -39,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,32 +56,20 @@ from athanor.controller.gate import SwapGate
 from athanor.controller.health import HealthChecks
 from athanor.controller.instance import RUNNING, Instance, Observer, Phase
 from athanor.controller.lease import Lease
+from athanor.controller.lifecycle import Lifecycle
 from athanor.controller.monitor import Monitor
-from athanor.controller.parking import Parking
 from athanor.controller.persist import StateWriter
 from athanor.controller.preflight import prepare_launch, unservable
-from athanor.controller.readiness import NotReady, StartAborted, wait_ready
 from athanor.controller.reattach import reattach_all
 from athanor.controller.records import pid_of
 from athanor.controller.spec_changes import SpecChanges
-from athanor.controller.stopping import (
-    HUNG_GRACE_S,
-    STOP_GRACE_S,
-    STOP_RETRY_DELAYS_S,
-    STOP_TIMEOUT_S,
-    StopFailed,
-    exit_text,
-    stop_retrying,
-)
+from athanor.controller.stopping import exit_text
 from athanor.controller.tasks import OwnedTasks
 from athanor.errors import AthanorError, ModelUnavailable, QueueFull
 from athanor.fit import Memory, machine_memory
-from athanor.managers import Managers, jobs, logs
-from athanor.managers.base import Handle, JobState, ServiceManager
+from athanor.managers import Managers
+from athanor.managers.base import Handle, ServiceManager
 from athanor.parking import files as park_files
-from athanor.parking.slots import SlotError
-from athanor.quantities import parse_duration
-from athanor.runtimes import secret as runtime_secret
 from athanor.runtimes.launch import LaunchSpec
 from athanor.store import Store
 
@@ -112,18 +102,18 @@ class Controller:
         self._tasks = OwnedTasks()
         self._spawn = self._tasks.spawn
         self._deaths = DeathWatch(self._spawn, self.manager_of, self.crashed)
-        self._parking = Parking(session, store.home, lambda: self._desired.gateway, self.events.emit,
-                                store.logs_dir)
-        self._health = HealthChecks(session, lambda: self._desired.gateway, self.model, self._spawn, self._fail)
+        self._hurry = asyncio.Event()  # set at shutdown: drains end at once
+        self._life = Lifecycle(managers, store.home, store.logs_dir, session, self._desired, self._save,
+                               self.events.emit, self._spawn, self._hurry)
+        self._health = HealthChecks(session, lambda: self._desired.gateway, self.model, self._spawn,
+                                    self._life.fail)
         self._specs = SpecChanges(lambda: self._desired.doc, self._save, self.events.emit, self.stop,
                                   self.make_ready, self.stopping, self._spawn, store.home)
         self.watcher = Monitor(self, self._deaths, self._health, self._specs, self._spawn)
-        self._hurry = asyncio.Event()  # set at shutdown: drains end at once
         self._closing = False  # set at shutdown: nothing new starts
         self.orphans_stopped: dict[str, int | None] = {}  # runtimes re-attach found running and stopped
         self._monitor: asyncio.Task[None] | None = None  # the watcher's loop
         self.machine_memory: Callable[[], Memory] = machine_memory  # what residency plans with (tests inject it)
-        self.stop_retry_delays: tuple[float, ...] = STOP_RETRY_DELAYS_S  # between the attempts of a failed stop
 
     # ------------------------------------------------------------------ desired state
 
@@ -245,48 +235,12 @@ class Controller:
             if (inst.phase not in (Phase.STANDBY, Phase.FAILED)
                     or self._desired.doc["models"].get(name) is not obj or self._closing):
                 continue  # something changed while room was made: look again
-            inst.start_task = self._spawn(self._start(inst, obj, launch), f"start-{name}")
+            inst.start_task = self._spawn(self._life.start(inst, obj, launch), f"start-{name}")
             await asyncio.wait({inst.start_task})
             if inst.phase is Phase.FAILED and (inst.last_failure or {}).get("reason") != "RestoreFailed":
                 raise ModelUnavailable(f"model {name!r} failed to start: {inst.message}")
 
     # ------------------------------------------------------------------ starting and stopping
-
-    async def _start(self, inst: Instance, obj: dict[str, Any], launch: LaunchSpec) -> None:
-        """Start one runtime and wait for it; ends Ready, Failed (process gone), or Standby when a stop aborted it.
-        Never raises: every outcome is a phase."""
-        inst.launch = launch
-        inst.generation = obj["metadata"].get("generation", 1)
-        inst.move(Phase.STARTING, "starting")
-        try:
-            launch = inst.launch = await asyncio.to_thread(runtime_secret.issued, launch)  # before the job reads it
-            manager = self.managers.current(self._desired.gateway)
-            parked = self._parking.before_start(inst.name, launch)  # verified while the runtime loads
-            inst.handle = await manager.start(jobs.model_job(inst.name, launch, self.store.home))
-            self._save(inst)
-            timeout = parse_duration(self.setting(obj, "startupTimeout")) or 3600.0
-            waited = await wait_ready(self.session, launch, timeout=timeout, alive=lambda: self._alive(inst),
-                                      abort=inst.abort)
-            await self._parking.restore(inst, parked)  # before the first request: queued ones wait for it
-        except StartAborted:
-            await self._halt(inst, "start aborted by a stop")
-            return
-        except (NotReady, AthanorError) as exc:
-            self._fail(inst, str(exc), "StartFailed")
-        except SlotError as exc:  # its parked file is gone now: the next start prefills (``_make_ready`` retries)
-            self._fail(inst, f"a parked slot could not be restored or erased ({exc}): restarting without it",
-                       "RestoreFailed")
-        except Exception as exc:  # noqa: BLE001 - any surprise must end in a phase, never leave it Starting
-            log.exception("%s: unexpected error while starting", inst.name)
-            self._fail(inst, f"unexpected error while starting: {exc!r}", "StartFailed")
-        else:
-            log.info("%s ready in %.2f s (pid %s)", inst.name, waited, pid_of(inst.handle))
-            inst.load_seconds = time.monotonic() - inst.starting_since
-            inst.refusal = None
-            inst.move(Phase.READY, f"ready in {waited:.2f} s")
-            return
-        if inst.cleanup_task is not None:
-            await asyncio.wait({inst.cleanup_task})
 
     def _unservable(self, inst: Instance) -> str | None:
         """Why ``inst`` cannot be started now, from what is known without touching the disk (None: it can be)."""
@@ -297,71 +251,16 @@ class Controller:
 
     def manager_of(self, handle: Handle) -> ServiceManager:
         """The service manager that runs the job of ``handle``."""
-        return self.managers.of(handle, self._desired.gateway)
+        return self._life.manager_of(handle)
 
-    async def _observe(self, inst: Instance) -> JobState | None:
-        """What the instance's manager says about its job now (None: it has no job)."""
-        handle = inst.handle
-        return None if handle is None else await self.manager_of(handle).observe(handle)
+    @property
+    def stop_retry_delays(self) -> tuple[float, ...]:
+        """Between the attempts of a failed stop (tests shorten them)."""
+        return self._life.stop_retry_delays
 
-    async def _alive(self, inst: Instance) -> bool:
-        state = await self._observe(inst)
-        return state is not None and state.running
-
-    def _fail(self, inst: Instance, reason: str, kind: str, exit_code: int | None = None) -> None:
-        """Record one failure and move to Failed at once (no await: nothing can slip in between); the process, if
-        any is left, is stopped by a clean-up task that a new start waits for."""
-        failure = failures.count_failure(inst, kind, reason, exit_code)
-        handle = inst.handle
-        log.warning("%s: %s: %s", inst.name, kind, reason)
-        inst.move(Phase.FAILED, reason)
-        if handle is not None:
-            grace = HUNG_GRACE_S if kind == "Hung" else STOP_GRACE_S
-            inst.cleanup_task = self._spawn(self._clean_up(inst, handle, failure, grace), f"clean-up-{inst.name}")
-
-    async def _clean_up(self, inst: Instance, handle: Handle, failure: dict[str, Any], grace: float) -> None:
-        """Stop what is left of a failed runtime (retrying a stop that fails), then record its exit and log tail.
-        A stop that keeps failing leaves the handle in place, so the job stays reachable (``StopFailed``)."""
-        manager = self.manager_of(handle)
-        try:
-            code = await stop_retrying(manager, handle, grace, delays=self.stop_retry_delays, hurry=self._hurry,
-                                       failed=lambda attempt, exc, delay: self._stop_attempt_failed(
-                                           inst, handle, attempt, exc, delay))
-        except StopFailed as exc:
-            if failure["reason"] != "StopFailed":
-                failure.update(reason="StopFailed", message=f"stopping pid {pid_of(handle)} after {failure['reason']} "
-                               f"failed: {exc.last}; its job may still run")
-            self._save(inst)
-            return
-        tail = await asyncio.to_thread(logs.tail, self.store.logs_dir / f"{inst.name}.log", 20)
-        manager.forget(handle)
-        if inst.handle is handle:
-            inst.handle = None
-        if failure.get("exitCode") is None and code is not None:
-            failure["exitCode"] = code  # a process killed a moment ago is collected only now
-            if failure["reason"] == "Crashed":
-                failure["message"] = exit_text(code)
-        failure["logTail"] = tail
-        if failure["reason"] == "StopFailed":
-            self._event("Model", inst.name, "Normal", "Stopped", f"stopped pid {pid_of(handle)} on a retry")
-        self._save(inst)
-
-    def _stop_attempt_failed(self, inst: Instance, handle: Handle, attempt: int, exc: Exception,
-                             retry_in: float | None) -> None:
-        then = f"retrying in {retry_in:g} s" if retry_in is not None else "giving up for now: the next stop retries"
-        message = f"stopping pid {pid_of(handle)} failed (attempt {attempt}): {exc}; {then}"
-        log.warning("%s: %s", inst.name, message)
-        self._event("Model", inst.name, "Warning", "StopFailed", message, attempt=attempt, pid=pid_of(handle))
-
-    def _stop_failed(self, inst: Instance, handle: Handle, error: BaseException | str) -> None:
-        """A stop of a runtime failed: keep its handle (its job may still run), say so (Failed, StopFailed: the
-        record keeps the handle, so ``athanor down`` still reaches it) and retry the stop in a clean-up task.
-        Not a failure of the runtime: it does not count towards a crash loop."""
-        message = f"stopping pid {pid_of(handle)} failed: {error}; its job may still run (retrying the stop)"
-        failure = failures.record_stop_failure(inst, message)
-        log.warning("%s: %s", inst.name, message)
-        inst.move(Phase.FAILED, message)
-        inst.cleanup_task = self._spawn(self._clean_up(inst, handle, failure, STOP_TIMEOUT_S), f"clean-up-{inst.name}")
+    @stop_retry_delays.setter
+    def stop_retry_delays(self, delays: tuple[float, ...]) -> None:
+        self._life.stop_retry_delays = delays
 
     async def runtime_died(self, inst: Instance, incarnation: int) -> bool:
         """A request says the runtime of ``incarnation`` failed it. True when that runtime is gone (replaced, or
@@ -378,7 +277,7 @@ class Controller:
         """Record the death of runtime ``incarnation``: once, however many requests and monitor rounds see it."""
         if inst.incarnation != incarnation or inst.phase not in (Phase.READY, Phase.DRAINING):
             return
-        self._fail(inst, exit_text(exit_code), "Crashed", exit_code)
+        self._life.fail(inst, exit_text(exit_code), "Crashed", exit_code)
 
     def _refused(self, inst: Instance, reason: str, kind: str = "StartRefused") -> None:
         """A start refused before anything was stopped: an event (once per distinct reason), not a failure."""
@@ -411,10 +310,10 @@ class Controller:
                 if drain and inst.inflight:
                     await self._drained(inst)
                 if inst.phase is Phase.DRAINING:  # unless it died while draining
-                    await self._parking.park(inst)
+                    await self._life.parking.park(inst)
                 if inst.phase is Phase.DRAINING:  # unless it died while draining or parking
                     halted = True
-                    await self._halt(inst, "stopping")
+                    await self._life.halt(inst, "stopping")
             elif inst.phase is Phase.FAILED:
                 if inst.cleanup_task is not None:
                     await asyncio.wait({inst.cleanup_task})
@@ -422,7 +321,7 @@ class Controller:
                     if halted and inst.handle is not None:
                         return  # its stop and the retries failed: Failed (StopFailed), handle kept
                     halted = True
-                    await self._halt(inst, "clearing the failure")
+                    await self._life.halt(inst, "clearing the failure")
             elif inst.phase is Phase.STOPPING:
                 await inst.changed.wait()
             else:
@@ -434,27 +333,6 @@ class Controller:
         await asyncio.wait({idle, hurry}, timeout=DRAIN_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
         idle.cancel()
         hurry.cancel()
-
-    async def _halt(self, inst: Instance, message: str) -> None:
-        """Stop the process and end in Standby, or in Failed (``StopFailed``, the handle kept, the stop retried)
-        when it could not be stopped: a waiter must never find it Stopping for good, and a job that may still run
-        must never lose its handle."""
-        inst.move(Phase.STOPPING, message)
-        handle = inst.handle
-        error: BaseException | str = "the stop was interrupted"
-        try:
-            if handle is not None:
-                manager = self.manager_of(handle)
-                await manager.stop(handle, STOP_TIMEOUT_S)
-                manager.forget(handle)
-                inst.handle = None
-        except Exception as exc:  # noqa: BLE001 - recorded; the phase must still settle
-            error = exc
-        finally:
-            if inst.handle is None:
-                inst.move(Phase.STANDBY, "stopped")
-            else:
-                self._stop_failed(inst, inst.handle, error)
 
     async def start(self, name: str, *, force: bool = False) -> None:
         """``athanor start``: serve ``name`` now, through the same gate as requests. ``force``: even if the
@@ -581,7 +459,7 @@ class Controller:
         inst.handle, inst.launch, inst.generation = handle, launch, generation
         inst.move(Phase.STARTING, f"re-attaching to pid {pid_of(handle)}")
         inst.move(Phase.STOPPING, f"stopping pid {pid_of(handle)}, left running by the previous daemon")
-        self._stop_failed(inst, handle, error)
+        self._life.stop_failed(inst, handle, error)
 
     # ------------------------------------------------------------------ background duties
 
