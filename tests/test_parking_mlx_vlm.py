@@ -218,3 +218,5 @@ def test_cache_shards_count_in_the_park_budget_least_recently_used_first(tmp_pat
     assert [(r.model, r.path.name) for r in removed] == [("vl", old.name)]
     assert slot.path.exists() and recent.exists() and not old.exists()
     assert park_files.evict(tmp_path, budget=6500) == []
+    park_files.evict(tmp_path, budget=0)
+    assert not slot.path.exists() and not recent.exists() and park_files.listing(tmp_path) == []

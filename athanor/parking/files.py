@@ -204,21 +204,33 @@ def clear(home: Path, model: str | None = None) -> int:
 
 
 def listing(home: Path, model: str | None = None) -> list[Parked]:
-    """Every parked slot (of ``model``), newest use first: what ``athanor park ls`` prints. An mlx-vlm key's
+    """Everything parked (for ``model``), newest use first: what ``athanor park ls`` prints. An mlx-vlm key's
     cache shards are one entry (``NO_SLOT``, their total size, the newest shard's time)."""
+    found = _slots(home, model)
+    for name, key, shards in _shard_groups(home, model):
+        found.append(Parked(name, key, NO_SLOT, 0, sum(shard.size for shard in shards), "",
+                            min(shard.parked_at for shard in shards), max(shard.used_at for shard in shards),
+                            key_dir(home, name, key)))
+    return sorted(found, key=lambda p: p.used_at, reverse=True)
+
+
+def _keys(home: Path, model: str | None) -> list[tuple[str, str]]:
     root = park_root(home)
     models = [model] if model else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    found = []
-    for name in models:
-        directory = model_dir(home, name)
-        for key in sorted(p.name for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else ():
-            found += parked(home, name, key)
-            shards = [(p.stat().st_size, p.stat().st_mtime) for p in (directory / key).rglob(f"*{SHARD_SUFFIX}")]
-            if shards:
-                newest = max(mtime for _, mtime in shards)
-                found.append(Parked(name, key, NO_SLOT, 0, sum(size for size, _ in shards), "",
-                                    min(mtime for _, mtime in shards), newest, directory / key))
-    return sorted(found, key=lambda p: p.used_at, reverse=True)
+    return [(name, key.name) for name in models if model_dir(home, name).is_dir()
+            for key in sorted(model_dir(home, name).iterdir()) if key.is_dir()]
+
+
+def _slots(home: Path, model: str | None = None) -> list[Parked]:
+    return [record for name, key in _keys(home, model) for record in parked(home, name, key)]
+
+
+def _shard_groups(home: Path, model: str | None) -> list[tuple[str, str, list[Parked]]]:
+    groups: dict[tuple[str, str], list[Parked]] = {}
+    for shard in cache_shards(home):
+        if model is None or shard.model == model:
+            groups.setdefault((shard.model, shard.key), []).append(shard)
+    return [(name, key, shards) for (name, key), shards in sorted(groups.items())]
 
 
 def cache_shards(home: Path) -> list[Parked]:
@@ -253,7 +265,7 @@ def evict(home: Path, budget: int) -> list[Parked]:
     shards = cache_shards(home)
     total += sum(shard.size for shard in shards)
     removed = []
-    for record in sorted([*listing(home), *shards], key=lambda p: p.used_at):
+    for record in sorted([*_slots(home), *shards], key=lambda p: p.used_at):
         if total <= budget:
             break
         _remove(record.path, _manifest_path(record.path))
