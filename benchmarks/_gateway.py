@@ -35,18 +35,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def tiny_models(directory: Path, names: tuple[str, ...] = ("m1", "m2")) -> list[Path]:
+    """One tiny llama GGUF per name, ``directory/<name>.gguf`` (the file stem is the name llama.cpp's router
+    serves it under)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return [write_tiny_llama_gguf(directory / f"{name}.gguf", context_length=2048, name=name) for name in names]
+
+
+def wait_answering(url: str, process: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
+    """Return once ``url`` answers 200; RuntimeError if ``process`` exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.05)  # polling while it starts
+
+
 @contextlib.contextmanager
-def gateway(root: Path, preset: str, names: tuple[str, ...] = ("m1", "m2")) -> Iterator[Served]:
-    """Tiny llama GGUF models ``names``, each with ``preset`` (a YAML flow mapping), behind ``athanor serve``, all
-    under ``root``; stopped with ``athanor down`` at the end, which also writes every pending state.json record
-    (read it after the block)."""
+def gateway(root: Path, preset: str, names: tuple[str, ...] = ("m1", "m2"), *,
+            gateway_spec: str | None = None, extra_models: dict[str, tuple[Path, str]] | None = None
+            ) -> Iterator[Served]:
+    """Tiny llama GGUF models ``names`` (in ``root/models``), each with ``preset`` (a YAML flow mapping), behind
+    ``athanor serve``, all under ``root``; ``gateway_spec``: the Gateway's spec as a YAML flow mapping (default:
+    none applied); ``extra_models``: more GGUF models, name -> (weights, preset). Stopped with ``athanor down`` at the end, which also writes every pending state.json record
+    (read it after the block); the daemon is killed if it outlives that."""
     env = {**os.environ, "ATHANOR_HOME": str(root / "home"), "HF_HUB_CACHE": str(root / "hub")}
-    specs = []
-    for name in names:
-        gguf = write_tiny_llama_gguf(root / f"{name}.gguf", context_length=2048, name=name)
+    specs = [f"apiVersion: athanor.dev/v1alpha1\nkind: Gateway\nmetadata: {{name: default}}\n"
+             f"spec: {gateway_spec}\n"] if gateway_spec else []
+    served = [(name, gguf, preset) for name, gguf in zip(names, tiny_models(root / "models", names))]
+    for name, gguf, model_preset in served + [(n, w, p) for n, (w, p) in (extra_models or {}).items()]:
         specs.append(f"apiVersion: athanor.dev/v1alpha1\nkind: Model\nmetadata: {{name: {name}}}\n"
                      f"spec:\n  runtime: llama-server\n  source: {{path: {json.dumps(str(gguf))}}}\n"
-                     f"  preset: {preset}\n")
+                     f"  preset: {model_preset}\n")
     subprocess.run([ATHANOR, "apply", "-f", "-"], input="---\n".join(specs), text=True, env=env, check=True,
                    capture_output=True)
     port = free_port()
@@ -54,16 +78,12 @@ def gateway(root: Path, preset: str, names: tuple[str, ...] = ("m1", "m2")) -> I
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1):
-                    break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise RuntimeError("the gateway did not start") from None
-                time.sleep(0.05)  # polling while the gateway starts
+        wait_answering(url + "/health", daemon, "the gateway")
         yield Served(url, root / "home")
     finally:
         subprocess.run([ATHANOR, "down"], env=env, capture_output=True)
-        daemon.wait(30)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
