@@ -65,11 +65,12 @@ from athanor.controller.records import pid_of
 from athanor.controller.spec_changes import SpecChanges
 from athanor.controller.stopping import exit_text
 from athanor.controller.tasks import OwnedTasks
-from athanor.errors import AthanorError, ModelUnavailable, QueueFull
+from athanor.errors import AthanorError, ModelUnavailable, QueueFull, StoreError
 from athanor.fit import Memory, machine_memory
 from athanor.managers import Managers
 from athanor.managers.base import Handle, ServiceManager
 from athanor.parking import files as park_files
+from athanor.runtimes import secret as runtime_secret
 from athanor.runtimes.launch import LaunchSpec
 from athanor.store import Store
 
@@ -208,7 +209,7 @@ class Controller:
             if inst.phase is Phase.STARTING:  # a start this request did not make (its maker left): share it
                 assert inst.start_task is not None
                 await asyncio.wait({inst.start_task})
-                if inst.phase is Phase.FAILED:
+                if self._start_failed(inst):
                     raise ModelUnavailable(f"model {name!r} failed to start: {inst.message}")
                 continue
             problem = self._unservable(inst)
@@ -222,22 +223,14 @@ class Controller:
             if delay > 0:
                 await asyncio.sleep(delay)  # restart backoff: 0.5 s, 1 s, 2 s ... after a failure
                 continue
-            try:
-                launch = await asyncio.to_thread(prepare_launch, self._desired.doc, obj, self.store.home)
-            except ModelUnavailable as exc:
-                self._refused(inst, str(exc))
-                raise
-            evict, problem, overlap = await self._plan_room(inst, obj)
-            if problem:
-                self._refused(inst, problem, "InsufficientMemory")
-                raise ModelUnavailable(problem)
+            launch, evict, overlap = await self._prepare_start(inst, obj)
             await self._make_room(name, evict, wait=not overlap)
             if (inst.phase not in (Phase.STANDBY, Phase.FAILED)
                     or self._desired.doc["models"].get(name) is not obj or self._closing):
                 continue  # something changed while room was made: look again
             inst.start_task = self._spawn(self._life.start(inst, obj, launch), f"start-{name}")
             await asyncio.wait({inst.start_task})
-            if inst.phase is Phase.FAILED and (inst.last_failure or {}).get("reason") != "RestoreFailed":
+            if self._start_failed(inst):
                 raise ModelUnavailable(f"model {name!r} failed to start: {inst.message}")
 
     # ------------------------------------------------------------------ starting and stopping
@@ -365,24 +358,44 @@ class Controller:
 
     # ------------------------------------------------------------------ residency
 
-    async def _plan_room(self, inst: Instance, obj: dict[str, Any]) -> tuple[list[Instance], str | None, bool]:
-        """What a start of ``obj`` stops, why it is refused for memory (None: it fits after those stops, or
-        the spec or ``athanor start --force`` allows overcommitting), and whether it fits beside them while they
-        stop: one plan (``residency.py``) decides all three."""
-        doc, gateway = self._desired.doc, self._desired.gateway
+    @staticmethod
+    def _start_failed(inst: Instance) -> bool:
+        """The start just made failed for good. A start that failed restoring a parked slot is tried again at
+        once: the file is gone, so the next one prefills (``lifecycle.py``)."""
+        return inst.phase is Phase.FAILED and (inst.last_failure or {}).get("reason") != "RestoreFailed"
+
+    async def _prepare_start(self, inst: Instance, obj: dict[str, Any]) -> tuple[LaunchSpec, list[Instance], bool]:
+        """Everything a start needs before its process, in one worker thread: the preflight (``preflight.py``),
+        the room plan (what it stops, whether it then fits, whether it fits beside them while they stop:
+        ``residency.py``, judged by ``memory_guard.py`` unless the spec or ``athanor start --force`` allows
+        overcommitting), and the start's runtime secret, written while the evicted models drain and stop. Raises
+        ModelUnavailable (and records the refusal) when the start cannot go ahead; nothing is stopped then."""
+        doc, gateway, home = self._desired.doc, self._desired.gateway, self.store.home
         models = doc["models"]
         residents = [(i.name, i.last_used, models.get(i.name, {}).get("spec", {}).get("residency") != "pinned")
                      for i in self.instances.values() if i.name != inst.name and i.phase in RUNNING]
         overcommit = inst.force_next or memory_guard.overcommit_allowed(gateway, obj)
 
-        def plan() -> tuple[residency.RoomPlan, str | None]:  # reads the machine's memory (vm_stat): off the loop
+        def prepare() -> tuple[LaunchSpec, residency.RoomPlan, str | None]:  # the disk, vm_stat, fsyncs: off the loop
+            launch = prepare_launch(doc, obj, home)
             room, estimate = residency.plan_start(doc, obj, residents, gateway["residency"], self.machine_memory())
-            return room, None if overcommit else memory_guard.refusal(inst.name, estimate, room)
+            problem = None if overcommit else memory_guard.refusal(inst.name, estimate, room)
+            if problem:
+                return launch, room, problem
+            try:
+                return runtime_secret.issued(launch), room, None
+            except StoreError as exc:
+                raise ModelUnavailable(f"model {inst.name!r}: {exc}") from exc
 
-        room, problem = await asyncio.to_thread(plan)
+        try:
+            launch, room, problem = await asyncio.to_thread(prepare)
+        except ModelUnavailable as exc:
+            self._refused(inst, str(exc))
+            raise
         if problem:
-            return [], problem, False
-        return [self.instances[name] for name in room.evict if name in self.instances], None, room.fits_beside
+            self._refused(inst, problem, "InsufficientMemory")
+            raise ModelUnavailable(problem)
+        return launch, [self.instances[name] for name in room.evict if name in self.instances], room.fits_beside
 
     async def _make_room(self, name: str, evict: list[Instance], *, wait: bool) -> None:
         """Stop what must go before ``name`` starts (the caller holds the swap gate). ``wait`` False: the start

@@ -70,7 +70,8 @@ class Lifecycle:
         inst.generation = obj["metadata"].get("generation", 1)
         inst.move(Phase.STARTING, "starting")
         try:
-            launch = inst.launch = await asyncio.to_thread(runtime_secret.issued, launch)  # before the job reads it
+            if launch.secret_file and launch.secret is None:  # the controller issues it with the preflight
+                launch = inst.launch = await asyncio.to_thread(runtime_secret.issued, launch)
             manager = self._managers.current(self._desired.gateway)
             parked = self.parking.before_start(inst.name, launch)  # verified while the runtime loads
             inst.handle = await manager.start(jobs.model_job(inst.name, launch, self._home))

@@ -40,6 +40,8 @@ log = logging.getLogger("athanor.controller")
 
 SLOT_TIMEOUT_S = 120.0  # one save or restore: gigabytes of K/V at disk speed
 LIST_TIMEOUT_S = 5.0
+MIN_TOKENS = 32  # fewer is no conversation (a health check's test generation, a title request): prefilling it
+# again costs less than writing, verifying and restoring a file, which a swap would wait for
 LOG_ERROR = re.compile(r"^\S+ E (?!srv +send_error)")  # "0.02.674.000 E state_seq_load_file: ..." (not the echo
 # of the HTTP error the restore already answered)
 
@@ -140,7 +142,9 @@ class Parking:
         saved: list[slots.SlotResult] = []
         try:
             held = await slots.occupied(self._session, launch, LIST_TIMEOUT_S)
-            for slot, _tokens in held:
+            for slot, tokens in held:
+                if tokens < MIN_TOKENS:
+                    continue
                 result = await slots.act(self._session, launch, slot, "save", files.slot_filename(slot),
                                          SLOT_TIMEOUT_S)
                 if result.tokens:

@@ -1,7 +1,9 @@
 """llama-server's slot API, as parking uses it: which slots hold a conversation, save one, restore one, erase one.
 
-``GET /slots`` lists every slot; one that served a task and still holds its tokens reports ``n_prompt_tokens`` > 0
-(a slot moved into the RAM prompt cache by ``--cache-idle-slots`` reports 0). Only those are saved: saving an empty
+``GET /slots`` lists every slot; one that served a task and still holds its tokens reports them as
+``n_prompt_tokens`` (its prompt and what it generated: what a save writes). A slot moved into the RAM prompt cache by
+``--cache-idle-slots`` reports none, and so does a slot restored since the start and not used since (its file, kept,
+is restored again next time). Only those are saved: saving an empty
 slot has crashed llama-server (llama.cpp #14434). Each call carries the runtime's secret like any request.
 """
 
