@@ -108,10 +108,11 @@ def test_a_swap_back_reuses_the_parked_conversation_as_cached_tokens(smollm2: Ga
 
     listed = gateway.athanor("park", "ls", "-o", "json")
     assert listed.returncode == 0, listed.stderr
-    assert sorted(entry["model"] for entry in json.loads(listed.stdout)) == ["smollm2", "tiny-gguf"]  # the swap back
+    # tiny-gguf was swapped out too, but its slot held a few tokens of "hello": no conversation worth a file
+    assert [entry["model"] for entry in json.loads(listed.stdout)] == ["smollm2"]
     cleared = gateway.athanor("park", "clear", "smollm2")
     assert cleared.returncode == 0 and "cleared" in cleared.stdout, cleared.stderr
-    assert [entry["model"] for entry in json.loads(gateway.athanor("park", "ls", "-o", "json").stdout)] == ["tiny-gguf"]
+    assert json.loads(gateway.athanor("park", "ls", "-o", "json").stdout) == []
 
 
 def test_a_runtime_a_restarted_gateway_re_attached_parks_its_slots_when_swapped_out(smollm2: Gateway):

@@ -223,12 +223,15 @@ class Controller:
             if delay > 0:
                 await asyncio.sleep(delay)  # restart backoff: 0.5 s, 1 s, 2 s ... after a failure
                 continue
-            launch, evict, overlap = await self._prepare_start(inst, obj)
-            await self._make_room(name, evict, wait=not overlap)
+            launch, evict, beside = await self._prepare_start(inst, obj)
+            if not beside:
+                await self._make_room(name, evict)
             if (inst.phase not in (Phase.STANDBY, Phase.FAILED)
                     or self._desired.doc["models"].get(name) is not obj or self._closing):
                 continue  # something changed while room was made: look again
-            inst.start_task = self._spawn(self._life.start(inst, obj, launch), f"start-{name}")
+            spawned = (lambda: self._spawn(self._make_room(name, evict), f"make-room-for-{name}")) if beside else None
+            inst.start_task = self._spawn(self._life.start(inst, obj, launch, spawned or (lambda: None)),
+                                          f"start-{name}")
             await asyncio.wait({inst.start_task})
             if self._start_failed(inst):
                 raise ModelUnavailable(f"model {name!r} failed to start: {inst.message}")
@@ -397,9 +400,9 @@ class Controller:
             raise ModelUnavailable(problem)
         return launch, [self.instances[name] for name in room.evict if name in self.instances], room.fits_beside
 
-    async def _make_room(self, name: str, evict: list[Instance], *, wait: bool) -> None:
-        """Stop what must go before ``name`` starts (the caller holds the swap gate). ``wait`` False: the start
-        fits in memory beside them, so it need not wait for their drains, parking and exits."""
+    async def _make_room(self, name: str, evict: list[Instance]) -> None:
+        """Stop what must go for ``name``: before it starts (the caller holds the swap gate), or, when the machine
+        holds both, as soon as its process runs, so their drains, parking and exits overlap its load."""
         if not evict:
             return
         names = ", ".join(i.name for i in evict)
@@ -408,9 +411,7 @@ class Controller:
                     evicted=[i.name for i in evict])
         for victim in evict:
             self._event("Model", victim.name, "Normal", "Evicted", f"stopped to make room for {name}", by=name)
-        stops = [self._spawn(self.stop(victim.name), f"evict-{victim.name}") for victim in evict]
-        if wait:
-            await asyncio.wait(stops)
+        await asyncio.gather(*(self.stop(victim.name) for victim in evict))
 
     # ------------------------------------------------------------------ observed state
 

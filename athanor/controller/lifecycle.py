@@ -63,7 +63,8 @@ class Lifecycle:
         self.parking = Parking(session, home, lambda: desired.gateway, emit, logs_dir)
         self.stop_retry_delays: tuple[float, ...] = STOP_RETRY_DELAYS_S  # between the attempts of a failed stop
 
-    async def start(self, inst: Instance, obj: dict[str, Any], launch: LaunchSpec) -> None:
+    async def start(self, inst: Instance, obj: dict[str, Any], launch: LaunchSpec,
+                    spawned: Callable[[], None] = lambda: None) -> None:
         """Start one runtime and wait for it; ends Ready, Failed (process gone), or Standby when a stop aborted it.
         Never raises: every outcome is a phase."""
         inst.launch = launch
@@ -75,6 +76,7 @@ class Lifecycle:
             manager = self._managers.current(self._desired.gateway)
             parked = self.parking.before_start(inst.name, launch)  # verified while the runtime loads
             inst.handle = await manager.start(jobs.model_job(inst.name, launch, self._home))
+            spawned()  # its process runs: what it replaces may go now, while it loads
             self._save(inst)
             timeout = parse_duration(self._desired.setting(obj, "startupTimeout")) or 3600.0
             waited = await wait_ready(self._session, launch, timeout=timeout, alive=lambda: self.alive(inst),
