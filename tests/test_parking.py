@@ -130,6 +130,16 @@ def test_a_runtime_a_restarted_gateway_re_attached_parks_its_slots_when_swapped_
     assert cached(again)[0] >= first.usage.prompt_tokens
 
 
+def test_an_idle_unload_parks_the_conversation_too(gateway: Gateway, tmp_path: Path):
+    apply_models(tmp_path / "smol.yaml", model_spec("smollm2", smollm2_weights(),
+                                                     extra="  idleTimeout: 1s\n  preset: {ctxSize: 4096}\n"))
+    first = ask(gateway, 1)
+    wait_until(lambda: gateway.phase("smollm2") == "Standby", 30, "the idle unload")
+    [parked] = events(gateway, "Parked")
+    assert parked["tokens"] >= first.usage.prompt_tokens
+    assert cached(ask(gateway, 2))[0] >= first.usage.prompt_tokens
+
+
 def _garbage(path: Path) -> None:
     path.write_bytes(os.urandom(path.stat().st_size))  # same size, other bytes: the hash tells
 
