@@ -21,7 +21,8 @@ def gguf_model(tmp_path: Path, name: str = "tiny", extra: str = "", **kv: str) -
 
 def test_managed_flags_in_args_are_refused_naming_the_field_to_use(cli, home, tmp_path):
     spec = write(tmp_path / "m.yaml", gguf_model(tmp_path, extra=(
-        '  args: ["--no-warmup", "-c", "4096", "--port=9999", "--alias", "x", "--spec-draft-model", "d.gguf"]\n')))
+        '  args: ["--no-warmup", "-c", "4096", "--port=9999", "--alias", "x", "--spec-draft-model", "d.gguf",'
+        ' "--slot-save-path", "/tmp"]\n')))
     result = cli("apply", "-f", str(spec))
     assert result.returncode != 0
     errors = result.stderr
@@ -29,6 +30,7 @@ def test_managed_flags_in_args_are_refused_naming_the_field_to_use(cli, home, tm
     assert "spec.args[3]: --port is set by athanor; use spec.port instead" in errors
     assert "spec.args[4]: --alias is set by athanor; use spec.aliases" in errors
     assert "spec.args[6]: --spec-draft-model is set by athanor; use spec.draft instead" in errors
+    assert "spec.args[8]: --slot-save-path is set by athanor; use the Gateway's parking" in errors
     assert "spec.args[0]" not in errors and "spec.args[2]" not in errors, "values and unknown flags pass"
     assert cli("get", "models").stdout.strip() == "", "nothing was applied"
 

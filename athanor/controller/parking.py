@@ -87,8 +87,13 @@ class Parking:
             return
         launch = inst.launch
         assert launch is not None and launch.park_dir
-        good, problems = await verified  # before Ready: no request reaches a shard or slot being removed
         what = "cache shard" if launch.runtime == "mlx-vlm" else "slot"
+        try:
+            good, problems = await verified  # before Ready: no request reaches a shard or slot being removed
+        except OSError as exc:
+            self._emit("Model", inst.name, "Warning", "ParkRejected",
+                       f"the park directory {launch.park_dir} could not be read or made ({exc}): nothing restored")
+            return
         for problem in problems:
             self._emit("Model", inst.name, "Warning", "ParkRejected",
                        f"parked {what} not restored: {problem}; removed, the conversation is prefilled anew")
@@ -151,8 +156,7 @@ class Parking:
                     await asyncio.to_thread(files.seal, directory, inst.name, directory.name, slot, result.tokens)
                     saved.append(result)
         except (slots.SlotError, OSError) as exc:
-            self._emit("Model", inst.name, "Warning", "ParkFailed",
-                       f"its slots were not parked ({exc}); the next start prefills anew")
+            self._park_failed(inst, "slots", exc)
             return
         if not saved:
             return
@@ -167,8 +171,7 @@ class Parking:
             await apc.flush(self._session, launch, SLOT_TIMEOUT_S)
             count, size = await asyncio.to_thread(apc.seal, directory, directory.name)
         except (apc.ApcError, OSError) as exc:
-            self._emit("Model", inst.name, "Warning", "ParkFailed",
-                       f"its prefix cache was not parked ({exc}); the next start prefills anew")
+            self._park_failed(inst, "prefix cache", exc)
             return
         if not count:
             return
@@ -176,6 +179,11 @@ class Parking:
                    f"parked {count} cache shard{'s' if count != 1 else ''} ({size / 1e6:.1f} MB) in {_ms(started)} ms",
                    shards=count, bytes=size, seconds=round(time.monotonic() - started, 4))
         await self._keep_budget()
+
+    def _park_failed(self, inst: Instance, what: str, error: Exception) -> None:
+        self._emit("Model", inst.name, "Warning", "ParkFailed",
+                   f"its {what} {'were' if what == 'slots' else 'was'} not parked ({error}); the next start prefills "
+                   "anew")
 
     async def _keep_budget(self) -> None:
         budget = parse_budget(self._gateway()["parking"]["budget"], 0)

@@ -26,6 +26,7 @@ _FIXED: dict[str, dict[str, str]] = {
         "--reranking": "the model's detected capabilities (reranking models get it)",
         "--spec-draft-model": "spec.draft",
         "--log-verbosity": "the Gateway's privacy.runtimeLogs",
+        "--slot-save-path": "the Gateway's parking (athanor park; spec.parking: false turns it off)",
     },
     "mlx-lm": {
         "--host": "the Gateway's spec.listen (runtimes listen on loopback)",

@@ -92,8 +92,9 @@ def launch_for(doc: dict[str, Any], obj: dict[str, Any], home: Path) -> LaunchSp
         return replace(launch, env={**launch.env, **apc.launch_env(directory, budget)}, park_dir=directory)
     key = park_key(launch.argv, [path for path in (target.path, target.mmproj, target.draft) if path])
     directory = str(key_dir(home.absolute(), target.name, key))
-    return replace(launch, argv=[*launch.argv, "--slot-save-path", directory],
-                   origins=(*launch.origins, PARK_ORIGIN, PARK_ORIGIN), park_dir=directory)
+    at = len(launch.argv) - len(extra)  # before spec.args and the Gateway's: the user's args still come last
+    return replace(launch, argv=[*launch.argv[:at], "--slot-save-path", directory, *launch.argv[at:]],
+                   origins=(*launch.origins[:at], PARK_ORIGIN, PARK_ORIGIN, *launch.origins[at:]), park_dir=directory)
 
 
 PARK_ORIGIN = "athanor: KV parking (gateway parking)"
