@@ -110,3 +110,17 @@ def test_models_whose_cache_cannot_be_parked_say_why(runtime, facts, extra, mmpr
 def test_a_sliding_window_model_with_a_full_cache_can_be_parked():
     assert unparkable("llama-server", {"architecture": "gemma3", "slidingWindow": 1024}, task=None, mmproj=None,
                       argv=["llama-server", "--swa-full"]) is None
+
+
+def test_a_start_s_park_directory_exists_before_its_runtime_is_spawned(tier):
+    """llama-server exits at once when ``--slot-save-path`` is not a directory yet (seen in CI when the directory
+    was made beside the spawn): the preflight makes it, before the process exists."""
+    tier.model("a")
+
+    async def scenario() -> None:
+        async with tier.controller(start=False) as c:
+            launch, _, _ = await c._prepare_start(c.instance("a"), c.doc()["models"]["a"])
+            assert launch.park_dir and Path(launch.park_dir).is_dir()
+            assert launch.argv[launch.argv.index("--slot-save-path") + 1] == launch.park_dir
+
+    tier.run(scenario)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -371,7 +372,7 @@ class Controller:
         """Everything a start needs before its process, in one worker thread: the preflight (``preflight.py``),
         the room plan (what it stops, whether it then fits, whether it fits beside them while they stop:
         ``residency.py``, judged by ``memory_guard.py`` unless the spec or ``athanor start --force`` allows
-        overcommitting), and the start's runtime secret, written while the evicted models drain and stop. Raises
+        overcommitting), the start's runtime secret and its park directory. Raises
         ModelUnavailable (and records the refusal) when the start cannot go ahead; nothing is stopped then."""
         doc, gateway, home = self._desired.doc, self._desired.gateway, self.store.home
         models = doc["models"]
@@ -386,9 +387,14 @@ class Controller:
             if problem:
                 return launch, room, problem
             try:
+                if launch.park_dir:  # llama-server refuses a --slot-save-path that is not a directory yet
+                    park_files.prepare(Path(launch.park_dir))
                 return runtime_secret.issued(launch), room, None
             except StoreError as exc:
                 raise ModelUnavailable(f"model {inst.name!r}: {exc}") from exc
+            except OSError as exc:
+                raise ModelUnavailable(f"model {inst.name!r}: cannot make its park directory {launch.park_dir}: "
+                                       f"{exc.strerror or exc}") from exc
 
         try:
             launch, room, problem = await asyncio.to_thread(prepare)

@@ -61,14 +61,13 @@ class Parking:
     # ------------------------------------------------------------------ start
 
     def before_start(self, name: str, launch: LaunchSpec) -> asyncio.Future[Verified] | None:
-        """Prepare the park directory and verify what is parked there, in a worker thread, while the runtime
-        loads. None when this start does not park."""
+        """Verify what is parked for this start, in a worker thread, while the runtime loads (its directory was
+        made with the preflight: the runtime checks it exists). None when this start does not park."""
         if not launch.park_dir:
             return None
         directory = Path(launch.park_dir)
 
         def prepare() -> Verified:
-            files.prepare(directory)
             dropped = files.drop_other_keys(self._home, name, directory.name)
             if dropped:
                 log.info("%s: removed park files of %d older key(s)", name, len(dropped))
