@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from athanor.runtimes.launch import LaunchSpec
+from athanor.runtimes.secret import secret_headers
 
 FIRST_DELAY = 0.002
 RELATIVE_DELAY = 0.02
@@ -40,11 +41,6 @@ def probe_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
                                  cookie_jar=aiohttp.DummyCookieJar())
-
-
-def secret_headers(secret: str | None) -> dict[str, str]:
-    """What every request to a runtime carries: the secret of its start (runtimes/secret.py), when it has one."""
-    return {"Authorization": f"Bearer {secret}"} if secret else {}
 
 
 async def probe_once(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: float) -> bool:

@@ -95,7 +95,7 @@ async def flush(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: flo
 async def _stats(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: float) -> dict[str, Any]:
     import aiohttp  # here: resolve.py imports this module for launch_env, and `athanor get` must stay light
 
-    from athanor.controller.readiness import secret_headers
+    from athanor.runtimes.secret import secret_headers
 
     try:
         async with session.get(f"http://127.0.0.1:{launch.port}{STATS_PATH}", headers=secret_headers(launch.secret),

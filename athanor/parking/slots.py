@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from athanor.controller.readiness import secret_headers
+from athanor.runtimes.secret import secret_headers
 from athanor.runtimes.launch import LaunchSpec
 
 

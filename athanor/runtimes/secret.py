@@ -46,6 +46,11 @@ def issue_secret(path: Path) -> str:
     return secret
 
 
+def secret_headers(secret: str | None) -> dict[str, str]:
+    """What every request to a runtime carries: the secret of its start, when it has one."""
+    return {"Authorization": f"Bearer {secret}"} if secret else {}
+
+
 def read_secret(path: Path) -> str | None:
     """The secret a running runtime was started with (re-attach), or None when its file is gone or empty."""
     try:
