@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from athanor.parking import files as park_files
-from tests.fixtures.serving import Gateway, apply_models, chat, model_spec, start_daemon, wait_until
+from tests.fixtures.serving import MANAGERS, Gateway, apply_models, chat, model_spec, start_daemon, wait_until
 
 SYSTEM = "You are a terse assistant. Answer in one short sentence."
 STORY = ("The lighthouse keeper wrote the weather in the log every evening, then climbed the stairs to trim the "
@@ -77,6 +77,7 @@ def park_dir(gateway: Gateway) -> Path:
     return directory
 
 
+@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)  # the runtime writes its park files under each
 def test_a_swap_back_reuses_the_parked_conversation_as_cached_tokens(smollm2: Gateway):
     gateway = smollm2
     first = swap_away(gateway, 1)
