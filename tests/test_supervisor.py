@@ -440,3 +440,17 @@ def test_stop_after_the_leader_was_reaped_still_stops_what_it_left_in_its_group(
     assert psutil.pid_exists(child), "the child outlives its leader"
     assert lab.sup.stop(handle, timeout=2.0) == -signal.SIGKILL
     wait_for(lambda: gone(child, child_created), what="the child left in the group to be stopped")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux derives create times from /proc/stat's btime")
+def test_a_runtime_stays_itself_when_the_clock_moves_its_boot_time_by_a_second(lab: Lab, monkeypatch) -> None:
+    """psutil reads a process's create time as ticks since boot plus /proc/stat's btime, an integer the kernel
+    derives from the wall clock: when NTP adjusts the clock, btime flips by a second. A runtime must not then look
+    exited (a start failed as "exited while starting" with its process left running, seen once in CI)."""
+    from psutil import _pslinux
+
+    handle = lab.track(lab.sup.start("steady", lab.argv("steady", "import signal\nwhile True:\n    signal.pause()\n")))
+    real = _pslinux.boot_time
+    monkeypatch.setattr(_pslinux, "boot_time", lambda: real() + 1.0)
+    assert lab.sup.alive(handle)
+    assert lab.sup.exit_code(handle) is None

@@ -23,7 +23,10 @@ Handle = dict[str, Any]
 
 LABEL_PREFIX = "dev.athanor."  # launchd labels: dev.athanor.ingress, dev.athanor.model.NAME
 UNIT_PREFIX = "athanor-"  # systemd units: athanor-ingress.service, athanor-model-NAME.service
-CREATE_TIME_TOLERANCE_S = 0.01  # how far two reads of one process's create time (a float) may differ
+# How far two reads of one process's create time may differ. On Linux psutil adds /proc/stat's btime, an integer
+# the kernel derives from the wall clock, which flips by a second when NTP adjusts the clock: a tighter bound lost
+# track of running runtimes. A PID cannot come round again within a second and a half.
+CREATE_TIME_TOLERANCE_S = 1.5
 
 
 @dataclass(frozen=True)
