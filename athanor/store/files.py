@@ -89,8 +89,11 @@ def locked(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     try:
         with flocked(fd, timeout, lambda: f"{path}: still locked after {timeout:.0f} s by another athanor process "
                      f"(pid {os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'})"):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            # The holder's pid is only a note for the timeout message: on a full disk, the write that follows
+            # must be what fails, with its own message naming its file.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield
     finally:
         os.close(fd)

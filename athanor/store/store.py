@@ -88,9 +88,16 @@ class VersionedFile:
                 self.write(doc)
 
     def write(self, doc: dict[str, Any]) -> None:
-        """Write ``doc`` atomically. Callers outside ``edit()`` must hold the lock themselves."""
+        """Write ``doc`` atomically. Callers outside ``edit()`` must hold the lock themselves.
+
+        A write the filesystem refuses (a full disk, a read-only mount, a quota) is a StoreError naming the file:
+        the CLI prints it as one line, the daemon's state writer retries it, and the old file stays as it was.
+        """
         doc["schemaVersion"] = self.doctype.version
-        atomic_write_text(self.path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        try:
+            atomic_write_text(self.path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot write: {exc.strerror or exc}; the file is left as it was") from exc
 
     def _upgrade(self, raw: Any) -> dict[str, Any]:
         if not isinstance(raw, dict):
