@@ -236,7 +236,7 @@ def test_a_start_that_fails_after_bootstrap_leaves_nothing_loaded(tmp_path, laun
     manager = LaunchdManager(tmp_path / "LaunchAgents", tmp_path / "home" / "launchd")
     made = Job(kind="model", name="dud", argv=(sys.executable, "-c", "raise SystemExit(3)"), env=(),
                workdir=str(tmp_path), log_path=str(tmp_path / "logs" / "dud.log"), stop_timeout_s=1)
-    with pytest.raises(launchd.LaunchctlError, match="did not start"):
+    with pytest.raises(launchd.LaunchctlError, match=r"exited at start \(exit code 3\)"):  # not a wait to the end
         run(manager.start(made))
     assert launchctl("print", f"gui/{os.getuid()}/{made.label}").returncode == 113
 

@@ -49,7 +49,9 @@ NOT_LOADED = (3, 113)  # bootout of an unloaded job; an unknown service
 BUSY = 5  # bootstrap of a job still loaded (or disabled, or a missing plist)
 GONE_WAIT_S = 20.0
 BOOTSTRAP_TRIES = 8
-_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+# XML carries no other control character, and its parsers read a CR as an LF (XML 1.0, 2.11): plistlib does,
+# libplist does not, so a CR would mean what the parser decides.
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\ufffe\uffff]")
 
 
 class LaunchctlError(AthanorError):
@@ -272,6 +274,9 @@ class LaunchdManager(ExternalManager):
             facts = parse_print(result.stdout) if result.returncode == 0 else {}
             if facts.get("state") == "running" and isinstance(facts.get("pid"), int):
                 return facts
+            if "exit_code" in facts:  # bootstrapped afresh, so it ran and ended already: KeepAlive would respawn
+                # it every ThrottleInterval until the deadline, each run a load that fails again
+                raise LaunchctlError(f"{target} exited at start (exit code {facts['exit_code']})")
             if time.monotonic() >= deadline:
                 raise LaunchctlError(f"{target} did not start: {facts or said(result)}")
             time.sleep(delay)  # launchd spawns the job just after bootstrap returns

@@ -39,6 +39,7 @@ _CLD_EXITED = "1"  # ExecMainCode: the main process exited (its status is an exi
 KILLED_WAIT_S = 30.0  # after SIGKILL to every process of the unit, how long systemd may take to call it stopped
 _DOWN = ("inactive", "failed")
 _UNQUOTABLE = re.compile("[\x00\n\r]")
+_UNRUNNABLE = re.compile("[\"'\\\\\x00-\x1f\x7f]")  # systemd refuses such an executable path ("special characters")
 
 
 class SystemctlError(AthanorError):
@@ -68,16 +69,29 @@ def quote(value: str, *, expand: bool = False) -> str:
 
 
 def _path(value: str) -> str:
-    """A path setting (``WorkingDirectory=``, ``append:``), which takes no quotes: specifiers doubled."""
+    """A path setting (``WorkingDirectory=``, ``append:``), which takes no quotes: specifiers doubled. systemd
+    strips the white space a value ends with, so a path ending in one cannot be written."""
     if _UNQUOTABLE.search(value):
         raise AthanorError(f"{value!r} holds a newline or NUL, which a unit file cannot carry")
+    if value != value.rstrip():
+        raise AthanorError(f"{value!r} ends with white space, which a unit file cannot carry in a path")
     return value.replace("%", "%%")
+
+
+def _exec_start(argv: tuple[str, ...]) -> str:
+    """``@PATH ARGV0 ARGS...``: systemd expands ``$`` in the argv (argv[0] too) but never in the executable's
+    path, so the path is written apart, without ``$$``, and the argv with it."""
+    executable = argv[0]
+    if _UNRUNNABLE.search(executable):
+        raise AthanorError(f"{executable!r}: systemd cannot run an executable whose path holds a quote, a backslash "
+                           "or a control character; move it, or link it from a plain path")
+    return "@" + quote(executable) + " " + " ".join(quote(arg, expand=True) for arg in argv)
 
 
 def render_unit(job: Job) -> bytes:
     """The job's unit (pure: the same job gives the same bytes)."""
     return render("systemd", f"{job.kind}.service.j2", escape=False, job=job,
-                  exec_start=" ".join(quote(arg, expand=True) for arg in job.argv),
+                  exec_start=_exec_start(job.argv),
                   workdir=_path(job.workdir), log_path=_path(job.log_path),
                   environment=[quote(f"{key}={value}") for key, value in job.env],
                   start_limit_burst=START_LIMIT_BURST, start_limit_interval_s=START_LIMIT_INTERVAL_S)
@@ -117,6 +131,9 @@ class SystemdManager(ExternalManager):
         facts = self._show(job.unit)
         pid = int(facts.get("MainPID", "0") or 0)
         if not pid:
+            # A runtime that exited at once: Restart=on-failure would respawn it every RestartSec, for no gateway
+            # (the caller has no handle to stop), and the next start's reset-failed lifts the start limit.
+            self._stop({"unit": job.unit}, 1.0)
             raise SystemctlError(f"{job.unit} did not start: {facts.get('ActiveState')}/{facts.get('SubState')} "
                                  f"({facts.get('Result')}); see 'athanor logs {job.name}'")
         return {"manager": self.name, "unit": job.unit, "pid": pid, "create_time": create_time(pid),
