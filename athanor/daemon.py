@@ -18,7 +18,7 @@ from athanor.controller.controller import Controller
 from athanor.controller.readiness import probe_session
 from athanor.errors import AthanorError
 from athanor.ingress.admin import add_admin_routes
-from athanor.ingress.app import TELEMETRY, create_app
+from athanor.ingress.app import PROXY, TELEMETRY, create_app, front_door
 from athanor.ingress.protocol import GatewayRunner
 from athanor.ingress.upstream import UpstreamPool
 from athanor.listener import Listener, bind_error, record_daemon
@@ -53,18 +53,18 @@ async def serve(store: Store, listen: str | None = None) -> None:
         pool = UpstreamPool()  # its idle limit, like the body limit, follows the Gateway spec (ingress/limits.py)
         app = create_app(controller, pool, host)
         # Per-request records in $ATHANOR_HOME/telemetry.db, written off the loop once a second.
-        recorder = app[TELEMETRY] = Recorder(telemetry_db.path_in(store.home),
-                                             lambda: retention_of(controller.gateway()))
+        recorder = app[TELEMETRY] = app[PROXY].telemetry = Recorder(telemetry_db.path_in(store.home),
+                                                                    lambda: retention_of(controller.gateway()))
         await recorder.open()
         add_admin_routes(app)
-        # Idle keep-alive connections must not hold a shutdown for aiohttp's default 60 s.
-        # A client that goes away cancels its handler: a request still waiting for a load never reaches the
-        # runtime, and a forwarded one is closed upstream, so no generation runs for nobody.
-        # Requests aiohttp cannot parse get JSON errors too, and slow request headers a deadline (protocol.py).
+        # Every connection meets the front door (ingress/wire.py), which answers model requests and relays the
+        # rest to the aiohttp app. Idle keep-alive connections must not hold a shutdown for aiohttp's default 60 s.
+        # A client that goes away cancels its handler, on either side.
         runner = GatewayRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
                                handler_cancellation=True)
         await runner.setup()
-        await listener.serve(runner, lambda type_, reason, message: controller.events.emit(
+        front = front_door(app, runner.relayed)
+        await listener.serve(front, lambda type_, reason, message: controller.events.emit(
             "Gateway", "default", type_, reason, message))
         helpers = [asyncio.create_task(_watch_models(store, controller), name="cache-watch"),
                    asyncio.create_task(recorder.run(), name="telemetry"),
@@ -82,6 +82,7 @@ async def serve(store: Store, listen: str | None = None) -> None:
             await asyncio.gather(*helpers, return_exceptions=True)
             await listener.close()  # no new connections; requests under way go on until the runtimes stop
             await controller.close()
+            front.close()
             await runner.cleanup()
             await recorder.close()  # after the ingress: the last requests' records too
             pool.close()

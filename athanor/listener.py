@@ -8,9 +8,9 @@ whatever other process holds it. So a loopback socket that could not be bound is
 An address that cannot be bound (in use, say) is tried again, after 1 s and then at doubling intervals up to 8 s,
 until it is bound or no longer wanted; the failure is said once per streak, as one event.
 
-Sockets are bound here, before the aiohttp app exists, so that ``athanor serve`` on a busy address fails (one line)
+Sockets are bound here, before the gateway's front door exists, so that ``athanor serve`` on a busy address fails (one line)
 before it re-attaches to runtimes or records anything in state.json. They listen only once the app serves them
-(aiohttp's site calls ``listen``): a port that accepts connections is a gateway that answers, as before.
+(``serve`` starts listening): a port that accepts connections is a gateway that answers, as before.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-
 from athanor import catalog
 from athanor.addresses import authority, loopback_for
 from athanor.errors import AthanorError
@@ -37,7 +35,7 @@ from athanor.timestamps import utc_timestamp
 log = logging.getLogger("athanor.daemon")
 
 ADMIN_HOST = "127.0.0.1"
-BACKLOG = 128  # aiohttp's default for its sites
+BACKLOG = 128  # as aiohttp's sites had
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 8.0
 
@@ -81,12 +79,12 @@ def bind_error(address: str, exc: OSError) -> str:
 
 @dataclass
 class _Bound:
-    """One address's sockets, and the aiohttp sites that serve them once the app runs."""
+    """One address's sockets, and the servers that accept on them once the gateway runs."""
 
     host: str
     port: int
     sockets: list[socket.socket]
-    sites: list[web.SockSite] = field(default_factory=list)
+    servers: list[asyncio.AbstractServer] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -124,7 +122,7 @@ class Listener:
 
     def __init__(self, store: Store):
         self._store = store
-        self._runner: web.AppRunner | None = None
+        self._accept: Callable[[], asyncio.Protocol] | None = None
         self._report: Report = lambda type_, reason, message: None
         self.main: _Bound | None = None
         self.admin: _Bound | None = None  # the admin API's loopback socket, when ``main`` is not loopback
@@ -153,9 +151,10 @@ class Listener:
         """Bind the listen address at start-up, before anything else happens (OSError when it cannot)."""
         self.main = _Bound(host, port, bind(host, port))
 
-    async def serve(self, runner: web.AppRunner, report: Report) -> None:
-        """Serve the app on what ``bind`` bound (and the admin loopback socket, if it can be had), then record it."""
-        self._runner, self._report, self._started = runner, report, utc_timestamp()
+    async def serve(self, accept: Callable[[], asyncio.Protocol], report: Report) -> None:
+        """Accept connections with ``accept`` (the front door, ``ingress/wire.py``) on what ``bind`` bound (and
+        the admin loopback socket, if it can be had), then record it."""
+        self._accept, self._report, self._started = accept, report, utc_timestamp()
         assert self.main is not None, "bind() first"
         try:
             await self._start(self.main)
@@ -223,7 +222,7 @@ class Listener:
         """Listen on host:port (raises OSError when it cannot); then close what is no longer needed."""
         held = {(b.host, b.port): b for b in (self.main, self.admin) if b is not None}
         main = held.get((host, port)) or _Bound(host, port, await asyncio.to_thread(bind, host, port))
-        if not main.sites:
+        if not main.servers:
             await self._start(main)
         admin = held.get((ADMIN_HOST, port)) if loopback_for(host) is None else None
         if admin is main:
@@ -238,19 +237,18 @@ class Listener:
         log.info("athanor serving on http://%s", self.address)
 
     async def _start(self, bound: _Bound) -> None:
-        assert self._runner is not None
+        assert self._accept is not None
+        loop = asyncio.get_running_loop()
         for sock in bound.sockets:
-            site = web.SockSite(self._runner, sock, backlog=BACKLOG)
-            await site.start()
-            bound.sites.append(site)
+            bound.servers.append(await loop.create_server(self._accept, sock=sock, backlog=BACKLOG))
 
     @staticmethod
     async def _stop(bound: _Bound) -> None:
-        for site in bound.sites:
-            await site.stop()  # closes the listening socket; connections under way go on
+        for server in bound.servers:
+            server.close()  # closes the listening socket; connections under way go on
         for sock in bound.sockets:
             sock.close()
-        bound.sites = []
+        bound.servers = []
 
     async def close(self) -> None:
         for bound in (self.main, self.admin):

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from athanor.ingress.app import ModelIdRewrite
+from athanor.ingress.proxy import ModelIdRewrite
 from athanor.managers.process import ProcessHandle, ProcessSupervisor
 from athanor.managers.systemd import SystemctlError
 from fixtures.tier import Tier, pid_of, supervise_with

@@ -104,13 +104,13 @@ def _route_literals(module: str) -> list[str]:
 
 
 @pytest.mark.parametrize("module", ["athanor.runtimes.launch", "athanor.ingress.tap", "athanor.ingress.requests",
-                                    "athanor.ingress.app"])
+                                    "athanor.ingress.app", "athanor.ingress.proxy"])
 def test_route_sets_are_read_from_the_one_table(module):
     assert _route_literals(module) == [], f"{module} keeps a route set of its own; derive it from runtimes/routes.py"
 
 
 def test_the_route_table_gives_each_set():
-    from athanor.ingress import app, requests
+    from athanor.ingress import proxy, requests
     from athanor.runtimes import routes
     from athanor.runtimes.launch import RUNTIMES
 
@@ -119,7 +119,7 @@ def test_the_route_table_gives_each_set():
     for name, kind in RUNTIMES.items():
         assert kind.routes == {path for path, route in routes.ROUTES.items() if name in route.runtimes}
     assert routes.ALL_ROUTES == set().union(*(kind.routes for kind in RUNTIMES.values()))
-    assert app.ALL_ROUTES is routes.ALL_ROUTES and app.USAGE_ROUTES is routes.USAGE_ROUTES
+    assert proxy.ALL_ROUTES is routes.ALL_ROUTES and proxy.USAGE_ROUTES is routes.USAGE_ROUTES
     assert requests.TASK_ROUTES is routes.TASK_ROUTES
     # What each set held before the table (behaviour unchanged):
     assert RUNTIMES["mlx-lm"].routes == {"/v1/chat/completions", "/v1/completions"}

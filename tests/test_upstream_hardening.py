@@ -97,6 +97,28 @@ def test_requests_a_killed_runtime_had_accepted_on_kept_alive_connections_are_no
     tier.run(scenario)
 
 
+def test_a_kept_alive_connection_the_live_runtime_drops_as_a_request_goes_out_is_sent_again_on_a_fresh_one(
+        tier: Tier):
+    """The runtime reads the request and closes the connection without answering, but stays alive (it dropped a
+    kept-alive connection, as llama-server was seen to under load). It did not die of the request, so the request
+    goes again, on a new connection, and the client gets its answer; the runtime is not counted as crashed."""
+    tier.model("m")
+    tier.script("m", dropKeptAlive=True, keepAliveTimeout=120)
+    tier.gateway(healthCheck={"interval": "never"})
+
+    async def scenario() -> None:
+        async with tier.controller() as c, tier.ingress(c) as url, aiohttp.ClientSession() as session:
+            first = await post(session, url + CHAT, body())
+            second = await post(session, url + CHAT, body())  # on the gateway's kept-alive connection: dropped
+            assert [first[0], second[0]] == [200, 200], (first, second)
+            log = tier.log("m")
+            assert log.count(f"dropped {CHAT}") == 1 and received(tier) == 3, log
+            inst = c.instances["m"]
+            assert inst.incarnation == 1 and not inst.failures, "the runtime was alive: not a crash"
+
+    tier.run(scenario)
+
+
 # ------------------------------------------------------------------------------------------ limits follow the spec
 
 

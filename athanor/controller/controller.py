@@ -129,17 +129,21 @@ class Controller:
         """Why models.json cannot be read now (None: it can); serving goes on from the last good version."""
         return self._desired.problem
 
-    def gateway(self) -> dict[str, Any]:
-        self.doc()
+    def gateway(self, *, refresh: bool = True) -> dict[str, Any]:
+        """The Gateway spec. ``refresh=False``: the caller looked at the desired state for this request already
+        (the front door does, for the body limit, as a request's headers arrive)."""
+        if refresh:
+            self.doc()
         return self._desired.gateway
 
     def setting(self, obj: dict[str, Any] | None, key: str) -> Any:
         """A model's own ``spec.<key>``, else the Gateway's (startupTimeout, idleTimeout)."""
         return self._desired.setting(obj, key)
 
-    def resolve(self, requested: str) -> str | None:
-        """A model's name from its name, an alias, or its discovered id (``org/repo`` or ``org/repo:file``)."""
-        return self._desired.resolve(requested)
+    def resolve(self, requested: str, *, refresh: bool = True) -> str | None:
+        """A model's name from its name, an alias, or its discovered id (``org/repo`` or ``org/repo:file``).
+        ``refresh=False``: the caller read the desired state for this request already (``doc``, ``gateway``)."""
+        return self._desired.resolve(requested, refresh=refresh)
 
     def model(self, name: str) -> dict[str, Any] | None:
         """The stored object of a resolved model."""

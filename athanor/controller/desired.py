@@ -55,9 +55,11 @@ class DesiredState:
                     self._recovered()
         return self.doc
 
-    def resolve(self, requested: str) -> str | None:
-        """A model's name from its name, an alias, or its discovered id (``org/repo`` or ``org/repo:file``)."""
-        self.refresh()
+    def resolve(self, requested: str, *, refresh: bool = True) -> str | None:
+        """A model's name from its name, an alias, or its discovered id (``org/repo`` or ``org/repo:file``).
+        ``refresh=False``: the caller looked at the document for this request already."""
+        if refresh:
+            self.refresh()
         return self._names.get(requested)
 
     def setting(self, obj: dict[str, Any] | None, key: str) -> Any:

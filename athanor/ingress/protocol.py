@@ -32,14 +32,18 @@ MAX_REASON = 120  # characters of aiohttp's reason kept in the message (it quote
 class _ClientConnection(web.RequestHandler):
     """aiohttp's connection handler, with errors as JSON and a deadline for the first request's headers."""
 
-    __slots__ = ("_header_timeout", "header_timer")
+    __slots__ = ("_header_timeout", "_seen_as", "header_timer")
 
-    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, header_timeout: float, seen_as: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.header_timer: asyncio.TimerHandle | None = None
         self._header_timeout = header_timeout
+        self._seen_as = seen_as
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._seen_as is not None:
+            transport = _SeenAs(transport, self._seen_as)
         super().connection_made(transport)
         self.header_timer = asyncio.get_running_loop().call_later(self._header_timeout, self._headers_late)
 
@@ -90,13 +94,41 @@ class _Server(web.Server):
     def __call__(self) -> web.RequestHandler:  # as web.Server.__call__, with the subclass
         return _ClientConnection(self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs)
 
+    def relayed(self, peername: Any, sockname: Any) -> web.RequestHandler:
+        """A connection from the front door (``relay.py``), which sees the client's addresses as its own."""
+        return _ClientConnection(self, loop=self._loop, header_timeout=self._header_timeout,
+                                 seen_as={"peername": peername, "sockname": sockname}, **self._kwargs)
+
+
+class _SeenAs:
+    """A transport that reports the client's addresses (``peername``, ``sockname``) as its own: a relayed
+    connection is a socket pair, but the guard and the admin API must see where the client came from."""
+
+    __slots__ = ("_extra", "_transport")
+
+    def __init__(self, transport: asyncio.BaseTransport, extra: dict[str, Any]):
+        self._transport, self._extra = transport, extra
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name in self._extra:
+            return self._extra[name]
+        return self._transport.get_extra_info(name, default)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
 
 class GatewayRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections answer unparseable requests with JSON and time out slow headers."""
+    """``web.AppRunner`` whose connections answer unparseable requests with JSON and time out slow headers;
+    ``relayed`` makes the connections the front door passes requests on (``relay.py``)."""
 
     def __init__(self, app: web.Application, *, header_timeout: float = HEADER_TIMEOUT_S, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
+
+    def relayed(self, peername: Any, sockname: Any) -> web.RequestHandler:
+        assert isinstance(self.server, _Server), "setup() first"
+        return self.server.relayed(peername, sockname)
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()  # the app started and frozen, its handler and request factory

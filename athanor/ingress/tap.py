@@ -1,7 +1,7 @@
 """What one proxied request tells the metrics: its status, time to first token and the tokens used.
 
-Usage is read where the runtimes put it, cheaply: a regular expression from the ``"usage"`` key on, over bytes,
-never a JSON parse of the answer. A stream whose client did not ask for usage is asked for it anyway (the
+Usage is read where the runtimes put it, cheaply: a regular expression over the bytes of the ``"usage"`` object
+alone, never a JSON parse of the answer. A stream whose client did not ask for usage is asked for it anyway (the
 ingress adds ``stream_options.include_usage``), and the usage-only event is cut from what the client gets.
 
 ``Tap.finish`` is the one point where a request is over, whatever ended it (an answer, an error, a client that
@@ -32,6 +32,25 @@ STREAM_ENDS = (b"data: [DONE]", b"event: message_stop", b"event: response.comple
 CLIENT_GONE = 499  # the status a request is counted with when its client went away before the end (llama-swap's)
 
 
+def _object_end(data: bytes, start: int) -> int:
+    """Where the JSON object that opens first after ``start`` ends (braces inside strings aside: usage and
+    timings objects hold numbers only). The patterns above then scan that object alone, not the rest of the body."""
+    at = data.find(b"{", start)
+    if at < 0:
+        return start
+    depth, at = 1, at + 1
+    while depth:
+        close = data.find(b"}", at)
+        if close < 0:
+            return len(data)
+        opening = data.find(b"{", at, close)
+        if opening >= 0:
+            depth, at = depth + 1, opening + 1
+        else:
+            depth, at = depth - 1, close + 1
+    return at
+
+
 class Tap:
     """What one request tells the metrics: its status and duration (``finish``), time to first token, and the
     usage the runtime reported. A stream whose client did not ask for usage is asked for it anyway
@@ -57,11 +76,13 @@ class Tap:
     def read_usage(self, data: bytes) -> None:
         """Token counts from a body or SSE event with a ``usage`` object; the last value of each wins (an
         Anthropic stream sends its input count first and its final output count last)."""
-        for key, value in _TOKENS.findall(data[data.find(b'"usage"'):]):
-            self.counts[key] = int(value)
-        at = data.find(b'"timings"')
-        if at >= 0:
-            self.timings = _TIMINGS.findall(data, at)
+        start = data.find(b'"usage"')
+        if start >= 0:
+            for key, value in _TOKENS.findall(data, start, _object_end(data, start)):
+                self.counts[key] = int(value)
+        start = data.find(b'"timings"')
+        if start >= 0:
+            self.timings = _TIMINGS.findall(data, start, _object_end(data, start))
 
     def usage_lines(self, lines: bytes) -> bytes:
         """SSE lines that mention usage: count it, and cut the usage-only event the client did not ask for."""

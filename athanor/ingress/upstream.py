@@ -6,15 +6,16 @@ This hop needs far less: keep-alive connections per port, a request written in o
 llhttp (``httptools``) and its body handed over chunk by chunk, with reading paused while the client lags.
 
 Failures are typed by what the caller may do about them: ``UpstreamUnreachable`` means nothing reached the runtime
-(safe to retry); ``UpstreamClosed`` means the connection ended before the response did; ``UpstreamTimeout`` means
-the runtime sent nothing for the idle limit.
+(safe to retry); ``UpstreamClosed`` means the connection ended before the response did, ``UpstreamDropped`` before
+any of it; ``UpstreamTimeout`` means the runtime sent nothing for the idle limit.
 
-A request, once written, is never sent again. A connection that closes before any answer looks the same whether the
-runtime dropped it while idle or read the request and died of it, and running a request twice (a prompt that
-crashed one runtime crashes the next) is worse than failing it once. So idle drops are caught before the request is
-written: a kept-alive connection is reused only if the runtime has sent nothing on it since (no end of stream
-waiting in the socket) and only within ``REUSE_IDLE_S`` of its last answer, before the runtime's own keep-alive
-limit can close it under the request.
+A connection that closes before any answer looks the same whether the runtime dropped it while idle or read the
+request and died of it, and running a request twice (a prompt that crashed one runtime crashes the next) is worse
+than failing it once. So idle drops are caught before the request is written where they can be: a kept-alive
+connection is reused only if the runtime has sent nothing on it since (no end of stream waiting in the socket) and
+only within ``REUSE_IDLE_S`` of its last answer, before the runtime's own keep-alive limit can close it under the
+request. A drop that still happens is ``UpstreamDropped``: the ingress sends the request again only when the
+connection was a reused one and the runtime is found alive after it (so the request did not kill it).
 
 The pool opens at most ``limit`` connections to one runtime (its incarnation: a restarted runtime on the same port
 starts a fresh pool). Requests beyond the limit wait here, in order, for a connection to come back: a runtime
@@ -50,17 +51,27 @@ class UpstreamClosed(UpstreamError):
     """The runtime closed the connection (or sent garbage) before its response was complete."""
 
 
+class UpstreamDropped(UpstreamClosed):
+    """The runtime closed the connection before any byte of its answer. ``reused``: the connection had carried
+    earlier exchanges (a kept-alive one), so the runtime may have dropped it as idle as the request went out."""
+
+    def __init__(self, message: str, *, reused: bool):
+        super().__init__(message)
+        self.reused = reused
+
+
 class UpstreamTimeout(UpstreamError):
     """The runtime sent nothing for longer than the idle limit."""
 
 
 class Response:
-    """One response being read off a connection. Headers are available when ``send`` returns."""
+    """One response being read off a connection. Headers are available when ``send`` returns, as the runtime sent
+    them (bytes: the ingress passes them on as they are)."""
 
     def __init__(self, connection: _Connection):
         self._connection = connection
         self.status = 0
-        self.headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[bytes, bytes]] = []
         self.content_type = ""
 
     async def read(self) -> bytes:
@@ -101,6 +112,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self, runtime: _RuntimeConnections):
         self.runtime = runtime
         self.idle_timeout: float | None = None
+        self.deadline = 0.0  # (monotonic) while waiting: when the runtime has been silent too long
+        self.exchanges = 0  # requests sent on it
         self.idle_since = 0.0
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -149,7 +162,8 @@ class _Connection(asyncio.Protocol):
             self.complete = True  # the body ran to the end of the connection, as announced
         elif not self.headers_done:  # never sent again: the runtime may have read the request and died of it
             detail = f" ({exc})" if exc else ""
-            self._fail(UpstreamClosed(f"the runtime closed the connection without answering{detail}"))
+            self._fail(UpstreamDropped(f"the runtime closed the connection without answering{detail}",
+                                       reused=self.exchanges > 1))
         else:
             detail = f": {exc}" if exc else ""
             self._fail(UpstreamClosed(f"the runtime closed the connection before the response was complete{detail}"))
@@ -163,16 +177,17 @@ class _Connection(asyncio.Protocol):
         response = self.response
         assert response is not None
         response.status = status = self.parser.get_status_code()
-        response.headers = headers = [(name.decode("latin-1"), value.decode("latin-1"))
-                                      for name, value in self._raw_headers]
+        response.headers = headers = self._raw_headers
         framed = False
         for name, value in headers:
             lower = name.lower()
-            if lower == "content-type":
-                response.content_type = value
-            elif lower in ("content-length", "transfer-encoding"):
+            if lower == b"content-type":
+                response.content_type = value.decode("latin-1")
+            elif lower == b"content-length" or lower == b"transfer-encoding":
                 framed = True
-        self.keep_alive = self.parser.should_keep_alive()
+        # llama-server closes the connection right after an event stream, while its headers say Keep-Alive: a
+        # request handed the connection before that close arrives is written into it and lost. Not reused.
+        self.keep_alive = self.parser.should_keep_alive() and "text/event-stream" not in response.content_type
         self.close_delimited = not framed and status >= 200 and status not in (204, 304)
         self.headers_done = True
         self._wake()
@@ -200,18 +215,21 @@ class _Connection(asyncio.Protocol):
         return chunks
 
     async def wait(self) -> None:
-        """Until the runtime sends something (or the connection ends); at most ``idle_timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
-        timer = loop.call_later(self.idle_timeout, self._expire) if self.idle_timeout else None
+        """Until the runtime sends something (or the connection ends); at most ``idle_timeout`` seconds, which
+        the pool's sweep enforces (``UpstreamPool._sweep``)."""
+        if self.idle_timeout:
+            self.deadline = time.monotonic() + self.idle_timeout
+        self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
 
-    def _expire(self) -> None:
+    def late(self, now: float) -> bool:
+        """Whether it waits for the runtime past its idle limit."""
+        return self._waiter is not None and self.idle_timeout is not None and now > self.deadline
+
+    def expire(self) -> None:
         self._fail(UpstreamTimeout(f"the runtime sent nothing for {self.idle_timeout:g} s (limits.upstreamIdleTimeout)"))
         self.close()
 
@@ -240,6 +258,7 @@ class _Connection(asyncio.Protocol):
         self._reset()
         self.idle_timeout = idle_timeout
         self.response = Response(self)
+        self.exchanges += 1
         assert self.transport is not None
         if len(body) <= ONE_WRITE_BODY:
             self.transport.write(head + body)
@@ -250,7 +269,7 @@ class _Connection(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             if self.closed:
-                raise UpstreamClosed("the runtime closed the connection without answering")
+                raise UpstreamDropped("the runtime closed the connection without answering", reused=self.exchanges > 1)
             await self.wait()
         return self.response
 
@@ -289,19 +308,38 @@ class UpstreamPool:
         self._runtimes: dict[int, _RuntimeConnections] = {}
         self.idle_timeout = idle_timeout
         self.reuse_idle_s = reuse_idle_s
+        self._busy: set[_Connection] = set()  # in an exchange: the sweep looks at these
+        self._sweeping: asyncio.TimerHandle | None = None
+
+    def _watch(self, connection: _Connection) -> None:
+        self._busy.add(connection)
+        if self._sweeping is None and self.idle_timeout:
+            self._sweeping = asyncio.get_running_loop().call_later(self._sweep_every(), self._sweep)
+
+    def _sweep_every(self) -> float:
+        return min(1.0, (self.idle_timeout or 1.0) / 4)
+
+    def _sweep(self) -> None:
+        """End the exchanges whose runtime has sent nothing for the idle limit. One timer for the pool rather than
+        one per wait: a streamed answer waits once per chunk."""
+        now = time.monotonic()
+        for connection in [c for c in self._busy if c.late(now)]:
+            connection.expire()
+        self._sweeping = (asyncio.get_running_loop().call_later(self._sweep_every(), self._sweep)
+                          if self._busy and self.idle_timeout else None)
 
     def request(
         self, port: int, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes, *,
-        limit: int = DEFAULT_LIMIT, incarnation: int = 0,
+        limit: int = DEFAULT_LIMIT, incarnation: int = 0, raw: bytes = b"",
     ) -> _Exchange:
         """Send one request: ``async with pool.request(...) as response``. The body must be read inside the block;
         leaving it early (an error, a cancelled handler) closes the connection, so the runtime stops working for
-        nobody. ``incarnation`` names the runtime process behind ``port``: a new one gets fresh connections."""
-        lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
-        lines += [f"{name}: {value}" for name, value in headers]
-        lines.append(f"Content-Length: {len(body)}")
-        # aiohttp decoded the client's header bytes as UTF-8 with surrogateescape: this gives back the same bytes.
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+        nobody. ``incarnation`` names the runtime process behind ``port``: a new one gets fresh connections.
+        ``raw``: header lines sent as they are, after ``headers`` (a client's, as the gateway received them)."""
+        lines = [f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n",
+                 *[f"{name}: {value}\r\n" for name, value in headers], f"Content-Length: {len(body)}\r\n"]
+        # A client's header bytes were decoded as UTF-8 with surrogateescape: this gives back the same bytes.
+        head = "".join(lines).encode("utf-8", "surrogateescape") + raw + b"\r\n"
         return _Exchange(self, self._runtime(port, incarnation, limit), head, body)
 
     def _runtime(self, port: int, incarnation: int, limit: int) -> _RuntimeConnections:
@@ -384,6 +422,15 @@ class UpstreamPool:
         connection.close()
         self._free(connection.runtime)
 
+    def drop_idle(self, port: int) -> None:
+        """Close the idle connections to the runtime on ``port`` (it dropped one that looked fit for reuse)."""
+        runtime = self._runtimes.get(port)
+        if runtime is None:
+            return
+        idle, runtime.idle = runtime.idle, []
+        for connection in idle:
+            self._discard(connection)
+
     def forget(self, port: int) -> None:
         """Close idle connections to a runtime that stopped (its port may be served by another one later)."""
         runtime = self._runtimes.pop(port, None)
@@ -391,6 +438,9 @@ class UpstreamPool:
             self._retire(runtime)
 
     def close(self) -> None:
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None
         for port in list(self._runtimes):
             self.forget(port)
 
@@ -407,10 +457,12 @@ class _Exchange:
     async def __aenter__(self) -> Response:
         pool = self._pool
         self._connection = connection = await pool._acquire(self._runtime)
+        pool._watch(connection)
         try:
             return await connection.send(self._head, self._body, pool.idle_timeout)
         except BaseException:  # also when cancelled: the runtime must not work for nobody
             self._connection = None
+            pool._busy.discard(connection)
             pool._discard(connection)
             raise
 
@@ -418,6 +470,7 @@ class _Exchange:
         connection = self._connection
         assert connection is not None
         self._connection = None
+        self._pool._busy.discard(connection)
         if exc_type is None:
             self._pool._release(connection)
         else:

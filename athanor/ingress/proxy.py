@@ -1,0 +1,389 @@
+"""The hot path: a model request (``POST /v1/...``), from the front door (``wire.py``) to a runtime and back.
+
+Top to bottom: the guard (``guard.py``: Host, Origin, keys) -> a route some runtime serves -> the body (read and
+bounded by the front door) as JSON -> ``model`` -> resolve it -> ``controller.use`` admits the request or refuses it
+(429, 503), before any header is sent -> the lease waits for the runtime (start or swap, shared; a streaming client
+gets SSE comments meanwhile) -> rewrite ``model`` to what the runtime answers to -> forward with Content-Length over
+the pool of keep-alive connections (``upstream.py``) -> stream the answer back chunk by chunk, rewriting ``model``
+back to what the client asked. When the runtime turns out to be unreachable the lease hears of it (the controller
+records a death once) and the request is tried once more, on whatever runtime comes next.
+
+Work per request is kept to what the request needs: the desired state is looked at once (one stat of
+models.json), the body is re-serialised only when a field must change (the served name, ``include_usage`` for a
+stream, reasoning controls), in one ``json.dumps``, and streamed chunks are only scanned when they must be.
+
+Errors are OpenAI error objects (Anthropic's on ``/v1/messages``). Before the answer has started they carry the
+right status; after (a stream kept alive while its model loaded, or one the runtime had begun) they are sent as a
+final SSE event and the stream ends: a second status line in the middle of a body would only corrupt it.
+
+Every request that named a model is counted once, when it is over, by ``Tap.finish``; a client that went away
+before the end of its answer is counted as 499, as llama-swap does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from athanor.controller.lease import Lease, Upstream
+from athanor.errors import ModelUnavailable, QueueFull, ServingError
+from athanor.ingress.errors import ANTHROPIC_PREFIX, anthropic_error, error_body, short
+from athanor.ingress.requests import reasoning_changes, task_refusal
+from athanor.ingress.tap import CLIENT_GONE, Tap
+from athanor.ingress.upstream import (
+    Response,
+    UpstreamClosed,
+    UpstreamDropped,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from athanor.ingress.wire import Request
+from athanor.runtimes.launch import RUNTIMES
+from athanor.runtimes.routes import ALL_ROUTES, USAGE_ROUTES
+
+if TYPE_CHECKING:
+    from athanor.controller.controller import Controller
+    from athanor.ingress.guard import Guard
+    from athanor.metrics import Metrics
+    from athanor.telemetry.recorder import Recorder
+
+log = logging.getLogger("athanor.ingress")
+
+KEEPALIVE_S = 3.0  # an SSE comment this often to a streaming client while its model loads
+HOP_BY_HOP = frozenset(
+    h.lower() for h in ("Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
+                        "Transfer-Encoding", "Upgrade", "Host", "Content-Length")
+)
+# Forwarded as they came, except what the gateway sets itself (framing, the runtime's address, the body type),
+# Expect (the gateway already answered it; a runtime's 100 Continue would only precede the real answer) and
+# Accept-Encoding (a compressed answer could not have its model id rewritten, and loopback needs no compression).
+# The client's credentials stop here too (the gateway's key never reaches a runtime), and so does its Origin (the
+# gateway has judged it); the runtime gets the gateway's per-start secret instead (runtimes/secret.py).
+REQUEST_SKIP = HOP_BY_HOP | {"content-type", "expect", "accept-encoding", "authorization", "x-api-key", "origin"}
+REQUEST_SKIP_BYTES = frozenset(h.encode() for h in REQUEST_SKIP)
+HIDDEN_RESPONSE = frozenset(h.encode() for h in HOP_BY_HOP | {"date"})
+JSON_BODY = ("Content-Type", "application/json")
+SSE_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+
+
+class Proxy:
+    """The front door's handler for ``POST /v1/...`` (``wire.Front``'s ``hot``)."""
+
+    def __init__(self, controller: Controller, pool: UpstreamPool, guard: Guard, metrics: Metrics):
+        self.controller, self.pool, self.guard, self.metrics = controller, pool, guard, metrics
+        self.telemetry: Recorder | None = None  # the daemon's per-request records (daemon.py)
+
+    async def __call__(self, request: Request) -> None:
+        arrived = time.monotonic()
+        controller = self.controller
+        # The desired state as the front door saw it when the headers arrived (its one stat of models.json for
+        # this request, for the body limit): not looked at again.
+        gateway = controller.gateway(refresh=False)
+        refused = self.guard.refusal(request, self.guard.policy(gateway), gateway["auth"])
+        if refused is not None:
+            status, message = refused
+            if status == 401:
+                await request.error(401, message, "invalid_api_key", headers=[("WWW-Authenticate", "Bearer")])
+            else:
+                await request.error(status, message, "forbidden")
+            return
+        route = request.path
+        if route not in ALL_ROUTES:
+            await request.error(404, f"no route {short(route)}: the gateway serves {', '.join(sorted(ALL_ROUTES))}",
+                                "unknown_route")
+            return
+        body = request.body
+        try:
+            payload = json.loads(body.decode()) if body else None  # UTF-8, as OpenAI clients send; skips detection
+        except (UnicodeDecodeError, ValueError) as exc:
+            await request.error(400, f"request body is not valid JSON: {exc}", "invalid_json")
+            return
+        except RecursionError:
+            await request.error(400, "request body is not valid JSON: nested too deeply", "invalid_json")
+            return
+        requested = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(requested, str) or not requested:
+            await request.error(400, "the request needs a 'model' field naming a model", "missing_model", "model")
+            return
+        name = controller.resolve(requested, refresh=False)
+        if name is None:
+            await request.error(404, f"model {short(requested)} not found; GET /v1/models lists them",
+                                "model_not_found", "model")
+            return
+        tap = Tap(self.metrics, name, route, arrived, self.telemetry)
+        status = 0  # none yet: a handler cancelled because its client left has no answer of its own to count
+        try:
+            status = await self._for_model(request, name, requested, route, payload, body, tap)
+        except Exception:  # noqa: BLE001 - a bug must still answer in the format clients parse
+            log.exception("unexpected error serving %s %s", request.method, request.path)
+            with contextlib.suppress(ConnectionError):  # the client may have gone meanwhile
+                status = await _failed(request, 500, "internal error in the gateway (see its log)", "internal_error")
+            status = 500
+        finally:
+            if not status:
+                status = request.status or CLIENT_GONE
+            tap.finish(status, client_gone=request.client_gone and not tap.stream_ended())
+
+    async def _for_model(self, request: Request, name: str, requested: str, route: str, payload: dict[str, Any],
+                         body: bytes, tap: Tap) -> int:
+        """Everything after the model is known (and every answer from here on is counted against it): what it
+        cannot be asked is refused, then it is leased and served. Returns the status answered."""
+        obj = self.controller.model(name)
+        assert obj is not None  # resolved just now
+        runtime = tap.runtime = obj["spec"]["runtime"]
+        if route not in RUNTIMES[runtime].routes:
+            return await _error(request, 404, f"model {name!r} runs on {runtime}, which does not serve {route} (it "
+                                f"serves {', '.join(sorted(RUNTIMES[runtime].routes))})", "unsupported_route")
+        artifact = obj.get("artifact") or {}
+        refusal = task_refusal(name, route, artifact.get("capabilities") or [])
+        if refusal:
+            return await _error(request, 400, refusal, "unsupported_model_task", "model")
+        changes, problem = reasoning_changes(name, route, runtime, artifact.get("metadata") or {}, payload)
+        if problem:
+            return await _error(request, 400, problem, "unsupported_reasoning", "reasoning_effort")
+        try:
+            lease = self.controller.use(name)
+        except ServingError as exc:
+            return await _error(request, *_status(exc))
+        async with lease:
+            return await self._serve(request, lease, name, requested, payload, body, changes or {}, tap)
+
+    async def _serve(self, request: Request, lease: Lease, name: str, requested: str, payload: dict[str, Any],
+                     body: bytes, changes: dict[str, Any], tap: Tap) -> int:
+        """Wait for the runtime, forward, and try once more if it turned out to be gone before it got the request."""
+        try:
+            if payload.get("stream") is True and not lease.ready:
+                await _start_sse(request, 200)
+            for attempt in (1, 2):
+                upstream = await _acquire(lease, request, name)
+                try:
+                    return await self._forward(request, lease, upstream, requested, payload, body, changes, tap)
+                except UpstreamUnreachable as exc:
+                    # Nothing reached the runtime: it died since it was last seen. The lease reports it (a death is
+                    # recorded once) and the second try gets whatever runtime comes next, a restarted one if need be.
+                    await lease.runtime_died()
+                    if attempt == 2:
+                        return await _failed(request, 502, f"runtime for {name!r} is not reachable: {exc}",
+                                             "upstream_failed")
+                except UpstreamDropped as exc:  # a kept-alive connection the runtime, alive, dropped: sent again
+                    if attempt == 2:
+                        return await _failed(request, 502, f"runtime for {name!r} failed mid-request: {exc}",
+                                             "upstream_failed")
+        except ServingError as exc:
+            return await _failed(request, *_status(exc))
+        except ConnectionResetError:
+            return request.status  # the client went away while being kept alive
+        raise AssertionError("unreachable")
+
+    async def _forward(self, request: Request, lease: Lease, upstream: Upstream, requested: str,
+                       payload: dict[str, Any], body: bytes, changes: dict[str, Any], tap: Tap) -> int:
+        model_id = None
+        if upstream.served_model != requested:
+            changes = {**changes, "model": upstream.served_model}
+            model_id = model_id_rewrite(upstream.served_model, requested)
+        if payload.get("stream") is True and request.path in USAGE_ROUTES:
+            options = payload.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage")):
+                changes = {**changes, "stream_options": {**(options if isinstance(options, dict) else {}),
+                                                         "include_usage": True}}
+                tap.drop_usage = True
+        if changes:  # one serialisation, whatever changed (a change to None drops the field)
+            merged = {**payload, **changes}
+            for key in [k for k, v in changes.items() if v is None]:
+                del merged[key]
+            body = json.dumps(merged).encode()
+        headers = [JSON_BODY, ("Authorization", f"Bearer {upstream.secret}")] if upstream.secret else [JSON_BODY]
+        raw = b"".join([b"%b: %b\r\n" % (name, value) for name, value in request.raw_headers
+                        if name.lower() not in REQUEST_SKIP_BYTES])
+        try:
+            async with self.pool.request(upstream.port, "POST", request.target, headers, body, raw=raw,
+                                         limit=upstream.max_connections, incarnation=upstream.incarnation) as resp:
+                lease.answered(resp.status)
+                is_sse = "text/event-stream" in resp.content_type
+                if not request.started and not is_sse:
+                    data = await resp.read()
+                    if resp.status == 200:
+                        tap.read_usage(data)
+                    if model_id is not None:
+                        data = model_id.apply(data)
+                    await request.respond(resp.status, (), data, _response_headers(resp.headers))
+                    return resp.status
+                if not is_sse:  # headers already sent: an error becomes an SSE event
+                    await request.write(b"data: " + await resp.read() + b"\n\n")
+                    await request.end()
+                    return request.status
+                if not request.started:
+                    await _start_sse(request, resp.status)
+                await _pump(resp, request, model_id, tap)
+                if resp.close_delimited and not tap.stream_ended() and await lease.runtime_died():
+                    # A body that ends with the connection cannot tell a finished stream from a dead runtime.
+                    raise UpstreamClosed("the runtime exited during the stream")
+                await request.end()
+                return request.status
+        except UpstreamUnreachable:
+            raise  # nothing was sent: the caller may retry
+        except UpstreamDropped as exc:
+            dead = await lease.runtime_died()
+            if exc.reused and not dead:
+                log.info("runtime for %r dropped a kept-alive connection as a request went out; sending it again",
+                         upstream.name)
+                self.pool.drop_idle(upstream.port)  # kept alive as long as that one: the retry opens a fresh one
+                raise  # it did not die of the request: the caller sends it again
+            status, message = 502, f"runtime for {upstream.name!r} failed mid-request: {exc}"
+            log.warning(message)
+            return await _failed(request, status, message, "upstream_failed")
+        except UpstreamError as exc:
+            if isinstance(exc, UpstreamTimeout):
+                status, message = 504, f"runtime for {upstream.name!r} stopped answering: {exc}"
+            else:
+                await lease.runtime_died()  # a death is recorded once, however many requests it broke
+                status, message = 502, f"runtime for {upstream.name!r} failed mid-request: {exc}"
+            log.warning(message)
+            return await _failed(request, status, message, "upstream_failed")
+        except ConnectionResetError:
+            # The client went away: leaving the block above closed the upstream connection, so the runtime stops
+            # generating for it and the slot is freed.
+            return request.status
+
+
+async def _acquire(lease: Lease, request: Request, name: str) -> Upstream:
+    """``lease.acquire()``; a streaming client whose headers are out gets an SSE comment every few seconds
+    meanwhile, so it and any proxy in between do not time out."""
+    if not request.started or lease.ready:
+        return await lease.acquire()
+    started = time.monotonic()
+    ready = asyncio.ensure_future(lease.acquire())
+    try:
+        while True:
+            done, _ = await asyncio.wait({ready}, timeout=KEEPALIVE_S)
+            if done:
+                return ready.result()
+            await request.write(f": loading {name}, {time.monotonic() - started:.0f} s\n\n".encode())
+    finally:
+        if not ready.done():
+            ready.cancel()
+
+
+def _status(exc: ServingError) -> tuple[int, str, str]:
+    if isinstance(exc, QueueFull):
+        return 429, str(exc), "queue_full"
+    assert isinstance(exc, ModelUnavailable)
+    return 503, str(exc), "model_unavailable"
+
+
+async def _error(request: Request, status: int, message: str, code: str, param: str | None = None) -> int:
+    await request.error(status, message, code, param)
+    return status
+
+
+async def _failed(request: Request, status: int, message: str, code: str) -> int:
+    """An error as the answer, or as the last SSE event of a stream whose head is out."""
+    if not request.started:
+        return await _error(request, status, message, code)
+    if request.path.startswith(ANTHROPIC_PREFIX):
+        await request.write(b"event: error\ndata: " + json.dumps(anthropic_error(status, message)).encode() + b"\n\n")
+    else:
+        await request.write(b"data: " + json.dumps(error_body(status, message, code)).encode() + b"\n\n")
+    await request.end()
+    return request.status
+
+
+async def _start_sse(request: Request, status: int) -> None:
+    await request.start(status, SSE_HEADERS)
+
+
+def _response_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The runtime's header lines a client may see: no framing and no date (the front door sets its own) and no
+    CORS (the gateway decides)."""
+    lines = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower not in HIDDEN_RESPONSE and not lower.startswith(b"access-control-"):
+            lines.append(b"%b: %b\r\n" % (name, value))
+    return b"".join(lines)
+
+
+async def _pump(resp: Response, request: Request, model_id: ModelIdRewrite | None, tap: Tap) -> None:
+    """Copy the upstream stream as it arrives, whole lines at a time (so a model id or a usage object split
+    across two chunks is still found); the last bytes written are left in ``tap.tail``."""
+    carry = b""
+    first = True
+    async for chunk in resp.iter_chunks():
+        if first:
+            tap.first_byte()
+            first = False
+        data = carry + chunk if carry else chunk
+        cut = data.rfind(b"\n") + 1
+        carry = data[cut:]
+        if cut:
+            await _write_lines(request, data[:cut], model_id, tap)
+    if carry:
+        await _write_lines(request, carry, model_id, tap)
+
+
+async def _write_lines(request: Request, lines: bytes, model_id: ModelIdRewrite | None, tap: Tap) -> None:
+    if b'"usage"' in lines:
+        lines = tap.usage_lines(lines)
+    if model_id is not None:
+        lines = model_id.apply(lines)
+    if lines:
+        tap.tail = lines
+        await request.write(lines)
+
+
+class ModelIdRewrite:
+    """The model id in an answer, from what the runtime answers to back to what the client asked for.
+
+    Only the value of a ``"model"`` key changes, never text that happens to spell the same name (a model called
+    ``yes`` may well answer "yes"). Valid JSON cannot hold an unescaped quote inside a string, so an occurrence of
+    the served name as a JSON string right after ``"model":`` is that key's value: a scan of the raw bytes finds
+    exactly those, without parsing the body (an embedding answer can be megabytes). It finds them at any depth,
+    which the Responses and Anthropic streams need (their model sits in a nested ``response`` or ``message``).
+    """
+
+    __slots__ = ("_requested", "_served")
+
+    def __init__(self, served: str, requested: str):
+        self._served = json.dumps(served).encode()
+        self._requested = json.dumps(requested).encode()
+
+    def apply(self, data: bytes) -> bytes:
+        served = self._served
+        at = data.find(served)
+        if at < 0:
+            return data  # a streamed chunk without the id (the usual one): untouched, nothing allocated
+        size = len(served)
+        parts: list[bytes] = []
+        start = 0
+        while at >= 0:
+            if _after_model_key(data, at):
+                parts.append(data[start:at])
+                parts.append(self._requested)
+                start = at + size
+            at = data.find(served, at + size)
+        if not start:
+            return data
+        parts.append(data[start:])
+        return b"".join(parts)
+
+
+def _after_model_key(data: bytes, at: int) -> bool:
+    """Whether ``data[at:]`` is the value of a ``"model"`` key: ``"model"``, a colon, whitespace around it. The
+    two spellings runtimes send (llama-server's compact JSON, Python's ``": "``) are checked first, cheaply."""
+    if data[at - 8:at] == b'"model":' or data[at - 9:at] == b'"model": ':
+        return True
+    before = data[max(at - 32, 0):at].rstrip()
+    return before.endswith(b":") and before[:-1].rstrip().endswith(b'"model"')
+
+
+@functools.lru_cache(maxsize=256)
+def model_id_rewrite(served: str, requested: str) -> ModelIdRewrite:
+    """One per (served name, requested name) pair, built once: requests by alias are the common case."""
+    return ModelIdRewrite(served, requested)

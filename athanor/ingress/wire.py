@@ -1,0 +1,487 @@
+"""The gateway's front door: a lean HTTP/1.1 server whose one job is the hot path, model requests under ``/v1``.
+
+Every connection to the gateway's port lands here. Requests are parsed by llhttp (``httptools``, as uvicorn does)
+and each is answered in order (pipelined ones too). ``POST /v1/...`` is answered here, by the proxy handler
+(``proxy.py``); everything else (the admin API, ``/metrics``, ``/v1/models``, CORS preflights, ``/health``) is passed
+as it came to the aiohttp application over a private socket pair (``relay.py``), so those routes keep aiohttp's
+routing and middlewares while a proxied request pays for none of them. The reasons and figures are in the README
+("The hot path").
+
+What aiohttp's server gave the proxy, this gives it too:
+- limits: a request target up to ``MAX_TARGET`` bytes, headers up to ``MAX_HEADER_BYTES`` in all, a body up to the
+  Gateway's ``limits.maxRequestBytes`` (413, and the connection closes);
+- ``Expect: 100-continue`` answered only once the request is known to be accepted;
+- malformed requests (smuggling attempts among them: llhttp is strict by default) answered with a JSON 400, after
+  which the connection closes;
+- a deadline for a request's headers (``HEADER_TIMEOUT_S``) and for an idle kept-alive connection
+  (``KEEPALIVE_S``);
+- chunked answers for streams to HTTP/1.1 clients, close-delimited ones to HTTP/1.0 clients;
+- back-pressure: a write waits while the client's socket buffer is full;
+- a client that goes away cancels its handler, so a request still waiting for a load never reaches the runtime
+  and a forwarded one is closed upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import http
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import httptools
+from multidict import CIMultiDict
+
+log = logging.getLogger("athanor.ingress")
+
+MAX_TARGET = 8190  # bytes of a request target (aiohttp's max_line_size)
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADERS = 128
+HEADER_TIMEOUT_S = 30.0  # a request's headers must be complete this long after it began
+KEEPALIVE_S = 75.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
+MAX_QUEUED = 8  # pipelined requests read ahead of the one being answered; reading pauses beyond
+_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+
+Handler = Callable[["Request"], Awaitable[None]]
+# (path, status, message, code, param) -> a JSON error body in the format of the API at ``path``.
+ErrorBody = Callable[[str, int, str, str, "str | None"], bytes]
+
+
+class Refused(Exception):
+    """A request refused before its handler: (status, message, code)."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+class Front:
+    """What every connection shares: who answers what, the limits, and the open connections (for shutdown)."""
+
+    def __init__(self, hot: Handler, relay: Handler, *, max_body: Callable[[], int],
+                 expect: Callable[[Request], Refused | None], error_body: ErrorBody,
+                 cors: Callable[[Request], list[tuple[str, str]]],
+                 header_timeout: float = HEADER_TIMEOUT_S, keepalive: float = KEEPALIVE_S):
+        """``hot``: answers ``POST /v1/...``; ``relay``: everything else. ``max_body``: the body limit now;
+        ``expect``: the refusal of a request that asks ``Expect: 100-continue`` (None: go on); ``cors``: headers
+        for an answer to a request with ``Origin``."""
+        self.hot, self.relay = hot, relay
+        self.max_body, self.expect, self.error_body, self.cors = max_body, expect, error_body, cors
+        self.header_timeout, self.keepalive = header_timeout, keepalive
+        self.connections: set[Connection] = set()
+        self._sweeping: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> Connection:
+        if self._sweeping is None:
+            self._sweeping = asyncio.get_running_loop().call_later(self._sweep_every(), self._sweep)
+        return Connection(self)
+
+    def _sweep_every(self) -> float:
+        return min(1.0, self.header_timeout / 3, self.keepalive / 3)
+
+    def _sweep(self) -> None:
+        """Close the connections past their deadline. One timer for all, once a second, rather than one per
+        request: arming and cancelling timers was a measurable share of a proxied request's CPU."""
+        now = time.monotonic()
+        for connection in [c for c in self.connections if c.deadline and c.deadline < now]:
+            connection.late()
+        self._sweeping = (asyncio.get_running_loop().call_later(self._sweep_every(), self._sweep)
+                          if self.connections else None)
+
+    def close(self) -> None:
+        """Close every connection (at shutdown, once the runtimes are stopped)."""
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None
+        for connection in list(self.connections):
+            connection.close()
+
+
+class Request:
+    """One request on a client connection, and the means to answer it (one object per request)."""
+
+    __slots__ = ("body", "connection", "headers", "keep_alive", "method", "path", "raw_headers", "refused", "started",
+                 "status", "target", "version", "_chunked")
+
+    def __init__(self, connection: Connection, method: str, target: str, version: str,
+                 raw_headers: list[tuple[bytes, bytes]], keep_alive: bool):
+        self.connection = connection
+        self.method, self.target, self.version = method, target, version
+        self.raw_headers = raw_headers  # as they came, to pass on
+        # As aiohttp: header bytes as UTF-8, anything else kept as surrogates (the same bytes go on upstream).
+        self.headers: CIMultiDict[str] = CIMultiDict([
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in raw_headers])
+        self.path = target.partition("?")[0]
+        self.keep_alive = keep_alive
+        self.body = b""
+        self.refused: Refused | None = None  # answered with this error instead of by a handler
+        self.started = False  # the status line went out: an error now can only end the answer
+        self.status = 0
+        self._chunked = False
+
+    @property
+    def remote(self) -> str | None:
+        """The peer's address (the guard admits only loopback peers to some routes)."""
+        peer = self.connection.peername
+        return peer[0] if isinstance(peer, tuple) else None
+
+    @property
+    def client_gone(self) -> bool:
+        return self.connection.lost
+
+    def _head(self, status: int, headers: Sequence[tuple[str, str]], framing: str, raw: bytes = b"") -> bytes:
+        self.status, self.started = status, True
+        if "Origin" in self.headers:
+            headers = [*headers, *self.connection.front.cors(self)]
+        head = "".join([f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n",
+                        *[f"{k}: {v}\r\n" for k, v in headers], framing, "Date: ", _date(),
+                        "\r\n" if self.keep_alive else "\r\nConnection: close\r\n"])
+        return head.encode("utf-8", "surrogateescape") + raw + b"\r\n"
+
+    async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes, raw: bytes = b"") -> None:
+        """A whole answer, with its length; ``raw``: header lines passed on as they came (a runtime's)."""
+        self.connection.write(self._head(status, headers, f"Content-Length: {len(body)}\r\n", raw) + body)
+        await self.connection.drain()
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """The head of an answer whose body follows in ``write`` calls: chunked to an HTTP/1.1 client, ended by
+        closing the connection to an HTTP/1.0 one."""
+        if self.version == "1.1":
+            self._chunked = True
+            head = self._head(status, headers, "Transfer-Encoding: chunked\r\n")
+        else:
+            self.keep_alive = False
+            head = self._head(status, headers, "")
+        self.connection.write(head)
+        await self.connection.drain()
+
+    async def write(self, data: bytes) -> None:
+        """Part of a started answer; waits while the client reads slowly. ConnectionResetError: it went away."""
+        if not data:
+            return
+        connection = self.connection
+        if connection.lost:
+            raise ConnectionResetError("the client went away")
+        connection.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        await connection.drain()
+
+    async def end(self) -> None:
+        """The end of a started answer."""
+        if self._chunked and not self.connection.lost:
+            self._chunked = False
+            self.connection.write(b"0\r\n\r\n")
+            await self.connection.drain()
+
+    async def error(self, status: int, message: str, code: str, param: str | None = None, *,
+                    headers: list[tuple[str, str]] | None = None) -> None:
+        """An error object, in the format of the API called (OpenAI's, or Anthropic's on its routes)."""
+        body = self.connection.front.error_body(self.path, status, message, code, param)
+        await self.respond(status, [("Content-Type", "application/json; charset=utf-8"), *(headers or [])], body)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parsing, the queue of requests read ahead, and the one being answered."""
+
+    def __init__(self, front: Front):
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.peername: Any = None
+        self.sockname: Any = None
+        self.lost = False
+        self.relayed: Any = None  # this connection's way to the aiohttp app (relay.py), made on first use
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: collections.deque[Request] = collections.deque()
+        self._task: asyncio.Task[None] | None = None  # answers this connection's requests, one after another
+        self._more: asyncio.Future[None] | None = None  # the task waits on it for the next request
+        self._answering = False
+        self.deadline = 0.0  # (monotonic) closed if the next step has not come by then; 0: none
+        self._reading = True
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._closing_after: Refused | None = None  # a malformed request: answered after those before it
+        self._new_message()
+
+    def _new_message(self) -> None:
+        self._url = b""
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._request: Request | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._limit = 0
+        self._in_message = False
+        self._ignoring = False  # the request was answered already (a refused Expect): the rest is not read
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
+        self.peername = transport.get_extra_info("peername")
+        self.sockname = transport.get_extra_info("sockname")
+        self.front.connections.add(self)
+        self._arm(self.front.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # An upgrade (h2c, websocket) this server does not do: the request is answered as a plain one, and
+            # nothing after it is read (it would be in the other protocol).
+            self._stop_reading()
+            if self._queue and isinstance(self._queue[-1], Request):
+                self._queue[-1].keep_alive = False
+        except httptools.HttpParserCallbackError as exc:
+            refused = exc.__context__ if isinstance(exc.__context__, Refused) else None
+            self._malformed(refused or Refused(400, "malformed HTTP request", "bad_request"))
+        except httptools.HttpParserError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "malformed request"
+            self._malformed(Refused(400, f"malformed HTTP request: {reason[:120]}", "bad_request"))
+
+    def eof_received(self) -> bool:
+        # As aiohttp: a client that ends its side has gone (its handler is cancelled, as it would be on a reset):
+        # clients hang up this way, and a request waiting for a load must not start one for nobody.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.front.connections.discard(self)
+        self._disarm()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # its client is gone: nothing more is done for it
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        if self.relayed is not None:
+            self.relayed.close()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.relayed is not None:
+            self.relayed.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        if self.relayed is not None:
+            self.relayed.resume_reading()
+
+    # ------------------------------------------------------------------ httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._arm(self.front.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_TARGET:
+            raise Refused(414, f"request target longer than {MAX_TARGET} bytes", "uri_too_long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name, value))
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES or len(self._raw_headers) > MAX_HEADERS:
+            raise Refused(431, f"request headers larger than {MAX_HEADER_BYTES} bytes or {MAX_HEADERS} fields",
+                          "headers_too_large")
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        parser = self._parser
+        try:
+            target = self._url.decode()
+        except UnicodeDecodeError:
+            raise Refused(400, "malformed HTTP request: the request target is not UTF-8", "bad_request") from None
+        request = self._request = Request(self, parser.get_method().decode("ascii", "replace"), target,
+                                          parser.get_http_version(), self._raw_headers, parser.should_keep_alive())
+        headers = request.headers
+        self._limit = self.front.max_body()
+        length = headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self._limit:
+            request.refused = self._too_large()
+        if "Expect" in headers:
+            self._expect(request)
+
+    def on_body(self, body: bytes) -> None:
+        request = self._request
+        if request is None or request.refused is not None:
+            return  # read and dropped: the request is refused once complete (a client still sending would
+            # otherwise get a reset instead of the answer)
+        self._body_size += len(body)
+        if self._body_size > self._limit:
+            self._body.clear()
+            request.refused = self._too_large()
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = self._request
+        assert request is not None
+        self._in_message = False
+        if self._ignoring:
+            self._ignoring = False
+        elif request.refused is not None:
+            request.keep_alive = False  # what else the client sent with it is not read
+            self._queue.append(request)
+            self._stop_reading()
+        else:
+            body = self._body
+            request.body = body[0] if len(body) == 1 else b"".join(body)
+            self._queue.append(request)
+            if len(self._queue) >= MAX_QUEUED:
+                self._stop_reading()
+        self._new_message()
+        self._next()
+
+    def _too_large(self) -> Refused:
+        return Refused(413, f"request body larger than the gateway's limit of {self._limit} bytes",
+                       "request_too_large")
+
+    # ------------------------------------------------------------------ answering, in order
+
+    def _next(self) -> None:
+        """Wake the connection's task (one per connection, made with its first request: a task per request was a
+        measurable share of a proxied request's CPU)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._answer())
+        elif self._more is not None and not self._more.done():
+            self._more.set_result(None)
+
+    async def _answer(self) -> None:
+        """Answer the requests read, in order, until the connection ends."""
+        while not self.lost:
+            if self._queue:
+                self._answering = True
+                keep_alive = await self._answer_one(self._queue.popleft())
+                self._answering = False
+                if not keep_alive:
+                    self.close()
+                    return
+            elif self._closing_after is not None:
+                refused, self._closing_after = self._closing_after, None
+                await self._refuse_raw(refused)
+                self.close()
+                return
+            else:
+                if not self._in_message:
+                    self._arm(self.front.keepalive)
+                self._more = asyncio.get_running_loop().create_future()
+                try:
+                    await self._more
+                finally:
+                    self._more = None
+
+    async def _answer_one(self, request: Request) -> bool:
+        """One request answered; whether the connection stays open."""
+        if not self._reading and len(self._queue) < MAX_QUEUED // 2 and self._closing_after is None:
+            self._resume_reading()
+        front = self.front
+        try:
+            if request.refused is not None:
+                await request.error(request.refused.status, request.refused.message, request.refused.code)
+            else:
+                await (front.hot if _is_hot(request) else front.relay)(request)
+        except ConnectionError:
+            return False
+        except Exception:  # noqa: BLE001 - the handlers answer their own errors; this is a bug
+            log.exception("unexpected error serving %s %s", request.method, request.path[:200])
+            if request.started:
+                return False
+            await request.error(500, "internal error in the gateway (see its log)", "internal_error")
+        return request.keep_alive
+
+    def _malformed(self, refused: Refused) -> None:
+        """A request llhttp cannot parse: nothing more is read; it is answered after the requests before it."""
+        self._stop_reading()
+        self._disarm()
+        self._closing_after = refused
+        self._next()
+
+    async def _refuse_raw(self, refused: Refused) -> None:
+        path = self._request.path if self._request is not None else "/"
+        body = self.front.error_body(path, refused.status, refused.message, refused.code, None)
+        self.write(f"HTTP/1.1 {refused.status} {_REASONS.get(refused.status, 'Bad Request')}\r\n"
+                   f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                   f"Connection: close\r\nDate: {_date()}\r\n\r\n".encode() + body)
+        await self.drain()
+
+    def _expect(self, request: Request) -> None:
+        """``Expect: 100-continue``: a request that is refused anyway (a foreign host, a body over the limit) is
+        answered before the client sends its body; an accepted one gets ``100 Continue`` at once."""
+        refused = request.refused or self.front.expect(request)
+        if refused is not None:
+            request.refused = refused
+            if self._idle():  # answered now, before the body it asks leave to send, and the connection closes
+                request.keep_alive = False
+                self._queue.append(request)
+                self._ignoring = True
+                self._stop_reading()
+                self._next()
+            return
+        if request.version == "1.1" and self._idle():
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # pipelined behind others: the client sends on its own
+
+    def _idle(self) -> bool:
+        """No request is being answered or waits to be."""
+        return not self._queue and not self._answering
+
+    # ------------------------------------------------------------------ the transport
+
+    def write(self, data: bytes) -> None:
+        if not self.lost and self.transport is not None:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._write_paused and not self.lost:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+        if self.lost:
+            raise ConnectionResetError("the client went away")
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _stop_reading(self) -> None:
+        if self._reading and self.transport is not None and not self.lost:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if not self._reading and self.transport is not None and not self.lost:
+            self._reading = True
+            self.transport.resume_reading()
+
+    def _arm(self, seconds: float) -> None:
+        """Close the connection unless the next step (a request's headers, or a new request) comes in time."""
+        self.deadline = time.monotonic() + seconds
+
+    def _disarm(self) -> None:
+        self.deadline = 0.0
+
+    def late(self) -> None:
+        """The deadline passed (``Front._sweep``)."""
+        self.deadline = 0.0
+        if self._answering:
+            return  # an answer is under way; its end arms the keep-alive deadline again
+        log.debug("closed a connection that sent no complete request headers in time")
+        self.close()
+
+
+def _is_hot(request: Request) -> bool:
+    """Model requests (``POST /v1/...``) are answered here; a target with escapes goes to aiohttp, which decodes."""
+    return request.method == "POST" and request.path.startswith("/v1/") and "%" not in request.path
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date() -> str:
+    """The Date header's value, formatted once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
