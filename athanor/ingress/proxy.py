@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from athanor.controller.lease import Lease, Upstream
 from athanor.errors import ModelUnavailable, QueueFull, ServingError
 from athanor.ingress.errors import ANTHROPIC_PREFIX, anthropic_error, error_body, short
-from athanor.ingress.requests import reasoning_changes, task_refusal
+from athanor.ingress.requests import reasoning_changes, shape_problem, task_refusal
 from athanor.ingress.tap import CLIENT_GONE, Tap
 from athanor.ingress.upstream import (
     Response,
@@ -148,6 +148,9 @@ class Proxy:
         changes, problem = reasoning_changes(name, route, runtime, artifact.get("metadata") or {}, payload)
         if problem:
             return await _error(request, 400, problem, "unsupported_reasoning", "reasoning_effort")
+        shape = shape_problem(route, payload)
+        if shape:
+            return await _error(request, 400, shape[0], "invalid_type", shape[1])
         try:
             lease = self.controller.use(name)
         except ServingError as exc:

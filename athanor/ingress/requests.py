@@ -1,4 +1,5 @@
-"""What a request asks of its model beyond the route: the model's kind, and reasoning controls.
+"""What a request asks of its model beyond the route: the model's kind, and reasoning controls; and the shape of
+the fields a runtime would take for a fault of its own.
 
 Refusals here are the caller's mistake, answered 400 before anything starts: a chat request to an embedding
 model, embeddings from a chat model, ``reasoning_effort`` for a model whose chat template has no thinking mode.
@@ -14,6 +15,49 @@ from typing import Any
 from athanor.runtimes.routes import REASONING_ROUTES, TASK_ROUTES
 
 _TASK_ONLY = frozenset().union(*TASK_ROUTES.values())
+# Routes whose bodies carry chat messages (OpenAI's and Anthropic's) and tool definitions.
+_MESSAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/chat/completions/input_tokens", "/v1/messages",
+                             "/v1/messages/count_tokens"})
+_REQUIRES_MESSAGES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+
+
+def shape_problem(route: str, payload: dict[str, Any]) -> tuple[str, str] | None:
+    """(message, param) when a field a runtime parses has the wrong type, else None.
+
+    llama-server answers a message whose ``role`` is not a string, a malformed tool definition, and a
+    Messages request without ``messages`` with a 500 (its JSON library's type errors reach its generic handler): a
+    client takes that for a fault of the server and retries it (the openai SDK twice), and the gateway's health
+    check counts it toward a test generation. They are the request's fault: a 400, before anything starts."""
+    if route not in _MESSAGE_ROUTES:
+        return None
+    messages = payload.get("messages")
+    if messages is None and route in _REQUIRES_MESSAGES:
+        return "'messages' is required", "messages"
+    if isinstance(messages, list):
+        for i, message in enumerate(messages):
+            if isinstance(message, dict) and not isinstance(message.get("role"), str):
+                return f"messages[{i}].role must be a string", f"messages[{i}].role"
+    tools = payload.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            return "tools must be an array of tool definitions", "tools"
+        anthropic = route.startswith("/v1/messages")
+        for i, tool in enumerate(tools):
+            if not _tool_shaped(tool, anthropic):
+                shape = ('{"name": string, "input_schema": object}' if anthropic else
+                         '{"type": "function", "function": {"name": string, "parameters": object}}')
+                return f"tools[{i}] must be {shape}", f"tools[{i}]"
+    return None
+
+
+def _tool_shaped(tool: Any, anthropic: bool) -> bool:
+    if not isinstance(tool, dict):
+        return False
+    if anthropic:
+        return isinstance(tool.get("name"), str) and isinstance(tool.get("input_schema", {}), dict)
+    function = tool.get("function")
+    return (tool.get("type") == "function" and isinstance(function, dict) and isinstance(function.get("name"), str)
+            and isinstance(function.get("parameters", {}), dict))
 
 
 def task_refusal(name: str, route: str, capabilities: list[str]) -> str | None:
