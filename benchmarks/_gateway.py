@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,6 +56,33 @@ def wait_answering(url: str, process: subprocess.Popen[bytes], what: str, timeou
             time.sleep(0.05)  # polling while it starts
 
 
+def wait_listening(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
+    """Return once 127.0.0.1:``port`` accepts a connection (for servers without a GET route to poll)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.05)  # polling while it starts
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM ``proc``'s process group (started with ``start_new_session``), SIGKILL whatever is left of the
+    group after ``grace`` seconds, and reap ``proc``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):  # children that outlived their leader
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @contextlib.contextmanager
 def gateway(root: Path, preset: str, names: tuple[str, ...] = ("m1", "m2"), *,
             gateway_spec: str | None = None, extra_models: dict[str, tuple[Path, str]] | None = None
@@ -62,7 +90,7 @@ def gateway(root: Path, preset: str, names: tuple[str, ...] = ("m1", "m2"), *,
     """Tiny llama GGUF models ``names`` (in ``root/models``), each with ``preset`` (a YAML flow mapping), behind
     ``athanor serve``, all under ``root``; ``gateway_spec``: the Gateway's spec as a YAML flow mapping (default:
     none applied); ``extra_models``: more GGUF models, name -> (weights, preset). Stopped with ``athanor down`` at the end, which also writes every pending state.json record
-    (read it after the block); the daemon is killed if it outlives that."""
+    (read it after the block); the daemon is killed if it outlives that. Its output goes to ``root/daemon.log``."""
     env = {**os.environ, "ATHANOR_HOME": str(root / "home"), "HF_HUB_CACHE": str(root / "hub")}
     specs = [f"apiVersion: athanor.dev/v1alpha1\nkind: Gateway\nmetadata: {{name: default}}\n"
              f"spec: {gateway_spec}\n"] if gateway_spec else []
@@ -74,8 +102,9 @@ def gateway(root: Path, preset: str, names: tuple[str, ...] = ("m1", "m2"), *,
     subprocess.run([ATHANOR, "apply", "-f", "-"], input="---\n".join(specs), text=True, env=env, check=True,
                    capture_output=True)
     port = free_port()
-    daemon = subprocess.Popen([ATHANOR, "serve", "--listen", f"127.0.0.1:{port}"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(root / "daemon.log", "wb") as log:  # its own log, for a run kept to look into a failure
+        daemon = subprocess.Popen([ATHANOR, "serve", "--listen", f"127.0.0.1:{port}"], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_answering(url + "/health", daemon, "the gateway")

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import psutil
-from _gateway import free_port, gateway
+from _gateway import free_port, gateway, wait_listening
 
 BODY = {"model": "m1", "prompt": "hi", "max_tokens": 1, "temperature": 0}
 # The floor under any aiohttp-based ingress: an app with one route that reads the body and answers a fixed one.
@@ -48,11 +50,13 @@ uvloop.run(main())
 """
 
 
-async def timed(session: aiohttp.ClientSession, url: str, body: dict) -> float:
+async def timed(session: aiohttp.ClientSession, url: str, body: dict, headers: dict[str, str] | None = None
+                ) -> float:
     started = time.perf_counter()
-    async with session.post(url, json=body) as resp:
+    async with session.post(url, json=body, headers=headers) as resp:
         await resp.read()
-        assert resp.status == 200, resp.status
+        if resp.status != 200:
+            raise RuntimeError(f"{url} answered {resp.status}")
     return time.perf_counter() - started
 
 
@@ -70,39 +74,53 @@ async def latency(session: aiohttp.ClientSession, direct: str, proxied: str, n: 
     return statistics.median(d), statistics.median(p)
 
 
-async def throughput(session: aiohttp.ClientSession, url: str, concurrency: int, seconds: float) -> float:
+async def throughput(session: aiohttp.ClientSession, url: str, concurrency: int, seconds: float,
+                     headers: dict[str, str] | None = None) -> float:
+    """Requests/s of ``concurrency`` clients sending 1-token completions back to back for ``seconds``."""
     done = 0
     deadline = time.perf_counter() + seconds
 
     async def worker() -> None:
         nonlocal done
         while time.perf_counter() < deadline:
-            await timed(session, url, BODY)
+            await timed(session, url, BODY, headers)
             done += 1
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return done / seconds
 
 
-async def minimal_app_cpu(session: aiohttp.ClientSession, args: argparse.Namespace) -> float:
-    """CPU seconds per request of MINIMAL_AIOHTTP_APP under the same load."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    return sum(psutil.Process(pid).cpu_times()[:2])
+
+
+async def loaded_cpu(session: aiohttp.ClientSession, url: str, pid: int, concurrency: int, seconds: float,
+                     headers: dict[str, str] | None = None) -> tuple[float, float]:
+    """(requests/s, CPU seconds per request of process ``pid``) while ``throughput`` loads ``url``."""
+    before = cpu_seconds(pid)
+    rps = await throughput(session, url, concurrency, seconds, headers)
+    return rps, (cpu_seconds(pid) - before) / (rps * seconds)
+
+
+@contextlib.contextmanager
+def minimal_app() -> Iterator[tuple[str, int]]:
+    """MINIMAL_AIOHTTP_APP in its own process; yields (its completions URL, its pid)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", MINIMAL_AIOHTTP_APP, str(port)])
-    url = f"http://127.0.0.1:{port}/v1/completions"
     try:
-        for _ in range(200):
-            try:
-                await timed(session, url, BODY)
-                break
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)  # polling while the app starts
-        process = psutil.Process(proc.pid)
-        before = sum(process.cpu_times()[:2])
-        rps = await throughput(session, url, args.concurrency, args.seconds)
-        return (sum(process.cpu_times()[:2]) - before) / (rps * args.seconds)
+        wait_listening(port, proc, "the minimal aiohttp app")
+        yield f"http://127.0.0.1:{port}/v1/completions", proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def minimal_app_cpu(session: aiohttp.ClientSession, args: argparse.Namespace) -> float:
+    """CPU seconds per request of MINIMAL_AIOHTTP_APP under the same load."""
+    with minimal_app() as (url, pid):
+        await timed(session, url, BODY)
+        return (await loaded_cpu(session, url, pid, args.concurrency, args.seconds))[1]
 
 
 async def stream_rate(session: aiohttp.ClientSession, url: str, tokens: int) -> float:
@@ -130,14 +148,12 @@ async def main(args: argparse.Namespace) -> None:
                 await timed(session, direct, BODY)
                 await timed(session, proxied, BODY)
             d50, p50 = await latency(session, direct, proxied, args.requests)
-            gateway_proc = psutil.Process(status["pid"])
             d_rounds, p_rounds, cpu_per_request = [], [], []
             for _ in range(args.rounds):
                 d_rounds.append(await throughput(session, direct, args.concurrency, args.seconds))
-                cpu_before = sum(gateway_proc.cpu_times()[:2])
-                p_rounds.append(await throughput(session, proxied, args.concurrency, args.seconds))
-                cpu_per_request.append((sum(gateway_proc.cpu_times()[:2]) - cpu_before)
-                                       / (p_rounds[-1] * args.seconds))
+                rps, cpu = await loaded_cpu(session, proxied, status["pid"], args.concurrency, args.seconds)
+                p_rounds.append(rps)
+                cpu_per_request.append(cpu)
             d_rps, p_rps = statistics.median(d_rounds), statistics.median(p_rounds)
             floor = await minimal_app_cpu(session, args)
             d_streams, p_streams = [], []

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-from _gateway import free_port, gateway, tiny_models, wait_answering
+from _gateway import free_port, gateway, stop_group, tiny_models, wait_answering
 
 from athanor.runtimes.launch import find_runtime
 
@@ -49,11 +49,12 @@ GATEWAY_SPEC = (f"{{serviceManager: process, residency: {{policy: single}}, "
 
 
 @contextlib.contextmanager
-def router(binary: str, models_dir: Path, log_path: Path) -> Iterator[str]:
-    """llama.cpp's router serving the GGUFs in ``models_dir``, one loaded at a time; yields its URL."""
+def router(binary: str, models_dir: Path, log_path: Path, args: tuple[str, ...] = ROUTER_ARGS) -> Iterator[str]:
+    """llama.cpp's router serving the GGUFs in ``models_dir``, one loaded at a time, each instance with the
+    llama-server flags ``args``; yields its URL."""
     port = free_port()
     argv = [binary, "--models-dir", str(models_dir), "--models-max", "1", "--host", "127.0.0.1",
-            "--port", str(port), *ROUTER_ARGS]
+            "--port", str(port), *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -62,15 +63,7 @@ def router(binary: str, models_dir: Path, log_path: Path) -> Iterator[str]:
         wait_answering(url + "/health", proc, "the router")
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):  # the group: model instances that outlived the router
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_group(proc)  # the group: model instances that outlived the router too
 
 
 async def chat(session: aiohttp.ClientSession, url: str, model: str) -> float:
@@ -95,9 +88,9 @@ def summary(rounds: list[list[float]]) -> dict[str, float]:
             "max_ms": max(medians) * 1000, "all_median_ms": statistics.median([t for r in rounds for t in r]) * 1000}
 
 
-def athanor_argv(home: Path) -> str:
-    """The runtime's command line as athanor started it (the last start line of a model's log)."""
-    lines = (home / "logs" / f"{MODELS[0]}.log").read_text(errors="replace").splitlines()
+def athanor_argv(home: Path, model: str = MODELS[0]) -> str:
+    """The runtime's command line as athanor started it (the last start line of ``model``'s log)."""
+    lines = (home / "logs" / f"{model}.log").read_text(errors="replace").splitlines()
     return [line for line in lines if line.startswith("=== ") and " starting: " in line][-1].split(" starting: ")[1]
 
 
