@@ -138,6 +138,7 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
+        self._loop = asyncio.get_running_loop()  # kept: in Python 3.11 each lookup is a getpid() system call
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self._poll = select.poll()
@@ -219,7 +220,7 @@ class _Connection(asyncio.Protocol):
         the pool's sweep enforces (``UpstreamPool._sweep``)."""
         if self.idle_timeout:
             self.deadline = time.monotonic() + self.idle_timeout
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:

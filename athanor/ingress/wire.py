@@ -220,6 +220,8 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
+        # Kept: in Python 3.11 each get_running_loop() is a getpid() system call (its fork check).
+        self._loop = asyncio.get_running_loop()
         self.peername = transport.get_extra_info("peername")
         self.sockname = transport.get_extra_info("sockname")
         self.front.connections.add(self)
@@ -345,7 +347,7 @@ class Connection(asyncio.Protocol):
         """Wake the connection's task (one per connection, made with its first request: a task per request was a
         measurable share of a proxied request's CPU)."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._answer())
+            self._task = self._loop.create_task(self._answer())
         elif self._more is not None and not self._more.done():
             self._more.set_result(None)
 
@@ -367,7 +369,7 @@ class Connection(asyncio.Protocol):
             else:
                 if not self._in_message:
                     self._arm(self.front.keepalive)
-                self._more = asyncio.get_running_loop().create_future()
+                self._more = self._loop.create_future()
                 try:
                     await self._more
                 finally:
@@ -435,7 +437,7 @@ class Connection(asyncio.Protocol):
 
     async def drain(self) -> None:
         if self._write_paused and not self.lost:
-            self._drained = asyncio.get_running_loop().create_future()
+            self._drained = self._loop.create_future()
             await self._drained
         if self.lost:
             raise ConnectionResetError("the client went away")

@@ -12,7 +12,6 @@ The token rates are worked out at write time, off the request path (``rates``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import sqlite3
@@ -74,8 +73,10 @@ def row_of(record: Record) -> db.Row:
     arrived, model, runtime, route, status, prompt, completion, cached, ttft, total, raw, gone = record
     timings: dict[str, float] = {}
     for key, value in raw or ():
-        with contextlib.suppress(ValueError):
+        try:  # not a context manager per value: this runs for every request, in the writer's thread
             timings[key.decode()] = float(value)
+        except ValueError:
+            continue
     if cached is None and "cache_n" in timings:
         cached = int(timings["cache_n"])
     if completion is None and "predicted_n" in timings:
