@@ -12,13 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from athanor.runtimes.routes import REASONING_ROUTES, TASK_ROUTES
+from athanor.runtimes.routes import MESSAGE_ROUTES, REASONING_ROUTES, REQUIRES_MESSAGES, TASK_ROUTES
 
 _TASK_ONLY = frozenset().union(*TASK_ROUTES.values())
-# Routes whose bodies carry chat messages (OpenAI's and Anthropic's) and tool definitions.
-_MESSAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/chat/completions/input_tokens", "/v1/messages",
-                             "/v1/messages/count_tokens"})
-_REQUIRES_MESSAGES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 
 
 def shape_problem(route: str, payload: dict[str, Any]) -> tuple[str, str] | None:
@@ -28,10 +24,10 @@ def shape_problem(route: str, payload: dict[str, Any]) -> tuple[str, str] | None
     Messages request without ``messages`` with a 500 (its JSON library's type errors reach its generic handler): a
     client takes that for a fault of the server and retries it (the openai SDK twice), and the gateway's health
     check counts it toward a test generation. They are the request's fault: a 400, before anything starts."""
-    if route not in _MESSAGE_ROUTES:
+    if route not in MESSAGE_ROUTES:
         return None
     messages = payload.get("messages")
-    if messages is None and route in _REQUIRES_MESSAGES:
+    if messages is None and route in REQUIRES_MESSAGES:
         return "'messages' is required", "messages"
     if isinstance(messages, list):
         for i, message in enumerate(messages):

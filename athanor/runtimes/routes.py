@@ -3,7 +3,8 @@ kind of model it needs, whether it takes reasoning controls.
 
 Every set of routes elsewhere is read from this table: the gateway's 404 (``ALL_ROUTES``), each runtime's row in
 ``launch.RUNTIMES`` (a request for a route its runtime lacks never starts it), the usage the ingress asks a stream
-for (``USAGE_ROUTES``), and what an embedding or rerank model answers (``TASK_ROUTES``). A new route is one row.
+for (``USAGE_ROUTES``), what an embedding or rerank model answers (``TASK_ROUTES``), and the bodies whose
+messages and tools are checked before a runtime chokes on them (``MESSAGE_ROUTES``). A new route is one row.
 """
 
 from __future__ import annotations
@@ -23,21 +24,22 @@ class Route:
     usage: bool = False  # a stream can carry a usage chunk when asked (stream_options.include_usage)
     task: str | None = None  # the model capability it needs (embedding, rerank); None: a generating model
     reasoning: bool = False  # takes reasoning_effort / thinking, mapped to chat_template_kwargs (ingress/requests.py)
+    messages: str | None = None  # its body carries chat messages and tools: "required", or "optional"
 
 
 _ALL = frozenset({LLAMA, MLX_LM, MLX_VLM})
 _LLAMA_ONLY = frozenset({LLAMA})
 
 ROUTES: dict[str, Route] = {
-    "/v1/chat/completions": Route(_ALL, usage=True, reasoning=True),
+    "/v1/chat/completions": Route(_ALL, usage=True, reasoning=True, messages="optional"),
     "/v1/completions": Route(_ALL, usage=True),
     "/v1/responses": Route(frozenset({LLAMA, MLX_VLM}), reasoning=True),
     "/v1/embeddings": Route(_LLAMA_ONLY, task="embedding"),
     "/v1/rerank": Route(_LLAMA_ONLY, task="rerank"),
     "/v1/reranking": Route(_LLAMA_ONLY, task="rerank"),
-    "/v1/messages": Route(_LLAMA_ONLY),  # Anthropic's Messages API (takes ``thinking`` natively)
-    "/v1/messages/count_tokens": Route(_LLAMA_ONLY),
-    "/v1/chat/completions/input_tokens": Route(_LLAMA_ONLY),
+    "/v1/messages": Route(_LLAMA_ONLY, messages="required"),  # Anthropic's Messages API (takes ``thinking`` natively)
+    "/v1/messages/count_tokens": Route(_LLAMA_ONLY, messages="required"),
+    "/v1/chat/completions/input_tokens": Route(_LLAMA_ONLY, messages="optional"),
     "/v1/responses/input_tokens": Route(_LLAMA_ONLY),
 }
 
@@ -50,6 +52,8 @@ def served_by(runtime: str) -> frozenset[str]:
 ALL_ROUTES = frozenset(ROUTES)
 USAGE_ROUTES = frozenset(path for path, route in ROUTES.items() if route.usage)
 REASONING_ROUTES = frozenset(path for path, route in ROUTES.items() if route.reasoning)
+MESSAGE_ROUTES = frozenset(path for path, route in ROUTES.items() if route.messages)  # shapes checked (requests.py)
+REQUIRES_MESSAGES = frozenset(path for path, route in ROUTES.items() if route.messages == "required")
 TASK_ROUTES: dict[str, frozenset[str]] = {
     task: frozenset(path for path, route in ROUTES.items() if route.task == task)
     for task in dict.fromkeys(route.task for route in ROUTES.values() if route.task)
