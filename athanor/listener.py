@@ -8,9 +8,9 @@ whatever other process holds it. So a loopback socket that could not be bound is
 An address that cannot be bound (in use, say) is tried again, after 1 s and then at doubling intervals up to 8 s,
 until it is bound or no longer wanted; the failure is said once per streak, as one event.
 
-Sockets are bound here, before the gateway's front door exists, so that ``athanor serve`` on a busy address fails (one line)
-before it re-attaches to runtimes or records anything in state.json. They listen only once the app serves them
-(``serve`` starts listening): a port that accepts connections is a gateway that answers, as before.
+Sockets are bound here, before the gateway's front door exists, so that ``athanor serve`` on a busy address fails
+(one line) before it re-attaches to runtimes or records anything in state.json. They listen only once the front
+door serves them (``serve``): a port that accepts connections is a gateway that answers, as before.
 """
 
 from __future__ import annotations
