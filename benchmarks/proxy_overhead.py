@@ -90,6 +90,32 @@ async def throughput(session: aiohttp.ClientSession, url: str, concurrency: int,
     return done / seconds
 
 
+async def paced(session: aiohttp.ClientSession, url: str, concurrency: int, seconds: float, rate: float,
+                headers: dict[str, str] | None = None) -> float:
+    """Requests/s of ``concurrency`` clients offering ``rate`` requests/s in all, evenly spaced, for ``seconds``:
+    a server offered another's rate rather than loaded flat out (a faster server batches more per wake-up, which
+    makes its CPU per request lower)."""
+    done = 0
+    start = time.perf_counter()
+
+    async def worker(i: int) -> None:
+        nonlocal done
+        k = 0
+        while True:
+            due = start + (k * concurrency + i) / rate
+            now = time.perf_counter()
+            if now - start >= seconds:
+                return
+            if due > now:
+                await asyncio.sleep(due - now)  # the pacing itself, not a synchronisation
+            await timed(session, url, BODY, headers)
+            done += 1
+            k += 1
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return done / (time.perf_counter() - start)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` so far."""
     return sum(psutil.Process(pid).cpu_times()[:2])
