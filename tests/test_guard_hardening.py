@@ -44,6 +44,22 @@ def test_a_cors_preflight_needs_no_key_but_the_request_it_clears_does(tier: Tier
     tier.run(scenario)
 
 
+def test_a_keyless_request_that_asks_100_continue_is_refused_before_its_body_with_the_auth_challenge(tier: Tier):
+    keys = tier.root / "keys"
+    keys.write_text("sk-right\n")
+    tier.gateway(auth={"apiKeyFile": str(keys)})
+
+    async def scenario() -> None:
+        async with tier.controller() as c, tier.ingress(c):
+            status, headers, content = await raw_request(tier.port, (
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"))  # the body is never sent
+            assert status == 401 and headers["www-authenticate"] == "Bearer", headers
+            assert json.loads(content)["error"]["code"] == "invalid_api_key"
+
+    tier.run(scenario)
+
+
 async def raw_request(port: int, head: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send ``head`` as it is (bytes no HTTP client would send) and read the whole answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

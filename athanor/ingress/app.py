@@ -244,8 +244,10 @@ def front_door(app: web.Application, aiohttp_server: ServerFactory, **timeouts: 
         is refused by the front door itself.)"""
         gateway = app[CONTROLLER].gateway()
         refused = guard.refusal(request, guard.policy(gateway), gateway["auth"])
+        if refused is not None and refused[0] == 401:
+            return Refused(401, refused[1], "invalid_api_key", [("WWW-Authenticate", "Bearer")])
         if refused is not None:
-            return Refused(refused[0], refused[1], "invalid_api_key" if refused[0] == 401 else "forbidden")
+            return Refused(refused[0], refused[1], "forbidden")
         if request.headers["Expect"].lower() != "100-continue":
             return Refused(417, f"unsupported Expect: {short(request.headers['Expect'])}", "expectation_failed")
         return None

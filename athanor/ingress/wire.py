@@ -51,11 +51,11 @@ ErrorBody = Callable[[str, int, str, str, "str | None"], bytes]
 
 
 class Refused(Exception):
-    """A request refused before its handler: (status, message, code)."""
+    """A request refused before its handler: (status, message, code), and headers for the answer."""
 
-    def __init__(self, status: int, message: str, code: str):
+    def __init__(self, status: int, message: str, code: str, headers: Sequence[tuple[str, str]] = ()):
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.headers = status, message, code, list(headers)
 
 
 class Front:
@@ -382,7 +382,8 @@ class Connection(asyncio.Protocol):
         front = self.front
         try:
             if request.refused is not None:
-                await request.error(request.refused.status, request.refused.message, request.refused.code)
+                refused = request.refused
+                await request.error(refused.status, refused.message, refused.code, headers=refused.headers)
             else:
                 await (front.hot if _is_hot(request) else front.relay)(request)
         except ConnectionError:

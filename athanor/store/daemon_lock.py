@@ -13,6 +13,7 @@ locks of ``store/files.py`` and run beside a daemon as before.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -46,8 +47,11 @@ def hold_daemon_lock(store: Store, listen: str) -> int:
         if exc.errno not in (errno.EAGAIN, errno.EACCES):
             raise StoreError(f"{path}: cannot lock: {exc.strerror}") from exc
         raise DaemonAlreadyRunning(_refusal(store, holder)) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "listen": listen}).encode(), 0)
+    # A note for the message a second daemon prints: best-effort, as the store's lock writes its own (on a full
+    # disk the daemon's own writes fail later, each with a message naming its file).
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "listen": listen}).encode(), 0)
     return fd
 
 
