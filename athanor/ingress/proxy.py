@@ -123,9 +123,9 @@ class Proxy:
             status = await self._for_model(request, name, requested, route, payload, body, tap)
         except Exception:  # noqa: BLE001 - a bug must still answer in the format clients parse
             log.exception("unexpected error serving %s %s", request.method, request.path)
+            status = 500  # counted as the gateway's error, whatever reached the client
             with contextlib.suppress(ConnectionError):  # the client may have gone meanwhile
-                status = await _failed(request, 500, "internal error in the gateway (see its log)", "internal_error")
-            status = 500
+                await _failed(request, 500, "internal error in the gateway (see its log)", "internal_error")
         finally:
             if not status:
                 status = request.status or CLIENT_GONE

@@ -254,8 +254,7 @@ class Connection(asyncio.Protocol):
         self._disarm()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # its client is gone: nothing more is done for it
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self._wake_drain()
         if self.relayed is not None:
             self.relayed.close()
 
@@ -266,10 +265,14 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self._wake_drain()
         if self.relayed is not None:
             self.relayed.resume_reading()
+
+    def _wake_drain(self) -> None:
+        """A write waiting for the client's buffer goes on (it drained, or the client is gone)."""
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     # ------------------------------------------------------------------ httptools callbacks
 
