@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ from athanor.fit import Memory, machine_memory
 from athanor.managers import Managers
 from athanor.managers.base import Handle, ServiceManager
 from athanor.parking import files as park_files
+from athanor.quantities import parse_duration
 from athanor.runtimes import secret as runtime_secret
 from athanor.runtimes.launch import LaunchSpec
 from athanor.store import Store
@@ -139,6 +141,15 @@ class Controller:
     def setting(self, obj: dict[str, Any] | None, key: str) -> Any:
         """A model's own ``spec.<key>``, else the Gateway's (startupTimeout, idleTimeout)."""
         return self._desired.setting(obj, key)
+
+    def idle_limit(self, inst: Instance, obj: dict[str, Any]) -> float | None:
+        """Seconds a loaded model stays after its last request; None: for ever. An Ollama client's ``keep_alive``
+        (held until the model unloads) comes first; a pinned model stays; else the spec's idleTimeout."""
+        if inst.keep_alive is not None:
+            return None if math.isinf(inst.keep_alive) else inst.keep_alive
+        if obj["spec"].get("residency") == "pinned":
+            return None
+        return parse_duration(self.setting(obj, "idleTimeout")) or None  # 0: no limit
 
     def resolve(self, requested: str, *, refresh: bool = True) -> str | None:
         """A model's name from its name, an alias, or its discovered id (``org/repo`` or ``org/repo:file``).

@@ -78,6 +78,7 @@ class Instance:
     error_streak: int = 0  # consecutive requests it answered with a server error
     refusal: dict[str, Any] | None = None  # the last start refused before it began (memory, preflight)
     force_next: bool = False  # athanor start --force: the memory guard lets this start through
+    keep_alive: float | None = None  # idle limit an Ollama client set (seconds; inf: never), until it unloads
     starting_since: float = 0.0  # monotonic time the current incarnation started
     load_seconds: float | None = None  # how long its start took (None: not started by this daemon)
     start_task: asyncio.Task[None] | None = None
@@ -106,6 +107,8 @@ class Instance:
             self.abort = asyncio.Event()
         if new is Phase.READY:
             self.last_used = time.monotonic()  # idle time counts from readiness, not from the last request
+        elif new in (Phase.STANDBY, Phase.FAILED):
+            self.keep_alive = None  # it held for that load only
         self.message = message
         # Wake everyone waiting on any change, then arm a fresh event for the next one.
         self.changed.set()

@@ -21,7 +21,6 @@ from athanor.controller.spec_changes import SpecChanges
 from athanor.controller.tasks import Spawn
 from athanor.managers import Managers
 from athanor.managers.base import Handle, ServiceManager
-from athanor.quantities import parse_duration
 
 log = logging.getLogger("athanor.controller")
 
@@ -103,10 +102,9 @@ class Monitor:
                 log.info("%s: its spec changed: reloading it", inst.name)
                 self._specs.reload_soon(inst)
                 continue
-            idle_limit = parse_duration(c.setting(obj, "idleTimeout"))
+            idle_limit = c.idle_limit(inst, obj)
             idle_for = now - inst.last_used
-            pinned = obj["spec"].get("residency") == "pinned"
-            if idle_limit and not pinned and inst.inflight == 0 and idle_for > idle_limit:
+            if idle_limit is not None and inst.inflight == 0 and idle_for > idle_limit:
                 log.info("%s idle for %.0f s: unloading", inst.name, idle_for)
                 self._spawn(c.stop(inst.name), f"stop-idle-{inst.name}")
                 continue

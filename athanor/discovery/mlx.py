@@ -181,23 +181,27 @@ def read_mlx_config(path: str | os.PathLike[str]) -> MLXInfo:
 
 
 def _template_reasoning(directory: Path) -> bool | None:
-    """Whether the chat template (tokenizer_config.json's, or chat_template.jinja) has a thinking mode."""
+    """Whether the chat template has a thinking mode (None: no template found)."""
     from athanor.discovery.gguf import REASONING_MARKERS
 
-    template = None
-    jinja = directory / "chat_template.jinja"
-    try:
-        if jinja.is_file():
-            template = jinja.read_text(encoding="utf-8", errors="replace")
-        else:
-            data = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-            value = data.get("chat_template") if isinstance(data, dict) else None
-            template = value if isinstance(value, str) else json.dumps(value) if value else None
-    except (OSError, ValueError, RecursionError):
-        return None
+    template = read_chat_template(directory)
     if not template:
         return None
     return any(marker in template for marker in REASONING_MARKERS)
+
+
+def read_chat_template(directory: Path) -> str | None:
+    """The chat template of an MLX model directory: ``chat_template.jinja``, else tokenizer_config.json's (a list of
+    named templates comes back as its JSON text). None when there is none or it cannot be read."""
+    jinja = directory / "chat_template.jinja"
+    try:
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8", errors="replace")
+        data = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    value = data.get("chat_template") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else json.dumps(value) if value else None
 
 
 def _safetensors_header(path: Path) -> dict[str, Any] | None:

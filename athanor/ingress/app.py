@@ -1,10 +1,11 @@
 """The gateway's port: the front door (``wire.py``) and the aiohttp application behind it.
 
 The front door takes every connection. Model requests (``POST /v1/...``, the hot path) are answered by the proxy
-(``proxy.py``) without passing through aiohttp; every other request is relayed to the aiohttp application built
-here (``relay.py``): ``/health``, ``/v1/models``, CORS preflights, and the admin API and ``/metrics`` that
-``admin.py`` adds. Both sides pass the same guard (``guard.py``: Host, Origin, keys) and answer errors in the
-format of the API called.
+(``proxy.py``) without passing through aiohttp, and so are Ollama's (``/api/chat`` and the like: ``ollama/``,
+which translates them for the same proxy); every other request is relayed to the aiohttp application built here
+(``relay.py``): ``/health``, ``/v1/models``, Ollama's other paths, CORS preflights, and the admin API and
+``/metrics`` that ``admin.py`` adds. Both sides pass the same guard (``guard.py``: Host, Origin, keys) and answer
+errors in the format of the API called.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from aiohttp import web
 from athanor import views
 from athanor.controller.controller import Controller
 from athanor.controller.instance import Phase
-from athanor.ingress.errors import ANTHROPIC_PREFIX, anthropic_error, error_body, error_bytes, short
+from athanor.ingress.errors import ANTHROPIC_PREFIX, OLLAMA_PREFIX, anthropic_error, error_body, error_bytes, short
 from athanor.ingress.guard import Guard
 from athanor.ingress.limits import Limits
 from athanor.ingress.proxy import Proxy
@@ -28,6 +29,7 @@ from athanor.ingress.relay import Relay, ServerFactory
 from athanor.ingress.upstream import UpstreamPool
 from athanor.ingress.wire import Front, Refused, Request
 from athanor.metrics import Metrics
+from athanor.ollama.routes import MODEL_POSTS, OllamaFront, add_routes
 from athanor.telemetry.recorder import Recorder
 
 __all__ = ["ANTHROPIC_PREFIX", "anthropic_error", "error_body", "error_response", "short"]  # for admin.py and
@@ -59,11 +61,16 @@ STARTED: web.RequestKey[web.StreamResponse] = web.RequestKey("athanor.started", 
 def _in_callers_format(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     """The gateway's own errors in the format of the API the client called (the runtimes' pass as they are)."""
     error = response.get(GATEWAY_ERROR)
-    if error is None or not request.path.startswith(ANTHROPIC_PREFIX):
+    if error is None:
+        return response
+    if request.path.startswith(ANTHROPIC_PREFIX):
+        body = anthropic_error(response.status, error["message"])
+    elif request.path.startswith(OLLAMA_PREFIX):
+        body = {"error": error["message"]}
+    else:
         return response
     headers = {k: v for k, v in response.headers.items() if k.lower() in ("allow", "www-authenticate")}
-    return web.json_response(anthropic_error(response.status, error["message"]), status=response.status,
-                             headers=headers)
+    return web.json_response(body, status=response.status, headers=headers)
 
 
 @web.middleware
@@ -226,13 +233,16 @@ def create_app(controller: Controller, pool: UpstreamPool, listen_host: str) -> 
     app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_post("/v1/{tail:.*}", escaped_route)  # the front door answers every other POST there
     app.router.add_route("OPTIONS", "/v1/{tail:.*}", preflight)
+    app.router.add_route("OPTIONS", "/api/{tail:.*}", preflight)
+    add_routes(app, controller, controller.store)
     app[PROXY] = Proxy(controller, pool, app[GUARD], app[METRICS])
     return app
 
 
 def front_door(app: web.Application, aiohttp_server: ServerFactory, **timeouts: float) -> Front:
-    """The protocol factory for the gateway's listening sockets: model requests go to the app's proxy, everything
-    else to ``aiohttp_server`` (``protocol.GatewayRunner.relayed``), which serves ``app``."""
+    """The protocol factory for the gateway's listening sockets: model requests go to the app's proxy (Ollama's
+    through their translation), everything else to ``aiohttp_server`` (``protocol.GatewayRunner.relayed``), which
+    serves ``app``."""
     guard, limits = app[GUARD], app[LIMITS]
 
     def cors(request: Request) -> list[tuple[str, str]]:
@@ -252,5 +262,6 @@ def front_door(app: web.Application, aiohttp_server: ServerFactory, **timeouts: 
             return Refused(417, f"unsupported Expect: {short(request.headers['Expect'])}", "expectation_failed")
         return None
 
+    ollama = OllamaFront(app[CONTROLLER], app[PROXY], guard)
     return Front(app[PROXY], Relay(aiohttp_server), max_body=limits.follow, expect=expect, error_body=error_bytes,
-                 cors=cors, **timeouts)
+                 cors=cors, posts=dict.fromkeys(MODEL_POSTS, ollama), **timeouts)

@@ -1,5 +1,5 @@
-"""The gateway's own errors, in the format of the API the client called: OpenAI's error object, or Anthropic's on
-``/v1/messages`` (the runtimes' own errors pass as they are)."""
+"""The gateway's own errors, in the format of the API the client called: OpenAI's error object, Anthropic's on
+``/v1/messages``, Ollama's ``{"error": "..."}`` on ``/api/`` (the runtimes' own errors pass as they are)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 ANTHROPIC_PREFIX = "/v1/messages"
+OLLAMA_PREFIX = "/api/"
 MAX_ECHO = 64  # characters of a client's value repeated in an error message
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
@@ -37,6 +38,8 @@ def error_bytes(path: str, status: int, message: str, code: str, param: str | No
     """The JSON body of an error answered to a request for ``path``."""
     if path.startswith(ANTHROPIC_PREFIX):
         return json.dumps(anthropic_error(status, message)).encode()
+    if path.startswith(OLLAMA_PREFIX):
+        return json.dumps({"error": message}).encode()
     return json.dumps(error_body(status, message, code, param)).encode()
 
 

@@ -154,7 +154,7 @@ class Proxy:
         try:
             lease = self.controller.use(name)
         except ServingError as exc:
-            return await _error(request, *_status(exc))
+            return await _error(request, *serving_status(exc))
         async with lease:
             return await self._serve(request, lease, name, requested, payload, body, changes or {}, tap)
 
@@ -180,7 +180,7 @@ class Proxy:
                         return await _failed(request, 502, f"runtime for {name!r} failed mid-request: {exc}",
                                              "upstream_failed")
         except ServingError as exc:
-            return await _failed(request, *_status(exc))
+            return await _failed(request, *serving_status(exc))
         except ConnectionResetError:
             return request.status  # the client went away while being kept alive
         raise AssertionError("unreachable")
@@ -274,7 +274,8 @@ async def _acquire(lease: Lease, request: Request, name: str) -> Upstream:
             ready.cancel()
 
 
-def _status(exc: ServingError) -> tuple[int, str, str]:
+def serving_status(exc: ServingError) -> tuple[int, str, str]:
+    """(status, message, code) of a request ``controller.use`` refused or a lease could not serve."""
     if isinstance(exc, QueueFull):
         return 429, str(exc), "queue_full"
     assert isinstance(exc, ModelUnavailable)

@@ -29,7 +29,7 @@ import email.utils
 import http
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import httptools
@@ -63,12 +63,13 @@ class Front:
 
     def __init__(self, hot: Handler, relay: Handler, *, max_body: Callable[[], int],
                  expect: Callable[[Request], Refused | None], error_body: ErrorBody,
-                 cors: Callable[[Request], list[tuple[str, str]]],
+                 cors: Callable[[Request], list[tuple[str, str]]], posts: Mapping[str, Handler] | None = None,
                  header_timeout: float = HEADER_TIMEOUT_S, keepalive: float = KEEPALIVE_S):
-        """``hot``: answers ``POST /v1/...``; ``relay``: everything else. ``max_body``: the body limit now;
-        ``expect``: the refusal of a request that asks ``Expect: 100-continue`` (None: go on); ``cors``: headers
-        for an answer to a request with ``Origin``."""
-        self.hot, self.relay = hot, relay
+        """``hot``: answers ``POST /v1/...``; ``posts``: other POSTs answered here, by exact path (Ollama's model
+        requests); ``relay``: everything else. ``max_body``: the body limit now; ``expect``: the refusal of a
+        request that asks ``Expect: 100-continue`` (None: go on); ``cors``: headers for an answer to a request
+        with ``Origin``."""
+        self.hot, self.relay, self.posts = hot, relay, dict(posts or {})
         self.max_body, self.expect, self.error_body, self.cors = max_body, expect, error_body, cors
         self.header_timeout, self.keepalive = header_timeout, keepalive
         self.connections: set[Connection] = set()
@@ -78,6 +79,16 @@ class Front:
         if self._sweeping is None:
             self._sweeping = asyncio.get_running_loop().call_later(self._sweep_every(), self._sweep)
         return Connection(self)
+
+    def handler(self, request: Request) -> Handler:
+        """Who answers ``request``: model requests here (``/v1`` on the hot path first), the rest through aiohttp.
+        A target with escapes goes to aiohttp, which decodes it."""
+        if request.method == "POST":
+            path = request.path
+            if path.startswith("/v1/") and "%" not in path:
+                return self.hot
+            return self.posts.get(path, self.relay)
+        return self.relay
 
     def _sweep_every(self) -> float:
         return min(1.0, self.header_timeout / 3, self.keepalive / 3)
@@ -388,7 +399,7 @@ class Connection(asyncio.Protocol):
                 refused = request.refused
                 await request.error(refused.status, refused.message, refused.code, headers=refused.headers)
             else:
-                await (front.hot if _is_hot(request) else front.relay)(request)
+                await front.handler(request)(request)
         except ConnectionError:
             return False
         except Exception:  # noqa: BLE001 - the handlers answer their own errors; this is a bug
@@ -474,11 +485,6 @@ class Connection(asyncio.Protocol):
             return  # an answer is under way; its end arms the keep-alive deadline again
         log.debug("closed a connection that sent no complete request headers in time")
         self.close()
-
-
-def _is_hot(request: Request) -> bool:
-    """Model requests (``POST /v1/...``) are answered here; a target with escapes goes to aiohttp, which decodes."""
-    return request.method == "POST" and request.path.startswith("/v1/") and "%" not in request.path
 
 
 _date_cache: tuple[int, str] = (0, "")
