@@ -77,6 +77,7 @@ class PullFile:
     path: str  # in the repo
     size: int
     cached: bool  # already in the cache (this commit's snapshot, or the same blob): nothing to fetch
+    blob: str | None = None  # its blob in the cache as the listing names it: an LFS file's sha256, else a git id
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,8 @@ def plan(repo: str, *, files: tuple[str, ...] = (), revision: str | None = None,
         fmt, chosen, models = _preferred(repo, sizes, tags, info.library_name, at)
     ordered = sorted(chosen, key=lambda path: (_rank(path, fmt, models), path))
     blobs = _blob_ids(info)
-    pulled = tuple(PullFile(p, sizes[p], _cached(repo, p, info.sha, blobs.get(p), cache_dir)) for p in ordered)
+    pulled = tuple(PullFile(p, sizes[p], _cached(repo, p, info.sha, blobs.get(p), cache_dir), blobs.get(p))
+                   for p in ordered)
     return Plan(repo, revision, info.sha, fmt, pulled, tuple(models), cache_dir)
 
 
