@@ -349,6 +349,12 @@ def test_a_pull_through_the_gateway_is_served_at_once(fake_hub, gateway):
     size = fake_hub.repos[repo].files["Gateway-Tiny-Q4_K_M.gguf"].size
     assert [(p.completed, p.total) for p in parts if p.digest][-1] == (size, size)
     assert "gateway-tiny-q4-k-m" in {m.id for m in gateway.client.models.list()}  # registered, published
+    for name in (f"hf.co/{repo}", f"hf.co/{repo}:q4_k_m", f"{repo}:latest"):  # used by the name it was pulled as
+        answer = client.generate(model=name, prompt="hi", options={"num_predict": 2})
+        assert answer.done and answer.model == name
+    with pytest.raises(ollama.ResponseError) as missing:
+        client.generate(model=f"hf.co/{repo}:Q8_0", prompt="hi")
+    assert missing.value.status_code == 404
     with pytest.raises(ollama.ResponseError) as refused:
         client.pull("llama3")
     assert refused.value.status_code == 400 and "athanor pulls models from Hugging Face" in refused.value.error

@@ -52,12 +52,32 @@ INSTEAD = {
 
 
 def resolve(controller: Controller, requested: str, *, refresh: bool = True) -> str | None:
-    """A model's name from an Ollama name: as on ``/v1`` (name, alias, HF id), or without ``:latest``."""
+    """A model's name from an Ollama name: as on ``/v1`` (name, alias, HF id), or without ``:latest``, or the
+    name it was pulled by (``hf.co/ORG/REPO[:QUANT]``, ``pull.py``)."""
     for candidate in shapes.candidates(requested):
         name = controller.resolve(candidate, refresh=refresh)
         if name is not None:
             return name
-    return None
+    return _pulled_as(controller, requested)
+
+
+def _pulled_as(controller: Controller, requested: str) -> str | None:
+    """The model a pull name registered: from that Hub repo and, with a tag, of that quantization (the one model
+    of the repo without a tag, when there is just one)."""
+    from athanor.errors import InvalidValueError
+    from athanor.ollama.pull import hub_repo
+
+    if "/" not in requested:
+        return None
+    try:
+        repo, tag = hub_repo(requested)
+    except InvalidValueError:
+        return None
+    found = [name for name, obj in sorted(controller.doc()["models"].items())
+             if (obj["spec"]["source"].get("hf") or {}).get("repo") == repo
+             and (tag is None or str(((obj.get("artifact") or {}).get("metadata") or {}).get("quantization", "")
+                                     ).upper() == tag.upper())]
+    return found[0] if len(found) == 1 else None
 
 
 def not_found(requested: str) -> str:
