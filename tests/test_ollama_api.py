@@ -17,7 +17,16 @@ import pytest
 from conftest import ATHANOR, write
 from fixtures.serving import Gateway, model_spec, wait_until
 from fixtures.shared_gateway import shared_gateway
-from fixtures.tiny_models import CHAT_TEMPLATE, write_tiny_bert_gguf, write_tiny_llama_gguf, write_tiny_mlx_llama
+from fixtures.tiny_models import (
+    CHAT_TEMPLATE,
+    TinyLlamaShape,
+    TinyVisionShape,
+    write_tiny_bert_gguf,
+    write_tiny_llama_gguf,
+    write_tiny_mlx_llama,
+    write_tiny_mmproj_gguf,
+    write_tiny_png,
+)
 
 # A chat template that renders tools and tool calls, as tool-capable models' templates do.
 TOOLS_TEMPLATE = (
@@ -45,9 +54,16 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         bert = write_tiny_bert_gguf(weights / "bert.gguf", embedding_length=48)
         tools = write_tiny_llama_gguf(weights / "tools.gguf", name="tiny-tools", context_length=1024)
         template = write(root / "tools.jinja", TOOLS_TEMPLATE)
+        vision = write_tiny_llama_gguf(weights / "vision" / "tiny-vlm-F32.gguf", name="tiny-vlm")
+        write_tiny_mmproj_gguf(weights / "vision" / "mmproj-tiny-vlm-F32.gguf",
+                               text_embedding_length=TinyLlamaShape.hidden)
+        broken = weights / "broken.gguf"
+        broken.write_bytes(b"GGUF" + b"\xff" * 64)  # a header that cannot be read
         spec = write(root / "more.yaml", "---\n".join([
             model_spec("tiny-mlx", mlx, "mlx-lm", "  preset: {maxTokens: 8}\n"),
             model_spec("tiny-bert", bert),
+            model_spec("tiny-vlm", vision, extra="  preset: {ctxSize: 256}\n"),
+            model_spec("broken", broken),
             model_spec("tiny-tools", tools, extra=f"  preset: {{ctxSize: 768, chatTemplateFile: {json.dumps(str(template))}}}\n"),
         ]))
         applied = subprocess.run([ATHANOR, "apply", "-f", str(spec)], capture_output=True, text=True, env=gw.env)
@@ -168,6 +184,19 @@ def test_tools_and_tool_calls_reach_the_template(client: ollama.Client) -> None:
     assert answered.done and answered.message.role == "assistant"
 
 
+def test_images_reach_a_vision_model(client: ollama.Client) -> None:
+    """Base64 images in a chat message and in a generate request become image parts the runtime's projector
+    encodes: each adds the projector's tokens to the prompt."""
+    text = client.chat(model="tiny-vlm", messages=[{"role": "user", "content": "what is it?"}], options=SAMPLING)
+    png = write_tiny_png()
+    seen = client.chat(model="tiny-vlm", messages=[{"role": "user", "content": "what is it?", "images": [png]}],
+                       options=SAMPLING)
+    assert seen.prompt_eval_count == text.prompt_eval_count + TinyVisionShape.patches()
+    generated = client.generate(model="tiny-vlm", prompt="what is it?", images=[png], options=SAMPLING)
+    assert generated.prompt_eval_count == seen.prompt_eval_count and generated.done
+    assert "vision" in client.show("tiny-vlm").capabilities
+
+
 def test_format_json_is_passed_as_a_response_format(client: ollama.Client) -> None:
     """llama-server turns response_format into a grammar: whatever the random weights pick, it is JSON."""
     answer = client.generate(model="tiny-gguf", prompt="a json object", format="json",
@@ -231,6 +260,9 @@ def test_errors_in_ollamas_shape(served: Gateway, client: ollama.Client) -> None
     with pytest.raises(ollama.ResponseError) as caught:
         client.embed(model="tiny-gguf", input="hello")
     assert caught.value.status_code == 400 and "generates text" in caught.value.error
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.chat(model="broken", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 503 and "broken" in caught.value.error
     with pytest.raises(ollama.ResponseError) as caught:
         client.copy("tiny-gguf", "other")
     assert caught.value.status_code == 501 and "aliases" in caught.value.error
