@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-
-from aiohttp import web
+from typing import Any
 
 from athanor import catalog
 from athanor.addresses import parse_listen
@@ -18,7 +17,7 @@ from athanor.controller.controller import Controller
 from athanor.controller.readiness import probe_session
 from athanor.errors import AthanorError
 from athanor.ingress.admin import add_admin_routes
-from athanor.ingress.app import PROXY, TELEMETRY, create_app, front_door
+from athanor.ingress.app import GUARD, PROXY, TELEMETRY, create_app, front_door
 from athanor.ingress.protocol import GatewayRunner
 from athanor.ingress.upstream import UpstreamPool
 from athanor.listener import Listener, bind_error, record_daemon
@@ -34,7 +33,8 @@ LISTEN_CHECK_S = 1.0
 
 async def serve(store: Store, listen: str | None = None) -> None:
     """Run until SIGTERM/SIGINT. ``listen`` overrides the Gateway's ``spec.listen`` (and then a change of it in
-    the spec is not followed). The caller holds the home's daemon lock (``store/daemon_lock.py``)."""
+    the spec is not followed; ``spec.ollama.listen`` still is). The caller holds the home's daemon lock
+    (``store/daemon_lock.py``)."""
     gateway = catalog.gateway_spec(store.models.load())
     address = listen or gateway["listen"]
     host, port = parse_listen(address)
@@ -63,12 +63,12 @@ async def serve(store: Store, listen: str | None = None) -> None:
         runner = GatewayRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
                                handler_cancellation=True)
         await runner.setup()
-        front = front_door(app, runner.relayed)
+        front = front_door(app, runner.relayed)  # one front door on every socket: both APIs, one guard
         await listener.serve(front, lambda type_, reason, message: controller.events.emit(
-            "Gateway", "default", type_, reason, message))
+            "Gateway", "default", type_, reason, message), ollama_listen(controller.gateway()), app[GUARD].rebind)
         helpers = [asyncio.create_task(_watch_models(store, controller), name="cache-watch"),
                    asyncio.create_task(recorder.run(), name="telemetry"),
-                   asyncio.create_task(_tend_listener(controller, listener, app, listen is None), name="listen")]
+                   asyncio.create_task(_tend_listener(controller, listener, listen is None), name="listen")]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -89,16 +89,22 @@ async def serve(store: Store, listen: str | None = None) -> None:
             await asyncio.to_thread(record_daemon, store, None)
 
 
-async def _tend_listener(controller: Controller, listener: Listener, app: web.Application, follow_spec: bool) -> None:
-    """Retry an address that could not be bound, and (``follow_spec``) apply a new ``spec.listen`` without a
-    restart: bind the new address, then let go of the old one."""
-    from athanor.ingress.app import GUARD
-
+async def _tend_listener(controller: Controller, listener: Listener, follow_spec: bool) -> None:
+    """Retry an address that could not be bound, and apply a new ``spec.listen`` (``follow_spec``) and
+    ``spec.ollama.listen`` without a restart: bind the new address, then let go of the old one. The guard hears
+    of the hosts served from the listener itself."""
     while True:
         await asyncio.sleep(LISTEN_CHECK_S)  # the spec is re-read from disk when it changes; look every second
         await listener.retry_admin()
-        if follow_spec and await listener.follow(*parse_listen(controller.gateway()["listen"])):
-            app[GUARD].rebind(listener.host)
+        gateway = controller.gateway()
+        if follow_spec:
+            await listener.follow(*parse_listen(gateway["listen"]))
+        await listener.follow_ollama(ollama_listen(gateway))
+
+
+def ollama_listen(gateway: dict[str, Any]) -> str | None:
+    """The Gateway's second address, for Ollama's clients (``spec.ollama.listen``), if it has one."""
+    return (gateway.get("ollama") or {}).get("listen")
 
 
 async def _watch_models(store: Store, controller: Controller) -> None:

@@ -1,7 +1,9 @@
 """Where the gateway accepts connections, and the daemon record that tells the CLI.
 
 The gateway listens on ``spec.listen`` (or ``serve --listen``), plus a loopback socket for the admin API when that
-address is not loopback (the admin API answers loopback peers only). The record names only sockets the daemon
+address is not loopback (the admin API answers loopback peers only), plus ``spec.ollama.listen`` when set: Ollama's
+clients expect 127.0.0.1:11434 and are served there without configuration. Every socket meets the same front door
+(the same routes, the same guard); one socket may fill several of these roles. The record names only sockets the daemon
 holds: an admin address it failed to bind would send the CLI's requests, and the admin key as a Bearer token, to
 whatever other process holds it. So a loopback socket that could not be bound is recorded as ``admin: null``.
 
@@ -10,7 +12,9 @@ until it is bound or no longer wanted; the failure is said once per streak, as o
 
 Sockets are bound here, before the gateway's front door exists, so that ``athanor serve`` on a busy address fails
 (one line) before it re-attaches to runtimes or records anything in state.json. They listen only once the front
-door serves them (``serve``): a port that accepts connections is a gateway that answers, as before.
+door serves them (``serve``): a port that accepts connections is a gateway that answers, as before. The Ollama
+address is not worth failing for: a real Ollama on 11434 is common, and the gateway then serves its main address,
+says so as a Warning event and takes the Ollama address once it is free.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from athanor import catalog
-from athanor.addresses import authority, loopback_for
+from athanor.addresses import authority, loopback_for, parse_listen
 from athanor.errors import AthanorError
 from athanor.managers import resolve_manager
 from athanor.store import Store
@@ -38,6 +42,8 @@ ADMIN_HOST = "127.0.0.1"
 BACKLOG = 128  # as aiohttp's sites had
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 8.0
+
+_EVERY_IPV4, _EVERY_IPV6 = "0.0.0.0", "::"
 
 Report = Callable[[str, str, str], None]  # (type: Normal/Warning, reason, message): an event of the Gateway
 
@@ -90,6 +96,12 @@ class _Bound:
     def address(self) -> str:
         return authority(self.host, self.port)
 
+    def covers(self, host: str, port: int) -> bool:
+        """Whether connections to host:port reach these sockets (the same address, or every interface's)."""
+        if port != self.port:
+            return False
+        return self.host in (host, "") or self.host == (_EVERY_IPV6 if ":" in host else _EVERY_IPV4)
+
 
 class Backoff:
     """When to try a failing address again, and whether a failure starts a streak (and so is worth saying)."""
@@ -124,10 +136,15 @@ class Listener:
         self._store = store
         self._accept: Callable[[], asyncio.Protocol] | None = None
         self._report: Report = lambda type_, reason, message: None
+        self._hosts_changed: Callable[..., None] = lambda *hosts: None
+        self._hosts_told: tuple[str, ...] = ()
         self.main: _Bound | None = None
         self.admin: _Bound | None = None  # the admin API's loopback socket, when ``main`` is not loopback
+        self.ollama: _Bound | None = None  # what serves spec.ollama.listen (``main`` or ``admin``, if one covers it)
+        self._ollama_address = ""  # spec.ollama.listen as written, when ``ollama`` serves it
         self._admin_retry = Backoff()
         self._move_retry = Backoff()
+        self._ollama_retry = Backoff()
         self._started = ""
 
     @property
@@ -137,6 +154,15 @@ class Listener:
     @property
     def host(self) -> str:
         return self.main.host if self.main else ""
+
+    @property
+    def ollama_address(self) -> str | None:
+        """spec.ollama.listen while the gateway serves it, else None."""
+        return self._ollama_address if self.ollama else None
+
+    def hosts(self) -> list[str]:
+        """The hosts of the addresses clients are told to use (the guard serves Host values naming them)."""
+        return [b.host for b in (self.main, self.ollama) if b is not None]
 
     def admin_address(self) -> str | None:
         """Where the CLI reaches the admin API: a loopback address this daemon holds, or None."""
@@ -151,18 +177,23 @@ class Listener:
         """Bind the listen address at start-up, before anything else happens (OSError when it cannot)."""
         self.main = _Bound(host, port, bind(host, port))
 
-    async def serve(self, accept: Callable[[], asyncio.Protocol], report: Report) -> None:
+    async def serve(self, accept: Callable[[], asyncio.Protocol], report: Report, ollama: str | None = None,
+                    hosts_changed: Callable[..., None] = lambda *hosts: None) -> None:
         """Accept connections with ``accept`` (the front door, ``ingress/wire.py``) on what ``bind`` bound (and
-        the admin loopback socket, if it can be had), then record it."""
+        the admin loopback socket, and ``ollama``'s, if they can be had), then record it. ``hosts_changed(*hosts)``
+        hears of the hosts served (``hosts()``) before each record, so the guard admits them when the CLI (or a
+        test) sees the record."""
         self._accept, self._report, self._started = accept, report, utc_timestamp()
+        self._hosts_changed = hosts_changed
         assert self.main is not None, "bind() first"
         try:
             await self._start(self.main)
         except OSError as exc:  # another process bound it too and listened first, since bind()
             raise AthanorError(bind_error(self.address, exc)) from exc
         await self._bind_admin()
-        await self._record()
         log.info("athanor serving on http://%s", self.address)
+        await self.follow_ollama(ollama, starting=True)
+        await self._record()
 
     async def follow(self, host: str, port: int) -> bool:
         """Move to host:port if that is not where the gateway listens; True when it moved. A failure is retried on
@@ -187,6 +218,60 @@ class Listener:
         self._report("Normal", "Listening", f"now serving on {self.address}")
         return True
 
+    async def follow_ollama(self, listen: str | None, starting: bool = False) -> bool:
+        """Serve Ollama's clients on ``listen`` too (spec.ollama.listen; None: no second address); True when what
+        serves it changed. An address that cannot be bound is retried on later calls (after a back-off) and said
+        once per streak, as a Warning: the gateway goes on serving its main address meanwhile. ``starting``: from
+        ``serve``, which records the result itself."""
+        if listen is None:
+            self._ollama_retry.reset()
+            if self.ollama is None:
+                return False
+            gone, self.ollama, address = self.ollama, None, self._ollama_address
+            await self._release(gone)
+            await self._record()
+            log.info("no longer serving Ollama clients on %s", address)
+            self._report("Normal", "ListenStopped", f"no longer serving Ollama clients on {address} "
+                                                    "(spec.ollama.listen removed)")
+            return True
+        if self.ollama is not None and listen == self._ollama_address:
+            self._ollama_retry.reset()
+            return False
+        if not self._ollama_retry.due(listen):
+            return False
+        host, port = parse_listen(listen)
+        gone = self.ollama if self.ollama is not None and self.ollama.port == port else None
+        if gone is not None:
+            # The same port on another interface (0.0.0.0:11434 to 127.0.0.1:11434, say) cannot be bound while the
+            # old socket listens; and a wider socket kept would go on serving where the spec no longer says.
+            self.ollama = None
+            await self._release(gone)
+        try:
+            bound = self._covering(host, port) or await self._open(host, port)
+        except OSError as exc:
+            if gone is not None and not starting:
+                await self._record()
+            still = f"Ollama clients are still served on {self._ollama_address}; " if self.ollama else ""
+            message = (f"Ollama clients: {bind_error(listen, exc)} (spec.ollama.listen; is Ollama itself running "
+                       f"there?); {still}the gateway serves on {self.address} meanwhile; retrying")
+            if self._ollama_retry.failed(listen):
+                log.error("%s", message)
+                self._report("Warning", "ListenFailed", message)
+            else:
+                log.debug("again: %s", message)
+            return False
+        old, recovered = self.ollama, self._ollama_retry.failing is not None
+        self.ollama, self._ollama_address = bound, listen
+        self._ollama_retry.reset()
+        if old is not None:
+            await self._release(old)
+        if not starting:
+            await self._record()
+        log.info("serving Ollama clients on http://%s", listen)
+        if recovered or not starting:  # a start that went as planned is not an event
+            self._report("Normal", "Listening", f"Ollama clients are served on {listen} now")
+        return True
+
     async def retry_admin(self) -> None:
         """Try again for the admin API's loopback socket, if it is wanted, missing and due."""
         if self.main is None or self.admin is not None or loopback_for(self.main.host) is not None:
@@ -201,7 +286,7 @@ class Listener:
             return False
         address = authority(ADMIN_HOST, self.main.port)
         try:
-            admin = _Bound(ADMIN_HOST, self.main.port, await asyncio.to_thread(bind, ADMIN_HOST, self.main.port))
+            admin = self._held(ADMIN_HOST, self.main.port) or await self._open(ADMIN_HOST, self.main.port)
         except OSError as exc:
             message = (f"no loopback listener for the admin API ({bind_error(address, exc)}): athanor start, stop "
                        "and the other commands that ask the gateway cannot reach it; retrying")
@@ -211,7 +296,6 @@ class Listener:
             else:
                 log.debug("again: %s", message)
             return False
-        await self._start(admin)
         self.admin = admin
         if self._admin_retry.failing:
             self._report("Normal", "Listening", f"the admin API answers on {address} now")
@@ -220,21 +304,44 @@ class Listener:
 
     async def _move(self, host: str, port: int) -> None:
         """Listen on host:port (raises OSError when it cannot); then close what is no longer needed."""
-        held = {(b.host, b.port): b for b in (self.main, self.admin) if b is not None}
-        main = held.get((host, port)) or _Bound(host, port, await asyncio.to_thread(bind, host, port))
-        if not main.servers:
-            await self._start(main)
-        admin = held.get((ADMIN_HOST, port)) if loopback_for(host) is None else None
+        main = self._held(host, port) or await self._open(host, port)
+        admin = self._held(ADMIN_HOST, port) if loopback_for(host) is None else None
         if admin is main:
             admin = None
-        old = [b for b in held.values() if b is not main and b is not admin]
+        old = [b for b in (self.main, self.admin) if b is not None]
         self.main, self.admin = main, admin
         self._admin_retry.reset()
         for bound in old:
-            await self._stop(bound)
+            await self._release(bound)
         await self._bind_admin()
         await self._record()
         log.info("athanor serving on http://%s", self.address)
+
+    def _held(self, host: str, port: int) -> _Bound | None:
+        """The sockets this daemon holds on exactly host:port, in whichever role."""
+        return next((b for b in self._roles() if (b.host, b.port) == (host, port)), None)
+
+    def _covering(self, host: str, port: int) -> _Bound | None:
+        """Sockets this daemon holds that connections to host:port reach already (binding it would fail)."""
+        return next((b for b in self._roles() if b.covers(host, port)), None)
+
+    def _roles(self) -> list[_Bound]:
+        return [b for b in (self.main, self.admin, self.ollama) if b is not None]
+
+    async def _open(self, host: str, port: int) -> _Bound:
+        """New sockets on host:port, served (raises OSError when they cannot be bound or listen)."""
+        bound = _Bound(host, port, await asyncio.to_thread(bind, host, port))
+        try:
+            await self._start(bound)
+        except OSError:
+            await self._stop(bound)
+            raise
+        return bound
+
+    async def _release(self, bound: _Bound) -> None:
+        """Close ``bound`` unless another role still serves with it."""
+        if all(bound is not b for b in self._roles()):
+            await self._stop(bound)
 
     async def _start(self, bound: _Bound) -> None:
         assert self._accept is not None
@@ -251,13 +358,18 @@ class Listener:
         bound.servers = []
 
     async def close(self) -> None:
-        for bound in (self.main, self.admin):
-            if bound is not None:
-                await self._stop(bound)
-        self.main = self.admin = None
+        held = {id(b): b for b in self._roles()}
+        self.main = self.admin = self.ollama = None
+        for bound in held.values():
+            await self._stop(bound)
 
     async def _record(self) -> None:
+        hosts = tuple(self.hosts())
+        if hosts != self._hosts_told:
+            self._hosts_changed(*hosts)
+            self._hosts_told = hosts
         record = {"pid": os.getpid(), "listen": self.address, "admin": self.admin_address(),
+                  "ollama": self.ollama_address,
                   "manager": resolve_manager(catalog.gateway_spec(self._store.models.load())["serviceManager"]),
                   "startedAt": self._started, "createTime": _create_time()}
         await asyncio.to_thread(record_daemon, self._store, record)

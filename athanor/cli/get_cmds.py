@@ -82,7 +82,7 @@ def get_cmd(resource: str, name: str | None, output: str | None, selector: str |
         _get_events(st, doc, name, output, watch)
         return
     if kind == "gateway":
-        _get_gateway(doc, output)
+        _get_gateway(doc, output, daemon_record(st))
         return
     if kind == "recipe":
         _get_recipes(doc, name, output)
@@ -223,16 +223,19 @@ def _models_table(items: list[dict[str, Any]], wide: bool) -> str:
     return views.render_table(header, rows)
 
 
-def _get_gateway(doc: dict[str, Any], output: str | None) -> None:
+def _get_gateway(doc: dict[str, Any], output: str | None, daemon: dict[str, Any] | None) -> None:
+    """The Gateway's spec, and (``daemon``: its record, while it runs) the addresses it holds now."""
     gw = doc.get("gateway")
     spec = catalog.gateway_spec(doc)
-    obj = {
+    obj: dict[str, Any] = {
         "apiVersion": "athanor.dev/v1alpha1",
         "kind": "Gateway",
         "metadata": gw["metadata"] if gw else {"name": "default"},
         "spec": spec,
     }
     obj["metadata"] = {k: v for k, v in obj["metadata"].items() if k != "annotations"}
+    if daemon is not None:
+        obj["status"] = {"pid": daemon["pid"], "listen": daemon["listen"], "ollama": daemon.get("ollama")}
     if output in ("json", "yaml"):
         emit(obj, output)
     elif output == "name":
@@ -241,9 +244,12 @@ def _get_gateway(doc: dict[str, Any], output: str | None) -> None:
         residency = spec["residency"]
         policy = residency["policy"] + (f" ({residency['budget']})" if residency.get("budget") else "")
         ports = spec["portRange"]
-        header = ["NAME", "LISTEN", "MANAGER", "RESIDENCY", "IDLE", "PORTS", "APPLIED"]
-        row = [obj["metadata"]["name"], spec["listen"], spec["serviceManager"], policy, spec["idleTimeout"],
-               f"{ports['start']}-{ports['end']}", "yes" if gw else "no (defaults)"]
+        ollama = (spec.get("ollama") or {}).get("listen")
+        if ollama and daemon is not None and daemon.get("ollama") != ollama:
+            ollama += " (not bound now: see athanor get events)"
+        header = ["NAME", "LISTEN", "OLLAMA", "MANAGER", "RESIDENCY", "IDLE", "PORTS", "APPLIED"]
+        row = [obj["metadata"]["name"], spec["listen"], ollama or "-", spec["serviceManager"], policy,
+               spec["idleTimeout"], f"{ports['start']}-{ports['end']}", "yes" if gw else "no (defaults)"]
         click.echo(views.render_table(header, [row]))
 
 

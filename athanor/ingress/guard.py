@@ -16,7 +16,7 @@ all, and only loopback peers unless ``spec.auth`` sets an admin key, which every
 (from any peer). A read-only admin key (``auth.readOnlyKeyFile``/``readOnlyKeyEnv``) admits its holder, from any
 peer, to GET (and HEAD) requests only: anything else it presents is refused with 403, so a dashboard can watch
 without being able to start or stop. Without an admin key, loopback peers that present no key keep full access.
-``spec.auth`` API keys likewise guard the OpenAI routes (``auth.py``), except a CORS preflight
+``spec.auth`` API keys likewise guard the model APIs, OpenAI's and Ollama's (``auth.py``), except a CORS preflight
 from an origin the Gateway lists: browsers never send ``Authorization`` on one, and the request that follows must
 present the key anyway. CORS headers are sent only to origins the Gateway lists; the runtimes' own
 ``Access-Control-*`` headers (mlx_lm.server sends ``*``, llama-server echoes the origin) never reach a client.
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 ADMIN_PREFIX = "/athanor/"
 METRICS_PATH = "/metrics"
+API_PREFIXES = ("/v1/", "/api/")  # the model APIs spec.auth's API keys guard: OpenAI's (and Anthropic's), Ollama's
 READ_METHODS = frozenset({"GET", "HEAD"})  # what a read-only admin key grants
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
@@ -97,11 +98,12 @@ class Policy:
     any_origin: bool
 
     @classmethod
-    def from_gateway(cls, gateway: dict[str, Any], listen_host: str, machine: frozenset[str]) -> Policy:
-        """``machine``: this machine's names and addresses, when it listens on every interface."""
-        listen = host_part(listen_host)
+    def from_gateway(cls, gateway: dict[str, Any], listen_hosts: tuple[str, ...], machine: frozenset[str]) -> Policy:
+        """``listen_hosts``: the hosts the gateway listens on (spec.listen's, spec.ollama.listen's); ``machine``:
+        this machine's names and addresses, when one of them is every interface."""
+        listens = {host_part(h) for h in listen_hosts}
         hosts = {host_part(h) for h in gateway.get("allowedHosts", []) if h != "*"}
-        hosts |= machine if listen in _WILDCARDS else {listen}
+        hosts |= machine | (listens - _WILDCARDS)
         origins = gateway.get("cors", {}).get("allowOrigins", [])
         return cls(frozenset(hosts), "*" in gateway.get("allowedHosts", []),
                    frozenset(o.rstrip("/").lower() for o in origins if o != "*"), "*" in origins)
@@ -131,10 +133,12 @@ class Guard:
         self.keys = KeyCache()
         self.rebind(listen_host)
 
-    def rebind(self, listen_host: str) -> None:
-        """The gateway listens on another address now: the Host values it serves follow."""
-        self._listen_host = listen_host
-        self._machine = frozenset(_this_machine()) if host_part(listen_host) in _WILDCARDS else frozenset()
+    def rebind(self, listen_host: str, *more_hosts: str) -> None:
+        """The gateway listens on other addresses now (``more_hosts``: its Ollama listener's, say): the Host values
+        it serves follow."""
+        self._listen_hosts = (listen_host, *more_hosts)
+        wildcard = any(host_part(h) in _WILDCARDS for h in self._listen_hosts)
+        self._machine = frozenset(_this_machine()) if wildcard else frozenset()
         self._cached: tuple[object, Policy] | None = None
         self._hosts: dict[str, bool] = {}  # Host header -> allowed, for the policy cached above
 
@@ -142,7 +146,7 @@ class Guard:
         """The policy for this gateway spec (the controller keeps one dict per version of the spec): rebuilt only
         when the settings it is made of change."""
         if self._cached is None or self._cached[0] is not gateway:
-            policy = Policy.from_gateway(gateway, self._listen_host, self._machine)
+            policy = Policy.from_gateway(gateway, self._listen_hosts, self._machine)
             if self._cached is None or self._cached[1] != policy:
                 self._hosts = {}
             else:
@@ -187,7 +191,7 @@ class Guard:
                              "Gateway's spec.cors.allowOrigins to allow it")
         elif fetch_site == "cross-site":
             return 403, "cross-site request refused"
-        if self.keys.api.configured and path.startswith("/v1/") and not _cors_preflight(request, policy):
+        if self.keys.api.configured and path.startswith(API_PREFIXES) and not _cors_preflight(request, policy):
             return _key_refusal(self.keys.api, request, "API")
         return None
 

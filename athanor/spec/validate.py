@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from athanor.addresses import authority, parse_listen
 from athanor.errors import SpecError, SpecIssue
 from athanor.paths import data_path
 from athanor.runtimes.args import arg_problems, env_problems
@@ -19,6 +21,7 @@ from athanor.runtimes.presets import BUILTIN_RECIPES, RUNTIMES, check_preset_val
 from athanor.spec.loader import Document, JSONPath
 
 _MAX_REPR = 60
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})  # a socket on every interface
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,36 @@ def _cross_issues(
             start, end = _get(res.spec, "portRange", "start"), _get(res.spec, "portRange", "end")
             if isinstance(start, int) and isinstance(end, int) and start > end:
                 issues.append(_issue(res.doc, ("spec", "portRange"), "start must not be greater than end"))
+            issues += _listen_issues(res)
     issues += _alias_issues([r for r in resources if r.kind == "Model"], stored_models)
+    return issues
+
+
+def _listen_issues(res: Resource) -> list[SpecIssue]:
+    """A Gateway's addresses: ports in range (the schema checks only the shape, and a port above 65535 would wrap
+    around silently when bound), and ``ollama.listen`` another socket than ``listen``: one port cannot be bound
+    twice, and ``listen`` answers Ollama's API already."""
+    issues: list[SpecIssue] = []
+    addresses: dict[str, tuple[str, int]] = {}
+    gateway_schema = schema()["$defs"]["gatewaySpec"]["properties"]
+    pattern = re.compile(gateway_schema["listen"]["pattern"])
+    for key, path in (("listen", ("spec", "listen")), ("ollama.listen", ("spec", "ollama", "listen"))):
+        value = _get(res.body, *path)
+        if value is None and key == "listen":
+            value = gateway_schema["listen"]["default"]
+        elif not isinstance(value, str) or not pattern.match(value):
+            continue  # absent, or the schema said so
+        host, port = parse_listen(value)
+        if not 1 <= port <= 65535:
+            issues.append(_issue(res.doc, path, f"port {port} is out of range: must be 1 to 65535"))
+        else:
+            addresses[key] = (host, port)
+    main, ollama = addresses.get("listen"), addresses.get("ollama.listen")
+    if main and ollama and main[1] == ollama[1] and (main[0] == ollama[0] or {main[0], ollama[0]} & _WILDCARDS):
+        issues.append(_issue(res.doc, ("spec", "ollama", "listen"),
+                             f"{authority(*ollama)} collides with spec.listen ({authority(*main)}): both bind port "
+                             f"{main[1]}; choose another port (spec.listen answers Ollama's API too, so spec.ollama "
+                             "may also go)"))
     return issues
 
 
