@@ -10,9 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from conftest import ATHANOR, REPO
 from fixtures.fake_hub import (
     VALID_TOKEN,
     FakeHub,
+    HeldFile,
     HubFile,
     HubRepo,
     gguf_header,
@@ -87,27 +85,6 @@ def usable_memory() -> int:
 
     memory = machine_memory()
     return memory.total - headroom(memory.total)
-
-
-@dataclass
-class HeldFile(HubFile):
-    """A file whose first full download sends `hold_after` bytes, then holds until the test releases it (and ends
-    short: by then the client is gone). Short reads (a search or fit reading the head) and later downloads are
-    served whole."""
-
-    hold_after: int = MiB
-    started: threading.Event = field(default_factory=threading.Event)
-    release: threading.Event = field(default_factory=threading.Event)
-    held: bool = False
-
-    def read(self, start: int, end: int) -> Iterator[bytes]:
-        if self.held or end - start <= self.hold_after:
-            yield from super().read(start, end)
-            return
-        self.held = True
-        yield from super().read(start, start + self.hold_after)
-        self.started.set()  # the first bytes are written: the client is inside its download
-        self.release.wait(TIMEOUT)
 
 
 def interrupted_pull(held: HeldFile, *args: str) -> subprocess.CompletedProcess[str]:
@@ -299,7 +276,7 @@ def test_a_cut_download_resumes_with_a_range_request(fake_hub, home):
 
 def test_sigint_during_the_download_registers_nothing(fake_hub, home):
     repo = "t/Held-GGUF"
-    held = HeldFile(tiny_gguf(15), size=24 * MiB)
+    held = HeldFile(tiny_gguf(15), size=24 * MiB, finish=False, hold_s=TIMEOUT)
     fake_hub.add(HubRepo(repo, {"mmproj-Held-F16.gguf": HubFile(tiny_gguf(1, name="mmproj")),
                                 "Held-Q4_K_M.gguf": held}, library_name="gguf"))
 
@@ -366,7 +343,7 @@ def test_force_skips_the_fit_refusal(fake_hub, home, tmp_path):
     if size >= min(free, 50 * 10**9):
         pytest.skip("not enough disk space here to start a download larger than this machine's memory")
     repo = "t/Too-Big-GGUF"
-    held = HeldFile(tiny_gguf(15), size=size)
+    held = HeldFile(tiny_gguf(15), size=size, finish=False, hold_s=TIMEOUT)
     fake_hub.add(HubRepo(repo, {"Too-Big-Q4_K_M.gguf": held}, library_name="gguf"))
     refused = athanor("pull", repo)
     assert refused.returncode == 1 and "cannot fit this machine" in refused.stderr

@@ -11,13 +11,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ollama
 import pytest
 from aiohttp import web
-from fixtures.fake_hub import FakeHub, HubFile, HubRepo, tiny_gguf
+from fixtures.fake_hub import FakeHub, HeldFile, HubFile, HubRepo, tiny_gguf
 
 from athanor.ollama import pull
 from athanor.store import Store
@@ -292,30 +292,9 @@ def test_a_file_whose_sha256_is_not_the_listed_one_is_removed_and_not_registered
 # ---------------------------------------------------------------------------------------------- the client leaves
 
 
-@dataclass
-class HeldFile(HubFile):
-    """A file whose first whole download sends `hold_after` bytes, then waits for the test before the rest. Shorter
-    reads (the fit check reading the head) are served at once."""
-
-    hold_after: int = MiB
-    started: threading.Event = field(default_factory=threading.Event)
-    release: threading.Event = field(default_factory=threading.Event)
-    held: bool = False
-
-    def read(self, start: int, end: int) -> Iterator[bytes]:
-        if self.held or end - start <= self.hold_after:
-            yield from super().read(start, end)
-            return
-        self.held = True
-        yield from super().read(start, start + self.hold_after)
-        self.started.set()
-        self.release.wait(TIMEOUT)
-        yield from super().read(start + self.hold_after, end)
-
-
 def test_a_client_that_leaves_stops_the_download_and_nothing_is_registered(fake_hub, store, server, tmp_path):
     repo, name = "t/Held-GGUF", "Held-Q4_K_M.gguf"
-    held = HeldFile(tiny_gguf(15), size=8 * MiB)
+    held = HeldFile(tiny_gguf(15), size=8 * MiB, hold_s=TIMEOUT)
     fake_hub.add(HubRepo(repo, {name: held}, library_name="gguf"))
     server.handled.clear()
     try:

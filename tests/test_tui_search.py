@@ -10,13 +10,10 @@ test chooses, so "the download goes on while the user is elsewhere" is seen, not
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fixtures.tui import SIZE, in_loop, until
-from fixtures.fake_hub import HubFile, HubRepo, tiny_gguf
+from fixtures.fake_hub import HeldFile, HubRepo, tiny_gguf
 
 from athanor.tui.app import AthanorApp
 from athanor.tui.downloads import DOWNLOADING, FAILED, QUEUED, REGISTERED, Downloads
@@ -34,27 +31,6 @@ BAND_ORDER = {"comfortable": 0, "tight": 1, "risky": 2, "-": 3}
 def table(app: AthanorApp) -> ModelTable:
     """The main view's model table."""
     return app.main.query_one(ModelTable)
-
-
-@dataclass
-class HeldFile(HubFile):
-    """A file whose first whole download sends ``hold_after`` bytes, then waits for ``release`` before sending the
-    rest; shorter reads (the search's and the fit check's head reads) are served at once."""
-
-    hold_after: int = 15 * MiB
-    started: threading.Event = field(default_factory=threading.Event)
-    release: threading.Event = field(default_factory=threading.Event)
-    held: bool = False
-
-    def read(self, start: int, end: int) -> Iterator[bytes]:
-        if self.held or end - start <= self.hold_after:
-            yield from super().read(start, end)
-            return
-        self.held = True
-        yield from super().read(start, start + self.hold_after)
-        self.started.set()
-        self.release.wait(120)
-        yield from super().read(start + self.hold_after, end)
 
 
 async def opened(pilot, kind: type) -> None:
@@ -88,7 +64,7 @@ def results(screen: SearchScreen) -> list[tuple[str, str]]:
 @in_loop
 async def test_search_sorted_by_fit_then_enter_pulls_and_the_download_goes_on_in_the_downloads_view(fake_hub,
                                                                                                    gateway):
-    held = HeldFile(tiny_gguf(15), size=24 * MiB)  # a real GGUF followed by zeros: 10 MiB show before the hold
+    held = HeldFile(tiny_gguf(15), size=24 * MiB, hold_after=15 * MiB)  # a real GGUF followed by zeros: 10 MiB show before the hold
     fake_hub.add(HubRepo(HELD, {HELD_FILE: held}, library_name="gguf", downloads=10))
     app = AthanorApp()
     async with app.run_test(size=SIZE) as pilot:
@@ -164,7 +140,7 @@ async def test_search_sorted_by_fit_then_enter_pulls_and_the_download_goes_on_in
 @in_loop
 async def test_a_pull_the_hub_refuses_fails_with_one_line_and_a_queued_pull_can_be_cancelled(fake_hub, home):
     """No daemon: the views and the pulls need only the store and the hub; a gated repo fails as the CLI says."""
-    held = HeldFile(tiny_gguf(15), size=24 * MiB)
+    held = HeldFile(tiny_gguf(15), size=24 * MiB, hold_after=15 * MiB)
     fake_hub.add(HubRepo(HELD, {HELD_FILE: held}, library_name="gguf"))
     app = AthanorApp()
     async with app.run_test(size=SIZE) as pilot:
