@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ATHANOR, lan_address, write
-from fixtures.serving import (Gateway, _descendants_of_home, apply_gateway, free_port, start_daemon, wait_until,
+from fixtures.serving import (Gateway, apply_gateway, free_port, shut_down, start_daemon, wait_until,
                               write_gateway)
 
 
@@ -64,13 +64,7 @@ def serving(home: Path, port: int) -> Iterator[Gateway]:
                    "the daemon to record itself")
         yield gateway
     finally:
-        gateway.athanor("down")
-        if gateway.proc.poll() is None:
-            gateway.proc.kill()
-        gateway.proc.wait(30)
-        for leftover in _descendants_of_home(home):
-            leftover.kill()
-        wait_until(lambda: not _descendants_of_home(home), 10, "leftovers to die")
+        shut_down(gateway)
 
 
 def test_both_ports_answer_both_apis_behind_one_guard(gateway: Gateway, tmp_path: Path):
