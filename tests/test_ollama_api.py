@@ -258,6 +258,9 @@ def test_errors_in_ollamas_shape(served: Gateway, client: ollama.Client) -> None
         client.generate(model="tiny-gguf", prompt="hi", options={"temperature": "hot"})
     assert caught.value.status_code == 400 and "options.temperature" in caught.value.error
     with pytest.raises(ollama.ResponseError) as caught:
+        client.chat(model="tiny-gguf", messages=[{"role": "user", "content": "hi"}], think=True)
+    assert caught.value.status_code == 400 and "no thinking mode" in caught.value.error
+    with pytest.raises(ollama.ResponseError) as caught:
         client.embed(model="tiny-gguf", input="hello")
     assert caught.value.status_code == 400 and "generates text" in caught.value.error
     with pytest.raises(ollama.ResponseError) as caught:
