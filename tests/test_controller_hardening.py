@@ -272,6 +272,34 @@ def test_pending_events_stay_bounded_while_state_json_cannot_be_written(tier: Ti
     tier.run(scenario)
 
 
+def test_a_burst_of_changes_is_one_write_and_a_reader_that_waits_is_not_kept_waiting(tier: Tier, monkeypatch):
+    """A swap changes two instances several times within milliseconds: the writer gathers them into one write of
+    state.json (each write holds the GIL for a millisecond or two). A command that waits for its change (settled)
+    is written for at once, however long the gathering window: here an hour, which the test would never see end."""
+    monkeypatch.setattr("athanor.controller.persist.COALESCE_S", 3600.0)
+    writes: list[dict] = []
+    real_write = tier.store.state.write
+    monkeypatch.setattr(tier.store.state, "write", lambda doc: (writes.append(doc), real_write(doc))[1])
+
+    async def scenario() -> None:
+        writer = StateWriter(tier.store)
+        for n in range(5):
+            writer.record("m", {"phase": "Starting", "n": n})
+            writer.event({"seq": n, "reason": "Test"})
+            await asyncio.sleep(0)  # the loop turns between changes, as it does during a swap
+        assert writes == [], "nothing is written while the burst may go on"
+        assert await writer.settled(10)
+        assert len(writes) == 1
+        state = tier.store.state.load()
+        assert state["instances"]["m"]["n"] == 4
+        assert [e["seq"] for e in state["events"] if e.get("reason") == "Test"] == [0, 1, 2, 3, 4]
+        writer.record("m", {"phase": "Ready", "n": 5})
+        await writer.close()  # shutdown writes what is pending at once too
+        assert len(writes) == 2 and tier.store.state.load()["instances"]["m"]["n"] == 5
+
+    tier.run(scenario)
+
+
 # ---------------------------------------------------------------------------------------------- exit codes
 
 

@@ -7,6 +7,11 @@ writes the batch in a worker thread, and whatever arrives meanwhile goes into th
 (the lock is held too long, the file is corrupt) is logged and retried with the next batch: serving goes on, and
 the newest record of each instance wins.
 
+A batch is written ``COALESCE_S`` after its first change, unless someone waits for it (``settled``: a command that
+reads its own change; ``close``). A swap changes two instances four or five times within some 30 ms, and each
+write holds the GIL for a millisecond or two (state.json keeps 500 events): written as they came, those writes
+slowed the very start they recorded. Gathered, a swap is one write, after it.
+
 What waits is bounded however long the writes keep failing: one record per instance (the newest; an instance
 forgotten meanwhile waits as a removal), and the newest ``MAX_EVENTS`` events, since state.json keeps no more
 than that anyway.
@@ -15,6 +20,7 @@ than that anyway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from typing import Any
@@ -26,6 +32,7 @@ from athanor.store.store import MAX_EVENTS
 log = logging.getLogger("athanor.persist")
 
 RETRY_DELAY_S = 1.0
+COALESCE_S = 0.05  # how long a change waits for the others of its burst before they are written together
 
 
 class StateWriter:
@@ -34,6 +41,7 @@ class StateWriter:
         self._records: dict[str, dict[str, Any] | None] = {}  # None: remove the instance's record
         self._events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self._dirty = asyncio.Event()
+        self._hurry = asyncio.Event()  # set: someone waits for what is pending; write it now
         self._task: asyncio.Task[None] | None = None
         self._failing = False
         self._closing = False
@@ -70,6 +78,10 @@ class StateWriter:
     async def _run(self) -> None:
         while True:
             await self._dirty.wait()
+            if not self._hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), COALESCE_S)
+            self._hurry.clear()
             self._dirty.clear()
             batch = self._queued
             records, events = self._records, list(self._events)
@@ -99,7 +111,7 @@ class StateWriter:
                 return
 
     def _write(self, records: dict[str, dict[str, Any] | None], events: list[dict[str, Any]]) -> None:
-        with self._store.state.edit() as state:
+        with self._store.state.edit(changes=True) as state:
             for name, record in records.items():
                 if record is None:
                     state["instances"].pop(name, None)
@@ -112,6 +124,8 @@ class StateWriter:
         """Wait until everything queued so far is in state.json (at most ``timeout`` seconds), so that a command
         that changed a model reads its own change. False if the file stayed locked or unwritable meanwhile."""
         target = self._queued
+        if self._written < target:
+            self._hurry.set()
         async with self._progress:
             try:
                 await asyncio.wait_for(self._progress.wait_for(lambda: self._written >= target), timeout)
@@ -124,5 +138,6 @@ class StateWriter:
         self._closing = True
         if self._task is not None:
             self._dirty.set()
+            self._hurry.set()
             await self._task
             self._task = None

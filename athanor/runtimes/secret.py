@@ -40,7 +40,9 @@ def issue_secret(path: Path) -> str:
     secret = secrets.token_urlsafe(SECRET_BYTES)
     try:
         ensure_private_dir(path.parent)
-        atomic_write_text(path, secret + "\n")
+        # Not fsynced: it is issued at every start, on the swap's critical path, and no runtime outlives a power
+        # loss; a daemon that restarts finds it in the page cache.
+        atomic_write_text(path, secret + "\n", durable=False)
     except OSError as exc:
         raise StoreError(f"{path}: cannot write the runtime secret: {exc.strerror or exc}") from exc
     return secret

@@ -29,8 +29,10 @@ from athanor.paths import PRIVATE_FILE_MODE, ensure_private_dir, open_private_fi
 LOCK_TIMEOUT_S = 30.0
 
 
-def atomic_write_text(path: Path, text: str, mode: int = PRIVATE_FILE_MODE) -> None:
+def atomic_write_text(path: Path, text: str, mode: int = PRIVATE_FILE_MODE, *, durable: bool = True) -> None:
     """Replace ``path`` with ``text`` so that a crash at any point leaves the old or the new content.
+    ``durable=False``: readers still see the old content or the new, never a mix, but a power loss may lose the
+    write (no fsync): for a file that means nothing once the machine restarts (a running runtime's secret).
 
     Writes of one target must be serialised by the caller (the store holds ``locked(path)``): that is what makes
     any temp file of this target found here a leftover of a killed writer, safe to remove.
@@ -43,13 +45,15 @@ def atomic_write_text(path: Path, text: str, mode: int = PRIVATE_FILE_MODE) -> N
             fh.write(text)
             fh.flush()
             os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _remove_stale_temps(path: Path) -> None:
