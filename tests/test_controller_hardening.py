@@ -300,6 +300,24 @@ def test_a_burst_of_changes_is_one_write_and_a_reader_that_waits_is_not_kept_wai
     tier.run(scenario)
 
 
+def test_a_new_process_handle_is_written_at_once_whatever_the_gathering_window(tier: Tier, monkeypatch):
+    """A daemon killed right after a spawn must find the runtime in state.json (else it is left running untracked,
+    holding its port): a record with a handle not written before does not wait for its burst."""
+    monkeypatch.setattr("athanor.controller.persist.COALESCE_S", 3600.0)
+
+    async def scenario() -> None:
+        writer = StateWriter(tier.store)
+        writer.record("m", {"phase": "Starting"})  # no process yet: may wait
+        writer.record("m", {"phase": "Starting", "handle": {"pid": 4242}, "pid": 4242})
+        await until(lambda: tier.store.state.load()["instances"].get("m", {}).get("pid") == 4242,
+                    "the spawned process's record in state.json")
+        writer.record("m", {"phase": "Ready", "handle": {"pid": 4242}, "pid": 4242})  # the same process: may wait
+        await writer.close()
+        assert tier.store.state.load()["instances"]["m"]["phase"] == "Ready"
+
+    tier.run(scenario)
+
+
 # ---------------------------------------------------------------------------------------------- exit codes
 
 

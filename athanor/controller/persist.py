@@ -7,10 +7,12 @@ writes the batch in a worker thread, and whatever arrives meanwhile goes into th
 (the lock is held too long, the file is corrupt) is logged and retried with the next batch: serving goes on, and
 the newest record of each instance wins.
 
-A batch is written ``COALESCE_S`` after its first change, unless someone waits for it (``settled``: a command that
-reads its own change; ``close``). A swap changes two instances four or five times within some 30 ms, and each
-write holds the GIL for a millisecond or two (state.json keeps 500 events): written as they came, those writes
-slowed the very start they recorded. Gathered, a swap is one write, after it.
+A batch is written ``COALESCE_S`` after its first change, unless it must go at once: a record with a process handle
+not written before (a runtime just spawned, or adopted: a daemon killed now must find it, or it would be left
+running untracked, holding its port), and whatever someone waits for (``settled``: a command that reads its own
+change; ``close``). A swap changes two instances four or five times within some 30 ms, and each write holds the
+GIL for a millisecond or two (state.json keeps 500 events): written as they came, those writes slowed the very
+start they recorded. Gathered, a swap is two writes: its new process at once, the rest after it.
 
 What waits is bounded however long the writes keep failing: one record per instance (the newest; an instance
 forgotten meanwhile waits as a removal), and the newest ``MAX_EVENTS`` events, since state.json keeps no more
@@ -41,7 +43,8 @@ class StateWriter:
         self._records: dict[str, dict[str, Any] | None] = {}  # None: remove the instance's record
         self._events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self._dirty = asyncio.Event()
-        self._hurry = asyncio.Event()  # set: someone waits for what is pending; write it now
+        self._hurry = asyncio.Event()  # set: what is pending must be written now
+        self._handles: dict[str, Any] = {}  # the newest process handle queued per instance
         self._task: asyncio.Task[None] | None = None
         self._failing = False
         self._closing = False
@@ -50,13 +53,19 @@ class StateWriter:
         self._progress = asyncio.Condition()
 
     def record(self, name: str, record: dict[str, Any]) -> None:
-        """Queue the newest record of instance ``name``; an older one still pending is dropped."""
+        """Queue the newest record of instance ``name``; an older one still pending is dropped. A process handle
+        it had not recorded yet is written at once."""
         self._records[name] = record
+        handle = record.get("handle")
+        if handle is not None and handle != self._handles.get(name):
+            self._handles[name] = handle
+            self._hurry.set()
         self._wake()
 
     def forget(self, name: str) -> None:
         """Queue the removal of instance ``name``'s record (its model was deleted); a record pending is dropped."""
         self._records[name] = None
+        self._handles.pop(name, None)
         self._wake()
 
     def event(self, event: dict[str, Any]) -> None:
