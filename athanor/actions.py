@@ -74,6 +74,12 @@ def apply(
     return result
 
 
+def planned(store: Store, targets: Iterable[str], *, stdin: IO[str] | None = None) -> dict[str, Any]:
+    """The models document as applying ``targets`` would leave it (validated, weights discovered), written
+    nowhere: what ``render`` turns into manifests."""
+    return apply(store, targets, dry_run=True, stdin=stdin).after
+
+
 def _discover_for(doc: dict[str, Any], resources: list[Resource]) -> Discovery:
     """Discovery as configured by the gateway being applied, if any, else the stored one."""
     spec = catalog.gateway_spec(doc)

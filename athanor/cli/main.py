@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "apply": ("athanor.cli.spec_cmds:apply_cmd", "Apply desired state from files, a directory or stdin."),
     "diff": ("athanor.cli.spec_cmds:diff_cmd", "Show what apply would change (exit 0 none, 1 changes)."),
     "delete": ("athanor.cli.spec_cmds:delete_cmd", "Delete what files name, or one model by name."),
+    "render": ("athanor.cli.render_cmd:render_cmd", "Render the desired state as Kubernetes manifests."),
     "get": ("athanor.cli.get_cmds:get_cmd", "List models, the gateway or recipes."),
     "describe": ("athanor.cli.get_cmds:describe_cmd", "Show one model in detail: preset, argv, status, events."),
     "scan": ("athanor.cli.model_cmds:scan_cmd", "Discover models in the HF cache and model directories."),
