@@ -208,11 +208,7 @@ class Listener:
             await self._move(host, port)
         except OSError as exc:
             message = f"{bind_error(wanted, exc)}; still serving on {self.address}; retrying"
-            if self._move_retry.failed(wanted):
-                log.error("%s", message)
-                self._report("Warning", "ListenFailed", message)
-            else:
-                log.debug("again: %s", message)
+            self._bind_failed(self._move_retry, wanted, message)
             return False
         self._move_retry.reset()
         self._report("Normal", "Listening", f"now serving on {self.address}")
@@ -254,11 +250,7 @@ class Listener:
             still = f"Ollama clients are still served on {self._ollama_address}; " if self.ollama else ""
             message = (f"Ollama clients: {bind_error(listen, exc)} (spec.ollama.listen; is Ollama itself running "
                        f"there?); {still}the gateway serves on {self.address} meanwhile; retrying")
-            if self._ollama_retry.failed(listen):
-                log.error("%s", message)
-                self._report("Warning", "ListenFailed", message)
-            else:
-                log.debug("again: %s", message)
+            self._bind_failed(self._ollama_retry, listen, message)
             return False
         old, recovered = self.ollama, self._ollama_retry.failing is not None
         self.ollama, self._ollama_address = bound, listen
@@ -290,11 +282,7 @@ class Listener:
         except OSError as exc:
             message = (f"no loopback listener for the admin API ({bind_error(address, exc)}): athanor start, stop "
                        "and the other commands that ask the gateway cannot reach it; retrying")
-            if self._admin_retry.failed(address):
-                log.warning("%s", message)
-                self._report("Warning", "ListenFailed", message)
-            else:
-                log.debug("again: %s", message)
+            self._bind_failed(self._admin_retry, address, message, logging.WARNING)
             return False
         self.admin = admin
         if self._admin_retry.failing:
@@ -316,6 +304,15 @@ class Listener:
         await self._bind_admin()
         await self._record()
         log.info("athanor serving on http://%s", self.address)
+
+    def _bind_failed(self, retry: Backoff, address: str, message: str, level: int = logging.ERROR) -> None:
+        """An address that could not be bound: said once per streak (the log and a Warning event), then only at
+        debug level while it is retried."""
+        if retry.failed(address):
+            log.log(level, "%s", message)
+            self._report("Warning", "ListenFailed", message)
+        else:
+            log.debug("again: %s", message)
 
     def _held(self, host: str, port: int) -> _Bound | None:
         """The sockets this daemon holds on exactly host:port, in whichever role."""
