@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -197,7 +198,7 @@ def _context_problem(controller: Controller, name: str, obj: dict[str, Any], num
     return None
 
 
-def _waited(inst: Instance, arrived: float, ready: bool) -> Any:
+def _waited(inst: Instance, arrived: float, ready: bool) -> Callable[[], float]:
     """How long the request waited for its model: nothing if it served on arrival, else until it became ready."""
     if ready:
         return lambda: 0.0
@@ -266,7 +267,7 @@ def add_routes(app: web.Application, controller: Controller, store: Store | None
             return ollama_error(501, "this gateway has no store to pull into")
         return await pulling.handle(request, store)
 
-    def instead(what: str) -> Any:
+    def instead(what: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def refuse(request: web.Request) -> web.Response:
             return ollama_error(501, f"{what} is not part of athanor's Ollama API: {INSTEAD[what]}")
 
