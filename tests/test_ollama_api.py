@@ -139,6 +139,12 @@ def test_root_answers_as_ollama_does(served: Gateway) -> None:
     assert (status, body) == (200, b"Ollama is running") and kind.startswith("text/plain")
     status, _, body = http(served, "HEAD", "/")
     assert status == 200 and body == b""
+    # CORS preflights on Ollama's paths, judged by the same Gateway policy as /v1's.
+    status, _, _ = http(served, "OPTIONS", "/api/chat")
+    assert status == 204
+    status, _, body = http(served, "OPTIONS", "/api/chat", headers={"Origin": "https://page.example",
+                                                                    "Access-Control-Request-Method": "POST"})
+    assert status == 403 and "spec.cors.allowOrigins" in json.loads(body)["error"]
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -272,7 +278,6 @@ def test_errors_in_ollamas_shape(served: Gateway, client: ollama.Client) -> None
     with pytest.raises(ollama.ResponseError) as caught:
         client.delete("tiny-gguf")
     assert caught.value.status_code == 501 and "athanor delete" in caught.value.error
-    # A path only CORS preflights answer (OPTIONS /api/...) is 405, as under /v1.
     for path, body in (("/api/chat", b"{not json"), ("/api/tags", None), ("/api/nothing", None)):
         method = "POST" if body is not None else "GET"
         request = urllib.request.Request(served.url + path, data=body, method=method,
@@ -282,7 +287,7 @@ def test_errors_in_ollamas_shape(served: Gateway, client: ollama.Client) -> None
                 status, reply = resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             status, reply = exc.code, exc.read()
-        assert status == {"/api/chat": 400, "/api/tags": 403, "/api/nothing": 405}[path], (path, reply)
+        assert status == {"/api/chat": 400, "/api/tags": 403, "/api/nothing": 404}[path], (path, reply)
         assert list(json.loads(reply)) == ["error"], reply
 
 

@@ -233,8 +233,7 @@ def create_app(controller: Controller, pool: UpstreamPool, listen_host: str) -> 
     app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_post("/v1/{tail:.*}", escaped_route)  # the front door answers every other POST there
     app.router.add_route("OPTIONS", "/v1/{tail:.*}", preflight)
-    app.router.add_route("OPTIONS", "/api/{tail:.*}", preflight)
-    add_routes(app, controller, controller.store)
+    add_routes(app, controller, controller.store, preflight)
     app[PROXY] = Proxy(controller, pool, app[GUARD], app[METRICS])
     return app
 

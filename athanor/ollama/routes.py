@@ -230,8 +230,10 @@ def ollama_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def add_routes(app: web.Application, controller: Controller, store: Store | None) -> None:
-    """Ollama's paths other than the model requests, on the gateway's aiohttp application."""
+def add_routes(app: web.Application, controller: Controller, store: Store | None,
+               preflight: Callable[[web.Request], Awaitable[web.Response]]) -> None:
+    """Ollama's paths other than the model requests, on the gateway's aiohttp application, and a CORS preflight
+    (``preflight``) on each of Ollama's paths; any other path under /api is a 404, as Ollama answers it."""
 
     async def root(request: web.Request) -> web.Response:
         return web.Response(text=ROOT_TEXT)
@@ -284,3 +286,6 @@ def add_routes(app: web.Application, controller: Controller, store: Store | None
     app.router.add_post("/api/create", instead("create"))
     app.router.add_post("/api/push", instead("push"))
     app.router.add_route("*", "/api/blobs/{digest}", instead("blobs"))
+    for path in sorted({*MODEL_POSTS, "/api/version", "/api/tags", "/api/ps", "/api/show", "/api/pull",
+                        "/api/delete", "/api/copy", "/api/create", "/api/push"}):
+        app.router.add_route("OPTIONS", path, preflight)
