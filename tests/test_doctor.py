@@ -208,6 +208,27 @@ def test_a_port_held_by_another_program_names_its_holder(cli, cache, tmp_path):
     assert f"✗ port {port}: model tiny's port is held by {me} -> fix: kill {os.getpid()}" in text.stdout
 
 
+def test_the_ollama_address_held_by_another_program_is_named_but_not_required(cli, tmp_path):
+    """Ollama itself on 11434 is common: doctor names the holder and the fix, and does not fail on it, since the
+    gateway's own address answers Ollama's API and the second one is taken once free."""
+    with socket.socket() as squatter, socket.socket() as free:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        free.bind(("127.0.0.1", 0))
+        held_port, gateway_port = squatter.getsockname()[1], free.getsockname()[1]
+        free.close()
+        apply(cli, tmp_path / "specs.yaml", gateway_doc(gateway_port, f"  ollama: {{listen: 127.0.0.1:{held_port}}}\n"))
+        _, document = run_doctor(cli)
+    check = by_name(document)["ollama port"]
+    me = f"pid {os.getpid()} ({psutil.Process().name()})"
+    assert not check["ok"] and not check["required"]
+    assert check["detail"].startswith(f"127.0.0.1:{held_port} is held by {me}")
+    assert check["fix"].startswith(f"kill {os.getpid()} (or set spec.ollama.listen of the Gateway")
+    _, document = run_doctor(cli)  # the squatter is gone
+    assert by_name(document)["ollama port"] == {"ok": True, "name": "ollama port", "required": False,
+                                                "detail": f"127.0.0.1:{held_port} free", "fix": None}
+
+
 def test_an_unreadable_store_is_reported_not_raised(cli, home):
     home.mkdir(parents=True)
     (home / "models.json").write_text("{bad")

@@ -21,6 +21,7 @@ from athanor.runtimes.launch import LOOPBACK
 def check_ports(ctx: Context) -> Iterator[Check]:
     holders = PortHolders()
     yield from _gateway_port(ctx, holders)
+    yield from _ollama_port(ctx, holders)
     yield from _model_ports(ctx, holders)
 
 
@@ -48,6 +49,30 @@ def _gateway_port(ctx: Context, holders: PortHolders) -> Iterator[Check]:
     else:
         yield Check(False, "gateway port", f"{listen} is held by {_held_by(pid)}{note}",
                     _free_port_fix(pid, "spec.listen of the Gateway", GATEWAY_FIX), required=True)
+
+
+def _ollama_port(ctx: Context, holders: PortHolders) -> Iterator[Check]:
+    """The Gateway's second address for Ollama's clients, when it sets one: free, or the gateway's. Held by
+    anything else (Ollama itself, most often) it fails, but not as required: the gateway serves its main address
+    meanwhile, and takes this one once it is free."""
+    listen = (ctx.gateway.get("ollama") or {}).get("listen")
+    if not listen:
+        return
+    host, port = parse_listen(listen)  # the schema has checked its shape
+    error = bind_error(host, port)
+    if error is None:
+        yield Check(True, "ollama port", f"{listen} free")
+        return
+    pid = holders.holder(port) if error.errno == errno.EADDRINUSE else None
+    if pid and ctx.daemon and _in_trees(pid, {ctx.daemon["pid"]}):
+        yield Check(True, "ollama port", f"{listen} held by the athanor gateway (pid {pid})")
+    elif error.errno == errno.EADDRINUSE:
+        yield Check(False, "ollama port", f"{listen} is held by {_held_by(pid)}; Ollama's clients are not served "
+                    "there (the gateway's own address still answers Ollama's API)",
+                    _free_port_fix(pid, "spec.ollama.listen of the Gateway", GATEWAY_FIX))
+    else:
+        yield Check(False, "ollama port", f"cannot listen on {listen}: {error.strerror or error}",
+                    f"{GATEWAY_FIX} with spec.ollama.listen set to an address of this machine")
 
 
 def _model_ports(ctx: Context, holders: PortHolders) -> Iterator[Check]:
