@@ -164,6 +164,20 @@ def test_chat_streamed_and_whole_agree(client: ollama.Client, model: str) -> Non
     assert parts[-1].eval_count == whole.eval_count and parts[-1].prompt_eval_count == whole.prompt_eval_count
 
 
+def test_logprobs_come_back_per_token(client: ollama.Client) -> None:
+    whole = client.chat(model="tiny-gguf", messages=[{"role": "user", "content": "hi"}], options=SAMPLING,
+                        logprobs=True, top_logprobs=2)
+    assert len(whole.logprobs) == whole.eval_count
+    assert all(p.logprob <= 0 and len(p.top_logprobs) == 2 for p in whole.logprobs)
+    assert whole.logprobs[0].token == whole.logprobs[0].top_logprobs[0].token  # greedy: the likeliest token
+    parts = list(client.generate(model="tiny-gguf", prompt="hi", options=SAMPLING, logprobs=True, stream=True))
+    streamed = [p for part in parts for p in (part.logprobs or [])]
+    assert len(streamed) == parts[-1].eval_count
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.generate(model="tiny-gguf", prompt="hi", raw=True, logprobs=True)
+    assert caught.value.status_code == 400 and "logprobs" in caught.value.error
+
+
 def test_generate_applies_the_template_unless_raw(client: ollama.Client) -> None:
     templated = client.generate(model="tiny-gguf", prompt="hello", options=SAMPLING)
     raw = client.generate(model="tiny-gguf", prompt="hello", raw=True, options=SAMPLING)

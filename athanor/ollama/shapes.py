@@ -188,6 +188,17 @@ def _common(body: dict[str, Any], payload: dict[str, Any], route: str) -> Transl
             payload["reasoning_effort"] = think
         else:
             raise BadRequest('think must be true, false, or one of "high", "medium", "low"')
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise BadRequest("logprobs must be true or false")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20):
+        raise BadRequest("top_logprobs must be an integer from 0 to 20")
+    if logprobs and route == CHAT:
+        payload["logprobs"] = True
+        if top:
+            payload["top_logprobs"] = top
+    elif logprobs:
+        raise BadRequest("logprobs need the chat template: drop raw, or use /api/chat")
     payload["stream"] = stream
     if stream:
         payload["stream_options"] = {"include_usage": True}  # the counts of the final object
@@ -384,9 +395,30 @@ def chat_answer(answer: dict[str, Any], model: str, clock: Clock, *, generate: b
         if calls:
             reply["tool_calls"] = calls
         out["message"] = reply
+    logprobs = logprobs_out(choice.get("logprobs"))
+    if logprobs:
+        out["logprobs"] = logprobs
     out.update({"done": True, "done_reason": done_reason(choice.get("finish_reason"))})
     out.update(clock.durations(answer.get("usage"), answer.get("timings")))
     return out
+
+
+def logprobs_out(logprobs: Any) -> list[dict[str, Any]] | None:
+    """OpenAI's chat logprobs (``content``: token, logprob, top_logprobs) as Ollama's list; bytes are left out."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list) or not content:
+        return None
+    out = []
+    for item in content:
+        if not isinstance(item, dict):
+            continue
+        entry: dict[str, Any] = {"token": item.get("token", ""), "logprob": item.get("logprob", 0.0)}
+        top = item.get("top_logprobs")
+        if isinstance(top, list) and top:
+            entry["top_logprobs"] = [{"token": t.get("token", ""), "logprob": t.get("logprob", 0.0)}
+                                     for t in top if isinstance(t, dict)]
+        out.append(entry)
+    return out or None
 
 
 def embed_answer(answer: dict[str, Any], model: str, clock: Clock, *, legacy: bool) -> dict[str, Any]:
@@ -471,8 +503,12 @@ class StreamTranslator:
                 self._gather(call)
             text = delta.get("content") or ""
             thinking = delta.get("reasoning_content") or delta.get("reasoning") or ""
-            if text or thinking:
-                out.append(self._object(text, thinking, None))
+            logprobs = logprobs_out(choice.get("logprobs"))
+            if text or thinking or logprobs:
+                piece = self._object(text, thinking, None)
+                if logprobs:
+                    piece["logprobs"] = logprobs
+                out.append(piece)
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
                 if self.calls:
