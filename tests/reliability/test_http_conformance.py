@@ -15,18 +15,16 @@ from collections.abc import Iterator
 
 import pytest
 from fixtures.raw_http import Answer, Connection, PeerClosed, request
-from fixtures.serving import Gateway, wait_until
+from fixtures.serving import Gateway
 from fixtures.shared_gateway import (
+    assert_settled,
     BODY_LIMIT,
     answer_problem,
     completion,
-    daemon_log,
     gateway_requests,
-    idle,
     port_of,
     runtime_work,
     shared_gateway,
-    tracebacks,
 )
 
 CHAT = "/v1/chat/completions"
@@ -43,8 +41,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 @pytest.fixture(autouse=True)
 def no_traceback(gw: Gateway) -> Iterator[None]:
     yield
-    wait_until(lambda: idle(gw), 10, "no request in flight in the gateway and no slot processing in the runtime")
-    assert not tracebacks(daemon_log(gw)), daemon_log(gw)[-5000:]
+    assert_settled(gw)
 
 
 def checked(answer: Answer, path: str = CHAT, method: str = "POST") -> Answer:

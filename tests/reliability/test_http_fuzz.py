@@ -21,18 +21,16 @@ from typing import Any
 
 import pytest
 from fixtures.raw_http import Answer, Connection, chunked, request
-from fixtures.serving import Gateway, wait_until
+from fixtures.serving import Gateway
 from fixtures.shared_gateway import (
+    assert_settled,
     BODY_LIMIT,
     MODEL,
     answer_problem,
     completion,
-    daemon_log,
     error_shape_problem,
-    idle,
     port_of,
     shared_gateway,
-    tracebacks,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -82,8 +80,7 @@ def settled_afterwards(gw: Gateway) -> Iterator[None]:
         conn.send(request("POST", "/v1/chat/completions", completion(), {"Connection": "close"}))
         answer = conn.read_answer()
     assert answer.status == 200 and answer.json()["choices"], answer
-    wait_until(lambda: idle(gw), 10, "no request in flight in the gateway and no slot processing in the runtime")
-    assert not tracebacks(daemon_log(gw)), daemon_log(gw)[-5000:]
+    assert_settled(gw)
 
 
 def exchange(port: int, raw: bytes, method: str = "POST") -> Answer:

@@ -27,15 +27,14 @@ import pytest
 from fixtures.raw_http import Connection, request
 from fixtures.serving import Gateway, wait_until
 from fixtures.shared_gateway import (
+    assert_settled,
     MODEL,
     completion,
     daemon_log,
     daemon_rss,
-    idle,
     port_of,
     runtime_work,
     shared_gateway,
-    tracebacks,
 )
 
 MiB = 1024 * 1024
@@ -58,8 +57,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 @pytest.fixture(autouse=True)
 def settled_afterwards(gw: Gateway) -> Iterator[None]:
     yield
-    wait_until(lambda: idle(gw), 30, "no request in flight in the gateway and no slot processing in the runtime")
-    assert not tracebacks(daemon_log(gw)), daemon_log(gw)[-5000:]
+    assert_settled(gw, 30)
 
 
 def served(gw: Gateway) -> None:
