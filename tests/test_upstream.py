@@ -232,7 +232,7 @@ def test_a_drop_that_reached_the_socket_but_not_yet_the_event_loop_is_seen_befor
         pool = UpstreamPool()
         try:
             results = [await get(pool, port, b"1")]
-            idle = pool._runtimes[port].idle[0]
+            idle = pool._runtimes[("127.0.0.1", port)].idle[0]
             drop.set()
             # Block the event loop until the end of stream is in the socket: the loop cannot have read it.
             readable, _, _ = select.select([idle.transport.get_extra_info("socket").fileno()], [], [], 10)
@@ -390,7 +390,7 @@ def test_a_client_gone_before_the_answer_closes_the_connection():
         await asyncio.wait_for(asked.wait(), 10)
         call.cancel()  # the client went away
         await asyncio.wait_for(hung_up.wait(), 10)
-        return pool._runtimes[port].open
+        return pool._runtimes[("127.0.0.1", port)].open
 
     assert run(handler, scenario) == 0
 

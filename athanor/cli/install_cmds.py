@@ -30,6 +30,10 @@ def install_cmd(ctx: click.Context, manager: str | None, timeout: float) -> None
     gateway = catalog.gateway_spec(st.models.load())
     configured = gateway["serviceManager"]
     name = manager or (installed_manager() if configured == "auto" else configured)
+    if name == "kubernetes":
+        raise AthanorError("serviceManager kubernetes: the gateway runs in the cluster, not on this machine; render "
+                           "its manifests and apply them: athanor render --target kubernetes -f SPECS | kubectl apply "
+                           "-f -")
     if name == "process":
         from athanor.cli.serve_cmds import up_cmd
 

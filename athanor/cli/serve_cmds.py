@@ -209,6 +209,12 @@ def logs_cmd(name: str, lines: int, follow: bool) -> None:
     st = store()
     model = catalog.resolve_name(st.models.load(), name)
     path = st.logs_dir / f"{model}.log"
+    if not path.exists() and daemon_record(st) is not None:  # a runtime in a cluster logs to its pod, not here
+        from athanor.cli.admin_client import AdminClient, model_path
+
+        text = AdminClient.for_store(st).get(f"{model_path(model)}/logs?lines={lines}")
+        click.echo(text.decode("utf-8", "replace") if isinstance(text, bytes) else text, nl=False)
+        return
     if not path.exists():
         raise NotFoundError(f"no log yet for {model} ({path}); it has not been started")
     if follow and daemon_record(st) is not None:

@@ -63,7 +63,7 @@ from athanor.controller.monitor import Monitor
 from athanor.controller.persist import StateWriter
 from athanor.controller.preflight import prepare_launch, unservable
 from athanor.controller.reattach import reattach_all
-from athanor.controller.records import pid_of
+from athanor.controller.records import job_of, pid_of
 from athanor.controller.spec_changes import SpecChanges
 from athanor.controller.stopping import exit_text
 from athanor.controller.tasks import OwnedTasks
@@ -261,6 +261,10 @@ class Controller:
         return (unservable(self._desired.doc["models"].get(inst.name), inst.name) or failures.crash_loop(inst)
                 or failures.unstoppable(inst))
 
+    def current_manager(self) -> ServiceManager:
+        """The manager new starts go to (the Gateway's serviceManager)."""
+        return self.managers.current(self._desired.gateway)
+
     def manager_of(self, handle: Handle) -> ServiceManager:
         """The service manager that runs the job of ``handle``."""
         return self._life.manager_of(handle)
@@ -394,13 +398,21 @@ class Controller:
         residents = [(i.name, i.last_used, models.get(i.name, {}).get("spec", {}).get("residency") != "pinned")
                      for i in self.instances.values() if i.name != inst.name and i.phase in RUNNING]
         overcommit = inst.force_next or memory_guard.overcommit_allowed(gateway, obj)
+        manager = self.managers.current(gateway)
+        budget = manager.memory()  # a cluster's, read here on the loop that keeps it; None: this machine's
 
         def prepare() -> tuple[LaunchSpec, residency.RoomPlan, str | None]:  # the disk, vm_stat, fsyncs: off the loop
-            launch = prepare_launch(doc, obj, home)
-            room, estimate = residency.plan_start(doc, obj, residents, gateway["residency"], self.machine_memory())
+            launch = prepare_launch(doc, obj, home, local=manager.local)
+            memory = budget or self.machine_memory()
+            room, estimate = residency.plan_start(doc, obj, residents, gateway["residency"], memory)
             problem = None if overcommit else memory_guard.refusal(inst.name, estimate, room)
             if problem:
                 return launch, room, problem
+            if not manager.local:
+                try:
+                    return manager.prepared(launch), room, None
+                except AthanorError as exc:
+                    raise ModelUnavailable(f"model {inst.name!r}: {exc}") from exc
             try:
                 if launch.park_dir:  # llama-server refuses a --slot-save-path that is not a directory yet
                     park_files.prepare(Path(launch.park_dir))
@@ -483,8 +495,8 @@ class Controller:
         """Track a runtime a previous daemon left running and healthy: Ready, at once."""
         inst = self.instance(name)
         inst.handle, inst.launch, inst.generation = handle, launch, generation
-        inst.move(Phase.STARTING, f"re-attaching to pid {pid_of(handle)}")
-        inst.move(Phase.READY, f"re-attached to pid {pid_of(handle)}")
+        inst.move(Phase.STARTING, f"re-attaching to {job_of(handle)}")
+        inst.move(Phase.READY, f"re-attached to {job_of(handle)}")
 
     def adopt_unstopped(self, name: str, handle: Handle, launch: LaunchSpec, generation: int,
                         error: Exception) -> None:
@@ -492,8 +504,8 @@ class Controller:
         that failed (Failed, StopFailed, its handle kept and the stop retried), never dropped."""
         inst = self.instance(name)
         inst.handle, inst.launch, inst.generation = handle, launch, generation
-        inst.move(Phase.STARTING, f"re-attaching to pid {pid_of(handle)}")
-        inst.move(Phase.STOPPING, f"stopping pid {pid_of(handle)}, left running by the previous daemon")
+        inst.move(Phase.STARTING, f"re-attaching to {job_of(handle)}")
+        inst.move(Phase.STOPPING, f"stopping {job_of(handle)}, left running by the previous daemon")
         self._life.stop_failed(inst, handle, error)
 
     # ------------------------------------------------------------------ background duties
@@ -509,6 +521,7 @@ class Controller:
         self._health.cancel()
         await self._tasks.wait()
         await self._writer.close()
+        await self.managers.close()
 
     def stopping(self, name: str) -> bool:
         """Whether a stop of ``name`` is under way."""
@@ -548,6 +561,6 @@ async def stop_left_behind(store: Store) -> dict[str, int | None]:
     left = {name: inst for name, inst in controller.instances.items() if inst.handle is not None}
     if left:  # their handles stay in state.json: the next 'athanor down' tries again
         raise AthanorError("could not stop " + "; ".join(
-            f"model/{name} (pid {pid_of(inst.handle)}): {(inst.last_failure or {}).get('message', inst.message)}"
+            f"model/{name} ({job_of(inst.handle)}): {(inst.last_failure or {}).get('message', inst.message)}"
             for name, inst in sorted(left.items())) + " ('athanor down' tries again)")
     return {**controller.orphans_stopped, **tracked}

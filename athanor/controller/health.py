@@ -98,7 +98,7 @@ class HealthChecks:
         by the next request like a crashed one (its clients get their errors as its connections close)."""
         try:
             assert inst.launch is not None
-            answered = await answers(self._session, inst.launch.port, timeout, secret=inst.launch.secret)
+            answered = await answers(self._session, inst.launch, timeout)
         finally:
             self._probes.pop(inst.name, None)
         if inst.incarnation != incarnation or inst.phase is not Phase.READY:

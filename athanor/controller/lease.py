@@ -31,9 +31,10 @@ class Keeper(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """Where one request goes: a runtime incarnation on a loopback port."""
+    """Where one request goes: a runtime incarnation at an address (loopback, or a pod's under Kubernetes)."""
 
     name: str
+    host: str
     port: int
     served_model: str
     incarnation: int
@@ -72,7 +73,7 @@ class Lease:
         inst.enter()
         launch = inst.launch
         assert launch is not None
-        self._upstream = Upstream(inst.name, launch.port, launch.served_model, inst.incarnation,
+        self._upstream = Upstream(inst.name, launch.host, launch.port, launch.served_model, inst.incarnation,
                                   launch.max_connections, launch.secret)
         return self._upstream
 

@@ -23,7 +23,7 @@ from athanor.controller.desired import DesiredState
 from athanor.controller.instance import Instance, Phase
 from athanor.controller.parking import Emit, Parking
 from athanor.controller.readiness import NotReady, StartAborted, wait_ready
-from athanor.controller.records import pid_of
+from athanor.controller.records import job_of, pid_of
 from athanor.controller.stopping import (
     HUNG_GRACE_S,
     STOP_GRACE_S,
@@ -35,8 +35,8 @@ from athanor.controller.stopping import (
 )
 from athanor.controller.tasks import Spawn
 from athanor.errors import AthanorError
-from athanor.managers import Managers, jobs, logs
-from athanor.managers.base import Handle, JobState, ServiceManager
+from athanor.managers import Managers, jobs
+from athanor.managers.base import Handle, JobState, ServiceManager, located
 from athanor.parking.slots import SlotError
 from athanor.quantities import parse_duration
 from athanor.runtimes import secret as runtime_secret
@@ -75,17 +75,20 @@ class Lifecycle:
                 launch = inst.launch = await asyncio.to_thread(runtime_secret.issued, launch)
             manager = self._managers.current(self._desired.gateway)
             parked = self.parking.before_start(inst.name, launch)  # verified while the runtime loads
-            inst.handle = await manager.start(jobs.model_job(inst.name, launch, self._home))
+            handle = inst.handle = await manager.start(jobs.model_job(inst.name, launch, self._home))
             spawned()  # its process runs: what it replaces may go now, while it loads
             self._save(inst)
             timeout = parse_duration(self._desired.setting(obj, "startupTimeout")) or 3600.0
-            waited = await wait_ready(self._session, launch, timeout=timeout, alive=lambda: self.alive(inst),
-                                      abort=inst.abort)
+            waited, launch = await wait_ready(self._session, lambda: located(manager, handle, launch),
+                                              timeout=timeout, alive=lambda: self.alive(inst), abort=inst.abort)
+            inst.launch = launch  # at the address it answered on (a pod's, under Kubernetes)
             await self.parking.restore(inst, parked)  # before the first request: queued ones wait for it
         except StartAborted:
             await self.halt(inst, "start aborted by a stop")
             return
-        except (NotReady, AthanorError) as exc:
+        except NotReady as exc:
+            self.fail(inst, await self._why(inst, str(exc)), "StartFailed")
+        except AthanorError as exc:
             self.fail(inst, str(exc), "StartFailed")
         except SlotError as exc:  # its parked file is gone now: the next start prefills (the controller retries)
             self.fail(inst, f"a parked slot could not be restored or erased ({exc}): restarting without it",
@@ -94,13 +97,25 @@ class Lifecycle:
             log.exception("%s: unexpected error while starting", inst.name)
             self.fail(inst, f"unexpected error while starting: {exc!r}", "StartFailed")
         else:
-            log.info("%s ready in %.2f s (pid %s)", inst.name, waited, pid_of(inst.handle))
+            log.info("%s ready in %.2f s (%s)", inst.name, waited, job_of(inst.handle))
             inst.load_seconds = time.monotonic() - inst.starting_since
             inst.refusal = None
             inst.move(Phase.READY, f"ready in {waited:.2f} s")
             return
         if inst.cleanup_task is not None:
             await asyncio.wait({inst.cleanup_task})
+
+    async def _why(self, inst: Instance, reason: str) -> str:
+        """A start that failed, with what its manager says of the job when that is more than a process's exit (a
+        pod that cannot pull its image, a claim not found): the runtime's log has nothing then."""
+        handle = inst.handle
+        if handle is None or self.manager_of(handle).local:
+            return reason
+        try:
+            state = await self.manager_of(handle).observe(handle)
+        except Exception:  # noqa: BLE001 - the reason stands without the detail
+            return reason
+        return f"{reason} ({state.detail})" if state.detail else reason
 
     def manager_of(self, handle: Handle) -> ServiceManager:
         """The service manager that runs the job of ``handle``."""
@@ -130,17 +145,19 @@ class Lifecycle:
         """Stop what is left of a failed runtime (retrying a stop that fails), then record its exit and log tail.
         A stop that keeps failing leaves the handle in place, so the job stays reachable (``StopFailed``)."""
         manager = self.manager_of(handle)
+        # A pod's log goes with the pod, so it is read before the stop; a local log file stays.
+        pod_tail = None if manager.local else await manager.log_tail(handle, 20)
         try:
             code = await stop_retrying(manager, handle, grace, delays=self.stop_retry_delays, hurry=self._hurry,
                                        failed=lambda attempt, exc, delay: self._stop_attempt_failed(
                                            inst, handle, attempt, exc, delay))
         except StopFailed as exc:
             if failure["reason"] != "StopFailed":
-                failure.update(reason="StopFailed", message=f"stopping pid {pid_of(handle)} after {failure['reason']} "
+                failure.update(reason="StopFailed", message=f"stopping {job_of(handle)} after {failure['reason']} "
                                f"failed: {exc.last}; its job may still run")
             self._save(inst)
             return
-        tail = await asyncio.to_thread(logs.tail, self._logs_dir / f"{inst.name}.log", 20)
+        tail = pod_tail if pod_tail is not None else await manager.log_tail(handle, 20)
         manager.forget(handle)
         if inst.handle is handle:
             inst.handle = None
@@ -150,13 +167,13 @@ class Lifecycle:
                 failure["message"] = exit_text(code)
         failure["logTail"] = tail
         if failure["reason"] == "StopFailed":
-            self._emit("Model", inst.name, "Normal", "Stopped", f"stopped pid {pid_of(handle)} on a retry")
+            self._emit("Model", inst.name, "Normal", "Stopped", f"stopped {job_of(handle)} on a retry")
         self._save(inst)
 
     def _stop_attempt_failed(self, inst: Instance, handle: Handle, attempt: int, exc: Exception,
                              retry_in: float | None) -> None:
         then = f"retrying in {retry_in:g} s" if retry_in is not None else "giving up for now: the next stop retries"
-        message = f"stopping pid {pid_of(handle)} failed (attempt {attempt}): {exc}; {then}"
+        message = f"stopping {job_of(handle)} failed (attempt {attempt}): {exc}; {then}"
         log.warning("%s: %s", inst.name, message)
         self._emit("Model", inst.name, "Warning", "StopFailed", message, attempt=attempt, pid=pid_of(handle))
 
@@ -164,7 +181,7 @@ class Lifecycle:
         """A stop of a runtime failed: keep its handle (its job may still run), say so (Failed, StopFailed: the
         record keeps the handle, so ``athanor down`` still reaches it) and retry the stop in a clean-up task.
         Not a failure of the runtime: it does not count towards a crash loop."""
-        message = f"stopping pid {pid_of(handle)} failed: {error}; its job may still run (retrying the stop)"
+        message = f"stopping {job_of(handle)} failed: {error}; its job may still run (retrying the stop)"
         failure = failures.record_stop_failure(inst, message)
         log.warning("%s: %s", inst.name, message)
         inst.move(Phase.FAILED, message)

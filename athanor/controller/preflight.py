@@ -38,13 +38,18 @@ def unservable(obj: dict[str, Any] | None, name: str) -> str | None:
     return None
 
 
-def prepare_launch(doc: dict[str, Any], obj: dict[str, Any], home: Path) -> LaunchSpec:
+def prepare_launch(doc: dict[str, Any], obj: dict[str, Any], home: Path, *, local: bool = True) -> LaunchSpec:
     """How to start ``obj`` now, after every check a start can fail early on (``home``: the store's, where its
-    runtime secret lives; see ``launch_for``). Raises ModelUnavailable."""
+    runtime secret lives; see ``launch_for``). Raises ModelUnavailable. ``local``: the runtime runs on this
+    machine, so its weights, binary and port are checked here; a cluster's pod has its own (``managers/base.py``)."""
     name = obj["metadata"]["name"]
     problem = unservable(obj, name)
     if problem:
         raise ModelUnavailable(problem)
+    if not local:
+        launch = launch_for(doc, obj, home)
+        assert launch is not None  # the artifact was checked above
+        return launch
     path = obj["artifact"]["path"]
     if not os.path.exists(path):
         raise ModelUnavailable(f"model {name!r}: weights not found on disk: {path} (moved or deleted since the "

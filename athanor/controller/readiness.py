@@ -48,7 +48,7 @@ def probe_session() -> aiohttp.ClientSession:
 async def probe_once(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: float) -> bool:
     """True when ready, False when not yet. Raises NotReady when the runtime answers that it never will:
     mlx_lm.server keeps running after its model failed to load and answers every request with an error."""
-    base = f"http://127.0.0.1:{launch.port}"
+    base = f"http://{launch.host}:{launch.port}"
     client_timeout = aiohttp.ClientTimeout(total=timeout)
     headers = secret_headers(launch.secret)
     try:
@@ -60,24 +60,24 @@ async def probe_once(session: aiohttp.ClientSession, launch: LaunchSpec, timeout
                 if resp.status in (200, 503):
                     return resp.status == 200
                 raise NotReady(f"the runtime answered {resp.status}: {_error_text(answer)} (see 'athanor logs')")
-        return await health_status(launch.port, launch.health_path, launch.secret, timeout) == 200
+        return await health_status(launch.host, launch.port, launch.health_path, launch.secret, timeout) == 200
     except (TimeoutError, aiohttp.ClientError, OSError):
         return False
 
 
-async def health_status(port: int, path: str, secret: str | None, timeout: float) -> int | None:
-    """The status of ``GET path`` on a fresh loopback connection; None while nothing listens there (or on a
+async def health_status(host: str, port: int, path: str, secret: str | None, timeout: float) -> int | None:
+    """The status of ``GET path`` on a fresh connection; None while nothing listens there (or on a
     garbled answer). A bare request and its status line rather than a client session: while a runtime loads this
     runs every couple of milliseconds, on the cores its load needs, and a refused connect then costs next to
     nothing."""
     loop = asyncio.get_running_loop()
     auth = f"Authorization: Bearer {secret}\r\n" if secret else ""
-    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Connection: close\r\n\r\n".encode()
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}Connection: close\r\n\r\n".encode()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_connect(sock, (host, port))
             await loop.sock_sendall(sock, request)
             head = b""
             while b"\r\n" not in head and len(head) < 1024:
@@ -107,11 +107,13 @@ def poll_delay(waited: float) -> float:
 
 
 async def wait_ready(
-    session: aiohttp.ClientSession, launch: LaunchSpec, *, timeout: float, alive: Callable[[], Awaitable[bool]],
-    abort: asyncio.Event,
-) -> float:
-    """Poll until ready; returns seconds waited. Raises NotReady if the process dies or time runs out, and
-    StartAborted as soon as ``abort`` is set (a probe in flight does not hold it up)."""
+    session: aiohttp.ClientSession, locate: Callable[[], LaunchSpec | None], *, timeout: float,
+    alive: Callable[[], Awaitable[bool]], abort: asyncio.Event,
+) -> tuple[float, LaunchSpec]:
+    """Poll until ready; returns the seconds waited and the launch at the address it answered on. ``locate``: the
+    launch where the runtime answers now, None while that is not known (a pod not yet placed). Raises NotReady if
+    the process dies or time runs out, and StartAborted as soon as ``abort`` is set (a probe in flight does not
+    hold it up)."""
     started = time.monotonic()
     deadline = started + timeout
     next_alive_check = started
@@ -125,13 +127,15 @@ async def wait_ready(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise NotReady(f"not ready after {timeout:.0f} s (startupTimeout)")
-            probe = asyncio.ensure_future(probe_once(session, launch, timeout=max(remaining, 0.05)))
-            await asyncio.wait({probe, aborted}, return_when=asyncio.FIRST_COMPLETED)
-            if aborted.done():
-                probe.cancel()
-                raise StartAborted()
-            if probe.result():
-                return time.monotonic() - started
+            launch = locate()
+            if launch is not None:
+                probe = asyncio.ensure_future(probe_once(session, launch, timeout=max(remaining, 0.05)))
+                await asyncio.wait({probe, aborted}, return_when=asyncio.FIRST_COMPLETED)
+                if aborted.done():
+                    probe.cancel()
+                    raise StartAborted()
+                if probe.result():
+                    return time.monotonic() - started, launch
             now = time.monotonic()
             pause = min(poll_delay(now - started), max(deadline - now, 0))
             await asyncio.wait({aborted}, timeout=pause)  # the poll interval, cut short by an abort
@@ -139,15 +143,16 @@ async def wait_ready(
         aborted.cancel()
 
 
-async def answers(session: aiohttp.ClientSession, port: int, timeout: float, *, secret: str | None = None) -> bool:
+async def answers(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: float) -> bool:
     """Liveness after readiness: does the runtime answer ``GET /health`` at all, within ``timeout``?
 
     Every runtime serves ``/health`` from its HTTP threads without touching the model, so a busy runtime still
     answers it; one that does not (frozen, deadlocked, swapping itself to death) is not serving anyone.
-    ``secret``: the runtime's, so the probe is served like the gateway's requests rather than refused at the door.
+    It carries the runtime's secret, so the probe is served like the gateway's requests rather than refused at the
+    door.
     """
     try:
-        async with session.get(f"http://127.0.0.1:{port}/health", headers=secret_headers(secret),
+        async with session.get(f"http://{launch.host}:{launch.port}/health", headers=secret_headers(launch.secret),
                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             await resp.read()
             return True
@@ -169,7 +174,7 @@ async def generates(session: aiohttp.ClientSession, launch: LaunchSpec, timeout:
     route, request = TEST_REQUESTS[task]
     body = {"model": launch.served_model, **request}
     try:
-        async with session.post(f"http://127.0.0.1:{launch.port}{route}", json=body,
+        async with session.post(f"http://{launch.host}:{launch.port}{route}", json=body,
                                 headers=secret_headers(launch.secret),
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             text = await resp.text(errors="replace")

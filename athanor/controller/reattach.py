@@ -20,9 +20,9 @@ import aiohttp
 from athanor.controller.events import EventLog
 from athanor.controller.persist import StateWriter
 from athanor.controller.readiness import NotReady, probe_once
-from athanor.controller.records import pid_of, standby_record
+from athanor.controller.records import job_of, pid_of, standby_record
 from athanor.controller.stopping import STOP_TIMEOUT_S
-from athanor.managers.base import Handle, ServiceManager
+from athanor.managers.base import Handle, ServiceManager, located
 from athanor.runtimes import secret as runtime_secret
 from athanor.runtimes.launch import LLAMA_AUTO_PARALLEL, MLX_MAX_CONNECTIONS, LaunchSpec
 from athanor.store import Store
@@ -41,6 +41,8 @@ class Adopting(Protocol):
     def doc(self) -> dict[str, Any]: ...
 
     def manager_of(self, handle: Handle) -> ServiceManager: ...
+
+    def current_manager(self) -> ServiceManager: ...
 
     def adopt(self, name: str, handle: Handle, launch: LaunchSpec, generation: int) -> None: ...
 
@@ -67,7 +69,7 @@ async def reattach_all(owner: Adopting, writer: StateWriter) -> list[str]:
             owner.events.emit("Model", name, "Warning", "UnreadableRecord", note)
         except Exception as exc:  # noqa: BLE001 - its manager failed: keep the handle and retry the stop
             raw = record["handle"]
-            log.warning("%s: stopping or checking pid %s left by the previous daemon failed: %s", name, pid_of(raw),
+            log.warning("%s: stopping or checking %s left by the previous daemon failed: %s", name, job_of(raw),
                         exc)
             owner.adopt_unstopped(name, raw, recorded_launch(record), record.get("generation", 0), exc)
             note = None
@@ -75,6 +77,8 @@ async def reattach_all(owner: Adopting, writer: StateWriter) -> list[str]:
             adopted.append(name)
         elif note:
             notes[name] = note
+    await _stop_strays(owner, [record["handle"] for name, record in state["instances"].items()
+                               if name in adopted and record.get("handle")])
     for name, record in state["instances"].items():
         if name in adopted:
             continue
@@ -93,6 +97,9 @@ async def _reattach_one(owner: Adopting, models: dict[str, Any], name: str, reco
     if not observed.running and not (observed.pid and observed.pid != raw.get("pid")):
         return ""  # gone (a job its manager restarted meanwhile runs another pid: that one is stopped below)
     launch = recorded_launch(record)
+    if not manager.local:  # a cluster's runtime takes the cluster's key; where it answers, its manager knows
+        launch = manager.prepared(launch)
+    launch = located(manager, raw, launch) or launch
     if not observed.running:
         why = "its service manager restarted it while no gateway watched"
     elif name not in models:
@@ -107,12 +114,25 @@ async def _reattach_one(owner: Adopting, models: dict[str, Any], name: str, reco
         owner.adopt(name, raw, launch, record.get("generation", 0))
         return None
     pid = observed.pid or pid_of(raw)
-    log.info("%s: stopping runtime pid %s left by the previous daemon: %s", name, pid, why)
+    what = f"pid {pid}" if pid else job_of(raw)
+    log.info("%s: stopping runtime %s left by the previous daemon: %s", name, what, why)
     await manager.stop(raw, STOP_TIMEOUT_S)
     owner.orphans_stopped[name] = pid
-    note = f"stopped runtime pid {pid} left running by the previous daemon: {why}"
+    note = f"stopped runtime {what} left running by the previous daemon: {why}"
     owner.events.emit("Model", name, "Normal", "Orphan", note)
     return note
+
+
+async def _stop_strays(owner: Adopting, adopted: list[Handle]) -> None:
+    """Stop what runs under the current manager that no record names. The local managers' jobs all have a record;
+    in a cluster, a new gateway pod starts with an empty one while the model pods its predecessor scaled up still
+    run (each may hold a GPU)."""
+    manager = owner.current_manager()
+    for handle in await manager.strays(adopted):
+        log.info("stopping %s: it runs, and no record of this gateway names it", job_of(handle))
+        await manager.stop(handle, STOP_TIMEOUT_S)
+        owner.events.emit("Model", handle.get("model") or handle["deployment"], "Normal", "Orphan",
+                          f"stopped {job_of(handle)}: it ran, and no record of this gateway named it")
 
 
 async def _healthy(session: aiohttp.ClientSession, launch: LaunchSpec) -> bool:

@@ -18,6 +18,13 @@ def pid_of(handle: Handle | None) -> int | None:
     return handle.get("pid") if handle else None
 
 
+def job_of(handle: Handle | None) -> str:
+    """The job a handle names, for messages: its process (``pid 123``), or its pod under Kubernetes."""
+    if handle and handle.get("pod"):
+        return f"pod {handle.get('namespace', '')}/{handle['pod']}"
+    return f"pid {pid_of(handle)}"
+
+
 def record(inst: Instance) -> dict[str, Any]:
     """The instance as state.json keeps it (and as ``views.model_view`` reads it)."""
     out: dict[str, Any] = {
@@ -30,6 +37,8 @@ def record(inst: Instance) -> dict[str, Any]:
     if inst.handle is not None:
         out["handle"] = inst.handle
         out["pid"] = inst.handle.get("pid")
+        if inst.handle.get("pod"):
+            out["pod"] = inst.handle["pod"]
         out["startedAt"] = inst.handle.get("started_at")
     if inst.launch is not None:
         out["port"] = inst.launch.port
@@ -60,6 +69,9 @@ def standby_record(at: float, message: str, last_failure: dict[str, Any] | None)
 
 def status_line(inst: Instance) -> dict[str, Any]:
     """One instance in the admin API's status: its phase and load."""
-    return {"phase": inst.phase.value, "message": inst.message, "inflight": inst.inflight, "waiting": inst.waiting,
+    line = {"phase": inst.phase.value, "message": inst.message, "inflight": inst.inflight, "waiting": inst.waiting,
             "incarnation": inst.incarnation, "pid": pid_of(inst.handle),
             "port": inst.launch.port if inst.launch else None}
+    if inst.handle and inst.handle.get("pod"):  # a runtime in a cluster has a pod where a local one has a pid
+        line["pod"] = inst.handle["pod"]
+    return line

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
     from athanor.controller.controller import Controller
     from athanor.controller.instance import Instance
+    from athanor.managers.base import Handle, ServiceManager
 
 ADMIN = "/athanor/v1"
 ACTIONS = ("start", "stop", "restart", "unload")
@@ -306,8 +307,27 @@ async def logs(request: web.Request) -> web.StreamResponse:
     if isinstance(name, web.Response):
         return name
     controller = request.app[CONTROLLER]
+    inst = controller.instances.get(name)
+    if inst is not None and inst.handle is not None and not controller.manager_of(inst.handle).local:
+        return await _pod_log(request, controller.manager_of(inst.handle), inst.handle)
     return await _serve_log(request, controller.store.logs_dir / f"{name}.log", lambda: controller.instance(name),
                             f"no log yet for {name}; it has not been started")
+
+
+async def _pod_log(request: web.Request, manager: ServiceManager, handle: Handle) -> web.StreamResponse:
+    """A runtime in a cluster logs to its pod, not to a file here: its tail, as the cluster keeps it (followed,
+    it is sent once, as one piece)."""
+    try:
+        lines = min(int(request.query.get("lines", "50")), MAX_LOG_LINES)
+    except ValueError:
+        return error_response(400, "lines must be a number", "bad_lines")
+    text = "".join(line + "\n" for line in await manager.log_tail(handle, lines))
+    if request.query.get("follow") in ("1", "true") and "text/event-stream" in request.headers.get("Accept", ""):
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        await response.write(f"data: {json.dumps({'text': text})}\n\n".encode())
+        return response
+    return web.Response(text=text)
 
 
 async def daemon_logs(request: web.Request) -> web.StreamResponse:

@@ -207,7 +207,8 @@ class Proxy:
                         if name.lower() not in REQUEST_SKIP_BYTES])
         try:
             async with self.pool.request(upstream.port, "POST", request.target, headers, body, raw=raw,
-                                         limit=upstream.max_connections, incarnation=upstream.incarnation) as resp:
+                                         limit=upstream.max_connections, incarnation=upstream.incarnation,
+                                         host=upstream.host) as resp:
                 lease.answered(resp.status)
                 is_sse = "text/event-stream" in resp.content_type
                 if not request.started and not is_sse:
@@ -237,7 +238,7 @@ class Proxy:
             if exc.reused and not dead:
                 log.info("runtime for %r dropped a kept-alive connection as a request went out; sending it again",
                          upstream.name)
-                self.pool.drop_idle(upstream.port)  # kept alive as long as that one: the retry opens a fresh one
+                self.pool.drop_idle(upstream.port, upstream.host)  # kept alive as long as that one: the retry opens a fresh one
                 raise  # it did not die of the request: the caller sends it again
             status, message = 502, f"runtime for {upstream.name!r} failed mid-request: {exc}"
             log.warning(message)

@@ -33,6 +33,8 @@ from collections.abc import AsyncIterator, Iterable
 
 import httptools
 
+from athanor.runtimes.launch import LOOPBACK
+
 BUFFER_HIGH = 256 * 1024  # pause reading from the runtime above this many unread bytes, until they are taken
 DEFAULT_LIMIT = 32
 ONE_WRITE_BODY = 16 * 1024  # bodies up to this size go out with the head in one write (copying beats a syscall)
@@ -282,10 +284,10 @@ class _Connection(asyncio.Protocol):
 class _RuntimeConnections:
     """The connections to one runtime incarnation: idle ones, how many are open, and who waits for one."""
 
-    __slots__ = ("idle", "incarnation", "limit", "open", "port", "waiters")
+    __slots__ = ("address", "idle", "incarnation", "limit", "open", "waiters")
 
-    def __init__(self, port: int, incarnation: int, limit: int):
-        self.port, self.incarnation, self.limit = port, incarnation, limit
+    def __init__(self, address: tuple[str, int], incarnation: int, limit: int):
+        self.address, self.incarnation, self.limit = address, incarnation, limit
         self.idle: list[_Connection] = []
         self.open = 0
         self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
@@ -306,7 +308,7 @@ class UpstreamPool:
     request takes the value of the moment it is sent."""
 
     def __init__(self, idle_timeout: float | None = None, *, reuse_idle_s: float = REUSE_IDLE_S) -> None:
-        self._runtimes: dict[int, _RuntimeConnections] = {}
+        self._runtimes: dict[tuple[str, int], _RuntimeConnections] = {}  # by (host, port)
         self.idle_timeout = idle_timeout
         self.reuse_idle_s = reuse_idle_s
         self._busy: set[_Connection] = set()  # in an exchange: the sweep looks at these
@@ -331,24 +333,25 @@ class UpstreamPool:
 
     def request(
         self, port: int, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes, *,
-        limit: int = DEFAULT_LIMIT, incarnation: int = 0, raw: bytes = b"",
+        limit: int = DEFAULT_LIMIT, incarnation: int = 0, raw: bytes = b"", host: str = LOOPBACK,
     ) -> _Exchange:
         """Send one request: ``async with pool.request(...) as response``. The body must be read inside the block;
         leaving it early (an error, a cancelled handler) closes the connection, so the runtime stops working for
-        nobody. ``incarnation`` names the runtime process behind ``port``: a new one gets fresh connections.
+        nobody. ``incarnation`` names the runtime process behind ``host:port`` (loopback, or a pod's address): a new
+        one gets fresh connections.
         ``raw``: header lines sent as they are, after ``headers`` (a client's, as the gateway received them)."""
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n",
+        lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n",
                  *[f"{name}: {value}\r\n" for name, value in headers], f"Content-Length: {len(body)}\r\n"]
         # A client's header bytes were decoded as UTF-8 with surrogateescape: this gives back the same bytes.
         head = "".join(lines).encode("utf-8", "surrogateescape") + raw + b"\r\n"
-        return _Exchange(self, self._runtime(port, incarnation, limit), head, body)
+        return _Exchange(self, self._runtime((host, port), incarnation, limit), head, body)
 
-    def _runtime(self, port: int, incarnation: int, limit: int) -> _RuntimeConnections:
-        runtime = self._runtimes.get(port)
+    def _runtime(self, address: tuple[str, int], incarnation: int, limit: int) -> _RuntimeConnections:
+        runtime = self._runtimes.get(address)
         if runtime is None or runtime.incarnation != incarnation:
             if runtime is not None:
                 self._retire(runtime)
-            runtime = self._runtimes[port] = _RuntimeConnections(port, incarnation, limit)
+            runtime = self._runtimes[address] = _RuntimeConnections(address, incarnation, limit)
         return runtime
 
     def _retire(self, runtime: _RuntimeConnections) -> None:
@@ -371,7 +374,7 @@ class UpstreamPool:
                 if now - connection.idle_since < self.reuse_idle_s and not connection.dropped():
                     return connection
                 self._discard(connection)  # dropped by the runtime, or about to be: never written to
-        if runtime is not self._runtimes.get(runtime.port) or (runtime.open < runtime.limit and not runtime.waiters):
+        if runtime is not self._runtimes.get(runtime.address) or (runtime.open < runtime.limit and not runtime.waiters):
             runtime.open += 1
             return await self._connect(runtime)
         waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
@@ -397,11 +400,12 @@ class UpstreamPool:
         """Open the connection ``runtime.open`` already counts (or give the count back)."""
         loop = asyncio.get_running_loop()
         try:
-            _, connection = await loop.create_connection(lambda: _Connection(runtime), "127.0.0.1", runtime.port)
+            _, connection = await loop.create_connection(lambda: _Connection(runtime), *runtime.address)
         except BaseException as exc:
             self._free(runtime)
             if isinstance(exc, OSError):
-                raise UpstreamUnreachable(f"cannot connect to 127.0.0.1:{runtime.port}: {exc.strerror or exc}") from exc
+                host, port = runtime.address
+                raise UpstreamUnreachable(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
             raise
         return connection
 
@@ -412,7 +416,7 @@ class UpstreamPool:
 
     def _release(self, connection: _Connection) -> None:
         runtime = connection.runtime
-        if connection.reusable and runtime is self._runtimes.get(runtime.port):
+        if connection.reusable and runtime is self._runtimes.get(runtime.address):
             connection.idle_since = time.monotonic()
             if not runtime.pass_on(connection):
                 runtime.idle.append(connection)
@@ -423,18 +427,18 @@ class UpstreamPool:
         connection.close()
         self._free(connection.runtime)
 
-    def drop_idle(self, port: int) -> None:
-        """Close the idle connections to the runtime on ``port`` (it dropped one that looked fit for reuse)."""
-        runtime = self._runtimes.get(port)
+    def drop_idle(self, port: int, host: str = LOOPBACK) -> None:
+        """Close the idle connections to the runtime on ``host:port`` (it dropped one that looked fit for reuse)."""
+        runtime = self._runtimes.get((host, port))
         if runtime is None:
             return
         idle, runtime.idle = runtime.idle, []
         for connection in idle:
             self._discard(connection)
 
-    def forget(self, port: int) -> None:
-        """Close idle connections to a runtime that stopped (its port may be served by another one later)."""
-        runtime = self._runtimes.pop(port, None)
+    def forget(self, address: tuple[str, int]) -> None:
+        """Close idle connections to a runtime that stopped (its address may be served by another one later)."""
+        runtime = self._runtimes.pop(address, None)
         if runtime is not None:
             self._retire(runtime)
 
@@ -442,8 +446,8 @@ class UpstreamPool:
         if self._sweeping is not None:
             self._sweeping.cancel()
             self._sweeping = None
-        for port in list(self._runtimes):
-            self.forget(port)
+        for address in list(self._runtimes):
+            self.forget(address)
 
 
 class _Exchange:

@@ -1,4 +1,5 @@
-"""Service managers: what runs a model's runtime and the ingress (embedded supervisor, launchd, systemd).
+"""Service managers: what runs a model's runtime and the ingress (embedded supervisor, launchd, systemd), or, for a
+gateway running in a cluster, each model's Deployment (kubernetes).
 
 Which one runs models is decided where the gateway itself runs. ``athanor install`` registers the ingress with a
 service manager (``serviceManager``, or for ``auto``: launchd on macOS, systemd on Linux when ``systemctl --user``
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from athanor.managers.base import Handle, ServiceManager
 
-MANAGERS = ("process", "launchd", "systemd")
+MANAGERS = ("process", "launchd", "systemd", "kubernetes")
 UNDER_ENV = "ATHANOR_SERVICE_MANAGER"  # set in the ingress job: the manager the gateway itself runs under
 
 
@@ -72,14 +73,29 @@ class Managers:
 
     def __init__(self, home: Path):
         self.home = home
-        self._made: dict[tuple[str, Path | None], ServiceManager] = {}
+        self._made: dict[tuple[Any, ...], ServiceManager] = {}
 
     def get(self, name: str, gateway: dict[str, Any]) -> ServiceManager:
+        if name == "kubernetes":  # one per namespace, context and budget: a changed spec gets a new one
+            settings = gateway.get("kubernetes") or {}
+            key: tuple[Any, ...] = (name, settings.get("namespace"), settings.get("context"), settings.get("memory"))
+            if key not in self._made:
+                from athanor.managers.kubernetes import KubernetesManager
+
+                self._made[key] = KubernetesManager(settings)
+            return self._made[key]
         directory = service_dir(name, gateway)
         key = (name, directory)
         if key not in self._made:
             self._made[key] = self._make(name, directory)
         return self._made[key]
+
+    async def close(self) -> None:
+        """Let go of what managers hold open (a cluster client and its watch); the local ones hold nothing."""
+        for manager in self._made.values():
+            close = getattr(manager, "close", None)
+            if close is not None:
+                await close()
 
     def current(self, gateway: dict[str, Any]) -> ServiceManager:
         return self.get(resolve_manager(gateway["serviceManager"]), gateway)

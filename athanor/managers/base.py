@@ -1,4 +1,5 @@
-"""The seam between the controller and whatever runs processes: the embedded supervisor, launchd or systemd.
+"""The seam between the controller and whatever runs runtimes: the embedded supervisor, launchd, systemd, or a
+Kubernetes cluster.
 
 A ``Job`` describes one thing to run, a model's runtime or the ingress: what to execute, with which environment,
 where its output goes, and how it is kept alive. Every manager reads that one description. launchd renders it as a
@@ -10,14 +11,27 @@ state.json as they are, and a later daemon hands them back to the manager named 
 
 Anything that blocks (a subprocess call, a file write, a signal and the wait after it) runs in a worker thread, so
 every coroutine here is safe to await on the event loop.
+
+Processes on this machine (pids, signals, files in ATHANOR_HOME, loopback ports) are a property of the local
+managers (``LocalManager``), not of the seam: a Kubernetes pod has none of them. What the controller needs to know
+about where a job runs, it asks: ``local`` (may it check weights, binaries and ports here, and park slots in
+ATHANOR_HOME?), ``endpoint`` (where does the job answer now?), ``prepared`` (the launch as this manager runs it)
+and ``memory`` (the room models have, when it is not this machine's).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from athanor.runtimes.launch import LOOPBACK
+
+if TYPE_CHECKING:
+    from athanor.fit import Memory
+    from athanor.runtimes.launch import LaunchSpec
 
 Handle = dict[str, Any]
 
@@ -72,6 +86,23 @@ class JobState:
 
 class ServiceManager(Protocol):
     name: str
+    local: bool  # runs jobs as processes on this machine: preflight, parking and pids apply
+
+    def endpoint(self, handle: Handle, launch: LaunchSpec) -> tuple[str, int] | None:
+        """Where the job answers now, as (host, port); None while that is not known yet (a pod not yet placed)."""
+
+    def prepared(self, launch: LaunchSpec) -> LaunchSpec:
+        """The launch as this manager runs it (a cluster's runtimes take its key, not a per-start one)."""
+
+    def memory(self) -> Memory | None:
+        """The memory models may use, when it is not this machine's (None: this machine's)."""
+
+    async def log_tail(self, handle: Handle, lines: int) -> list[str]:
+        """The last ``lines`` lines the job wrote (a file here; a pod's log in a cluster)."""
+
+    async def strays(self, known: list[Handle]) -> list[Handle]:
+        """Jobs of models that run under this manager and that none of ``known`` names (none for the local
+        managers, whose every job a record names)."""
 
     def files(self, job: Job) -> dict[Path, bytes]:
         """The files this job needs, rendered (pure: the same job gives the same bytes); none for some managers."""
@@ -95,6 +126,38 @@ class ServiceManager(Protocol):
 
     def forget(self, handle: Handle) -> None:
         """The caller has recorded the end of this handle's process; drop what is kept about it."""
+
+
+class LocalManager:
+    """What every manager of processes on this machine shares: the runtime answers on loopback at its launch's
+    port, the launch runs as built, and the machine's memory is the limit."""
+
+    local = True
+
+    def endpoint(self, handle: Handle, launch: LaunchSpec) -> tuple[str, int] | None:
+        return LOOPBACK, launch.port
+
+    def prepared(self, launch: LaunchSpec) -> LaunchSpec:
+        return launch
+
+    def memory(self) -> Memory | None:
+        return None
+
+    async def strays(self, known: list[Handle]) -> list[Handle]:
+        return []
+
+    async def log_tail(self, handle: Handle, lines: int) -> list[str]:
+        from athanor.managers import logs
+
+        return await asyncio.to_thread(logs.tail, Path(handle["log_path"]), lines)
+
+
+def located(manager: ServiceManager, handle: Handle, launch: LaunchSpec) -> LaunchSpec | None:
+    """``launch`` at the address its job answers on now (None while its manager does not know it yet)."""
+    address = manager.endpoint(handle, launch)
+    if address is None or address == (launch.host, launch.port):
+        return None if address is None else launch
+    return replace(launch, host=address[0], port=address[1])
 
 
 def same_start(recorded: float, observed: float) -> bool:

@@ -37,7 +37,7 @@ import psutil
 
 from athanor.errors import InvalidValueError, RuntimeNotFoundError
 from athanor.managers import logs
-from athanor.managers.base import Handle, Job, JobState, same_start
+from athanor.managers.base import Handle, Job, JobState, LocalManager, same_start
 from athanor.paths import ensure_private_dir, open_private_file
 from athanor.timestamps import UTC_FORMAT, utc_timestamp
 
@@ -382,7 +382,7 @@ def _poll_delay(waited: float) -> float:
     return min(max(0.001, waited * 0.05), 0.1)
 
 
-class ProcessManager:
+class ProcessManager(LocalManager):
     """The embedded supervisor behind the ``ServiceManager`` protocol: no files, runtimes as detached children.
 
     A job's environment is added to the daemon's own, as it always was: the runtime inherits PATH, HF_* and the

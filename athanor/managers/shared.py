@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from athanor.managers import logs
-from athanor.managers.base import Handle, JobState
+from athanor.managers.base import Handle, JobState, LocalManager
 from athanor.paths import ensure_private_dir
 from athanor.store.files import LOCK_TIMEOUT_S, atomic_write_text, flocked
 
 
-class ExternalManager:
+class ExternalManager(LocalManager):
     """What launchd and systemd do alike: wait for an exit by asking the manager, rotate the logs it appends to.
     Subclasses provide ``observe``."""
 

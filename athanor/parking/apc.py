@@ -98,7 +98,7 @@ async def _stats(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: fl
     from athanor.runtimes.secret import secret_headers
 
     try:
-        async with session.get(f"http://127.0.0.1:{launch.port}{STATS_PATH}", headers=secret_headers(launch.secret),
+        async with session.get(f"http://{launch.host}:{launch.port}{STATS_PATH}", headers=secret_headers(launch.secret),
                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             text = await resp.text(errors="replace")
             if resp.status != 200:

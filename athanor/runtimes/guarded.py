@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import runpy
+import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -178,6 +179,8 @@ def main(argv: list[str]) -> None:
     if len(argv) < 4 or argv[0] != "--secret-file" or argv[2] != "--":
         sys.exit(f"guarded: {USAGE}")
     secret_file, script, args = argv[1], argv[3], argv[4:]
+    if os.sep not in script:  # a bare name (a container image's PATH): the console script it names
+        script = shutil.which(script) or script
     try:
         secret = read_secret(secret_file)
     except (OSError, ValueError) as exc:

@@ -66,6 +66,9 @@ class LaunchSpec:
     secret_file: str | None = None  # the runtime secret's file, named in argv (runtimes/secret.py)
     secret: str | None = field(default=None, compare=False, repr=False)  # this start's secret, once issued or read
     park_dir: str | None = None  # where it saves and restores its slots (``--slot-save-path``; athanor/parking)
+    # Where the gateway reaches it: loopback for the local managers; the pod's address under Kubernetes, known only
+    # once the pod runs (``ServiceManager.endpoint``).
+    host: str = field(default=LOOPBACK, compare=False)
 
 
 @dataclass(frozen=True)
