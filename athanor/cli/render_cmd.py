@@ -14,12 +14,16 @@ from athanor.cli.common import filename_option, store, warn
 @click.option("--target", type=click.Choice(["kubernetes"]), required=True, help="What to render for.")
 @filename_option
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=None,
-              metavar="DIR", help="Write one file per model and a kustomization.yaml here (default: YAML on stdout).")
+              metavar="DIR", help="Write one file per model, gateway.yaml and a kustomization.yaml here (default: "
+              "YAML on stdout).")
 def render_cmd(target: str, filenames: tuple[str, ...], output: Path | None) -> None:
     """Render the models PATH describes (with this machine's store and HF cache for their weights' files and
-    sizes) as Kubernetes manifests: per model a Deployment at zero replicas and a ClusterIP Service.
+    sizes) as Kubernetes manifests: per model a Deployment at zero replicas and a ClusterIP Service, and the
+    gateway that scales them on demand (serviceManager: kubernetes): its Deployment, Service, the ConfigMap
+    holding the models it serves, and a ServiceAccount with its Role and RoleBinding.
 
-    Nothing is written to the store. The same specs give the same bytes."""
+    Nothing is written to the store. The same specs give the same bytes. The runtime key Secret is not rendered:
+    create it with kubectl (see the README)."""
     from athanor.kubernetes.manifests import DEFAULT_NAMESPACE, render
     from athanor.kubernetes.output import to_yaml, write_dir
 

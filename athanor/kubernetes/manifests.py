@@ -1,4 +1,5 @@
-"""The desired state as plain Kubernetes objects: per model, a Deployment at zero replicas and a ClusterIP Service.
+"""The desired state as plain Kubernetes objects: per model, a Deployment at zero replicas and a ClusterIP Service;
+before them, the gateway that scales them (``gateway.py``).
 
 Nothing here is Kubernetes-only knowledge of a model: the runtime's arguments come from the same launch builder
 the local managers use (``runtimes/launch.py``), with the weights' paths mapped onto the model volume and the
@@ -27,10 +28,11 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from athanor import catalog, fit
+from athanor.controller.stopping import STOP_TIMEOUT_S
 from athanor.kubernetes.names import label_value, object_name
 from athanor.quantities import GIB
 from athanor.runtimes.args import effective_args, effective_env
-from athanor.runtimes.launch import LOOPBACK, Target, launch_spec
+from athanor.runtimes.launch import GUARD_SCRIPT, LOOPBACK, RUNTIMES, Target, launch_spec
 from athanor.runtimes.resolve import effective_for
 
 PORT = 8080
@@ -65,16 +67,21 @@ _SHARD = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 
 @dataclass
 class Rendered:
-    """What a render produced: the objects in order, per model, and the models left out with why."""
+    """What a render produced: the objects in order (the gateway's, then the models'), per model, the gateway's,
+    and the models left out with why."""
 
     objects: list[dict[str, Any]] = field(default_factory=list)
     by_model: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    gateway: list[dict[str, Any]] = field(default_factory=list)  # athanor itself, serving the models (gateway.py)
     skipped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
 def render(doc: dict[str, Any]) -> Rendered:
-    """Every served model of ``doc`` (models.json's shape, artifacts included) as Kubernetes objects."""
+    """Every served model of ``doc`` (models.json's shape, artifacts included) as Kubernetes objects, after the
+    gateway's own objects (``gateway.py``), which serve them. Raises ConfigMapTooLarge (gateway.py)."""
+    from athanor.kubernetes import gateway as gateway_objects  # it imports this module's names
+
     gateway = catalog.gateway_spec(doc)
     cluster = gateway.get("kubernetes") or {}
     out = Rendered()
@@ -88,6 +95,8 @@ def render(doc: dict[str, Any]) -> Rendered:
         objects = [_deployment(doc, name, obj, cluster, out.notes), _service(name, obj, cluster)]
         out.by_model[name] = objects
         out.objects += objects
+    out.gateway = gateway_objects.objects(doc, out.by_model, out.notes)
+    out.objects = out.gateway + out.objects
     return out
 
 
@@ -147,11 +156,12 @@ def _deployment(doc: dict[str, Any], name: str, obj: dict[str, Any], cluster: di
     gateway = catalog.gateway_spec(doc)
     launch = launch_spec(
         Target(name, runtime, weights, projector, tuple(artifact.get("capabilities", ())), None),
-        effective_for(doc, obj), PORT, runtime, quiet=gateway["privacy"]["runtimeLogs"] == "errors",
+        effective_for(doc, obj), PORT, RUNTIMES[runtime].binary, quiet=gateway["privacy"]["runtimeLogs"] == "errors",
         extra_args=[(arg, "spec.args") for arg, _ in effective_args(runtime, gateway, obj["spec"])],
         extra_env=effective_env(runtime, gateway, obj["spec"]), secret_file=KEY_FILE)
     args = ["0.0.0.0" if arg == LOOPBACK and before == "--host" else arg
-            for before, arg in zip(["", *launch.argv], launch.argv)][1:]  # the image's entrypoint is the runtime
+            for before, arg in zip(["", *launch.argv], launch.argv)]
+    command, args = _entrypoint(args)
     estimate = fit.estimate_model(doc, obj)
     placement = _placement(obj, cluster)
     resources: dict[str, Any] = {}
@@ -164,12 +174,17 @@ def _deployment(doc: dict[str, Any], name: str, obj: dict[str, Any], cluster: di
     gpu = placement["gpu"]
     if gpu:
         resources.setdefault("limits", {})[gpu["resource"]] = gpu.get("count", 1)
-    probe = {"httpGet": {"path": launch.health_path, "port": "http"}, "periodSeconds": PROBE_PERIOD_S}
+    # The kubelet's probes carry no key: behind the MLX guard every path wants one, so a listening port is all they
+    # can see there (the gateway probes readiness itself, with the key).
+    check = {"httpGet": {"path": launch.health_path, "port": "http"}} if command is None else {
+        "tcpSocket": {"port": "http"}}
+    probe = {**check, "periodSeconds": PROBE_PERIOD_S}
     size_gib = (artifact.get("sizeBytes") or 0) / GIB
     startup_s = STARTUP_BASE_S + math.ceil(size_gib * STARTUP_PER_GIB_S)
     container: dict[str, Any] = {
         "name": "runtime",
         "image": (cluster.get("images") or {}).get(runtime, DEFAULT_IMAGES.get(runtime)),
+        **({"command": command} if command else {}),
         "args": args,
         "ports": [{"name": "http", "containerPort": PORT}],
         "env": [{"name": key, "value": value} for key, value in sorted(launch.env.items())],
@@ -182,7 +197,8 @@ def _deployment(doc: dict[str, Any], name: str, obj: dict[str, Any], cluster: di
     }
     if not container["env"]:
         del container["env"]
-    pod: dict[str, Any] = {"automountServiceAccountToken": False, "enableServiceLinks": False}
+    pod: dict[str, Any] = {"automountServiceAccountToken": False, "enableServiceLinks": False,
+                           "terminationGracePeriodSeconds": math.ceil(STOP_TIMEOUT_S)}  # a stop's bounded grace
     if download:
         pod["initContainers"] = [download]
     pod["containers"] = [container]
@@ -207,6 +223,20 @@ def _deployment(doc: dict[str, Any], name: str, obj: dict[str, Any], cluster: di
                          "spec": pod},
         },
     }
+
+
+def _entrypoint(argv: list[str]) -> tuple[list[str] | None, list[str]]:
+    """(the container's command, its args) for a runtime's argv on this machine, whose paths mean nothing in an
+    image. llama-server is the image's entrypoint: its args are the argv's. The MLX servers run behind athanor's
+    secret guard (``runtimes/guarded.py``), which the image must have: ``python -m athanor.runtimes.guarded``, the
+    server named by its console script on the image's PATH."""
+    if GUARD_SCRIPT not in argv:
+        return None, argv[1:]
+    at = argv.index(GUARD_SCRIPT)
+    guard_args = argv[at + 1:]
+    server = guard_args.index("--") + 1
+    guard_args[server] = PurePosixPath(guard_args[server]).name
+    return ["python", "-m", "athanor.runtimes.guarded"], guard_args
 
 
 def _weights(name: str, obj: dict[str, Any], cluster: dict[str, Any]
