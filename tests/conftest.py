@@ -166,7 +166,9 @@ def systemctl(systemd_host: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[An
 
 
 # Fixtures every test module may ask for by name: the real gateway (fixtures/serving.py), llama-server started
-# directly (fixtures/llama_direct.py) and the fake Hugging Face Hub (fixtures/fake_hub.py).
+# directly (fixtures/llama_direct.py), the fake Hugging Face Hub (fixtures/fake_hub.py) and the stand-in Kubernetes
+# API server (fixtures/kube_api.py).
 from fixtures.fake_hub import fake_hub  # noqa: E402,F401
+from fixtures.kube_api import kube_api  # noqa: E402,F401
 from fixtures.llama_direct import llama_server  # noqa: E402,F401
 from fixtures.serving import gateway, models  # noqa: E402,F401
