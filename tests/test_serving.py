@@ -21,6 +21,7 @@ import psutil
 import pytest
 from conftest import lan_address, write
 from fixtures.serving import (
+    CORE_MANAGERS,
     MANAGERS,
     Gateway,
     apply_gateway,
@@ -60,9 +61,10 @@ def test_chat_completion_non_streaming_and_streaming(gateway, model):
     assert all(c.usage is None for c in chunks)
 
 
-@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
+@pytest.mark.parametrize("gateway", CORE_MANAGERS, indirect=True)
 def test_swap_with_requests_in_flight_loses_nothing(gateway):
     """Clients on both models at once under `single`: every request answered, never two models serving at once."""
+    other = gateway.other_model
     errors: list[BaseException] = []
     answered: list[str] = []
     max_runtimes = [0]
@@ -91,7 +93,7 @@ def test_swap_with_requests_in_flight_loses_nothing(gateway):
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    threads = [threading.Thread(target=client_loop, args=(m, 4)) for m in ("tiny-gguf", "tiny-mlx", "tiny-gguf")]
+    threads = [threading.Thread(target=client_loop, args=(m, 4)) for m in ("tiny-gguf", other, "tiny-gguf")]
     for t in threads:
         t.start()
     for t in threads:
@@ -99,7 +101,7 @@ def test_swap_with_requests_in_flight_loses_nothing(gateway):
     stop.set()
     watcher.join()
     assert not errors, errors
-    assert sorted(answered) == sorted(["tiny-gguf"] * 8 + ["tiny-mlx"] * 4)
+    assert sorted(answered) == sorted(["tiny-gguf"] * 8 + [other] * 4)
     # single residency: one model serves at a time. The one swapped out may still be exiting (and parking its
     # slots) while the next loads, when memory holds both: at most two processes, never two Ready at once.
     assert max_runtimes[0] <= 2
@@ -113,8 +115,8 @@ def test_swap_with_requests_in_flight_loses_nothing(gateway):
                 serving.discard(event["name"])
 
     def settled() -> bool:
-        ready = [m for m in ("tiny-gguf", "tiny-mlx") if gateway.phase(m) == "Ready"]
-        loaded = [m for m in ("tiny-gguf", "tiny-mlx") if gateway.job_loaded(m)]
+        ready = [m for m in ("tiny-gguf", other) if gateway.phase(m) == "Ready"]
+        loaded = [m for m in ("tiny-gguf", other) if gateway.job_loaded(m)]
         return len(ready) == 1 and loaded == ready
 
     wait_until(settled, 30, "the swapped-out model's job to be stopped (booted out, unit stopped)")
@@ -232,10 +234,10 @@ def test_down_after_a_killed_gateway_stops_its_runtimes_through_the_state_machin
     assert moves == ["Ready -> Draining", "Draining -> Stopping", "Stopping -> Standby"]
 
 
-@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
+@pytest.mark.parametrize("gateway", CORE_MANAGERS, indirect=True)
 def test_down_leaves_no_runtime_behind(gateway):
-    chat(gateway.client, "tiny-mlx")
-    pid = gateway.runtime_pid("tiny-mlx")
+    chat(gateway.client, gateway.other_model)
+    pid = gateway.runtime_pid(gateway.other_model)
     result = gateway.athanor("down")
     assert result.returncode == 0, result.stderr
     gateway.proc.wait(30)
@@ -292,7 +294,7 @@ def test_queue_full_answers_429(gateway, tmp_path):
     assert "tiny-mlx" in results and "queue_full" in results, results
 
 
-@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
+@pytest.mark.parametrize("gateway", CORE_MANAGERS, indirect=True)
 def test_idle_model_is_unloaded(gateway, tmp_path):
     apply_gateway(gateway, tmp_path, "  idleTimeout: 1s\n")
     chat(gateway.client, "tiny-gguf")
@@ -445,7 +447,7 @@ def test_client_disconnect_mid_stream_frees_the_runtime_slot(gateway, tmp_path):
     assert chat(gateway.client, model).model == model
 
 
-@pytest.mark.parametrize("gateway", MANAGERS, indirect=True)
+@pytest.mark.parametrize("gateway", CORE_MANAGERS, indirect=True)
 def test_crash_loop_ends_in_failed_with_the_reason(gateway):
     """A runtime that keeps dying is restarted with backoff, then left Failed rather than restarted forever."""
     for _ in range(3):
