@@ -326,3 +326,16 @@ def test_a_document_too_large_for_a_configmap_is_refused(specs: Path, tmp_path: 
     assert result.returncode == 1
     assert "ConfigMap athanor-gateway" in result.stderr and "1 MiB" in result.stderr
     assert result.stdout == ""
+
+
+def test_names_the_schema_would_refuse_still_make_valid_distinct_stable_labels():
+    """Model names are [a-z0-9._-] up to 63 today; the names function does not count on it: upper case, 80
+    characters, non-ASCII, nothing left after cleaning, and names that clean to the same text."""
+    from athanor.kubernetes.names import is_label, object_name
+
+    names = ["Qwen3.5_Coder", "qwen3-5-coder", "Q" * 80, "Q" * 79 + "R", "Café-crème", "cafe-creme", "模型", "混合"]
+    made = [object_name("athanor", name) for name in names]
+    assert all(is_label(name) for name in made), made
+    assert len(set(made)) == len(made), made
+    assert made == [object_name("athanor", name) for name in names]  # stable
+    assert made[4].startswith("athanor-cafe-creme-")  # what can be read of the name is kept
