@@ -48,12 +48,13 @@ def prepare_launch(doc: dict[str, Any], obj: dict[str, Any], home: Path, *, loca
         raise ModelUnavailable(problem)
     if not local:
         launch = launch_for(doc, obj, home)
-        assert launch is not None  # the artifact was checked above
+        assert launch is not None  # the artifact was checked above; the pod has the weights
         return launch
     path = obj["artifact"]["path"]
+    gone = ModelUnavailable(f"model {name!r}: weights not found on disk: {path} (moved or deleted since the last "
+                            "scan; 'athanor scan' refreshes it)")
     if not os.path.exists(path):
-        raise ModelUnavailable(f"model {name!r}: weights not found on disk: {path} (moved or deleted since the "
-                               "last scan; 'athanor scan' refreshes it)")
+        raise gone
     runtime = obj["spec"]["runtime"]
     configured = runtime_path(doc, runtime)
     try:
@@ -65,7 +66,8 @@ def prepare_launch(doc: dict[str, Any], obj: dict[str, Any], home: Path, *, loca
         raise ModelUnavailable(f"model {name!r}: its draft model {draft!r} (spec.draft) is neither a registered GGUF "
                                "model with weights on disk nor a .gguf file")
     launch = launch_for(doc, obj, home)
-    assert launch is not None  # the artifact was checked above
+    if launch is None:  # gone since the check above
+        raise gone
     if not port_is_free(launch.port, reuse_address=True):  # a runtime that cannot bind may never exit
         raise ModelUnavailable(f"model {name!r}: port {launch.port} is in use by {port_holder(launch.port)}; "
                                "set spec.port to a free one, or stop what holds it")

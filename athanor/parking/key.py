@@ -51,11 +51,11 @@ def file_identity(path: str, *, head: bool = True) -> dict[str, Any]:
     when they appear)."""
     try:
         st = os.stat(path)
-    except OSError as exc:
+        identity: dict[str, Any] = {"path": path, "size": st.st_size, "mtime": st.st_mtime_ns}
+        if head:
+            identity["head"] = _head_hash(path, st.st_size, st.st_mtime_ns)
+    except OSError as exc:  # gone, or gone between the stat and the read (a rescan moving a repo meanwhile)
         return {"path": path, "missing": type(exc).__name__}
-    identity: dict[str, Any] = {"path": path, "size": st.st_size, "mtime": st.st_mtime_ns}
-    if head:
-        identity["head"] = _head_hash(path, st.st_size, st.st_mtime_ns)
     return identity
 
 
