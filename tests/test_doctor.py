@@ -405,3 +405,22 @@ def test_the_command_imports_no_heavy_modules():
             "print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_kubernetes_gateway_needs_credentials_where_it_runs(cli, tmp_path, monkeypatch):
+    """serviceManager kubernetes outside a cluster: no kubeconfig is a required failure with the fix; a kubeconfig
+    (the stand-in's) is named with its context."""
+    from fixtures.kube_api import KubeAPI
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    apply(cli, tmp_path / "specs.yaml", gateway_doc(8080, "  serviceManager: kubernetes\n"
+                                                          "  kubernetes: {namespace: llm, context: standin}\n"))
+    _, document = run_doctor(cli)
+    check = by_name(document)["service manager"]
+    assert not check["ok"] and check["required"] and "no kubeconfig" in check["detail"], check
+    with KubeAPI() as kube:
+        monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig(tmp_path / "kubeconfig")))
+        _, document = run_doctor(cli)
+    check = by_name(document)["service manager"]
+    assert check["ok"] and "at standin, namespace llm" in check["detail"], check

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 from athanor.doctor.check import GATEWAY_FIX, Check
 from athanor.doctor.context import Context
@@ -49,7 +50,30 @@ def _configured_manager(ctx: Context) -> Check:
     if configured == "systemd" and not ctx.systemd:
         return Check(False, "service manager", "systemd is configured, but no systemd user manager answers "
                                                "('systemctl --user show-environment')", fix, required=True)
+    if configured == "kubernetes":
+        return _kubernetes(ctx.gateway.get("kubernetes") or {})
     return Check(True, "service manager", f"{configured} (Gateway spec.serviceManager)")
+
+
+def _kubernetes(settings: dict[str, Any]) -> Check:
+    """What a gateway with ``serviceManager: kubernetes`` needs where it runs: the client, and credentials (the
+    pod's service account in a cluster, else a kubeconfig). Whether the API answers is the gateway's to say."""
+    import importlib.util
+    import os
+
+    namespace = settings.get("namespace", "athanor")
+    if importlib.util.find_spec("kubernetes_asyncio") is None:
+        return Check(False, "service manager", "kubernetes is configured, but its client is not installed",
+                     "pip install 'athanor-gateway[kubernetes]'", required=True)
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return Check(True, "service manager", f"kubernetes, in a cluster (its service account), namespace {namespace}")
+    kubeconfig = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or os.path.expanduser("~/.kube/config")
+    if not os.path.isfile(kubeconfig):
+        return Check(False, "service manager", f"kubernetes is configured, but this is not a cluster's pod and there "
+                     f"is no kubeconfig ({kubeconfig})", "run the gateway in the cluster (athanor render --target "
+                     "kubernetes), or set KUBECONFIG", required=True)
+    context = settings.get("context") or "its current context"
+    return Check(True, "service manager", f"kubernetes, from {kubeconfig} at {context}, namespace {namespace}")
 
 
 def check_gateway_job(ctx: Context) -> Iterator[Check]:
