@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from athanor.addresses import authority
 from athanor.runtimes.launch import LaunchSpec
 from athanor.runtimes.secret import secret_headers
 
@@ -48,7 +49,7 @@ def probe_session() -> aiohttp.ClientSession:
 async def probe_once(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: float) -> bool:
     """True when ready, False when not yet. Raises NotReady when the runtime answers that it never will:
     mlx_lm.server keeps running after its model failed to load and answers every request with an error."""
-    base = f"http://{launch.host}:{launch.port}"
+    base = f"http://{authority(launch.host, launch.port)}"
     client_timeout = aiohttp.ClientTimeout(total=timeout)
     headers = secret_headers(launch.secret)
     try:
@@ -72,8 +73,8 @@ async def health_status(host: str, port: int, path: str, secret: str | None, tim
     nothing."""
     loop = asyncio.get_running_loop()
     auth = f"Authorization: Bearer {secret}\r\n" if secret else ""
-    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}Connection: close\r\n\r\n".encode()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    request = f"GET {path} HTTP/1.1\r\nHost: {authority(host, port)}\r\n{auth}Connection: close\r\n\r\n".encode()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)  # a pod may be v6
     sock.setblocking(False)
     try:
         async with asyncio.timeout(timeout):
@@ -152,7 +153,8 @@ async def answers(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: f
     door.
     """
     try:
-        async with session.get(f"http://{launch.host}:{launch.port}/health", headers=secret_headers(launch.secret),
+        async with session.get(f"http://{authority(launch.host, launch.port)}/health",
+                               headers=secret_headers(launch.secret),
                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             await resp.read()
             return True
@@ -174,7 +176,7 @@ async def generates(session: aiohttp.ClientSession, launch: LaunchSpec, timeout:
     route, request = TEST_REQUESTS[task]
     body = {"model": launch.served_model, **request}
     try:
-        async with session.post(f"http://{launch.host}:{launch.port}{route}", json=body,
+        async with session.post(f"http://{authority(launch.host, launch.port)}{route}", json=body,
                                 headers=secret_headers(launch.secret),
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             text = await resp.text(errors="replace")

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import httptools
 
+from athanor.addresses import authority
 from athanor.runtimes.launch import LOOPBACK
 
 BUFFER_HIGH = 256 * 1024  # pause reading from the runtime above this many unread bytes, until they are taken
@@ -340,7 +341,7 @@ class UpstreamPool:
         nobody. ``incarnation`` names the runtime process behind ``host:port`` (loopback, or a pod's address): a new
         one gets fresh connections.
         ``raw``: header lines sent as they are, after ``headers`` (a client's, as the gateway received them)."""
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n",
+        lines = [f"{method} {target} HTTP/1.1\r\nHost: {authority(host, port)}\r\n",
                  *[f"{name}: {value}\r\n" for name, value in headers], f"Content-Length: {len(body)}\r\n"]
         # A client's header bytes were decoded as UTF-8 with surrogateescape: this gives back the same bytes.
         head = "".join(lines).encode("utf-8", "surrogateescape") + raw + b"\r\n"
@@ -404,8 +405,8 @@ class UpstreamPool:
         except BaseException as exc:
             self._free(runtime)
             if isinstance(exc, OSError):
-                host, port = runtime.address
-                raise UpstreamUnreachable(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+                where = authority(*runtime.address)
+                raise UpstreamUnreachable(f"cannot connect to {where}: {exc.strerror or exc}") from exc
             raise
         return connection
 

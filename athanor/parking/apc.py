@@ -95,10 +95,12 @@ async def flush(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: flo
 async def _stats(session: aiohttp.ClientSession, launch: LaunchSpec, timeout: float) -> dict[str, Any]:
     import aiohttp  # here: resolve.py imports this module for launch_env, and `athanor get` must stay light
 
+    from athanor.addresses import authority
     from athanor.runtimes.secret import secret_headers
 
     try:
-        async with session.get(f"http://{launch.host}:{launch.port}{STATS_PATH}", headers=secret_headers(launch.secret),
+        async with session.get(f"http://{authority(launch.host, launch.port)}{STATS_PATH}",
+                               headers=secret_headers(launch.secret),
                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             text = await resp.text(errors="replace")
             if resp.status != 200:

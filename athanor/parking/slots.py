@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from athanor.addresses import authority
 from athanor.runtimes.secret import secret_headers
 from athanor.runtimes.launch import LaunchSpec
 
@@ -56,7 +57,7 @@ async def act(session: aiohttp.ClientSession, launch: LaunchSpec, slot: int, act
 async def _call(session: aiohttp.ClientSession, method: str, launch: LaunchSpec, path: str,
                 body: dict[str, Any] | None, timeout: float) -> Any:
     try:
-        async with session.request(method, f"http://{launch.host}:{launch.port}{path}", json=body,
+        async with session.request(method, f"http://{authority(launch.host, launch.port)}{path}", json=body,
                                    headers=secret_headers(launch.secret),
                                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             text = await resp.text(errors="replace")
