@@ -128,11 +128,16 @@ async def _stop_strays(owner: Adopting, adopted: list[Handle]) -> None:
     in a cluster, a new gateway pod starts with an empty one while the model pods its predecessor scaled up still
     run (each may hold a GPU)."""
     manager = owner.current_manager()
-    for handle in await manager.strays(adopted):
-        log.info("stopping %s: it runs, and no record of this gateway names it", job_of(handle))
-        await manager.stop(handle, STOP_TIMEOUT_S)
-        owner.events.emit("Model", handle.get("model") or handle["deployment"], "Normal", "Orphan",
-                          f"stopped {job_of(handle)}: it ran, and no record of this gateway named it")
+    try:
+        for handle in await manager.strays(adopted):
+            log.info("stopping %s: it runs, and no record of this gateway names it", job_of(handle))
+            await manager.stop(handle, STOP_TIMEOUT_S)
+            owner.events.emit("Model", handle.get("model") or handle["deployment"], "Normal", "Orphan",
+                              f"stopped {job_of(handle)}: it ran, and no record of this gateway named it")
+    except Exception as exc:  # noqa: BLE001 - an unreachable cluster must not keep the gateway from serving
+        log.warning("could not look for runtimes no record names: %s", exc)
+        owner.events.emit("Gateway", "default", "Warning", "StraysUnchecked",
+                          f"could not look for runtimes no record names: {exc}")
 
 
 async def _healthy(session: aiohttp.ClientSession, launch: LaunchSpec) -> bool:
