@@ -123,21 +123,25 @@ def _under(path: str, root: str) -> str | None:
     return None if relative.startswith("..") else relative
 
 
+INSTANCE_LABEL = "app.kubernetes.io/instance"  # which model's Deployment (and so which model) a pod is of
+MODEL_ANNOTATION = "athanor.dev/model"  # the model's own name, as written
+MODEL_PODS = {"app.kubernetes.io/component": "model", "app.kubernetes.io/part-of": "athanor"}  # every model's pods
+
+
 def labels(name: str, obj: dict[str, Any]) -> dict[str, str]:
     return {"app.kubernetes.io/name": label_value(obj["spec"]["runtime"]),
-            "app.kubernetes.io/instance": object_name(PREFIX, name),
-            "app.kubernetes.io/component": "model",
-            "app.kubernetes.io/part-of": "athanor",
+            INSTANCE_LABEL: object_name(PREFIX, name),
+            **MODEL_PODS,
             "app.kubernetes.io/managed-by": "athanor"}
 
 
 def _selector(name: str) -> dict[str, str]:
-    return {"app.kubernetes.io/instance": object_name(PREFIX, name), "app.kubernetes.io/component": "model"}
+    return {INSTANCE_LABEL: object_name(PREFIX, name), "app.kubernetes.io/component": "model"}
 
 
 def _metadata(name: str, obj: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
     return {"name": object_name(PREFIX, name), "namespace": cluster.get("namespace", DEFAULT_NAMESPACE),
-            "labels": labels(name, obj), "annotations": {"athanor.dev/model": name}}
+            "labels": labels(name, obj), "annotations": {MODEL_ANNOTATION: name}}
 
 
 def _placement(obj: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:

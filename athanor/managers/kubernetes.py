@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from athanor.errors import AthanorError
 from athanor.kubernetes.gateway import ENV_RUNTIME_KEY_FILE, RUNTIME_KEY_FILE
-from athanor.kubernetes.manifests import DEFAULT_NAMESPACE, PREFIX
+from athanor.kubernetes.manifests import DEFAULT_NAMESPACE, INSTANCE_LABEL, MODEL_ANNOTATION, MODEL_PODS, PREFIX
 from athanor.kubernetes.manifests import PORT as RUNTIME_PORT
 from athanor.kubernetes.names import object_name
 from athanor.managers.base import Handle, Job, JobState
@@ -46,8 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("athanor.kubernetes")
 
-MODEL_PODS = "app.kubernetes.io/part-of=athanor,app.kubernetes.io/component=model"  # the labels manifests.py sets
-INSTANCE_LABEL = "app.kubernetes.io/instance"  # which model's Deployment a pod belongs to
+MODEL_PODS_SELECTOR = ",".join(f"{key}={value}" for key, value in sorted(MODEL_PODS.items()))
 POD_APPEARS_S = 60.0  # after a scale to 1, the ReplicaSet controller creates the pod within this, or something blocks
 GONE_AFTER_GRACE_S = 30.0  # past the caller's grace, how long a terminating pod may take to be deleted
 WATCH_S = 300  # a watch is renewed this often (the server ends it), from the last resourceVersion seen
@@ -172,7 +171,7 @@ class KubernetesManager:
         return [{"manager": self.name, "namespace": self.namespace,
                  "deployment": pod["metadata"]["labels"][INSTANCE_LABEL], "pod": name, "uid": pod["metadata"]["uid"],
                  "restarts": _restarts(pod), "model": (pod["metadata"].get("annotations") or {}).get(
-                     "athanor.dev/model", "")}
+                     MODEL_ANNOTATION, "")}
                 for name, pod in sorted(self._pods.items())
                 if pod["metadata"]["uid"] not in uids and not _deleting(pod)
                 and INSTANCE_LABEL in (pod["metadata"].get("labels") or {})]
@@ -307,7 +306,8 @@ class KubernetesManager:
                 await asyncio.sleep(pause)  # a back-off between attempts at an API that failed
 
     async def _list(self, core: Any) -> str:
-        response = await core.list_namespaced_pod(self.namespace, label_selector=MODEL_PODS, _preload_content=False)
+        response = await core.list_namespaced_pod(self.namespace, label_selector=MODEL_PODS_SELECTOR,
+                                                  _preload_content=False)
         async with response:
             body = await _json(response)
         seen = {pod["metadata"]["name"]: pod for pod in body.get("items", [])}
@@ -323,7 +323,7 @@ class KubernetesManager:
     async def _watch_from(self, core: Any, version: str) -> str | None:
         """Follow one watch; returns the resourceVersion to go on from, or None to list again."""
         response = await core.list_namespaced_pod(
-            self.namespace, label_selector=MODEL_PODS, watch=True, resource_version=version,
+            self.namespace, label_selector=MODEL_PODS_SELECTOR, watch=True, resource_version=version,
             allow_watch_bookmarks=True, timeout_seconds=WATCH_S, _preload_content=False)
         async with response:
             if response.status != 200:
