@@ -142,6 +142,20 @@ def minimal_app() -> Iterator[tuple[str, int]]:
         proc.wait(10)
 
 
+@contextlib.contextmanager
+def minimal_proxy(upstream_port: int) -> Iterator[tuple[str, int]]:
+    """``_minimal_proxy.py`` in front of the runtime at ``upstream_port``; yields (its base URL, its pid)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_minimal_proxy.py")), str(port),
+                             str(upstream_port)])
+    try:
+        wait_listening(port, proc, "the minimal proxy")
+        yield f"http://127.0.0.1:{port}", proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 async def minimal_app_cpu(session: aiohttp.ClientSession, args: argparse.Namespace) -> float:
     """CPU seconds per request of MINIMAL_AIOHTTP_APP under the same load."""
     with minimal_app() as (url, pid):

@@ -14,8 +14,8 @@ proxies' share as large as it gets. The peers, side by side:
   ``--skip-litellm`` leaves it out.
 
 Each round measures, in this order: latency (requests interleaved across the peers, p50 each), requests/s at
-concurrency 8 (peers and a minimal aiohttp app in a rotating order, with CPU per request of athanor's daemon and of
-that app), the client-seen swap A->B (athanor and the router, rotating), streaming through athanor against direct
+concurrency 8 (peers, a minimal aiohttp app and a minimal proxy in a rotating order, with CPU per request of
+athanor's daemon and of those two), the client-seen swap A->B (athanor and the router, rotating), streaming through athanor against direct
 (1 stream, several times interleaved with direct, and 64 concurrent streams: tokens/s and time to first token,
 on a model with 64 slots), then the control plane (``athanor get models``,
 a scan of a generated 1,000-repo HF cache, an apply of a 100-model spec, and a fresh daemon's RSS idle and with
@@ -25,7 +25,9 @@ round, then their median. Rounds alternate the order of the sides so drift in ma
 Targets: the hot path's from issue 17 (added p50 <= 0.3 ms, req/s at concurrency 8 >= 0.85x direct, gateway CPU
 per request <= 2x the minimal aiohttp app's, streaming tokens/s >= 0.99x; the app is also offered athanor's own
 req/s, paced, and that ratio is shown beside it without a target: loaded flat out, the app runs at 4-5x athanor's
-rate and handles several requests per wake-up); time to first token added <= 1 ms for
+rate and handles several requests per wake-up). ``_minimal_proxy.py``, the least a Python proxy on athanor's stack
+does (in front of direct, loaded with the peers), is shown beside them without a target too: the gateway's CPU
+against it is what athanor's own per-request work costs; time to first token added <= 1 ms for
 one stream and <= 1.10x direct for 64; the swap no slower than the router's, and athanor no worse than any peer;
 the control plane's, with room over what a quiet 2-core machine shows today (in brackets): ``get models``
 <= 250 ms, a command that feels instant (0.13-0.18 s), the 1,000-repo scan <= 3 s (1.7-2.2 s), the 100-model apply
@@ -68,7 +70,7 @@ from _peers import direct_server, shared_flags
 from _report import Row, compare, figures_table, median, rows_json, table
 from _streams import body as stream_body
 from _streams import Burst, burst, combined
-from proxy_overhead import BODY, cpu_seconds, minimal_app, paced, throughput, timed
+from proxy_overhead import BODY, cpu_seconds, minimal_app, minimal_proxy, paced, throughput, timed
 from swap_vs_router import athanor_argv, round_of_swaps, router
 
 from athanor.runtimes.launch import find_runtime
@@ -170,8 +172,11 @@ class Suite:
                 workers = [c.pid for c in psutil.Process(lite_proc.pid).children(recursive=True)]
                 sides["litellm"] = Side(lite_url, None, [lite_proc.pid, *workers])
             minimal_url, minimal_pid = stack.enter_context(minimal_app())
+            proxy_url, proxy_pid = stack.enter_context(minimal_proxy(int(direct.url.rsplit(":", 1)[1])))
+            references = {"minimal": Side(minimal_url, None, [minimal_pid]),
+                          "minimal_proxy": Side(proxy_url, direct.headers, [proxy_pid])}
             for n in range(args.rounds):
-                await self.phase(n, "peers", self.peers_round(sides, Side(minimal_url, None, [minimal_pid]), n))
+                await self.phase(n, "peers", self.peers_round(sides, references, n))
                 await self.phase(n, "swaps", self.swaps_round({"athanor": served.url, "router": router_url}, n))
                 await self.phase(n, "streaming", self.streams_round(Side(direct_s1.url, direct_s1.headers),
                                                                     sides["athanor"], n))
@@ -194,12 +199,13 @@ class Suite:
 
     # ------------------------------------------------------------------ rounds
 
-    async def peers_round(self, sides: dict[str, Side], minimal: Side, n: int) -> None:
+    async def peers_round(self, sides: dict[str, Side], references: dict[str, Side], n: int) -> None:
         async with fresh_session() as session:
-            await self._peers_round(session, sides, minimal, n)
+            await self._peers_round(session, sides, references, n)
 
-    async def _peers_round(self, session: aiohttp.ClientSession, sides: dict[str, Side], minimal: Side,
-                           n: int) -> None:
+    async def _peers_round(self, session: aiohttp.ClientSession, sides: dict[str, Side],
+                           references: dict[str, Side], n: int) -> None:
+        """``references``: the minimal aiohttp app and the minimal proxy, loaded like the peers (no targets)."""
         args = self.args
         names = list(sides)
         order = names[n % len(names):] + names[:n % len(names)]
@@ -215,9 +221,9 @@ class Suite:
         for name in names:
             self.add(f"lat.{name}", p50[name])
             self.add(f"added.{name}", p50[name] - p50["direct"])
-        loaded = {**sides, "minimal": minimal}
+        loaded = {**sides, **references}
         rps: dict[str, float] = {}
-        for name in (order + ["minimal"]) if n % 2 == 0 else (["minimal"] + order):
+        for name in (order + list(references)) if n % 2 == 0 else (list(references) + order):
             side = loaded[name]
             before = group_cpu(side.pids)
             rps[name] = await throughput(session, side.url + "/v1/completions", CONCURRENCY, args.seconds,
@@ -229,6 +235,9 @@ class Suite:
             self.add(f"ratio.{name}", rps[name] / rps["direct"])
         self.add("rps.minimal", rps["minimal"])
         self.add("cpu_ratio", self.raw["cpu.athanor"][-1] / self.raw["cpu.minimal"][-1])
+        self.add("ratio.minimal_proxy", rps["minimal_proxy"] / rps["direct"])
+        self.add("cpu_ratio_proxy", self.raw["cpu.athanor"][-1] / self.raw["cpu.minimal_proxy"][-1])
+        minimal = references["minimal"]
         # The minimal app again, offered athanor's rate instead of loaded flat out: at 4-5x athanor's rate it
         # handles several requests per wake-up, which the gateway, paced by its runtime, cannot.
         before = group_cpu(minimal.pids)
@@ -292,6 +301,9 @@ class Suite:
             Row("cpu_ratio", "gateway CPU vs the minimal aiohttp app", "x", ("<=", 2.0)),
             Row("cpu.minimal_paced", "minimal aiohttp app CPU per request at athanor's req/s", "us", None, 0),
             Row("cpu_ratio_paced", "gateway CPU vs the minimal app at the same req/s", "x", None),
+            Row("cpu.minimal_proxy", "minimal proxy CPU per request (uvloop + llhttp, no features)", "us", None, 0),
+            Row("cpu_ratio_proxy", "gateway CPU vs the minimal proxy", "x", None),
+            Row("ratio.minimal_proxy", f"minimal proxy req/s at concurrency {CONCURRENCY} vs direct", "x", None),
             Row("lat.direct", "direct p50 latency", "ms", None, 3),
             Row("rps.direct", f"direct req/s at concurrency {CONCURRENCY}", "req/s", None, 0),
         ]
