@@ -130,30 +130,32 @@ async def loaded_cpu(session: aiohttp.ClientSession, url: str, pid: int, concurr
 
 
 @contextlib.contextmanager
-def minimal_app() -> Iterator[tuple[str, int]]:
-    """MINIMAL_AIOHTTP_APP in its own process; yields (its completions URL, its pid)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", MINIMAL_AIOHTTP_APP, str(port)])
+def _listening(argv: list[str], port: int, what: str) -> Iterator[int]:
+    """The process ``argv`` until the block ends, once it listens on ``port``; yields its pid."""
+    proc = subprocess.Popen(argv)
     try:
-        wait_listening(port, proc, "the minimal aiohttp app")
-        yield f"http://127.0.0.1:{port}/v1/completions", proc.pid
+        wait_listening(port, proc, what)
+        yield proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
 
 
 @contextlib.contextmanager
+def minimal_app() -> Iterator[tuple[str, int]]:
+    """MINIMAL_AIOHTTP_APP in its own process; yields (its completions URL, its pid)."""
+    port = free_port()
+    with _listening([sys.executable, "-c", MINIMAL_AIOHTTP_APP, str(port)], port, "the minimal aiohttp app") as pid:
+        yield f"http://127.0.0.1:{port}/v1/completions", pid
+
+
+@contextlib.contextmanager
 def minimal_proxy(upstream_port: int) -> Iterator[tuple[str, int]]:
     """``_minimal_proxy.py`` in front of the runtime at ``upstream_port``; yields (its base URL, its pid)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_minimal_proxy.py")), str(port),
-                             str(upstream_port)])
-    try:
-        wait_listening(port, proc, "the minimal proxy")
-        yield f"http://127.0.0.1:{port}", proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    script = str(Path(__file__).with_name("_minimal_proxy.py"))
+    with _listening([sys.executable, script, str(port), str(upstream_port)], port, "the minimal proxy") as pid:
+        yield f"http://127.0.0.1:{port}", pid
 
 
 async def minimal_app_cpu(session: aiohttp.ClientSession, args: argparse.Namespace) -> float:
