@@ -76,6 +76,11 @@ class Row(NamedTuple):
     client_gone: bool
 
 
+# A row's values in ``COLUMNS`` order, as written (a ``Row`` is one too).
+Values = tuple[float, str, str, str, int, int | None, int | None, int | None, float | None, float, float | None,
+               float | None, int]
+
+
 class Retention(NamedTuple):
     """How much is kept: at most ``max_records`` rows, none older than ``max_age`` seconds (None: no bound)."""
 
@@ -107,7 +112,7 @@ def connect(path: Path, *, create: bool) -> sqlite3.Connection | None:
     return conn
 
 
-def write(conn: sqlite3.Connection, rows: Iterable[Row], retention: Retention, now: float) -> None:
+def write(conn: sqlite3.Connection, rows: Iterable[Values], retention: Retention, now: float) -> None:
     """One batch in one transaction, then whatever the retention no longer allows is deleted in the same one."""
     with conn:
         conn.executemany(_INSERT, rows)
