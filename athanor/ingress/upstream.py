@@ -285,10 +285,11 @@ class _Connection(asyncio.Protocol):
 class _RuntimeConnections:
     """The connections to one runtime incarnation: idle ones, how many are open, and who waits for one."""
 
-    __slots__ = ("address", "idle", "incarnation", "limit", "open", "waiters")
+    __slots__ = ("address", "host_line", "idle", "incarnation", "limit", "open", "waiters")
 
     def __init__(self, address: tuple[str, int], incarnation: int, limit: int):
         self.address, self.incarnation, self.limit = address, incarnation, limit
+        self.host_line = f"Host: {authority(*address)}\r\n"  # every request's, written once per runtime
         self.idle: list[_Connection] = []
         self.open = 0
         self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
@@ -341,11 +342,12 @@ class UpstreamPool:
         nobody. ``incarnation`` names the runtime process behind ``host:port`` (loopback, or a pod's address): a new
         one gets fresh connections.
         ``raw``: header lines sent as they are, after ``headers`` (a client's, as the gateway received them)."""
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {authority(host, port)}\r\n",
+        runtime = self._runtime((host, port), incarnation, limit)
+        lines = [f"{method} {target} HTTP/1.1\r\n", runtime.host_line,
                  *[f"{name}: {value}\r\n" for name, value in headers], f"Content-Length: {len(body)}\r\n"]
         # A client's header bytes were decoded as UTF-8 with surrogateescape: this gives back the same bytes.
         head = "".join(lines).encode("utf-8", "surrogateescape") + raw + b"\r\n"
-        return _Exchange(self, self._runtime((host, port), incarnation, limit), head, body)
+        return _Exchange(self, runtime, head, body)
 
     def _runtime(self, address: tuple[str, int], incarnation: int, limit: int) -> _RuntimeConnections:
         runtime = self._runtimes.get(address)
