@@ -61,7 +61,7 @@ from athanor.controller.lease import Lease
 from athanor.controller.lifecycle import Lifecycle
 from athanor.controller.monitor import Monitor
 from athanor.controller.persist import StateWriter
-from athanor.controller.preflight import prepare_launch, unservable
+from athanor.controller.preflight import LaunchMemo, prepare_launch, unservable
 from athanor.controller.reattach import reattach_all
 from athanor.controller.records import job_of, pid_of
 from athanor.controller.spec_changes import SpecChanges
@@ -118,6 +118,8 @@ class Controller:
         self.orphans_stopped: dict[str, int | None] = {}  # runtimes re-attach found running and stopped
         self._monitor: asyncio.Task[None] | None = None  # the watcher's loop
         self.machine_memory: Callable[[], Memory] = machine_memory  # what residency plans with (tests inject it)
+        self._launches = LaunchMemo()  # each model's launch, worked out again only when what it came from changed
+        self._estimates = residency.Estimates()  # each model's memory estimate under the current document
 
     # ------------------------------------------------------------------ desired state
 
@@ -402,9 +404,9 @@ class Controller:
         budget = manager.memory()  # a cluster's, read here on the loop that keeps it; None: this machine's
 
         def prepare() -> tuple[LaunchSpec, residency.RoomPlan, str | None]:  # the disk, vm_stat, fsyncs: off the loop
-            launch = prepare_launch(doc, obj, home, local=manager.local)
+            launch = prepare_launch(doc, obj, home, local=manager.local, memo=self._launches)
             memory = budget or self.machine_memory()
-            room, estimate = residency.plan_start(doc, obj, residents, gateway["residency"], memory)
+            room, estimate = residency.plan_start(doc, obj, residents, gateway["residency"], memory, self._estimates)
             problem = None if overcommit else memory_guard.refusal(inst.name, estimate, room)
             if problem:
                 return launch, room, problem
