@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from fixtures.serving import Gateway, apply_models, model_spec, start_daemon
+from fixtures.serving import Gateway, apply_models, model_spec, start_daemon, wait_until
 from fixtures.tiny_models import write_tiny_mlx_qwen2_vl
 
 from athanor.runtimes.launch import GUARD_SCRIPT, Target, find_runtime, launch_spec
@@ -158,3 +158,22 @@ def test_a_runtime_whose_secret_is_gone_is_replaced_rather_than_adopted(gateway:
     assert status == 200 and answer["model"] == "tiny-gguf", answer
     assert gateway.runtime_pid("tiny-gguf") != pid
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_the_next_start_s_secret_is_written_when_its_runtime_stops(gateway: Gateway):
+    """Replacing the file is a fraction of a millisecond of a swap's critical path (on ext4 a rename over a file
+    starts its writeback), so the next start's secret is written once the runtime has stopped; that start uses it,
+    and the runtime it starts accepts it."""
+    status, _ = gateway.post("/v1/chat/completions", _body("tiny-gguf"))
+    assert status == 200
+    first = _secret(gateway, "tiny-gguf")
+    assert gateway.athanor("stop", "tiny-gguf").returncode == 0
+    wait_until(lambda: _secret(gateway, "tiny-gguf") != first, 30, "the next start's secret")
+    spare = _secret(gateway, "tiny-gguf")
+    status, _ = gateway.post("/v1/chat/completions", _body("tiny-gguf"))
+    assert status == 200
+    assert _secret(gateway, "tiny-gguf") == spare, "the start used the secret written for it"
+    served = gateway.recorded()["instances"]["tiny-gguf"]["servedModel"]
+    headers = {"Authorization": f"Bearer {spare}", "Content-Type": "application/json"}
+    status, _, _ = _direct(gateway.live("tiny-gguf")["port"], "POST", "/v1/chat/completions", headers, _body(served))
+    assert status == 200, "the runtime was started with it"

@@ -402,6 +402,7 @@ class Controller:
         overcommit = inst.force_next or memory_guard.overcommit_allowed(gateway, obj)
         manager = self.managers.current(gateway)
         budget = manager.memory()  # a cluster's, read here on the loop that keeps it; None: this machine's
+        spare = await self._life.spare_secret(inst.name)
 
         def prepare() -> tuple[LaunchSpec, residency.RoomPlan, str | None]:  # the disk, vm_stat, fsyncs: off the loop
             launch = prepare_launch(doc, obj, home, local=manager.local, memo=self._launches)
@@ -418,7 +419,7 @@ class Controller:
             try:
                 if launch.park_dir:  # llama-server refuses a --slot-save-path that is not a directory yet
                     park_files.prepare(Path(launch.park_dir))
-                return runtime_secret.issued(launch), room, None
+                return runtime_secret.issued(launch, spare), room, None
             except StoreError as exc:
                 raise ModelUnavailable(f"model {inst.name!r}: {exc}") from exc
             except OSError as exc:

@@ -62,6 +62,24 @@ class Lifecycle:
         self._hurry = hurry  # set at shutdown: a failed stop is retried once more at most
         self.parking = Parking(session, home, lambda: desired.gateway, emit, logs_dir)
         self.stop_retry_delays: tuple[float, ...] = STOP_RETRY_DELAYS_S  # between the attempts of a failed stop
+        self._spare_secrets: dict[str, asyncio.Task[tuple[str, str] | None]] = {}  # model -> its next start's
+
+    async def spare_secret(self, name: str) -> tuple[str, str] | None:
+        """The secret written for ``name``'s next start when its last job stopped, (file, secret); taken once."""
+        task = self._spare_secrets.pop(name, None)
+        if task is None:
+            return None
+        await asyncio.wait({task})
+        return None if task.cancelled() or task.exception() is not None else task.result()
+
+    def _write_spare_secret(self, inst: Instance, manager: ServiceManager) -> None:
+        """The job is gone: write its next start's secret now, off the next swap's critical path. Not at shutdown,
+        and not for a cluster's pods, whose secret their manager keeps."""
+        launch = inst.launch
+        if launch is None or not launch.secret_file or not manager.local or self._hurry.is_set():
+            return
+        self._spare_secrets[inst.name] = self._spawn(asyncio.to_thread(runtime_secret.spare, launch.secret_file),
+                                                     f"secret-{inst.name}")
 
     async def start(self, inst: Instance, obj: dict[str, Any], launch: LaunchSpec,
                     spawned: Callable[[], None] = lambda: None) -> None:
@@ -200,6 +218,7 @@ class Lifecycle:
                 await manager.stop(handle, STOP_TIMEOUT_S)
                 manager.forget(handle)
                 inst.handle = None
+                self._write_spare_secret(inst, manager)
         except Exception as exc:  # noqa: BLE001 - recorded; the phase must still settle
             error = exc
         finally:

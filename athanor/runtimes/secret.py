@@ -7,9 +7,11 @@ Origin; mlx_lm.server answers ``*``). So each start of a runtime gets a fresh ra
 ``--api-key-file``, the MLX servers through ``athanor.runtimes.guarded``), so the secret never appears in an argv
 that ``ps`` shows; the gateway sends it on every request it forwards and every probe it makes.
 
-The file stays as it is until athanor starts that model again: a service manager that restarts the job by itself
-(launchd's KeepAlive, systemd's Restart) starts it with the same secret, and a gateway that re-attaches after a
-restart reads the file once and keeps the secret with the runtime incarnation (never a disk read per request).
+The file stays as it is while the job may run: a service manager that restarts the job by itself (launchd's
+KeepAlive, systemd's Restart) starts it with the same secret, and a gateway that re-attaches after a restart reads
+the file once and keeps the secret with the runtime incarnation (never a disk read per request). Once athanor has
+stopped the job, the next start's secret is written at once (``spare``): replacing the file is a tenth of a
+millisecond or more of a swap's critical path otherwise (on ext4, a rename over a file starts its writeback).
 """
 
 from __future__ import annotations
@@ -62,12 +64,24 @@ def read_secret(path: Path) -> str | None:
     return text.strip() or None
 
 
-def issued(launch: LaunchSpec) -> LaunchSpec:
+def issued(launch: LaunchSpec, spare: tuple[str, str] | None = None) -> LaunchSpec:
     """``launch`` with a fresh secret for this start, written where its argv says (unchanged when it names none).
-    Call it before the job starts; raises StoreError when the file cannot be written."""
+    ``spare``: (file, secret) written since the model's last job stopped, and used by no start yet. Call it before
+    the job starts; raises StoreError when the file cannot be written."""
     if not launch.secret_file:
         return launch
+    if spare is not None and spare[0] == launch.secret_file:
+        return replace(launch, secret=spare[1])
     return replace(launch, secret=issue_secret(Path(launch.secret_file)))
+
+
+def spare(path: str) -> tuple[str, str] | None:
+    """The next start's secret, written to ``path`` now that the job using it has stopped: (path, secret), or None
+    when it cannot be written (the start then tries, and says why)."""
+    try:
+        return path, issue_secret(Path(path))
+    except StoreError:
+        return None
 
 
 def recalled(launch: LaunchSpec) -> LaunchSpec:
