@@ -1,17 +1,27 @@
 """A swap's own overhead (issue 16, item 6): what athanor does around a runtime's load, made cheap without making it
-blind. The preflight reuses a launch only while nothing it came from changed. Real files and a real store.
+blind. The preflight reuses a launch only while nothing it came from changed; a runtime's log write brings the next
+readiness probe forward, without ever probing back to back; the next start's secret is written when a runtime stops.
+Real files, a real store, real llama-server processes and real scripted runtimes writing real logs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 from fixtures.serving import apply_models, model_spec
 from fixtures.tiny_models import write_tiny_llama_gguf, write_tiny_mlx_llama
 
+from athanor.controller import readiness
+from athanor.controller.log_watch import watch_log
 from athanor.controller.preflight import LaunchMemo, prepare_launch
+from athanor.controller.readiness import StartAborted, probe_session, wait_ready
 from athanor.errors import ModelUnavailable
+from athanor.managers.process import ProcessSupervisor
 from athanor.runtimes.launch import LaunchSpec, find_runtime
 from athanor.store import open_store
 
@@ -77,3 +87,139 @@ def test_an_mlx_launch_is_never_kept(applied: Path):
     memo = LaunchMemo()
     doc, first = _prepared(memo, "tiny-mlx")
     assert prepare_launch(doc, doc["models"]["tiny-mlx"], open_store().home, memo=memo) is not first
+
+
+# ---------------------------------------------------------------------------------------------- the log watch
+
+
+def test_a_watched_log_says_when_it_is_written_to(tmp_path: Path):
+    log = tmp_path / "runtime.log"
+    log.write_text("")
+    assert watch_log(tmp_path / "missing.log") is None, "nothing to watch: readiness is polled"
+
+    async def scenario() -> None:
+        watch = watch_log(log)
+        assert watch is not None
+        try:
+            assert not watch.written.is_set()
+            with log.open("a") as out:
+                out.write("listening\n")
+            await asyncio.wait_for(watch.written.wait(), 30)
+        finally:
+            watch.close()
+
+    asyncio.run(scenario())
+
+
+# A runtime that logs and, when told to, listens: ``LISTEN_AFTER`` seconds after it started (never, when absent).
+RUNTIME = textwrap.dedent("""
+    import http.server, os, sys, threading, time
+    listen_after = float(os.environ.get("LISTEN_AFTER", "inf"))
+    log_every = float(os.environ.get("LOG_EVERY", "10"))
+    started = time.monotonic()
+    while (left := started + listen_after - time.monotonic()) > 0:
+        print("loading", flush=True)
+        time.sleep(min(log_every, left))
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health)
+    print("listening", flush=True)
+    server.serve_forever()
+""")
+
+
+def _started(tmp_path: Path, port: int, **env: str) -> tuple[ProcessSupervisor, object]:
+    script = tmp_path / "runtime.py"
+    script.write_text(RUNTIME)
+    supervisor = ProcessSupervisor(tmp_path / "logs")
+    handle = supervisor.start("runtime", [sys.executable, str(script), str(port)], env=env)
+    return supervisor, handle
+
+
+def _launch(port: int) -> LaunchSpec:
+    return LaunchSpec("llama-server", [], {}, port, "m", "/health")
+
+
+def _slow_polls(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Probe on a timer only every ``seconds``, whatever the time waited."""
+    monkeypatch.setattr(readiness, "FIRST_DELAY", seconds)
+    monkeypatch.setattr(readiness, "RELATIVE_DELAY", 0.0)
+    monkeypatch.setattr(readiness, "MAX_DELAY", seconds)
+
+
+def test_a_runtime_that_logs_its_readiness_is_seen_without_waiting_for_the_next_poll(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from fixtures.serving import free_port
+
+    _slow_polls(monkeypatch, 30.0)  # left to the timer, readiness would be seen 30 s late
+    port = free_port()
+    supervisor, handle = _started(tmp_path, port, LISTEN_AFTER="0.5")
+
+    async def scenario() -> float:
+        watch = watch_log(handle.log_path)
+        assert watch is not None
+        async with probe_session() as session:
+            try:
+                waited, _ = await wait_ready(session, lambda: _launch(port), timeout=600,
+                                             alive=lambda: _alive(supervisor, handle), abort=asyncio.Event(),
+                                             written=watch.written)
+            finally:
+                watch.close()
+        return waited
+
+    try:
+        assert asyncio.run(scenario()) < 15, "seen when the runtime logged it, not at the next poll"
+    finally:
+        supervisor.stop(handle, 5)
+
+
+def test_a_runtime_that_logs_all_along_is_not_probed_back_to_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from fixtures.serving import free_port
+
+    _slow_polls(monkeypatch, 0.2)  # a write brings a probe forward at most once per 20 ms (WRITTEN_SHARE)
+    port = free_port()
+    supervisor, handle = _started(tmp_path, port, LOG_EVERY="0.0005")  # thousands of lines a second, never ready
+    probes = 0
+    health_status = readiness.health_status
+
+    async def counted(*args: object, **kwargs: object) -> int | None:
+        nonlocal probes
+        probes += 1
+        return await health_status(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(readiness, "health_status", counted)
+
+    async def scenario() -> float:
+        watch = watch_log(handle.log_path)
+        assert watch is not None
+        abort = asyncio.Event()
+        asyncio.get_running_loop().call_later(1.0, abort.set)  # the length of the run, not a synchronisation
+        started = time.monotonic()
+        async with probe_session() as session:
+            try:
+                with pytest.raises(StartAborted):
+                    await wait_ready(session, lambda: _launch(port), timeout=600,
+                                     alive=lambda: _alive(supervisor, handle), abort=abort, written=watch.written)
+            finally:
+                watch.close()
+        return time.monotonic() - started
+
+    try:
+        ran = asyncio.run(scenario())
+    finally:
+        supervisor.stop(handle, 5)
+    by_timer = ran / 0.2
+    assert probes > 2 * by_timer + 2, f"its log brought probes forward ({probes} in {ran:.1f} s)"
+    assert probes <= ran / 0.02 + by_timer + 5, f"{probes} probes in {ran:.1f} s: probed back to back"
+
+
+async def _alive(supervisor: ProcessSupervisor, handle: object) -> bool:
+    return supervisor.alive(handle)  # type: ignore[arg-type]

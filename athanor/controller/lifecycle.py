@@ -21,6 +21,7 @@ import aiohttp
 from athanor.controller import failures
 from athanor.controller.desired import DesiredState
 from athanor.controller.instance import Instance, Phase
+from athanor.controller.log_watch import watch_log
 from athanor.controller.parking import Emit, Parking
 from athanor.controller.readiness import NotReady, StartAborted, wait_ready
 from athanor.controller.records import job_of, pid_of
@@ -93,12 +94,19 @@ class Lifecycle:
                 launch = inst.launch = await asyncio.to_thread(runtime_secret.issued, launch)
             manager = self._managers.current(self._desired.gateway)
             parked = self.parking.before_start(inst.name, launch)  # verified while the runtime loads
-            handle = inst.handle = await manager.start(jobs.model_job(inst.name, launch, self._home))
+            job = jobs.model_job(inst.name, launch, self._home)
+            handle = inst.handle = await manager.start(job)
             spawned()  # its process runs: what it replaces may go now, while it loads
             self._save(inst)
             timeout = parse_duration(self._desired.setting(obj, "startupTimeout")) or 3600.0
-            waited, launch = await wait_ready(self._session, lambda: located(manager, handle, launch),
-                                              timeout=timeout, alive=lambda: self.alive(inst), abort=inst.abort)
+            watch = watch_log(job.log_path) if manager.local else None  # its log is on this machine
+            try:
+                waited, launch = await wait_ready(self._session, lambda: located(manager, handle, launch),
+                                                  timeout=timeout, alive=lambda: self.alive(inst), abort=inst.abort,
+                                                  written=watch.written if watch is not None else None)
+            finally:
+                if watch is not None:
+                    watch.close()
             inst.launch = launch  # at the address it answered on (a pod's, under Kubernetes)
             await self.parking.restore(inst, parked)  # before the first request: queued ones wait for it
         except StartAborted:

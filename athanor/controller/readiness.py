@@ -8,12 +8,16 @@ time waited so far, up to ``MAX_DELAY``. Readiness is then noticed within about 
 a tiny model that loads in 20 ms is seen within a few milliseconds (a probe of a port nobody listens on yet is a
 refused connect on loopback), and one that loads for minutes is probed about once a second. A fixed floor that
 backs off per probe (it used to be 20 ms doubling to 250 ms) cost a fast swap more than the runtime's own load.
+Besides, a runtime that writes to its log is probed again at once (``log_watch.py``; at most once per
+``WRITTEN_SHARE`` of the interval, for runtimes that log all along): runtimes log their readiness as it happens,
+so it is seen within one probe rather than half a poll interval.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +31,7 @@ from athanor.runtimes.secret import secret_headers
 FIRST_DELAY = 0.002
 ALIVE_EVERY_S = 0.01  # how often a start asks whether the process still runs (a death is seen within this)
 RELATIVE_DELAY = 0.02
+WRITTEN_SHARE = 0.1  # log writes bring probes forward at most once per this share of the poll interval
 MAX_DELAY = 1.0
 
 
@@ -109,18 +114,21 @@ def poll_delay(waited: float) -> float:
 
 async def wait_ready(
     session: aiohttp.ClientSession, locate: Callable[[], LaunchSpec | None], *, timeout: float,
-    alive: Callable[[], Awaitable[bool]], abort: asyncio.Event,
+    alive: Callable[[], Awaitable[bool]], abort: asyncio.Event, written: asyncio.Event | None = None,
 ) -> tuple[float, LaunchSpec]:
     """Poll until ready; returns the seconds waited and the launch at the address it answered on. ``locate``: the
     launch where the runtime answers now, None while that is not known (a pod not yet placed). Raises NotReady if
     the process dies or time runs out, and StartAborted as soon as ``abort`` is set (a probe in flight does not
-    hold it up)."""
+    hold it up). ``written``: set when the runtime writes to its log, which cuts the wait for the next probe."""
     started = time.monotonic()
     deadline = started + timeout
     next_alive_check = started
     aborted = asyncio.ensure_future(abort.wait())
+    heard_at = -math.inf  # when a log write last brought a probe forward
     try:
         while True:
+            if written is not None:
+                written.clear()  # a write from here on, during the probe too, brings the next one forward
             if time.monotonic() >= next_alive_check:  # asking the manager costs more than a probe: not every time
                 if not await alive():
                     raise NotReady("the runtime exited while starting")
@@ -139,7 +147,21 @@ async def wait_ready(
                     return time.monotonic() - started, launch
             now = time.monotonic()
             pause = min(poll_delay(now - started), max(deadline - now, 0))
-            await asyncio.wait({aborted}, timeout=pause)  # the poll interval, cut short by an abort
+            if written is None:
+                await asyncio.wait({aborted}, timeout=pause)  # the poll interval, cut short by an abort
+                continue
+            # ... or by a log write (one during the probe too), though no sooner than a share of the interval after
+            # the last probe a write brought forward: a runtime that logs all along must not be probed back to back.
+            hold = heard_at + pause * WRITTEN_SHARE - now
+            if hold > 0:
+                await asyncio.wait({aborted}, timeout=hold)
+            if not written.is_set():
+                heard = asyncio.ensure_future(written.wait())
+                await asyncio.wait({aborted, heard}, timeout=max(now + pause - time.monotonic(), 0),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                heard.cancel()
+            if written.is_set():
+                heard_at = time.monotonic()
     finally:
         aborted.cancel()
 
