@@ -93,10 +93,10 @@ class Lifecycle:
             if launch.secret_file and launch.secret is None:  # the controller issues it with the preflight
                 launch = inst.launch = await asyncio.to_thread(runtime_secret.issued, launch)
             manager = self._managers.current(self._desired.gateway)
-            parked = self.parking.before_start(inst.name, launch)  # verified while the runtime loads
             job = jobs.model_job(inst.name, launch, self._home)
             handle = inst.handle = await manager.start(job)
             spawned()  # its process runs: what it replaces may go now, while it loads
+            parked = self.parking.before_start(inst.name, launch)  # verified meanwhile too, not before the spawn
             self._save(inst)
             timeout = parse_duration(self._desired.setting(obj, "startupTimeout")) or 3600.0
             watch = watch_log(job.log_path) if manager.local else None  # its log is on this machine
