@@ -69,6 +69,16 @@ class Lease:
         if not self._controller.serving(inst):
             self._wait()
             await self._controller.make_ready(inst)
+        return self._enter()
+
+    def acquire_now(self) -> Upstream | None:
+        """``acquire`` when the model serves now; None (and nothing counted) when it would have to wait."""
+        if self._upstream is not None or not self._controller.serving(self._instance):
+            return None
+        return self._enter()
+
+    def _enter(self) -> Upstream:
+        inst = self._instance
         self._unwait()
         inst.enter()
         launch = inst.launch

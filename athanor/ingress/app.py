@@ -263,4 +263,4 @@ def front_door(app: web.Application, aiohttp_server: ServerFactory, **timeouts: 
 
     ollama = OllamaFront(app[CONTROLLER], app[PROXY], guard)
     return Front(app[PROXY], Relay(aiohttp_server), max_body=limits.follow, expect=expect, error_body=error_bytes,
-                 cors=cors, posts=dict.fromkeys(MODEL_POSTS, ollama), **timeouts)
+                 cors=cors, posts=dict.fromkeys(MODEL_POSTS, ollama), fast=app[PROXY].fast, **timeouts)

@@ -12,6 +12,12 @@ Work per request is kept to what the request needs: the desired state is looked 
 models.json), the body is re-serialised only when a field must change (the served name, ``include_usage`` for a
 stream, reasoning controls), in one ``json.dumps``, and streamed chunks are only scanned when they must be.
 
+The common case takes a shorter way through the same steps (``Proxy.fast``): a model that serves now, a kept-alive
+connection to it free and an answer not streamed are answered in the protocols' callbacks, from the front door's
+parser to the runtime's and back, with no coroutine, task or future. Whatever else (a refusal, a start or a swap, a
+stream, every connection busy) is declined before anything is counted or sent, and the coroutine path answers it;
+a runtime that fails a request once sent is dealt with there too.
+
 Errors are OpenAI error objects (Anthropic's on ``/v1/messages``). Before the answer has started they carry the
 right status; after (a stream kept alive while its model loaded, or one the runtime had begun) they are sent as a
 final SSE event and the stream ends: a second status line in the middle of a body would only corrupt it.
@@ -28,6 +34,7 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from athanor.controller.lease import Lease, Upstream
@@ -51,6 +58,7 @@ from athanor.runtimes.routes import ALL_ROUTES, USAGE_ROUTES
 if TYPE_CHECKING:
     from athanor.controller.controller import Controller
     from athanor.ingress.guard import Guard
+    from athanor.ingress.upstream import _Connection
     from athanor.metrics import Metrics
     from athanor.telemetry.recorder import Recorder
 
@@ -82,41 +90,12 @@ class Proxy:
 
     async def __call__(self, request: Request) -> None:
         arrived = time.monotonic()
-        controller = self.controller
-        # The desired state as the front door saw it when the headers arrived (its one stat of models.json for
-        # this request, for the body limit): not looked at again.
-        gateway = controller.gateway(refresh=False)
-        refused = self.guard.refusal(request, self.guard.policy(gateway), gateway["auth"])
-        if refused is not None:
-            status, message = refused
-            if status == 401:
-                await request.error(401, message, "invalid_api_key", headers=[("WWW-Authenticate", "Bearer")])
-            else:
-                await request.error(status, message, "forbidden")
-            return
-        route = request.path
-        if route not in ALL_ROUTES:
-            await request.error(404, f"no route {short(route)}: the gateway serves {', '.join(sorted(ALL_ROUTES))}",
-                                "unknown_route")
-            return
-        body = request.body
         try:
-            payload = json.loads(body.decode()) if body else None  # UTF-8, as OpenAI clients send; skips detection
-        except (UnicodeDecodeError, ValueError) as exc:
-            await request.error(400, f"request body is not valid JSON: {exc}", "invalid_json")
+            payload, requested, name = self._named(request)
+        except _Refused as refused:
+            await request.error(*refused.args, headers=refused.headers)
             return
-        except RecursionError:
-            await request.error(400, "request body is not valid JSON: nested too deeply", "invalid_json")
-            return
-        requested = payload.get("model") if isinstance(payload, dict) else None
-        if not isinstance(requested, str) or not requested:
-            await request.error(400, "the request needs a 'model' field naming a model", "missing_model", "model")
-            return
-        name = controller.resolve(requested, refresh=False)
-        if name is None:
-            await request.error(404, f"model {short(requested)} not found; GET /v1/models lists them",
-                                "model_not_found", "model")
-            return
+        route, body = request.path, request.body
         tap = Tap(self.metrics, name, route, arrived, self.telemetry)
         status = 0  # none yet: a handler cancelled because its client left has no answer of its own to count
         try:
@@ -131,40 +110,125 @@ class Proxy:
                 status = request.status or CLIENT_GONE
             tap.finish(status, client_gone=request.client_gone and not tap.stream_ended())
 
-    async def _for_model(self, request: Request, name: str, requested: str, route: str, payload: dict[str, Any],
-                         body: bytes, tap: Tap) -> int:
-        """Everything after the model is known (and every answer from here on is counted against it): what it
-        cannot be asked is refused, then it is leased and served. Returns the status answered."""
+    def _named(self, request: Request) -> tuple[dict[str, Any], str, str]:
+        """The request's JSON body, the model it asks for, and that model's name; raises _Refused with the answer
+        to a request refused before any model is known (not counted against a model)."""
+        controller = self.controller
+        # The desired state as the front door saw it when the headers arrived (its one stat of models.json for
+        # this request, for the body limit): not looked at again.
+        gateway = controller.gateway(refresh=False)
+        refused = self.guard.refusal(request, self.guard.policy(gateway), gateway["auth"])
+        if refused is not None:
+            status, message = refused
+            if status == 401:
+                raise _Refused(401, message, "invalid_api_key", headers=[("WWW-Authenticate", "Bearer")])
+            raise _Refused(status, message, "forbidden")
+        route = request.path
+        if route not in ALL_ROUTES:
+            raise _Refused(404, f"no route {short(route)}: the gateway serves {', '.join(sorted(ALL_ROUTES))}",
+                           "unknown_route")
+        body = request.body
+        try:
+            payload = json.loads(body.decode()) if body else None  # UTF-8, as OpenAI clients send; skips detection
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _Refused(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
+        except RecursionError:
+            raise _Refused(400, "request body is not valid JSON: nested too deeply", "invalid_json") from None
+        requested = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(requested, str) or not requested:
+            raise _Refused(400, "the request needs a 'model' field naming a model", "missing_model", "model")
+        name = controller.resolve(requested, refresh=False)
+        if name is None:
+            raise _Refused(404, f"model {short(requested)} not found; GET /v1/models lists them", "model_not_found",
+                           "model")
+        assert isinstance(payload, dict)
+        return payload, requested, name
+
+    def _refusal(self, name: str, route: str, payload: dict[str, Any], tap: Tap
+                 ) -> tuple[tuple[Any, ...] | None, dict[str, Any]]:
+        """What the model cannot be asked, as (status, message, code[, param]), and otherwise the changes the
+        request needs (reasoning controls); sets the tap's runtime."""
         obj = self.controller.model(name)
         assert obj is not None  # resolved just now
         runtime = tap.runtime = obj["spec"]["runtime"]
         if route not in RUNTIMES[runtime].routes:
-            return await _error(request, 404, f"model {name!r} runs on {runtime}, which does not serve {route} (it "
-                                f"serves {', '.join(sorted(RUNTIMES[runtime].routes))})", "unsupported_route")
+            return (404, f"model {name!r} runs on {runtime}, which does not serve {route} (it serves "
+                    f"{', '.join(sorted(RUNTIMES[runtime].routes))})", "unsupported_route"), {}
         artifact = obj.get("artifact") or {}
         refusal = task_refusal(name, route, artifact.get("capabilities") or [])
         if refusal:
-            return await _error(request, 400, refusal, "unsupported_model_task", "model")
+            return (400, refusal, "unsupported_model_task", "model"), {}
         changes, problem = reasoning_changes(name, route, runtime, artifact.get("metadata") or {}, payload)
         if problem:
-            return await _error(request, 400, problem, "unsupported_reasoning", "reasoning_effort")
+            return (400, problem, "unsupported_reasoning", "reasoning_effort"), {}
         shape = shape_problem(route, payload)
         if shape:
-            return await _error(request, 400, shape[0], "invalid_type", shape[1])
+            return (400, shape[0], "invalid_type", shape[1]), {}
+        return None, changes or {}
+
+    async def _for_model(self, request: Request, name: str, requested: str, route: str, payload: dict[str, Any],
+                         body: bytes, tap: Tap) -> int:
+        """Everything after the model is known (and every answer from here on is counted against it): what it
+        cannot be asked is refused, then it is leased and served. Returns the status answered."""
+        refusal, changes = self._refusal(name, route, payload, tap)
+        if refusal is not None:
+            return await _error(request, *refusal)
         try:
             lease = self.controller.use(name)
         except ServingError as exc:
             return await _error(request, *serving_status(exc))
         async with lease:
-            return await self._serve(request, lease, name, requested, payload, body, changes or {}, tap)
+            return await self._serve(request, lease, name, requested, payload, body, changes, tap)
+
+    def fast(self, request: Request) -> Callable[[], None] | None:
+        """The common case answered in the protocols' callbacks, with no coroutine, task or future: a model that
+        serves now, a kept-alive connection to it free, an answer not streamed (the front door offers every
+        ``POST /v1/...`` that arrives on an idle connection). Anything else, a refusal, a start or a swap, a
+        stream, every connection busy, is declined before anything is counted or sent, and the coroutine path
+        answers it from the start; a failure once sent continues there (``_Quick._recover``). Returns what to
+        call if the client goes away meanwhile. The two paths share every step but the waiting (README: "The hot
+        path")."""
+        arrived = time.monotonic()
+        try:
+            payload, requested, name = self._named(request)
+        except _Refused:
+            return None
+        if payload.get("stream") is True:
+            return None
+        route = request.path
+        tap = Tap(self.metrics, name, route, arrived, self.telemetry)
+        refusal, changes = self._refusal(name, route, payload, tap)
+        if refusal is not None:
+            return None
+        try:
+            lease = self.controller.use(name)
+        except ServingError:
+            return None
+        upstream = lease.acquire_now()
+        if upstream is None:
+            lease.release()
+            return None
+        body, headers, raw, model_id = self._outgoing(request, upstream, requested, payload, request.body, changes,
+                                                      tap)
+        taken = self.pool.take_idle(upstream.port, "POST", request.target, headers, body, raw=raw,
+                                    limit=upstream.max_connections, incarnation=upstream.incarnation,
+                                    host=upstream.host)
+        if taken is None:
+            lease.release()
+            return None
+        connection, head = taken
+        quick = _Quick(self, request, lease, upstream, tap, model_id, connection,
+                       (name, requested, payload, changes))
+        connection.send_now(head, body, self.pool.idle_timeout, quick.answered)
+        return quick.client_gone
 
     async def _serve(self, request: Request, lease: Lease, name: str, requested: str, payload: dict[str, Any],
-                     body: bytes, changes: dict[str, Any], tap: Tap) -> int:
+                     body: bytes, changes: dict[str, Any], tap: Tap, attempts: tuple[int, ...] = (1, 2)) -> int:
         """Wait for the runtime, forward, and try once more if it turned out to be gone before it got the request."""
         try:
             if payload.get("stream") is True and not lease.ready:
                 await _start_sse(request, 200)
-            for attempt in (1, 2):
+            for attempt in attempts:
                 upstream = await _acquire(lease, request, name)
                 try:
                     return await self._forward(request, lease, upstream, requested, payload, body, changes, tap)
@@ -185,8 +249,11 @@ class Proxy:
             return request.status  # the client went away while being kept alive
         raise AssertionError("unreachable")
 
-    async def _forward(self, request: Request, lease: Lease, upstream: Upstream, requested: str,
-                       payload: dict[str, Any], body: bytes, changes: dict[str, Any], tap: Tap) -> int:
+    def _outgoing(self, request: Request, upstream: Upstream, requested: str, payload: dict[str, Any], body: bytes,
+                  changes: dict[str, Any], tap: Tap) -> tuple[bytes, list[tuple[str, str]], bytes,
+                                                              ModelIdRewrite | None]:
+        """What goes to the runtime: (body, headers, the client's header lines passed on, the model id's rewrite
+        for the answer, if the runtime answers to another name)."""
         model_id = None
         if upstream.served_model != requested:
             changes = {**changes, "model": upstream.served_model}
@@ -205,6 +272,11 @@ class Proxy:
         headers = [JSON_BODY, ("Authorization", f"Bearer {upstream.secret}")] if upstream.secret else [JSON_BODY]
         raw = b"".join([b"%b: %b\r\n" % (name, value) for name, value in request.raw_headers
                         if name.lower() not in REQUEST_SKIP_BYTES])
+        return body, headers, raw, model_id
+
+    async def _forward(self, request: Request, lease: Lease, upstream: Upstream, requested: str,
+                       payload: dict[str, Any], body: bytes, changes: dict[str, Any], tap: Tap) -> int:
+        body, headers, raw, model_id = self._outgoing(request, upstream, requested, payload, body, changes, tap)
         try:
             async with self.pool.request(upstream.port, "POST", request.target, headers, body, raw=raw,
                                          limit=upstream.max_connections, incarnation=upstream.incarnation,
@@ -213,11 +285,8 @@ class Proxy:
                 is_sse = "text/event-stream" in resp.content_type
                 if not request.started and not is_sse:
                     data = await resp.read()
-                    if resp.status == 200:
-                        tap.read_usage(data)
-                    if model_id is not None:
-                        data = model_id.apply(data)
-                    await request.respond(resp.status, (), data, _response_headers(resp.headers))
+                    await request.respond(resp.status, (), _whole_answer(resp, data, model_id, tap),
+                                          _response_headers(resp.headers))
                     return resp.status
                 if not is_sse:  # headers already sent: an error becomes an SSE event
                     await request.write(b"data: " + await resp.read() + b"\n\n")
@@ -233,28 +302,128 @@ class Proxy:
                 return request.status
         except UpstreamUnreachable:
             raise  # nothing was sent: the caller may retry
-        except UpstreamDropped as exc:
-            dead = await lease.runtime_died()
-            if exc.reused and not dead:
-                log.info("runtime for %r dropped a kept-alive connection as a request went out; sending it again",
-                         upstream.name)
-                self.pool.drop_idle(upstream.port, upstream.host)  # kept alive as long as that one: the retry opens a fresh one
-                raise  # it did not die of the request: the caller sends it again
-            status, message = 502, f"runtime for {upstream.name!r} failed mid-request: {exc}"
-            log.warning(message)
-            return await _failed(request, status, message, "upstream_failed")
         except UpstreamError as exc:
-            if isinstance(exc, UpstreamTimeout):
-                status, message = 504, f"runtime for {upstream.name!r} stopped answering: {exc}"
-            else:
-                await lease.runtime_died()  # a death is recorded once, however many requests it broke
-                status, message = 502, f"runtime for {upstream.name!r} failed mid-request: {exc}"
-            log.warning(message)
-            return await _failed(request, status, message, "upstream_failed")
+            return await self._upstream_failed(request, lease, upstream, exc)
         except ConnectionResetError:
             # The client went away: leaving the block above closed the upstream connection, so the runtime stops
             # generating for it and the slot is freed.
             return request.status
+
+    async def _upstream_failed(self, request: Request, lease: Lease, upstream: Upstream, exc: UpstreamError) -> int:
+        """The answer to a request whose runtime failed it once sent; raises UpstreamDropped when it may be sent
+        again (a kept-alive connection the runtime, alive, dropped as the request went out)."""
+        if isinstance(exc, UpstreamDropped):
+            dead = await lease.runtime_died()
+            if exc.reused and not dead:
+                log.info("runtime for %r dropped a kept-alive connection as a request went out; sending it again",
+                         upstream.name)
+                self.pool.drop_idle(upstream.port, upstream.host)  # as old as that one: the retry opens a fresh one
+                raise exc  # it did not die of the request: the caller sends it again
+            status, message = 502, f"runtime for {upstream.name!r} failed mid-request: {exc}"
+        elif isinstance(exc, UpstreamTimeout):
+            status, message = 504, f"runtime for {upstream.name!r} stopped answering: {exc}"
+        else:
+            await lease.runtime_died()  # a death is recorded once, however many requests it broke
+            status, message = 502, f"runtime for {upstream.name!r} failed mid-request: {exc}"
+        log.warning(message)
+        return await _failed(request, status, message, "upstream_failed")
+
+
+class _Refused(Exception):
+    """A request refused before its model is known: ``args`` are ``Request.error``'s."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 headers: list[tuple[str, str]] | None = None):
+        super().__init__(status, message, code, param)
+        self.headers = headers
+
+
+class _Quick:
+    """One request of the fast path (``Proxy.fast``), from the runtime's complete answer to the client's."""
+
+    __slots__ = ("_connection", "_lease", "_model_id", "_over", "_proxy", "_recovering", "_request", "_tap",
+                 "_upstream", "_why")
+
+    def __init__(self, proxy: Proxy, request: Request, lease: Lease, upstream: Upstream, tap: Tap,
+                 model_id: ModelIdRewrite | None, connection: _Connection,
+                 why: tuple[str, str, dict[str, Any], dict[str, Any]]):
+        self._proxy, self._request, self._lease, self._upstream, self._tap = proxy, request, lease, upstream, tap
+        self._model_id, self._connection = model_id, connection
+        self._why = why  # name, requested, payload, changes: what the coroutine path needs to send it again
+        self._over = False
+        self._recovering: asyncio.Task[None] | None = None
+
+    def answered(self, connection: _Connection) -> None:
+        """The runtime's answer is complete, or failed (the connection's callbacks call this)."""
+        if self._over:
+            return
+        proxy, request = self._proxy, self._request
+        error, response = connection.error, connection.response
+        data = b"".join(connection.take_all()) if error is None else b""
+        proxy.pool.finish_now(connection)  # back to the pool (a waiter may be handed it), or closed
+        if error is not None or response is None:
+            self._recovering = asyncio.ensure_future(self._recover(error or UpstreamClosed("no answer")))
+            return
+        self._lease.answered(response.status)
+        if "text/event-stream" in response.content_type:  # a stream nobody asked for: passed on whole
+            self._tap.first_byte()
+            data = self._tap.usage_lines(data) if b'"usage"' in data else data
+            data = self._model_id.apply(data) if self._model_id is not None else data
+            request.respond_now(response.status, SSE_HEADERS[:1], data)
+        else:
+            request.respond_now(response.status, (), _whole_answer(response, data, self._model_id, self._tap),
+                                _response_headers(response.headers))
+        self._end(response.status, client_gone=False)
+
+    def client_gone(self) -> None:
+        """The client went away before its answer: the runtime's connection closes, so it stops working for
+        nobody (``Connection.connection_lost`` calls this)."""
+        if self._over:
+            return
+        if self._recovering is not None:
+            self._recovering.cancel()  # its own ending counts the request
+            return
+        self._proxy.pool.finish_now(self._connection)  # not complete: closed
+        self._end(self._request.status or CLIENT_GONE, client_gone=True)
+
+    def _end(self, status: int, *, client_gone: bool) -> None:
+        self._over = True
+        self._lease.release()
+        self._tap.finish(status, client_gone=client_gone)
+        if not client_gone:
+            self._request.connection.fast_done(self._request)
+
+    async def _recover(self, error: UpstreamError) -> None:
+        """The runtime failed the request once sent: what the coroutine path does then, in a coroutine."""
+        proxy, request, lease, tap = self._proxy, self._request, self._lease, self._tap
+        name, requested, payload, changes = self._why
+        status = 0
+        try:
+            try:
+                status = await proxy._upstream_failed(request, lease, self._upstream, error)
+            except UpstreamDropped:  # the coroutine path's second try
+                status = await proxy._serve(request, lease, name, requested, payload, request.body, changes, tap,
+                                            attempts=(2,))
+        except Exception:  # noqa: BLE001 - as in Proxy.__call__
+            log.exception("unexpected error serving %s %s", request.method, request.path)
+            status = 500
+            with contextlib.suppress(ConnectionError):
+                await _failed(request, 500, "internal error in the gateway (see its log)", "internal_error")
+        finally:
+            if not status:
+                status = request.status or CLIENT_GONE
+            self._over = True
+            lease.release()
+            tap.finish(status, client_gone=request.client_gone and not tap.stream_ended())
+            if not request.client_gone:
+                request.connection.fast_done(request)
+
+
+def _whole_answer(response: Response, data: bytes, model_id: ModelIdRewrite | None, tap: Tap) -> bytes:
+    """A whole (not streamed) answer as the client gets it: its usage counted, the model id rewritten."""
+    if response.status == 200:
+        tap.read_usage(data)
+    return model_id.apply(data) if model_id is not None else data
 
 
 async def _acquire(lease: Lease, request: Request, name: str) -> Upstream:

@@ -29,7 +29,7 @@ import asyncio
 import collections
 import select
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import httptools
 
@@ -123,6 +123,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self._poll: select.poll | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._done: Callable[[_Connection], None] | None = None  # an exchange answered in callbacks (``send_now``)
         self._reset()
 
     def _reset(self) -> None:
@@ -199,7 +200,7 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._chunks.append(bytes(body))
         self._buffered += len(body)
-        if self._buffered > BUFFER_HIGH and not self._paused and self.transport is not None:
+        if self._buffered > BUFFER_HIGH and not self._paused and self.transport is not None and self._done is None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
@@ -231,7 +232,8 @@ class _Connection(asyncio.Protocol):
 
     def late(self, now: float) -> bool:
         """Whether it waits for the runtime past its idle limit."""
-        return self._waiter is not None and self.idle_timeout is not None and now > self.deadline
+        waiting = self._waiter is not None or self._done is not None
+        return waiting and self.idle_timeout is not None and now > self.deadline
 
     def expire(self) -> None:
         self._fail(UpstreamTimeout(f"the runtime sent nothing for {self.idle_timeout:g} s (limits.upstreamIdleTimeout)"))
@@ -240,6 +242,12 @@ class _Connection(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+        elif self._done is not None:
+            if self.complete or self.error is not None:
+                done, self._done = self._done, None
+                done(self)
+            elif self.idle_timeout:  # something came: the idle limit counts from now, as a wait's would
+                self.deadline = time.monotonic() + self.idle_timeout
 
     def _fail(self, error: UpstreamError) -> None:
         if self.error is None:
@@ -259,6 +267,25 @@ class _Connection(asyncio.Protocol):
 
     # one exchange
     async def send(self, head: bytes, body: bytes, idle_timeout: float | None) -> Response:
+        self._write(head, body, idle_timeout)
+        while not self.headers_done:
+            if self.error is not None:
+                raise self.error
+            if self.closed:
+                raise UpstreamDropped("the runtime closed the connection without answering", reused=self.exchanges > 1)
+            await self.wait()
+        return self.response
+
+    def send_now(self, head: bytes, body: bytes, idle_timeout: float | None,
+                 done: Callable[[_Connection], None]) -> None:
+        """Send a request whose whole answer is wanted at once: ``done(self)`` is called, from the protocol's
+        callbacks, when the response is complete or has failed (``error``); nothing waits in between."""
+        self._write(head, body, idle_timeout)
+        if idle_timeout:
+            self.deadline = time.monotonic() + idle_timeout
+        self._done = done
+
+    def _write(self, head: bytes, body: bytes, idle_timeout: float | None) -> None:
         self._reset()
         self.idle_timeout = idle_timeout
         self.response = Response(self)
@@ -269,13 +296,6 @@ class _Connection(asyncio.Protocol):
         else:
             self.transport.write(head)
             self.transport.write(body)
-        while not self.headers_done:
-            if self.error is not None:
-                raise self.error
-            if self.closed:
-                raise UpstreamDropped("the runtime closed the connection without answering", reused=self.exchanges > 1)
-            await self.wait()
-        return self.response
 
     @property
     def reusable(self) -> bool:
@@ -343,11 +363,29 @@ class UpstreamPool:
         one gets fresh connections.
         ``raw``: header lines sent as they are, after ``headers`` (a client's, as the gateway received them)."""
         runtime = self._runtime((host, port), incarnation, limit)
-        lines = [f"{method} {target} HTTP/1.1\r\n", runtime.host_line,
-                 *[f"{name}: {value}\r\n" for name, value in headers], f"Content-Length: {len(body)}\r\n"]
-        # A client's header bytes were decoded as UTF-8 with surrogateescape: this gives back the same bytes.
-        head = "".join(lines).encode("utf-8", "surrogateescape") + raw + b"\r\n"
-        return _Exchange(self, runtime, head, body)
+        return _Exchange(self, runtime, _head(runtime, method, target, headers, body, raw), body)
+
+    def take_idle(self, port: int, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes, *,
+                  limit: int = DEFAULT_LIMIT, incarnation: int = 0, raw: bytes = b"", host: str = LOOPBACK,
+                  ) -> tuple[_Connection, bytes] | None:
+        """A kept-alive connection to the runtime fit for reuse now and the head to send on it (``send_now``), or
+        None when a request would have to wait or connect (``request`` does that). Give it back with
+        ``finish_now``."""
+        runtime = self._runtime((host, port), incarnation, limit)
+        if not runtime.idle or runtime.waiters:
+            return None
+        connection = self._reusable(runtime)
+        if connection is None:
+            return None
+        self._watch(connection)
+        return connection, _head(runtime, method, target, headers, body, raw)
+
+    def finish_now(self, connection: _Connection) -> None:
+        """The exchange of ``take_idle`` is over: the connection goes back if it can carry another, else it closes
+        (an answer cut short: the runtime stops working on it)."""
+        connection._done = None
+        self._busy.discard(connection)
+        self._release(connection)
 
     def _runtime(self, address: tuple[str, int], incarnation: int, limit: int) -> _RuntimeConnections:
         runtime = self._runtimes.get(address)
@@ -370,13 +408,9 @@ class UpstreamPool:
         """A connection to ``runtime``: an idle one fit for reuse, a new one while under the limit and nobody
         waits, else the next one released, in order. A waiter handed None holds a reservation: a connection
         counted in ``open`` that it opens itself."""
-        if runtime.idle:
-            now = time.monotonic()
-            while runtime.idle:
-                connection = runtime.idle.pop()  # the most recently used first: the least likely to be dropped
-                if now - connection.idle_since < self.reuse_idle_s and not connection.dropped():
-                    return connection
-                self._discard(connection)  # dropped by the runtime, or about to be: never written to
+        connection = self._reusable(runtime)
+        if connection is not None:
+            return connection
         if runtime is not self._runtimes.get(runtime.address) or (runtime.open < runtime.limit and not runtime.waiters):
             runtime.open += 1
             return await self._connect(runtime)
@@ -398,6 +432,17 @@ class UpstreamPool:
             handed.close()
             return await self._connect(runtime)  # in its place: this request already waited its turn
         return handed
+
+    def _reusable(self, runtime: _RuntimeConnections) -> _Connection | None:
+        """An idle connection fit for reuse, if there is one; those unfit are closed on the way."""
+        if runtime.idle:
+            now = time.monotonic()
+            while runtime.idle:
+                connection = runtime.idle.pop()  # the most recently used first: the least likely to be dropped
+                if now - connection.idle_since < self.reuse_idle_s and not connection.dropped():
+                    return connection
+                self._discard(connection)  # dropped by the runtime, or about to be: never written to
+        return None
 
     async def _connect(self, runtime: _RuntimeConnections) -> _Connection:
         """Open the connection ``runtime.open`` already counts (or give the count back)."""
@@ -451,6 +496,14 @@ class UpstreamPool:
             self._sweeping = None
         for address in list(self._runtimes):
             self.forget(address)
+
+
+def _head(runtime: _RuntimeConnections, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes,
+          raw: bytes) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1\r\n", runtime.host_line,
+             *[f"{name}: {value}\r\n" for name, value in headers], f"Content-Length: {len(body)}\r\n"]
+    # A client's header bytes were decoded as UTF-8 with surrogateescape: this gives back the same bytes.
+    return "".join(lines).encode("utf-8", "surrogateescape") + raw + b"\r\n"
 
 
 class _Exchange:

@@ -46,6 +46,8 @@ MAX_QUEUED = 8  # pipelined requests read ahead of the one being answered; readi
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 
 Handler = Callable[["Request"], Awaitable[None]]
+# Takes a request to answer in callbacks, returning what to call if its client goes away meanwhile; None: declined.
+FastHandler = Callable[["Request"], "Callable[[], None] | None"]
 # (path, status, message, code, param) -> a JSON error body in the format of the API at ``path``.
 ErrorBody = Callable[[str, int, str, str, "str | None"], bytes]
 
@@ -64,12 +66,14 @@ class Front:
     def __init__(self, hot: Handler, relay: Handler, *, max_body: Callable[[], int],
                  expect: Callable[[Request], Refused | None], error_body: ErrorBody,
                  cors: Callable[[Request], list[tuple[str, str]]], posts: Mapping[str, Handler] | None = None,
-                 header_timeout: float = HEADER_TIMEOUT_S, keepalive: float = KEEPALIVE_S):
+                 header_timeout: float = HEADER_TIMEOUT_S, keepalive: float = KEEPALIVE_S,
+                 fast: FastHandler | None = None):
         """``hot``: answers ``POST /v1/...``; ``posts``: other POSTs answered here, by exact path (Ollama's model
         requests); ``relay``: everything else. ``max_body``: the body limit now; ``expect``: the refusal of a
         request that asks ``Expect: 100-continue`` (None: go on); ``cors``: headers for an answer to a request
-        with ``Origin``."""
-        self.hot, self.relay, self.posts = hot, relay, dict(posts or {})
+        with ``Origin``. ``fast``: offered each ``hot`` request that arrives while its connection is idle, before
+        ``hot``: it answers the common case in callbacks, with no coroutine (``proxy.Proxy.fast``)."""
+        self.hot, self.relay, self.posts, self.fast = hot, relay, dict(posts or {}), fast
         self.max_body, self.expect, self.error_body, self.cors = max_body, expect, error_body, cors
         self.header_timeout, self.keepalive = header_timeout, keepalive
         self.connections: set[Connection] = set()
@@ -155,8 +159,12 @@ class Request:
 
     async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes, raw: bytes = b"") -> None:
         """A whole answer, with its length; ``raw``: header lines passed on as they came (a runtime's)."""
-        self.connection.write(self._head(status, headers, f"Content-Length: {len(body)}\r\n", raw) + body)
+        self.respond_now(status, headers, body, raw)
         await self.connection.drain()
+
+    def respond_now(self, status: int, headers: Sequence[tuple[str, str]], body: bytes, raw: bytes = b"") -> None:
+        """``respond`` without waiting for a slow reader: the answer is whole, and the transport keeps it."""
+        self.connection.write(self._head(status, headers, f"Content-Length: {len(body)}\r\n", raw) + body)
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         """The head of an answer whose body follows in ``write`` calls: chunked to an HTTP/1.1 client, ended by
@@ -209,6 +217,7 @@ class Connection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None  # answers this connection's requests, one after another
         self._more: asyncio.Future[None] | None = None  # the task waits on it for the next request
         self._answering = False
+        self._fast: Callable[[], None] | None = None  # while a request is answered in callbacks: its cancel
         self.deadline = 0.0  # (monotonic) closed if the next step has not come by then; 0: none
         self._reading = True
         self._write_paused = False
@@ -265,6 +274,9 @@ class Connection(asyncio.Protocol):
         self._disarm()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # its client is gone: nothing more is done for it
+        if self._fast is not None:
+            cancel, self._fast = self._fast, None
+            cancel()
         self._wake_drain()
         if self.relayed is not None:
             self.relayed.close()
@@ -358,12 +370,49 @@ class Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ answering, in order
 
     def _next(self) -> None:
-        """Wake the connection's task (one per connection, made with its first request: a task per request was a
-        measurable share of a proxied request's CPU)."""
+        """Offer a request that arrives on an idle connection to the fast path, or wake the connection's task (one
+        per connection, made with its first request that needs it: a task per request was a measurable share of
+        a proxied request's CPU)."""
+        if self._fast is not None:
+            return  # the request answered in callbacks comes back here when it is done (``fast_done``)
+        if (len(self._queue) == 1 and not self._answering and self._closing_after is None and not self._write_paused
+                and self.front.fast is not None and self._taken_fast(self._queue[0])):
+            return
         if self._task is None:
             self._task = self._loop.create_task(self._answer())
         elif self._more is not None and not self._more.done():
             self._more.set_result(None)
+
+    def _taken_fast(self, request: Request) -> bool:
+        """Whether the fast path took ``request`` (then off the queue: its end calls ``fast_done``)."""
+        front = self.front
+        if request.refused is not None or front.handler(request) is not front.hot:
+            return False
+        try:
+            cancel = front.fast(request)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - a bug there must not lose the request: the coroutine path answers it
+            log.exception("unexpected error on the fast path for %s %s", request.method, request.path[:200])
+            return False
+        if cancel is None:
+            return False
+        self._queue.popleft()
+        self._fast = cancel
+        return True
+
+    def fast_done(self, request: Request) -> None:
+        """The request the fast path took is answered: on to the next one, as the task does after an answer."""
+        self._fast = None
+        if self.lost:
+            return
+        if not request.keep_alive:
+            self.close()
+            return
+        if not self._reading and len(self._queue) < MAX_QUEUED // 2 and self._closing_after is None:
+            self._resume_reading()
+        if self._queue or self._closing_after is not None:
+            self._loop.call_soon(self._next)  # not from inside the runtime's protocol callback that ended this one
+        elif not self._in_message:
+            self._arm(self.front.keepalive)
 
     async def _answer(self) -> None:
         """Answer the requests read, in order, until the connection ends."""
@@ -442,7 +491,7 @@ class Connection(asyncio.Protocol):
 
     def _idle(self) -> bool:
         """No request is being answered or waits to be."""
-        return not self._queue and not self._answering
+        return not self._queue and not self._answering and self._fast is None
 
     # ------------------------------------------------------------------ the transport
 
@@ -481,7 +530,7 @@ class Connection(asyncio.Protocol):
     def late(self) -> None:
         """The deadline passed (``Front._sweep``)."""
         self.deadline = 0.0
-        if self._answering:
+        if self._answering or self._fast is not None:
             return  # an answer is under way; its end arms the keep-alive deadline again
         log.debug("closed a connection that sent no complete request headers in time")
         self.close()
