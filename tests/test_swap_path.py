@@ -223,3 +223,23 @@ def test_a_runtime_that_logs_all_along_is_not_probed_back_to_back(tmp_path: Path
 
 async def _alive(supervisor: ProcessSupervisor, handle: object) -> bool:
     return supervisor.alive(handle)  # type: ignore[arg-type]
+
+
+def test_a_watch_the_event_loop_refuses_leaves_the_start_to_polling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The kqueue path cannot run here; whatever an event loop raises for a descriptor it will not watch, the start
+    polls instead, and nothing is left open."""
+    log = tmp_path / "runtime.log"
+    log.write_text("")
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        opened = len(list(Path("/proc/self/fd").iterdir()))
+
+        def refuse(*args: object) -> None:
+            raise ValueError("this loop does not watch that kind of descriptor")
+
+        monkeypatch.setattr(loop, "add_reader", refuse)
+        assert watch_log(log) is None
+        assert len(list(Path("/proc/self/fd").iterdir())) == opened, "the refused watch's descriptor was closed"
+
+    asyncio.run(scenario())
