@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import select
@@ -112,16 +113,11 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
-_LIBC: list[ctypes.CDLL | None] = []  # looked up once
-
-
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    """The C library this process runs with, if it has inotify."""
-    if not _LIBC:
-        library: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-        if library is not None and hasattr(library, "inotify_init1"):
-            library.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        else:
-            library = None
-        _LIBC.append(library)
-    return _LIBC[0]
+    """The C library this process runs with, if it has inotify (looked up once)."""
+    library = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(library, "inotify_init1"):
+        return None
+    library.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    return library

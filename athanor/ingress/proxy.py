@@ -367,9 +367,7 @@ class _Quick:
         self._lease.answered(response.status)
         if "text/event-stream" in response.content_type:  # a stream nobody asked for: passed on whole
             self._tap.first_byte()
-            data = self._tap.usage_lines(data) if b'"usage"' in data else data
-            data = self._model_id.apply(data) if self._model_id is not None else data
-            request.respond_now(response.status, SSE_HEADERS[:1], data)
+            request.respond_now(response.status, SSE_HEADERS[:1], _passed_on(data, self._model_id, self._tap))
         else:
             request.respond_now(response.status, (), _whole_answer(response, data, self._model_id, self._tap),
                                 _response_headers(response.headers))
@@ -503,13 +501,18 @@ async def _pump(resp: Response, request: Request, model_id: ModelIdRewrite | Non
 
 
 async def _write_lines(request: Request, lines: bytes, model_id: ModelIdRewrite | None, tap: Tap) -> None:
-    if b'"usage"' in lines:
-        lines = tap.usage_lines(lines)
-    if model_id is not None:
-        lines = model_id.apply(lines)
+    lines = _passed_on(lines, model_id, tap)
     if lines:
         tap.tail = lines
         await request.write(lines)
+
+
+def _passed_on(lines: bytes, model_id: ModelIdRewrite | None, tap: Tap) -> bytes:
+    """SSE lines as the client gets them: usage counted (and the usage-only event it did not ask for cut), the
+    model id rewritten."""
+    if b'"usage"' in lines:
+        lines = tap.usage_lines(lines)
+    return model_id.apply(lines) if model_id is not None else lines
 
 
 class ModelIdRewrite:
