@@ -17,7 +17,7 @@ from fixtures.serving import apply_models, model_spec
 from fixtures.tiny_models import write_tiny_llama_gguf, write_tiny_mlx_llama
 
 from athanor.controller import readiness
-from athanor.controller.log_watch import watch_log
+from athanor.controller.file_watch import watch_log
 from athanor.controller.preflight import LaunchMemo, prepare_launch
 from athanor.controller.readiness import StartAborted, probe_session, wait_ready
 from athanor.errors import ModelUnavailable
