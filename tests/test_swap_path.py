@@ -1,6 +1,7 @@
 """A swap's own overhead (issue 16, item 6): what athanor does around a runtime's load, made cheap without making it
 blind. The preflight reuses a launch only while nothing it came from changed; a runtime's log write brings the next
-readiness probe forward, without ever probing back to back; the next start's secret is written when a runtime stops.
+readiness probe forward, without ever probing back to back; the next start's secret is written when a runtime stops;
+a runtime is asked for its slots only when a request it served may have left a conversation worth parking.
 Real files, a real store, real llama-server processes and real scripted runtimes writing real logs.
 """
 
@@ -12,12 +13,16 @@ import textwrap
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from fixtures.serving import apply_models, model_spec
+from fixtures.tier import Tier, until
 from fixtures.tiny_models import write_tiny_llama_gguf, write_tiny_mlx_llama
 
 from athanor.controller import readiness
+from athanor.controller.controller import Controller
 from athanor.controller.file_watch import watch_log
+from athanor.controller.parking import MIN_TOKENS
 from athanor.controller.preflight import LaunchMemo, prepare_launch
 from athanor.controller.readiness import StartAborted, probe_session, wait_ready
 from athanor.errors import ModelUnavailable
@@ -243,3 +248,57 @@ def test_a_watch_the_event_loop_refuses_leaves_the_start_to_polling(tmp_path: Pa
         assert len(list(Path("/proc/self/fd").iterdir())) == opened, "the refused watch's descriptor was closed"
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------------------------- parking's question
+
+
+def test_a_runtime_is_asked_for_its_slots_only_when_a_request_may_have_left_a_conversation(tier: Tier):
+    """Parking's ``GET /slots`` is a round trip to the old runtime in the middle of every swap. The gateway saw
+    every request the runtime served and the tokens each reported: when none can have left ``MIN_TOKENS`` in a
+    slot, there is nothing worth parking and nothing to ask. A request that reported no usage (a client gone
+    before the answer) leaves that unknown, and the runtime is asked."""
+    answer = tier.gate("answer")
+    tier.model("m")
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+    def asked() -> int:
+        return tier.log("m").count("request GET /slots")
+
+    async def scenario() -> None:
+        async with tier.controller() as c, tier.ingress(c) as url, aiohttp.ClientSession() as session:
+            async def ask(**extra: object) -> int:
+                async with session.post(url + "/v1/chat/completions", json={**chat, **extra}) as resp:
+                    await resp.read()
+                    return resp.status
+
+            assert await ask() == 200 and await ask(stream=True) == 200  # whole and streamed: 2 tokens each
+            assert c.instances["m"].slot_tokens == 2
+            await c.stop("m")
+            assert asked() == 0, "nothing worth parking: not asked"
+
+            tier.script("m", promptTokens=MIN_TOKENS)
+            assert await ask() == 200
+            await c.stop("m")
+            assert asked() == 1, "a conversation worth parking may be there: asked"
+
+            tier.script("m", answerGate=str(answer))
+            held = asyncio.ensure_future(ask())
+            await until_logged(tier, "request /v1/chat/completions", 4)
+            held.cancel()  # the client goes away: the answer, and its usage, never come
+            await asyncio.gather(held, return_exceptions=True)
+            answer.open()
+            await until_idle(c, "m")
+            assert c.instances["m"].slot_tokens is None
+            await c.stop("m")
+            assert asked() == 2, "not known: asked"
+
+    tier.run(scenario)
+
+
+async def until_logged(tier: Tier, line: str, count: int) -> None:
+    await until(lambda: tier.log("m").count(line) >= count, f"{count} lines {line!r} in the runtime's log")
+
+
+async def until_idle(controller: Controller, name: str) -> None:
+    await asyncio.wait_for(controller.instances[name].idle.wait(), 10)

@@ -81,6 +81,10 @@ class Instance:
     keep_alive: float | None = None  # idle limit an Ollama client set (seconds; inf: never), until it unloads
     starting_since: float = 0.0  # monotonic time the current incarnation started
     load_seconds: float | None = None  # how long its start took (None: not started by this daemon)
+    # The most tokens a request to this incarnation may have left in one of its slots (prompt and completion, as
+    # the runtime reported them); None: not known (a request that reported none, a runtime re-attached). Parking
+    # asks the runtime for its slots only when some slot may hold a conversation worth keeping.
+    slot_tokens: int | None = None
     start_task: asyncio.Task[None] | None = None
     cleanup_task: asyncio.Task[None] | None = None  # stopping a failed runtime's process; a new start waits for it
     abort: asyncio.Event = field(default_factory=asyncio.Event)  # set: the start under way must give up
@@ -100,6 +104,7 @@ class Instance:
         self.phase_since = time.time()
         if new is Phase.STARTING:
             self.incarnation += 1
+            self.slot_tokens = None  # a start says 0 once its process is new; a re-attached one's are not known
             self.missed_probes = 0
             self.error_streak = 0
             self.starting_since = time.monotonic()
@@ -134,6 +139,13 @@ class Instance:
         if self.inflight == 0:
             self.idle.set()
         self.changes.bump()
+
+    def slot_used(self, tokens: int | None, incarnation: int) -> None:
+        """A request to runtime ``incarnation`` is over; ``tokens``: what it may have left in a slot (None: not
+        known)."""
+        if incarnation != self.incarnation or self.slot_tokens is None:
+            return
+        self.slot_tokens = None if tokens is None else max(self.slot_tokens, tokens)
 
     def add_waiting(self, delta: int) -> None:
         """One more (1) or one fewer (-1) request waiting for this model to serve (``Lease``)."""

@@ -45,7 +45,7 @@ class Upstream:
 class Lease:
     """Held for one request (``async with``): counted as waiting until acquired, then as in flight."""
 
-    __slots__ = ("_controller", "_instance", "_upstream", "_waiting")
+    __slots__ = ("_controller", "_instance", "_reported", "_upstream", "_waiting")
 
     def __init__(self, controller: Keeper, instance: Instance, *, waiting: bool):
         """``waiting``: the model does not serve now, so the request counts as waiting from the start."""
@@ -53,6 +53,7 @@ class Lease:
         self._instance = instance
         self._waiting = False
         self._upstream: Upstream | None = None
+        self._reported = False
         if waiting:
             self._wait()
 
@@ -81,6 +82,7 @@ class Lease:
         inst = self._instance
         self._unwait()
         inst.enter()
+        self._reported = False
         launch = inst.launch
         assert launch is not None
         self._upstream = Upstream(inst.name, launch.host, launch.port, launch.served_model, inst.incarnation,
@@ -102,6 +104,14 @@ class Lease:
             self._controller.runtime_errored(inst, self._upstream.incarnation, status)
         elif inst.error_streak:
             inst.error_streak = 0
+
+    def used(self, tokens: int | None) -> None:
+        """The runtime's answer is complete: ``tokens`` (its prompt and completion, as the runtime reported them;
+        None: not reported) is the most this request may have left in a slot. A request in flight that never says
+        counts as not known (``Instance.slot_tokens``)."""
+        if self._upstream is not None:
+            self._reported = True
+            self._instance.slot_used(tokens, self._upstream.incarnation)
 
     def release(self) -> None:
         self._leave()
@@ -125,5 +135,7 @@ class Lease:
 
     def _leave(self) -> None:
         if self._upstream is not None:
+            if not self._reported:
+                self._instance.slot_used(None, self._upstream.incarnation)
             self._upstream = None
             self._instance.leave()

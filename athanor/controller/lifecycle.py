@@ -89,6 +89,7 @@ class Lifecycle:
         inst.launch = launch
         inst.generation = obj["metadata"].get("generation", 1)
         inst.move(Phase.STARTING, "starting")
+        inst.slot_tokens = 0  # a new process: every slot empty (a restored one reports none until it serves)
         try:
             if launch.secret_file and launch.secret is None:  # the controller issues it with the preflight
                 launch = inst.launch = await asyncio.to_thread(runtime_secret.issued, launch)

@@ -142,6 +142,8 @@ class Parking:
         if launch.runtime == "mlx-vlm":
             await self._park_apc(inst, launch, directory)
             return
+        if inst.slot_tokens is not None and inst.slot_tokens < MIN_TOKENS:
+            return  # no request it served left a conversation worth keeping: not even worth asking
         started = time.monotonic()
         saved: list[slots.SlotResult] = []
         try:

@@ -285,9 +285,9 @@ class Proxy:
                 lease.answered(resp.status)
                 is_sse = "text/event-stream" in resp.content_type
                 if not request.started and not is_sse:
-                    data = await resp.read()
-                    await request.respond(resp.status, (), _whole_answer(resp, data, model_id, tap),
-                                          _response_headers(resp.headers))
+                    answer = _whole_answer(resp, await resp.read(), model_id, tap)
+                    lease.used(tap.slot_tokens())
+                    await request.respond(resp.status, (), answer, _response_headers(resp.headers))
                     return resp.status
                 if not is_sse:  # headers already sent: an error becomes an SSE event
                     await request.write(b"data: " + await resp.read() + b"\n\n")
@@ -299,6 +299,7 @@ class Proxy:
                 if resp.close_delimited and not tap.stream_ended() and await lease.runtime_died():
                     # A body that ends with the connection cannot tell a finished stream from a dead runtime.
                     raise UpstreamClosed("the runtime exited during the stream")
+                lease.used(tap.slot_tokens())
                 await request.end()
                 return request.status
         except UpstreamUnreachable:
@@ -365,13 +366,16 @@ class _Quick:
         if error is not None or response is None:
             self._recovering = asyncio.ensure_future(self._recover(error or UpstreamClosed("no answer")))
             return
-        self._lease.answered(response.status)
+        lease, tap = self._lease, self._tap
+        lease.answered(response.status)
         if "text/event-stream" in response.content_type:  # a stream nobody asked for: passed on whole
-            self._tap.first_byte()
-            request.respond_now(response.status, SSE_HEADERS[:1], _passed_on(data, self._model_id, self._tap))
+            tap.first_byte()
+            answer, headers, raw = _passed_on(data, self._model_id, tap), SSE_HEADERS[:1], b""
         else:
-            request.respond_now(response.status, (), _whole_answer(response, data, self._model_id, self._tap),
-                                _response_headers(response.headers))
+            answer, headers, raw = _whole_answer(response, data, self._model_id, tap), (), _response_headers(
+                response.headers)
+        lease.used(tap.slot_tokens())
+        request.respond_now(response.status, headers, answer, raw)
         self._end(response.status, client_gone=False)
 
     def client_gone(self) -> None:

@@ -117,19 +117,27 @@ class Tap:
         self.metrics.request(self.model, self.route, status, total)
         prompt = completion = cached = None
         if self.counts:
-            prompt, completion, cached = self._count_usage()
+            prompt, completion, cached = self._tokens()
+            self.metrics.usage(self.model, prompt, completion)
         if self.telemetry is not None:
             self.telemetry.record((time.time() - total, self.model, self.runtime, self.route, status, prompt,
                                    completion, cached, self.ttft, total, self.timings, client_gone))
 
-    def _count_usage(self) -> tuple[int, int, int | None]:
-        """OpenAI's prompt_tokens (and the Responses API's input_tokens) include cached tokens; Anthropic's
-        input_tokens do not, so its cache counts are added back."""
+    def slot_tokens(self) -> int | None:
+        """What this request may have left in the runtime's slot, its prompt and completion as the runtime
+        reported them; None when it reported none."""
+        if not self.counts:
+            return None
+        prompt, completion, _ = self._tokens()
+        return prompt + completion
+
+    def _tokens(self) -> tuple[int, int, int | None]:
+        """(prompt, completion, cached). OpenAI's prompt_tokens (and the Responses API's input_tokens) include
+        cached tokens; Anthropic's input_tokens do not, so its cache counts are added back."""
         counts = self.counts
         prompt = counts.get(b"prompt_tokens")
         if prompt is None:
             prompt = sum(counts.get(k, 0) for k in (b"input_tokens", b"cache_read_input_tokens",
                                                     b"cache_creation_input_tokens"))
         completion = counts.get(b"completion_tokens", counts.get(b"output_tokens", 0))
-        self.metrics.usage(self.model, prompt, completion)
         return prompt, completion, counts.get(b"cached_tokens", counts.get(b"cache_read_input_tokens"))
