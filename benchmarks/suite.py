@@ -252,6 +252,7 @@ class Suite:
                 swaps = await round_of_swaps(session, urls[side], self.args.swaps)
                 self.detail.setdefault(f"swaps_ms.{side}", []).append([t * 1000 for t in swaps])
                 self.add(f"swap.{side}", statistics.median(swaps) * 1000)
+                self.add(f"swap_mean.{side}", statistics.mean(swaps) * 1000)
 
     async def streams_round(self, direct: Side, athanor: Side, n: int) -> None:
         async with fresh_session() as session:
@@ -308,7 +309,9 @@ class Suite:
             Row("rps.direct", f"direct req/s at concurrency {CONCURRENCY}", "req/s", None, 0),
         ]
         peer_rows = [Row("swap.athanor", "athanor client-seen swap A->B", "ms", ("<=", "swap.router"), 1),
-                     Row("swap.router", "router client-seen swap A->B", "ms", None, 1)]
+                     Row("swap.router", "router client-seen swap A->B", "ms", None, 1),
+                     Row("swap_mean.athanor", "athanor client-seen swap A->B, the mean of a round's", "ms", None, 1),
+                     Row("swap_mean.router", "router client-seen swap A->B, the mean of a round's", "ms", None, 1)]
         for peer in peers:
             peer_rows += [
                 Row(f"added.{peer}", f"{peer} added p50 latency vs direct", "ms", (">=", "added.athanor"), 3),
