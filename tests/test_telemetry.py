@@ -15,9 +15,12 @@ import stat
 import urllib.request
 from pathlib import Path
 
+from fixtures.llama_direct import LlamaServer
 from fixtures.serving import Gateway, apply_gateway, long_gguf, start_daemon, wait_until
+from fixtures.tiny_models import write_tiny_llama_gguf
 
 from athanor import catalog
+from athanor.ingress import tap as tap_module
 from athanor.ingress.tap import Tap
 from athanor.metrics import Metrics
 from athanor.telemetry import db
@@ -210,6 +213,42 @@ def test_the_request_path_only_appends_and_a_flush_writes_the_batch(tmp_path):
         assert last[10] == 9 / (total - 0.5) and last[11] == 10 / 0.5  # computed: no timings from this runtime
 
     asyncio.run(scenario())
+
+
+def test_usage_and_timings_read_from_the_real_runtimes_answers_as_they_are(llama_server: LlamaServer,
+                                                                             tmp_path: Path):
+    """Whole and streamed answers of the real llama-server: the counts and timings the tap reads are the ones the
+    answer says (a JSON parse of it), and they come through the pattern for llama-server's own layout, so a build
+    that changes that layout is noticed here rather than quietly taking the slower general patterns."""
+    _, url, _ = llama_server(write_tiny_llama_gguf(tmp_path / "tiny.gguf"), "-c", "512", "-t", "1")
+    chat = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 3}
+    completion = {"prompt": "hello there", "max_tokens": 3}
+    usage_too = {"stream": True, "stream_options": {"include_usage": True}}
+    answers = []
+    asked = [("/v1/chat/completions", chat), ("/v1/completions", completion),
+             ("/v1/chat/completions", {**chat, **usage_too}), ("/v1/completions", {**completion, **usage_too})]
+    for route, body in asked:
+        request = urllib.request.Request(url + route, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            data = resp.read()
+        if body.get("stream"):
+            data = next(line for line in data.splitlines() if b'"usage"' in line)
+        answers.append(data)
+
+    for data in answers:
+        said = json.loads(data.removeprefix(b"data: "))
+        tap = Tap(Metrics(), "tiny", "/v1/chat/completions", arrived=0.0)
+        tap.read_usage(data)
+        usage, timings = said["usage"], said["timings"]
+        assert tap.counts == {b"prompt_tokens": usage["prompt_tokens"],
+                              b"completion_tokens": usage["completion_tokens"],
+                              b"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
+        assert {key.decode(): float(value) for key, value in tap.timings} == {
+            key: timings[key] for key in ("cache_n", "prompt_n", "prompt_per_second", "predicted_n",
+                                          "predicted_per_second")}
+        assert tap_module._LLAMA_USAGE.match(data, data.find(b'"usage"')), data
+        assert tap_module._LLAMA_TIMINGS.match(data, data.find(b'"timings"')), data
 
 
 def test_retention_trims_by_count_and_age(tmp_path):

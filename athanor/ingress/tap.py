@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 _TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens|cache_read_input_tokens|'
                      rb'cache_creation_input_tokens|cached_tokens)"\s*:\s*(\d+)')
 _TIMINGS = re.compile(rb'"(prompt_n|prompt_per_second|predicted_n|predicted_per_second|cache_n)"\s*:\s*([0-9.eE+-]+)')
+# llama-server's own layout of both objects (every answer and final streamed event of this build), matched whole
+# from where it starts: one regular expression call instead of a scan of each object. Any other layout (another
+# runtime, another build, Anthropic's or the Responses API's usage) takes the general patterns above.
+_LLAMA_USAGE = re.compile(rb'"usage":\{"completion_tokens":(\d+),"prompt_tokens":(\d+),"total_tokens":\d+'
+                          rb'(?:,"prompt_tokens_details":\{"cached_tokens":(\d+)\})?\}')
+_LLAMA_TIMINGS = re.compile(rb'"timings":\{"cache_n":(\d+),"prompt_n":(\d+),"prompt_ms":[^,]*,"prompt_per_token_ms":'
+                            rb'[^,]*,"prompt_per_second":([^,]*),"predicted_n":(\d+),"predicted_ms":[^,]*,'
+                            rb'"predicted_per_token_ms":[^,]*,"predicted_per_second":([^,}]*)\}')
+_LLAMA_TIMING_KEYS = (b"cache_n", b"prompt_n", b"prompt_per_second", b"predicted_n", b"predicted_per_second")
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 # How each streamed API says its answer is complete: OpenAI's chat and completions, Anthropic's Messages, and
 # the Responses API. A client may hang up as soon as it has read one of these.
@@ -76,13 +85,23 @@ class Tap:
     def read_usage(self, data: bytes) -> None:
         """Token counts from a body or SSE event with a ``usage`` object; the last value of each wins (an
         Anthropic stream sends its input count first and its final output count last)."""
+        counts = self.counts
         start = data.find(b'"usage"')
         if start >= 0:
-            for key, value in _TOKENS.findall(data, start, _object_end(data, start)):
-                self.counts[key] = int(value)
+            llama = _LLAMA_USAGE.match(data, start)
+            if llama is not None:
+                completion, prompt, cached = llama.groups()
+                counts[b"completion_tokens"], counts[b"prompt_tokens"] = int(completion), int(prompt)
+                if cached is not None:
+                    counts[b"cached_tokens"] = int(cached)
+            else:
+                for key, value in _TOKENS.findall(data, start, _object_end(data, start)):
+                    counts[key] = int(value)
         start = data.find(b'"timings"')
         if start >= 0:
-            self.timings = _TIMINGS.findall(data, start, _object_end(data, start))
+            llama = _LLAMA_TIMINGS.match(data, start)
+            self.timings = (list(zip(_LLAMA_TIMING_KEYS, llama.groups())) if llama is not None else
+                            _TIMINGS.findall(data, start, _object_end(data, start)))
 
     def usage_lines(self, lines: bytes) -> bytes:
         """SSE lines that mention usage: count it, and cut the usage-only event the client did not ask for."""
