@@ -2,20 +2,27 @@
 free, an answer not streamed. Everything else goes the coroutine way, and a failure once sent continues there;
 the upstream suites (a dropped kept-alive connection sent again, a killed runtime's requests not sent again, the
 idle limit's 504) and the HTTP conformance and fuzz suites run on both. What is the fast lane's own is tested
-here: that it is taken, and what happens when its client leaves. The fast tier: the real controller and ingress,
-scripted runtimes over loopback.
+here: that it is taken, what happens when its client leaves, and that its cheaper parse of the body is json.loads's
+exactly. The fast tier: the real controller and ingress, scripted runtimes over loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from fixtures.tier import Tier, until
 from test_ingress import CHAT, body, post
 from test_ingress_hardening import hang_up, request_counts, send_post
 from test_operations import scrape
 from test_upstream_hardening import received
+
+from athanor.ingress.requests import json_body
 
 
 def test_the_common_case_holds_no_coroutine_per_client_connection(tier: Tier):
@@ -65,3 +72,24 @@ def test_a_client_that_leaves_before_its_answer_is_counted_once_and_the_pool_sta
 
     samples = tier.run(scenario)
     assert request_counts(samples, "m", CHAT) == {"200": 2, "499": 1}
+
+
+def _outcome(parse: Callable[[bytes], Any], body: bytes) -> tuple[str, str]:
+    try:
+        return "value", repr(parse(body))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return type(exc).__name__, str(exc)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=64),
+    st.text(alphabet=' \t\n\r{}[]":,.-+eE0123456789aflnrstu\\\ufeff', max_size=48).map(str.encode),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                 lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                 max_leaves=12).map(lambda value: json.dumps(value).encode()),
+))
+def test_the_body_is_parsed_exactly_as_json_loads_parses_it(body: bytes):
+    """The body's parse skips json.loads's wrappers (``requests.json_body``): every value, and every error with its
+    message (which a client reads in the 400), must be json.loads's own."""
+    assert _outcome(json_body, body) == _outcome(lambda b: json.loads(b.decode()), body)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from athanor.controller.lease import Lease, Upstream
 from athanor.errors import ModelUnavailable, QueueFull, ServingError
 from athanor.ingress.errors import ANTHROPIC_PREFIX, anthropic_error, error_body, short
-from athanor.ingress.requests import reasoning_changes, shape_problem, task_refusal
+from athanor.ingress.requests import json_body, reasoning_changes, shape_problem, task_refusal
 from athanor.ingress.tap import CLIENT_GONE, Tap
 from athanor.ingress.upstream import (
     Response,
@@ -130,7 +130,7 @@ class Proxy:
                            "unknown_route")
         body = request.body
         try:
-            payload = json.loads(body.decode()) if body else None  # UTF-8, as OpenAI clients send; skips detection
+            payload = json_body(body) if body else None  # UTF-8, as OpenAI clients send; skips detection
         except (UnicodeDecodeError, ValueError) as exc:
             raise _Refused(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
         except RecursionError:
