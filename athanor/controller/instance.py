@@ -85,6 +85,7 @@ class Instance:
     # the runtime reported them); None: not known (a request that reported none, a runtime re-attached). Parking
     # asks the runtime for its slots only when some slot may hold a conversation worth keeping.
     slot_tokens: int | None = None
+    upstream: tuple[LaunchSpec, Any] | None = None  # (the launch it was made from, lease.Upstream): lease.upstream_of
     start_task: asyncio.Task[None] | None = None
     cleanup_task: asyncio.Task[None] | None = None  # stopping a failed runtime's process; a new start waits for it
     abort: asyncio.Event = field(default_factory=asyncio.Event)  # set: the start under way must give up
