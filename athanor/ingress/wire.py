@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import functools
 import http
 import logging
 import time
@@ -152,10 +153,9 @@ class Request:
         self.status, self.started = status, True
         if "Origin" in self.headers:
             headers = [*headers, *self.connection.front.cors(self)]
-        head = "".join([f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n",
-                        *[f"{k}: {v}\r\n" for k, v in headers], framing, "Date: ", _date(),
-                        "\r\n" if self.keep_alive else "\r\nConnection: close\r\n"])
-        return head.encode("utf-8", "surrogateescape") + raw + b"\r\n"
+        lines = "".join([*[f"{k}: {v}\r\n" for k, v in headers], framing]) if headers else framing
+        return b"".join((_status_line(status), lines.encode("utf-8", "surrogateescape"), _date_line(),
+                         b"" if self.keep_alive else b"Connection: close\r\n", raw, b"\r\n"))
 
     async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes, raw: bytes = b"") -> None:
         """A whole answer, with its length; ``raw``: header lines passed on as they came (a runtime's)."""
@@ -536,7 +536,7 @@ class Connection(asyncio.Protocol):
         self.close()
 
 
-_date_cache: tuple[int, str] = (0, "")
+_date_cache: tuple[int, str, bytes] = (0, "", b"")
 
 
 def _date() -> str:
@@ -544,5 +544,18 @@ def _date() -> str:
     global _date_cache
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+        text = email.utils.formatdate(now, usegmt=True)
+        _date_cache = (now, text, f"Date: {text}\r\n".encode())
     return _date_cache[1]
+
+
+def _date_line() -> bytes:
+    """The whole Date header line, as bytes."""
+    if _date_cache[0] != int(time.time()):
+        _date()
+    return _date_cache[2]
+
+
+@functools.lru_cache(maxsize=64)
+def _status_line(status: int) -> bytes:
+    return f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n".encode()
