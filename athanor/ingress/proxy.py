@@ -88,6 +88,8 @@ class Proxy:
     def __init__(self, controller: Controller, pool: UpstreamPool, guard: Guard, metrics: Metrics):
         self.controller, self.pool, self.guard, self.metrics = controller, pool, guard, metrics
         self.telemetry: Recorder | None = None  # the daemon's per-request records (daemon.py)
+        self._runtime_lines: tuple[Upstream, bytes] | None = None  # _lines_for's last answer
+        self._admitted: tuple[dict[str, Any], str, str, tuple[Any, ...] | None, dict[str, Any]] | None = None
 
     async def __call__(self, request: Request) -> None:
         arrived = time.monotonic()
@@ -151,15 +153,14 @@ class Proxy:
         request needs (reasoning controls); sets the tap's runtime."""
         obj = self.controller.model(name)
         assert obj is not None  # resolved just now
-        runtime = tap.runtime = obj["spec"]["runtime"]
-        if route not in RUNTIMES[runtime].routes:
-            return (404, f"model {name!r} runs on {runtime}, which does not serve {route} (it serves "
-                    f"{', '.join(sorted(RUNTIMES[runtime].routes))})", "unsupported_route"), {}
-        artifact = obj.get("artifact") or {}
-        refusal = task_refusal(name, route, artifact.get("capabilities") or [])
-        if refusal:
-            return (400, refusal, "unsupported_model_task", "model"), {}
-        changes, problem = reasoning_changes(name, route, runtime, artifact.get("metadata") or {}, payload)
+        admitted = self._admitted
+        if admitted is None or admitted[0] is not obj or admitted[1] != route:
+            admitted = self._admitted = (obj, route, *_route_refusal(name, route, obj))
+        _, _, runtime, refusal, metadata = admitted
+        tap.runtime = runtime
+        if refusal is not None:
+            return refusal, {}
+        changes, problem = reasoning_changes(name, route, runtime, metadata, payload)
         if problem:
             return (400, problem, "unsupported_reasoning", "reasoning_effort"), {}
         shape = shape_problem(route, payload)
@@ -209,9 +210,8 @@ class Proxy:
         if upstream is None:
             lease.release()
             return None
-        body, headers, raw, model_id = self._outgoing(request, upstream, requested, payload, request.body, changes,
-                                                      tap)
-        taken = self.pool.take_idle(upstream.port, "POST", request.target, headers, body, raw=raw,
+        body, raw, model_id = self._outgoing(request, upstream, requested, payload, request.body, changes, tap)
+        taken = self.pool.take_idle(upstream.port, "POST", request.target, (), body, raw=raw,
                                     limit=upstream.max_connections, incarnation=upstream.incarnation,
                                     host=upstream.host)
         if taken is None:
@@ -251,10 +251,9 @@ class Proxy:
         raise AssertionError("unreachable")
 
     def _outgoing(self, request: Request, upstream: Upstream, requested: str, payload: dict[str, Any], body: bytes,
-                  changes: dict[str, Any], tap: Tap) -> tuple[bytes, list[tuple[str, str]], bytes,
-                                                              ModelIdRewrite | None]:
-        """What goes to the runtime: (body, headers, the client's header lines passed on, the model id's rewrite
-        for the answer, if the runtime answers to another name)."""
+                  changes: dict[str, Any], tap: Tap) -> tuple[bytes, bytes, ModelIdRewrite | None]:
+        """What goes to the runtime: (body, its header lines: the runtime's own and the client's passed on, the
+        model id's rewrite for the answer, if the runtime answers to another name)."""
         model_id = None
         if upstream.served_model != requested:
             changes = {**changes, "model": upstream.served_model}
@@ -270,16 +269,26 @@ class Proxy:
             for key in [k for k, v in changes.items() if v is None]:
                 del merged[key]
             body = json.dumps(merged).encode()
-        headers = [JSON_BODY, ("Authorization", f"Bearer {upstream.secret}")] if upstream.secret else [JSON_BODY]
-        raw = b"".join([b"%b: %b\r\n" % (name, value) for name, value in request.raw_headers
-                        if name.lower() not in REQUEST_SKIP_BYTES])
-        return body, headers, raw, model_id
+        raw = b"".join([self._lines_for(upstream), *[b"%b: %b\r\n" % (name, value) for name, value
+                                                   in request.raw_headers if name.lower() not in REQUEST_SKIP_BYTES]])
+        return body, raw, model_id
+
+    def _lines_for(self, upstream: Upstream) -> bytes:
+        """The header lines every request to ``upstream`` carries, its body's type and the runtime's per-start
+        secret, encoded once per runtime incarnation (``lease.upstream_of`` keeps one Upstream for it)."""
+        cached = self._runtime_lines
+        if cached is None or cached[0] is not upstream:
+            lines = "".join([f"{name}: {value}\r\n" for name, value in
+                             ([JSON_BODY, ("Authorization", f"Bearer {upstream.secret}")] if upstream.secret
+                              else [JSON_BODY])])
+            cached = self._runtime_lines = (upstream, lines.encode())
+        return cached[1]
 
     async def _forward(self, request: Request, lease: Lease, upstream: Upstream, requested: str,
                        payload: dict[str, Any], body: bytes, changes: dict[str, Any], tap: Tap) -> int:
-        body, headers, raw, model_id = self._outgoing(request, upstream, requested, payload, body, changes, tap)
+        body, raw, model_id = self._outgoing(request, upstream, requested, payload, body, changes, tap)
         try:
-            async with self.pool.request(upstream.port, "POST", request.target, headers, body, raw=raw,
+            async with self.pool.request(upstream.port, "POST", request.target, (), body, raw=raw,
                                          limit=upstream.max_connections, incarnation=upstream.incarnation,
                                          host=upstream.host) as resp:
                 lease.answered(resp.status)
@@ -329,6 +338,22 @@ class Proxy:
             status, message = 502, f"runtime for {upstream.name!r} failed mid-request: {exc}"
         log.warning(message)
         return await _failed(request, status, message, "upstream_failed")
+
+
+def _route_refusal(name: str, route: str, obj: dict[str, Any]) -> tuple[str, tuple[Any, ...] | None, dict[str, Any]]:
+    """(runtime, what the model cannot be asked on ``route`` whatever the body says, as (status, message, code[,
+    param]) or None, its metadata): the same for every request until its stored object changes, so ``_refusal``
+    keeps the last answer with the object it came from."""
+    runtime = obj["spec"]["runtime"]
+    artifact = obj.get("artifact") or {}
+    metadata = artifact.get("metadata") or {}
+    if route not in RUNTIMES[runtime].routes:
+        return runtime, (404, f"model {name!r} runs on {runtime}, which does not serve {route} (it serves "
+                         f"{', '.join(sorted(RUNTIMES[runtime].routes))})", "unsupported_route"), metadata
+    refusal = task_refusal(name, route, artifact.get("capabilities") or [])
+    if refusal:
+        return runtime, (400, refusal, "unsupported_model_task", "model"), metadata
+    return runtime, None, metadata
 
 
 class _Refused(Exception):
