@@ -21,7 +21,7 @@ from fixtures.tiny_models import write_tiny_llama_gguf, write_tiny_mlx_llama
 
 from athanor.controller import readiness
 from athanor.controller.controller import Controller
-from athanor.controller.file_watch import watch_log
+from athanor.controller.log_watch import watch_log
 from athanor.controller.parking import MIN_TOKENS
 from athanor.controller.preflight import LaunchMemo, prepare_launch
 from athanor.controller.readiness import StartAborted, probe_session, wait_ready

@@ -140,12 +140,6 @@ class Controller:
             self.doc()
         return self._desired.gateway
 
-    def arriving(self) -> dict[str, Any]:
-        """The Gateway spec as a request arriving now must see it: models.json is looked at only when a watch heard
-        it change (``DesiredState.look``). The front door asks this once per request, as its headers arrive."""
-        self._desired.look()
-        return self._desired.gateway
-
     def setting(self, obj: dict[str, Any] | None, key: str) -> Any:
         """A model's own ``spec.<key>``, else the Gateway's (startupTimeout, idleTimeout)."""
         return self._desired.setting(obj, key)
@@ -520,7 +514,6 @@ class Controller:
     # ------------------------------------------------------------------ background duties
 
     def start_monitor(self) -> None:
-        self._desired.watch()
         self._monitor = asyncio.create_task(self.watcher.watch(), name="controller-monitor")
 
     async def close(self) -> None:
@@ -532,7 +525,6 @@ class Controller:
         await self._tasks.wait()
         await self._writer.close()
         await self.managers.close()
-        self._desired.unwatch()
 
     def stopping(self, name: str) -> bool:
         """Whether a stop of ``name`` is under way."""

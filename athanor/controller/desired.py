@@ -1,11 +1,14 @@
 """Desired state: models.json as the daemon serves it, re-read when it changes on disk.
 
-``apply`` and every other CLI command reach a running daemon this way, at once. ``refresh`` looks at the file
-(one stat); ``look``, which every proxied request goes through as it arrives, looks only when a watch of the file
-heard it change, or where there is no such watch (``file_watch.py`` says why a change made before a request was
-sent is always heard before the request is read). The parse, the name index and the Gateway spec are redone only
-on a change. A document that does not parse is reported once (an event, ``problem`` for the admin API's status)
-and the last good one keeps serving until the file is readable again.
+``apply`` and every other CLI command reach a running daemon this way, at once: each request resolves its model
+first, which costs one stat (about a microsecond); the parse, the name index and the Gateway spec are redone
+only on a change. A document that does not parse is reported once (an event, ``problem`` for the admin API's
+status) and the last good one keeps serving until the file is readable again.
+
+An inotify watch of the file in place of the per-request stat was tried: now and then the event loop read a
+request that followed an ``apply`` before the watch's event, and served it from the old document
+(``tests/reliability/test_slow_readers.py`` and ``tests/test_apply_reaches_requests.py`` catch it), so the stat
+stays.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from typing import Any
 
 from athanor import catalog
 from athanor.controller.events import Event
-from athanor.controller.file_watch import EntryWatch, watch_entry
 from athanor.errors import StoreError
 from athanor.store import Store
 
@@ -36,30 +38,9 @@ class DesiredState:
         self.problem: str | None = None  # models.json is unreadable: serving goes on from the last good one
         self._stamp: object = None
         self._names: dict[str, str] = {}
-        self._watch: EntryWatch | None = None
-
-    def watch(self) -> None:
-        """Start hearing the file change (on the event loop, once it runs); ``unwatch`` at the end."""
-        if self._watch is None:
-            self._watch = watch_entry(self._store.models.path)
-
-    def unwatch(self) -> None:
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
-
-    def look(self) -> dict[str, Any]:
-        """The document as a request arriving now must see it: re-read if the watch heard the file change (or
-        there is no watch, or it was lost), else as it is."""
-        watch = self._watch
-        if watch is not None and not watch.changed and not watch.lost:
-            return self.doc
-        return self.refresh()
 
     def refresh(self) -> dict[str, Any]:
         """The document, re-read first if it changed on disk since the last look."""
-        if self._watch is not None:
-            self._watch.changed = False  # before the stat: a change made after it is heard again
         try:
             st = os.stat(self._store.models.path)
             stamp: object = (st.st_ino, st.st_mtime_ns, st.st_size)  # every atomic write is a new inode

@@ -21,7 +21,7 @@ import aiohttp
 from athanor.controller import failures
 from athanor.controller.desired import DesiredState
 from athanor.controller.instance import Instance, Phase
-from athanor.controller.file_watch import watch_log
+from athanor.controller.log_watch import watch_log
 from athanor.controller.parking import Emit, Parking
 from athanor.controller.readiness import NotReady, StartAborted, wait_ready
 from athanor.controller.records import job_of, pid_of

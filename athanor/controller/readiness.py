@@ -8,7 +8,7 @@ time waited so far, up to ``MAX_DELAY``. Readiness is then noticed within about 
 a tiny model that loads in 20 ms is seen within a few milliseconds (a probe of a port nobody listens on yet is a
 refused connect on loopback), and one that loads for minutes is probed about once a second. A fixed floor that
 backs off per probe (it used to be 20 ms doubling to 250 ms) cost a fast swap more than the runtime's own load.
-Besides, a runtime that writes to its log is probed again at once (``file_watch.py``; at most once per
+Besides, a runtime that writes to its log is probed again at once (``log_watch.py``; at most once per
 ``WRITTEN_SHARE`` of the interval, for runtimes that log all along): runtimes log their readiness as it happens,
 so it is seen within one probe rather than half a poll interval.
 """

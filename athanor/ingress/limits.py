@@ -2,8 +2,8 @@
 
 ``limits.maxRequestBytes`` bounds each request body; ``limits.upstreamIdleTimeout`` bounds how long a runtime may
 send nothing (it is the pool's ``idle_timeout``, which each request takes as it is sent). Both are looked up once
-per request in the Gateway spec the controller keeps (``controller.arriving()``: re-read only when the store
-changed); the duration is parsed only when its text changes.
+per request in the Gateway spec the controller keeps (``controller.gateway()``: one stat of the store, re-read
+only when it changed); the duration is parsed only when its text changes.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Limits:
 
     def follow(self) -> int:
         """The body limit for a request arriving now; on the way, the pool gets the idle limit now in the spec."""
-        spec = self._controller.arriving()["limits"]
+        spec = self._controller.gateway()["limits"]
         if spec is not self._seen:  # the spec was re-read (any apply): compare the values themselves
             self._seen = spec
             self.max_body = spec["maxRequestBytes"]

@@ -8,10 +8,9 @@ the pool of keep-alive connections (``upstream.py``) -> stream the answer back c
 back to what the client asked. When the runtime turns out to be unreachable the lease hears of it (the controller
 records a death once) and the request is tried once more, on whatever runtime comes next.
 
-Work per request is kept to what the request needs: the desired state is looked at once (``controller.arriving``,
-re-read only when a watch heard models.json change), the body is re-serialised only when a field must change (the
-served name, ``include_usage`` for a stream, reasoning controls), in one ``json.dumps``, and streamed chunks are
-only scanned when they must be.
+Work per request is kept to what the request needs: the desired state is looked at once (one stat of
+models.json), the body is re-serialised only when a field must change (the served name, ``include_usage`` for a
+stream, reasoning controls), in one ``json.dumps``, and streamed chunks are only scanned when they must be.
 
 The common case takes a shorter way through the same steps (``Proxy.fast``): a model that serves now, a kept-alive
 connection to it free and an answer not streamed are answered in the protocols' callbacks, from the front door's
@@ -117,8 +116,8 @@ class Proxy:
         """The request's JSON body, the model it asks for, and that model's name; raises _Refused with the answer
         to a request refused before any model is known (not counted against a model)."""
         controller = self.controller
-        # The desired state as the front door saw it when the headers arrived (``controller.arriving``, for the body
-        # limit): not looked at again.
+        # The desired state as the front door saw it when the headers arrived (its one stat of models.json for
+        # this request, for the body limit): not looked at again.
         gateway = controller.gateway(refresh=False)
         refused = self.guard.refusal(request, self.guard.policy(gateway), gateway["auth"])
         if refused is not None:
