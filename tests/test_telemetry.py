@@ -244,9 +244,8 @@ def test_usage_and_timings_read_from_the_real_runtimes_answers_as_they_are(llama
         assert tap.counts == {b"prompt_tokens": usage["prompt_tokens"],
                               b"completion_tokens": usage["completion_tokens"],
                               b"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
-        assert {key.decode(): float(value) for key, value in tap.timings} == {
-            key: timings[key] for key in ("cache_n", "prompt_n", "prompt_per_second", "predicted_n",
-                                          "predicted_per_second")}
+        assert tap.timings is not None
+        assert [float(value) for value in tap.timings] == [timings[key.decode()] for key in tap_module.TIMING_KEYS]
         assert tap_module._LLAMA_USAGE.match(data, data.find(b'"usage"')), data
         assert tap_module._LLAMA_TIMINGS.match(data, data.find(b'"timings"')), data
 
@@ -275,7 +274,32 @@ def test_a_runtime_rate_of_zero_measured_nothing_and_is_not_recorded_as_zero():
     a whole answer has none; a real rate is kept as the runtime gave it."""
     from athanor.telemetry.recorder import rates
 
-    zero = {"predicted_per_second": 0.0, "prompt_per_second": 0.0}
-    assert rates(10, 9, None, 1.0, zero) == (None, None)
-    assert rates(10, 9, 0.5, 1.5, zero) == (9 / 1.0, 10 / 0.5)
-    assert rates(10, 9, None, 1.0, {"predicted_per_second": 120.5, "prompt_per_second": float("inf")}) == (120.5, None)
+    assert rates(10, 9, None, 1.0, 0.0, 0.0) == (None, None)
+    assert rates(10, 9, 0.5, 1.5, 0.0, 0.0) == (9 / 1.0, 10 / 0.5)
+    assert rates(10, 9, None, 1.0, 120.5, float("inf")) == (120.5, None)
+
+
+def test_timings_in_another_layout_are_read_and_a_figure_that_is_not_a_number_is_left_out():
+    """Timings that are not in llama-server's own layout take the general pattern; of what it finds, a value that
+    does not parse as a number is stored as absent, not as a failed row."""
+    from athanor.telemetry.recorder import row_of
+
+    tap = Tap(Metrics(), "m", "/v1/completions", arrived=0.0)
+    tap.read_usage(b'{"usage": {"prompt_tokens": 5, "completion_tokens": 2}, "timings": {"prompt_n": 5, '
+                   b'"cache_n": 3, "predicted_per_second": 1e-, "prompt_per_second": 250.5}}')
+    assert tap.timings == (b"3", b"5", b"250.5", None, b"1e-")
+    row = row_of((0.0, "m", "llama-server", "/v1/completions", 200, 5, 2, None, None, 1.0, tap.timings, False))
+    assert (row[7], row[10], row[11]) == (3, None, 250.5)  # cached from cache_n; no decode rate; the prefill's
+
+
+def test_tokens_worked_out_once_still_follow_a_later_usage():
+    """``slot_tokens`` and ``finish`` share one working-out of the counts; usage read after the first still counts
+    (an Anthropic stream sends its input count first and its final output count last)."""
+    metrics = Metrics()
+    tap = Tap(metrics, "m", "/v1/messages", arrived=0.0)
+    tap.read_usage(b'data: {"type":"message_start","message":{"usage":{"input_tokens":7,"output_tokens":1}}}')
+    assert tap.slot_tokens() == 8
+    tap.read_usage(b'data: {"type":"message_delta","usage":{"output_tokens":40}}')
+    assert tap.slot_tokens() == 47
+    tap.finish(200)
+    assert metrics.tokens == {("m", "prompt"): 7, ("m", "completion"): 40}

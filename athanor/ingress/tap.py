@@ -7,7 +7,7 @@ ingress adds ``stream_options.include_usage``), and the usage-only event is cut 
 ``Tap.finish`` is the one point where a request is over, whatever ended it (an answer, an error, a client that
 went away): everything about it is counted there, once, and handed to the telemetry recorder
 (``telemetry/recorder.py``) as one tuple appended to its buffer. llama-server's ``timings`` object, which follows
-``usage`` in the same answer or event, is kept as raw (key, value) pairs; the rates are worked out off the
+``usage`` in the same answer or event, is kept as its five figures' raw bytes; the rates are worked out off the
 request path.
 """
 
@@ -33,7 +33,8 @@ _LLAMA_USAGE = re.compile(rb'"usage":\{"completion_tokens":(\d+),"prompt_tokens"
 _LLAMA_TIMINGS = re.compile(rb'"timings":\{"cache_n":(\d+),"prompt_n":(\d+),"prompt_ms":[^,]*,"prompt_per_token_ms":'
                             rb'[^,]*,"prompt_per_second":([^,]*),"predicted_n":(\d+),"predicted_ms":[^,]*,'
                             rb'"predicted_per_token_ms":[^,]*,"predicted_per_second":([^,}]*)\}')
-_LLAMA_TIMING_KEYS = (b"cache_n", b"prompt_n", b"prompt_per_second", b"predicted_n", b"predicted_per_second")
+# The timings kept, in the order of ``_LLAMA_TIMINGS``'s groups (``Tap.timings``, ``recorder.Record``).
+TIMING_KEYS = (b"cache_n", b"prompt_n", b"prompt_per_second", b"predicted_n", b"predicted_per_second")
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 # How each streamed API says its answer is complete: OpenAI's chat and completions, Anthropic's Messages, and
 # the Responses API. A client may hang up as soon as it has read one of these.
@@ -65,8 +66,8 @@ class Tap:
     usage the runtime reported. A stream whose client did not ask for usage is asked for it anyway
     (``stream_options``), and the usage-only chunk is dropped on the way back (``drop_usage``)."""
 
-    __slots__ = ("arrived", "counts", "drop_usage", "metrics", "model", "route", "runtime", "tail", "telemetry",
-                 "timings", "ttft")
+    __slots__ = ("_tokens_seen", "arrived", "counts", "drop_usage", "metrics", "model", "route", "runtime", "tail",
+                 "telemetry", "timings", "ttft")
 
     def __init__(self, metrics: Metrics, model: str, route: str, arrived: float, telemetry: Recorder | None = None):
         self.metrics, self.model, self.route, self.arrived = metrics, model, route, arrived
@@ -74,7 +75,9 @@ class Tap:
         self.runtime = ""  # set once the model's runtime is known (``app._for_model``)
         self.drop_usage = False
         self.counts: dict[bytes, int] = {}
-        self.timings: list[tuple[bytes, bytes]] | None = None  # llama-server's own, unparsed
+        # llama-server's own timings, unparsed: the values of TIMING_KEYS in that order (None: not given)
+        self.timings: tuple[bytes | None, ...] | None = None
+        self._tokens_seen: tuple[int, int, int | None] | None = None  # ``_tokens`` of ``counts`` as they are now
         self.ttft: float | None = None  # seconds from arrival to the first streamed byte
         self.tail = b""  # the last bytes of a stream written to the client
 
@@ -88,6 +91,7 @@ class Tap:
         counts = self.counts
         start = data.find(b'"usage"')
         if start >= 0:
+            self._tokens_seen = None
             llama = _LLAMA_USAGE.match(data, start)
             if llama is not None:
                 completion, prompt, cached = llama.groups()
@@ -100,8 +104,11 @@ class Tap:
         start = data.find(b'"timings"')
         if start >= 0:
             llama = _LLAMA_TIMINGS.match(data, start)
-            self.timings = (list(zip(_LLAMA_TIMING_KEYS, llama.groups())) if llama is not None else
-                            _TIMINGS.findall(data, start, _object_end(data, start)))
+            if llama is not None:
+                self.timings = llama.groups()
+            else:
+                found = dict(_TIMINGS.findall(data, start, _object_end(data, start)))
+                self.timings = tuple([found.get(key) for key in TIMING_KEYS]) if found else None
 
     def usage_lines(self, lines: bytes) -> bytes:
         """SSE lines that mention usage: count it, and cut the usage-only event the client did not ask for."""
@@ -151,12 +158,17 @@ class Tap:
         return prompt + completion
 
     def _tokens(self) -> tuple[int, int, int | None]:
-        """(prompt, completion, cached). OpenAI's prompt_tokens (and the Responses API's input_tokens) include
-        cached tokens; Anthropic's input_tokens do not, so its cache counts are added back."""
+        """(prompt, completion, cached), worked out once for ``slot_tokens`` and ``finish`` both. OpenAI's
+        prompt_tokens (and the Responses API's input_tokens) include cached tokens; Anthropic's input_tokens do
+        not, so its cache counts are added back."""
+        if self._tokens_seen is not None:
+            return self._tokens_seen
         counts = self.counts
         prompt = counts.get(b"prompt_tokens")
         if prompt is None:
             prompt = sum(counts.get(k, 0) for k in (b"input_tokens", b"cache_read_input_tokens",
                                                     b"cache_creation_input_tokens"))
         completion = counts.get(b"completion_tokens", counts.get(b"output_tokens", 0))
-        return prompt, completion, counts.get(b"cached_tokens", counts.get(b"cache_read_input_tokens"))
+        seen = self._tokens_seen = (prompt, completion,
+                                    counts.get(b"cached_tokens", counts.get(b"cache_read_input_tokens")))
+        return seen

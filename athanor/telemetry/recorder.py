@@ -31,9 +31,10 @@ MAX_PENDING = 100_000
 
 # What Tap.finish appends: (arrived at, epoch s; model; runtime; route; status (499: client gone); prompt,
 # completion, cached tokens (None: not reported); TTFT s (None: not streamed); total s; the runtime's own
-# ``timings`` as (key, value) byte pairs or None; client gone)
+# timings, the raw bytes of ``tap.TIMING_KEYS``' values in that order (None: not given), or None; client gone)
 Record = tuple[float, str, str, str, int, int | None, int | None, int | None, float | None, float,
-               list[tuple[bytes, bytes]] | None, bool]
+               tuple[bytes | None, ...] | None, bool]
+_NO_TIMINGS = (None,) * 5
 T = TypeVar("T")
 
 
@@ -45,21 +46,22 @@ def retention_of(gateway: dict[str, Any]) -> db.Retention:
 
 
 def rates(prompt: int | None, completion: int | None, ttft: float | None, total: float,
-          timings: dict[str, float]) -> tuple[float | None, float | None]:
+          runtime_decode: float | None = None, runtime_prefill: float | None = None
+          ) -> tuple[float | None, float | None]:
     """(decode, prefill) tokens per second of one request.
 
     The runtime's own figures come first: llama-server's ``timings`` (``predicted_per_second``,
-    ``prompt_per_second``) time the work itself, without queueing, loading or the gateway. Otherwise, for a
+    ``prompt_per_second``, given as ``runtime_decode`` and ``runtime_prefill``) time the work itself, without queueing, loading or the gateway. Otherwise, for a
     streamed answer: decode = completion tokens / (total - TTFT), the pace after the first token (only with two
     tokens or more, the first one being in the TTFT); prefill = prompt tokens / TTFT, which includes any wait for a
     slot or a load, so it is a lower bound. A whole (not streamed) answer without ``timings`` has neither. A
     runtime's rate that is not a positive number (llama-server says 0 when its timer read 0 ms) measured nothing:
     it counts as absent, never as a request that ran at 0 tokens/s.
     """
-    decode = _measured(timings.get("predicted_per_second"))
+    decode = _measured(runtime_decode)
     if decode is None and completion is not None and completion >= 2 and ttft is not None and total > ttft:
         decode = completion / (total - ttft)
-    prefill = _measured(timings.get("prompt_per_second"))
+    prefill = _measured(runtime_prefill)
     if prefill is None and prompt and ttft:
         prefill = prompt / ttft
     return decode, prefill
@@ -72,20 +74,31 @@ def _measured(rate: float | None) -> float | None:
 def row_of(record: Record) -> db.Values:
     """The row to store, as a plain tuple in ``db.COLUMNS`` order: this runs for every request, and sqlite3 binds
     a plain tuple faster than a ``db.Row``, and an int faster than a bool (a bool is offered to its adapters
-    first, which costs a failed attribute lookup per row)."""
+    first, which costs a failed attribute lookup per row). Of the runtime's timings, only what is stored is
+    parsed."""
     arrived, model, runtime, route, status, prompt, completion, cached, ttft, total, raw, gone = record
-    timings: dict[str, float] = {}
-    for key, value in raw or ():
-        try:  # not a context manager per value: this runs for every request, in the writer's thread
-            timings[key.decode()] = float(value)
-        except ValueError:
-            continue
-    if cached is None and "cache_n" in timings:
-        cached = int(timings["cache_n"])
-    if completion is None and "predicted_n" in timings:
-        completion = int(timings["predicted_n"])
-    decode, prefill = rates(prompt, completion, ttft, total, timings)
+    cache_n, _, prefill_rate, predicted_n, decode_rate = raw or _NO_TIMINGS
+    if cached is None and cache_n is not None:
+        cached = _count(cache_n)
+    if completion is None and predicted_n is not None:
+        completion = _count(predicted_n)
+    decode, prefill = rates(prompt, completion, ttft, total, _number(decode_rate), _number(prefill_rate))
     return arrived, model, runtime, route, status, prompt, completion, cached, ttft, total, decode, prefill, int(gone)
+
+
+def _number(raw: bytes | None) -> float | None:
+    """A figure as the runtime wrote it; None when it gave none or not a number."""
+    if raw is None:
+        return None
+    try:  # not a context manager: this runs for every request, in the writer's thread
+        return float(raw)
+    except ValueError:
+        return None
+
+
+def _count(raw: bytes) -> int | None:
+    number = _number(raw)
+    return int(number) if number is not None and math.isfinite(number) else None
 
 
 class Recorder:
