@@ -50,13 +50,14 @@ def rates(prompt: int | None, completion: int | None, ttft: float | None, total:
           ) -> tuple[float | None, float | None]:
     """(decode, prefill) tokens per second of one request.
 
-    The runtime's own figures come first: llama-server's ``timings`` (``predicted_per_second``,
-    ``prompt_per_second``, given as ``runtime_decode`` and ``runtime_prefill``) time the work itself, without queueing, loading or the gateway. Otherwise, for a
-    streamed answer: decode = completion tokens / (total - TTFT), the pace after the first token (only with two
-    tokens or more, the first one being in the TTFT); prefill = prompt tokens / TTFT, which includes any wait for a
-    slot or a load, so it is a lower bound. A whole (not streamed) answer without ``timings`` has neither. A
-    runtime's rate that is not a positive number (llama-server says 0 when its timer read 0 ms) measured nothing:
-    it counts as absent, never as a request that ran at 0 tokens/s.
+    The runtime's own figures come first: llama-server's ``timings`` (``predicted_per_second`` and
+    ``prompt_per_second``, given as ``runtime_decode`` and ``runtime_prefill``) time the work itself, without
+    queueing, loading or the gateway. Otherwise, for a streamed answer: decode = completion tokens / (total - TTFT),
+    the pace after the first token (only with two tokens or more, the first one being in the TTFT); prefill =
+    prompt tokens / TTFT, which includes any wait for a slot or a load, so it is a lower bound. A whole (not
+    streamed) answer without ``timings`` has neither. A runtime's rate that is not a positive number (llama-server
+    says 0 when its timer read 0 ms) measured nothing: it counts as absent, never as a request that ran at 0
+    tokens/s.
     """
     decode = _measured(runtime_decode)
     if decode is None and completion is not None and completion >= 2 and ttft is not None and total > ttft:
