@@ -151,6 +151,11 @@ def record(model: str, runtime: str, n: int) -> db.Row:
 def _ready(view: TelemetryScreen, count: int) -> Callable:
     async def wait(pilot) -> None:
         await until(pilot, lambda: view.loaded > 0 and len(view.shown) == count, "the figures")
+        # The table sizes its columns to new cells when it is next idle, which a busy machine can put after the
+        # screenshot: wait until the model column fits the names.
+        table = view.query_one("#figures", DataTable)
+        await until(pilot, lambda: table.columns["model"].content_width >= max(map(len, view.shown)),
+                    "the model column sized to the names")
         await pilot.pause()
     return wait
 
