@@ -50,7 +50,7 @@ def test_one_crash_with_requests_in_flight_is_one_failure_and_the_next_use_resta
             assert inst.phase is Phase.FAILED and len(inst.failures) == 1
             await asyncio.wait({inst.cleanup_task})
             assert inst.last_failure["reason"] == "Crashed" and inst.last_failure["exitCode"] == -9
-            assert inst.last_failure["message"] == "the runtime was killed by SIGKILL (exit code -9)"
+            assert inst.last_failure["message"] == "the runtime was killed by SIGKILL (Killed, exit code -9)"
             assert await ready(c, "m") and inst.incarnation == first + 1 and inst.phase is Phase.READY
 
     tier.run(scenario)
@@ -305,12 +305,30 @@ def test_starts_crashes_and_failures_leave_no_zombies_and_every_exit_code(tier: 
                 await asyncio.wait({inst.cleanup_task})
                 assert inst.last_failure["exitCode"] == -9
                 inst.failures.clear()  # not a crash loop: this test counts zombies, not failures
-            with pytest.raises(ModelUnavailable, match="exited while starting"):
+            with pytest.raises(ModelUnavailable, match="exited while starting: exit code 7"):
                 await ready(c, "dud")
             assert c.instances["dud"].last_failure["exitCode"] == 7
             await c.stop("m")
             await c.stop("dud")
             assert {p.pid for p in zombies()} <= before, "every runtime that exited was reaped"
+
+    tier.run(scenario)
+
+
+def test_a_runtime_killed_by_a_signal_while_starting_is_reported_with_that_signal(tier: Tier):
+    """A runtime built for instructions this CPU does not run dies with SIGILL before it logs why: the failure says
+    how it ended, where the client and ``describe`` see it."""
+    tier.model("m")
+    tier.script("m", signalAtStart=signal.SIGILL)
+
+    async def scenario() -> None:
+        async with tier.controller() as c:
+            ended = r"exited while starting: killed by SIGILL \(Illegal instruction, exit code -4\)"
+            with pytest.raises(ModelUnavailable, match=ended):
+                await ready(c, "m")
+            inst = c.instances["m"]
+            assert inst.last_failure["reason"] == "StartFailed"
+            assert "killed by SIGILL" in inst.last_failure["message"]
 
     tier.run(scenario)
 

@@ -338,7 +338,7 @@ def test_a_crash_a_request_notices_first_is_recorded_with_its_exit_code(tier: Ti
             async with await call as resp:
                 assert resp.status == 502
             assert inst.phase is Phase.FAILED
-            expected = "the runtime was killed by SIGKILL (exit code -9)"
+            expected = "the runtime was killed by SIGKILL (Killed, exit code -9)"
             assert inst.message == expected and inst.last_failure["exitCode"] == -9
             crashed = [e for e in c.events.since() if e["reason"] == "Crashed"]
             assert len(crashed) == 1 and crashed[0]["message"].endswith(expected)

@@ -31,6 +31,7 @@ from athanor.controller.stopping import (
     STOP_RETRY_DELAYS_S,
     STOP_TIMEOUT_S,
     StopFailed,
+    ending,
     exit_text,
     stop_retrying,
 )
@@ -133,15 +134,20 @@ class Lifecycle:
             await asyncio.wait({inst.cleanup_task})
 
     async def _why(self, inst: Instance, reason: str) -> str:
-        """A start that failed, with what its manager says of the job when that is more than a process's exit (a
-        pod that cannot pull its image, a claim not found): the runtime's log has nothing then."""
+        """A start that failed, with how its process ended (a signal says what the log does not: SIGILL, a build
+        for another CPU), or what its manager says of the job when that is more than a process's exit (a pod
+        that cannot pull its image, a claim not found): the runtime's log has nothing then."""
         handle = inst.handle
-        if handle is None or self.manager_of(handle).local:
+        if handle is None:
             return reason
+        manager = self.manager_of(handle)
         try:
-            state = await self.manager_of(handle).observe(handle)
+            state = await manager.observe(handle)
         except Exception:  # noqa: BLE001 - the reason stands without the detail
             return reason
+        if manager.local:
+            code = state.exit_code
+            return f"{reason}: {ending(code)}" if code is not None and not state.running else reason
         return f"{reason} ({state.detail})" if state.detail else reason
 
     def manager_of(self, handle: Handle) -> ServiceManager:

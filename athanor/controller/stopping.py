@@ -70,8 +70,19 @@ def exit_text(code: int | None) -> str:
     if code is None:
         return "the runtime exited unexpectedly"
     if code < 0:
-        try:
-            return f"the runtime was killed by {signal.Signals(-code).name} (exit code {code})"
-        except ValueError:
-            return f"the runtime was killed by signal {-code} (exit code {code})"
+        return f"the runtime was {ending(code)}"
     return f"the runtime exited unexpectedly with code {code}"
+
+
+def ending(code: int) -> str:
+    """How a process ended, in a few words: 'killed by SIGILL (Illegal instruction, exit code -4)', 'exit code
+    1'. A signal's own description says more than its number: SIGILL, for one, is a runtime built for an
+    instruction set this CPU does not run."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"killed by signal {-code} (exit code {code})"
+    description = signal.strsignal(-code)
+    return f"killed by {name} ({f'{description}, ' if description else ''}exit code {code})"
