@@ -7,6 +7,10 @@ Both sides serve the same two tiny GGUF models, one at a time, from the llama-se
   ``{ctxSize: 2048, threads: 1}`` (as the other benchmarks);
 - the router: ``llama-server --models-dir DIR --models-max 1 -c 2048 -t 1``, which names a model by its file stem.
 
+athanor starts each instance with llama-server's fit pass off (``LLAMA_ARG_FIT=off``: with the context and GPU
+layers given it measures and changes nothing); the router leaves it on, as llama-server does unless told.
+``--router-args '--fit off'`` gives the router's instances the same, to compare the two on equal loads.
+
 A client-seen swap is the wall time of a 1-token, temperature 0 chat completion naming the model that is not
 loaded: the request stops one runtime and starts the other. Each round loads m1 first (not timed: the first load
 of a round may be cold), then times ``--swaps`` requests alternating m2, m1, m2, ... on one keep-alive connection.
@@ -27,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -106,7 +111,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         router_dir = root / "router"
         tiny_models(router_dir / "models", MODELS)
         with gateway(root / "athanor", PRESET, MODELS, gateway_spec=GATEWAY_SPEC) as served, \
-                router(binary, router_dir / "models", router_dir / "router.log") as router_url:
+                router(binary, router_dir / "models", router_dir / "router.log",
+                       ROUTER_ARGS + tuple(shlex.split(args.router_args))) as router_url:
             urls = {"athanor": served.url, "router": router_url}
             rounds: dict[str, list[list[float]]] = {side: [] for side in urls}
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
@@ -144,6 +150,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--swaps", type=int, default=6, help="timed swaps per round (m2, m1, m2, ...)")
+    parser.add_argument("--router-args", default="",
+                        help="more llama-server flags for the router's instances, e.g. '--fit off': athanor turns "
+                             "llama-server's fit pass off where it cannot change anything; the router leaves it on")
     parser.add_argument("--json", type=Path, help="save the figures here")
     arguments = parser.parse_args()
     signal.signal(signal.SIGTERM, _terminate)

@@ -56,6 +56,33 @@ def test_llama_server_argv():
     assert spec.served_model == "qwen" and spec.health_path == "/health"
 
 
+def test_llama_server_skips_its_fit_pass_only_where_it_could_change_nothing():
+    """llama-server's --fit loads the model a first time to shrink unset settings to the free memory. With the
+    context and GPU layers given it cannot shrink anything, so athanor turns it off; with ``ctxSize: 0`` (the
+    model's own context) it may shrink the context, so it stays on. The user's own choice wins."""
+    target = Target("qwen", "llama-server", "/m/q.gguf")
+
+    def env(preset: dict, spec_env: dict | None = None) -> dict:
+        values = effective_preset("llama-server", context_length=8192, recipe=None, preset=preset)
+        return launch_spec(target, values, 40900, "llama-server", extra_env=spec_env).env
+
+    assert env({})["LLAMA_ARG_FIT"] == "off"
+    assert env({"ctxSize": 4096, "gpuLayers": 0})["LLAMA_ARG_FIT"] == "off"
+    assert "LLAMA_ARG_FIT" not in env({"ctxSize": 0})
+    assert env({}, {"LLAMA_ARG_FIT": "on"})["LLAMA_ARG_FIT"] == "on"
+    mlx = launch_spec(Target("t", "mlx-lm", "/snap"), effective_preset("mlx-lm", context_length=None, recipe=None,
+                                                                       preset={}), 40901, "mlx_lm.server")
+    assert "LLAMA_ARG_FIT" not in mlx.env
+
+
+def test_the_installed_llama_server_reads_the_fit_variable():
+    """A build that predates --fit ignores the variable (and would refuse the flag, hence a variable); the one
+    setup builds must know it, or every start would pay the fit pass unseen."""
+    help_text = subprocess.run([find_runtime("llama-server"), "--help"], check=True, capture_output=True,
+                               text=True, timeout=60).stdout
+    assert "(env: LLAMA_ARG_FIT)" in _help_entry(help_text, "--fit")
+
+
 def test_mlx_argv_is_offline_and_serves_the_path():
     target = Target("tiny", "mlx-lm", "/snap/abc")
     preset = effective_preset("mlx-lm", context_length=None, recipe=BUILTIN_RECIPES["coding"], preset={})
