@@ -1,6 +1,7 @@
 """Swap speed: athanor's gateway against llama.cpp's router mode, same binary, same tiny GGUFs, in the same run.
 
-    .venv/bin/python benchmarks/swap_vs_router.py [--rounds 5] [--swaps 6] [--json PATH]
+    .venv/bin/python benchmarks/swap_vs_router.py [--rounds 5] [--swaps 6] [--weights GGUF] [--router-args ARGS]
+        [--json PATH]
 
 Both sides serve the same two tiny GGUF models, one at a time, from the llama-server athanor itself runs:
 - athanor: ``athanor serve`` with the embedded supervisor and ``single`` residency, each model with the preset
@@ -10,6 +11,8 @@ Both sides serve the same two tiny GGUF models, one at a time, from the llama-se
 athanor starts each instance with llama-server's fit pass off (``LLAMA_ARG_FIT=off``: with the context and GPU
 layers given it measures and changes nothing); the router leaves it on, as llama-server does unless told.
 ``--router-args '--fit off'`` gives the router's instances the same, to compare the two on equal loads.
+``--weights GGUF`` swaps between two names for one real GGUF instead (both sides read the same file), where the
+load is the model's rather than llama-server's own start.
 
 A client-seen swap is the wall time of a 1-token, temperature 0 chat completion naming the model that is not
 loaded: the request stops one runtime and starts the other. Each round loads m1 first (not timed: the first load
@@ -83,9 +86,10 @@ async def chat(session: aiohttp.ClientSession, url: str, model: str) -> float:
     return time.perf_counter() - started
 
 
-async def round_of_swaps(session: aiohttp.ClientSession, url: str, swaps: int) -> list[float]:
-    await chat(session, url, MODELS[0])  # m1 loaded (from cold, or a swap back): not timed
-    return [await chat(session, url, MODELS[(i + 1) % 2]) for i in range(swaps)]
+async def round_of_swaps(session: aiohttp.ClientSession, url: str, swaps: int,
+                         models: tuple[str, str] = MODELS) -> list[float]:
+    await chat(session, url, models[0])  # the first loaded (from cold, or a swap back): not timed
+    return [await chat(session, url, models[(i + 1) % 2]) for i in range(swaps)]
 
 
 def summary(rounds: list[list[float]]) -> dict[str, float]:
@@ -109,28 +113,36 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         router_dir = root / "router"
-        tiny_models(router_dir / "models", MODELS)
-        with gateway(root / "athanor", PRESET, MODELS, gateway_spec=GATEWAY_SPEC) as served, \
+        models, weights = MODELS, {}
+        if args.weights:  # the same real GGUF twice, under two names, for both sides
+            models = ("w1", "w2")
+            (router_dir / "models").mkdir(parents=True)
+            for name in models:
+                (router_dir / "models" / f"{name}.gguf").symlink_to(args.weights.resolve())
+                weights[name] = (router_dir / "models" / f"{name}.gguf", PRESET)
+        else:
+            tiny_models(router_dir / "models", MODELS)
+        with gateway(root / "athanor", PRESET, MODELS, gateway_spec=GATEWAY_SPEC, extra_models=weights) as served, \
                 router(binary, router_dir / "models", router_dir / "router.log",
                        ROUTER_ARGS + tuple(shlex.split(args.router_args))) as router_url:
             urls = {"athanor": served.url, "router": router_url}
             rounds: dict[str, list[list[float]]] = {side: [] for side in urls}
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
                 for side in urls:  # the first cold loads of both, not timed
-                    await chat(session, urls[side], MODELS[0])
+                    await chat(session, urls[side], models[0])
                 for n in range(args.rounds):
                     order = list(urls) if n % 2 == 0 else list(reversed(urls))
                     for side in order:
-                        rounds[side].append(await round_of_swaps(session, urls[side], args.swaps))
+                        rounds[side].append(await round_of_swaps(session, urls[side], args.swaps, models))
                     print(f"round {n + 1}: " + ", ".join(
                         f"{side} {statistics.median(rounds[side][-1]) * 1000:.1f} ms" for side in urls), flush=True)
                 async with session.get(router_url + "/v1/models") as resp:
                     listed = (await resp.json())["data"]
-            argv = {"athanor": athanor_argv(served.home),
-                    "router": " ".join(next(m for m in listed if m["id"] == MODELS[0])["status"]["args"])}
+            argv = {"athanor": athanor_argv(served.home, models[0]),
+                    "router": " ".join(next(m for m in listed if m["id"] == models[0])["status"]["args"])}
     result = {side: summary(r) for side, r in rounds.items()}
     ratio = result["athanor"]["median_ms"] / result["router"]["median_ms"]
-    report = {"binary": binary, "rounds": args.rounds, "swaps_per_round": args.swaps, "sides": result,
+    report = {"binary": binary, "weights": str(args.weights or "tiny GGUFs"), "rounds": args.rounds, "swaps_per_round": args.swaps, "sides": result,
               "ratio_athanor_router": ratio, "target": "athanor <= router", "pass": ratio <= 1.0,
               "raw_ms": {side: [[t * 1000 for t in r] for r in rs] for side, rs in rounds.items()},
               "runtime_argv": argv}
@@ -153,6 +165,8 @@ if __name__ == "__main__":
     parser.add_argument("--router-args", default="",
                         help="more llama-server flags for the router's instances, e.g. '--fit off': athanor turns "
                              "llama-server's fit pass off where it cannot change anything; the router leaves it on")
+    parser.add_argument("--weights", type=Path,
+                        help="swap between two names for this real GGUF instead of the tiny GGUFs (e.g. SmolLM2)")
     parser.add_argument("--json", type=Path, help="save the figures here")
     arguments = parser.parse_args()
     signal.signal(signal.SIGTERM, _terminate)
