@@ -142,7 +142,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                     "router": " ".join(next(m for m in listed if m["id"] == models[0])["status"]["args"])}
     result = {side: summary(r) for side, r in rounds.items()}
     ratio = result["athanor"]["median_ms"] / result["router"]["median_ms"]
-    report = {"binary": binary, "weights": str(args.weights or "tiny GGUFs"), "rounds": args.rounds, "swaps_per_round": args.swaps, "sides": result,
+    report = {"binary": binary, "weights": str(args.weights or "tiny GGUFs"), "rounds": args.rounds,
+              "swaps_per_round": args.swaps, "sides": result,
               "ratio_athanor_router": ratio, "target": "athanor <= router", "pass": ratio <= 1.0,
               "raw_ms": {side: [[t * 1000 for t in r] for r in rs] for side, rs in rounds.items()},
               "runtime_argv": argv}
