@@ -63,7 +63,7 @@ amx_unusable() {
     return 1  # a compiler without AMX: -march=native does not use it either
   fi
   local faults=1
-  ("$dir/amx_check") 2>/dev/null || faults=0  # in a subshell: the shell's own "Illegal instruction" goes too
+  { "$dir/amx_check"; } 2>/dev/null || faults=0  # braces, not a subshell: the shell's own "Illegal instruction" too
   rm -rf "$dir"
   return "$faults"
 }
