@@ -62,10 +62,10 @@ amx_unusable() {
     rm -rf "$dir"
     return 1  # a compiler without AMX: -march=native does not use it either
   fi
-  local faults=1
-  { "$dir/amx_check"; } 2>/dev/null || faults=0  # braces, not a subshell: the shell's own "Illegal instruction" too
+  local usable=0
+  { "$dir/amx_check"; } 2>/dev/null && usable=1  # braces, not a subshell: the shell's own "Illegal instruction" too
   rm -rf "$dir"
-  return "$faults"
+  [ "$usable" = 0 ]
 }
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF}"
 no_amx=""
