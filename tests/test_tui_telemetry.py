@@ -151,11 +151,9 @@ def record(model: str, runtime: str, n: int) -> db.Row:
 def _ready(view: TelemetryScreen, count: int) -> Callable:
     async def wait(pilot) -> None:
         await until(pilot, lambda: view.loaded > 0 and len(view.shown) == count, "the figures")
-        # The table sizes its columns to new cells when it is next idle, which a busy machine can put after the
-        # screenshot: wait until the model column fits the names.
-        table = view.query_one("#figures", DataTable)
-        await until(pilot, lambda: table.columns["model"].content_width >= max(map(len, view.shown)),
-                    "the model column sized to the names")
+        # What the screenshot is made of, the lines the table draws, shows every name whole (a model column
+        # left to widen itself once drew the names cut short on a busy machine, and kept them so).
+        await until(pilot, lambda: all(name in drawn(view) for name in view.shown), "every name drawn whole")
         await pilot.pause()
     return wait
 
@@ -172,6 +170,39 @@ def test_snapshot_of_the_telemetry_view(gateway, snap_compare, size):
         conn.close()
     view = TelemetryScreen()
     assert snap_compare(TelemetryApp(view), terminal_size=size, run_before=_ready(view, 2))
+
+
+def drawn(view: TelemetryScreen) -> str:
+    """The table's rows as it draws them (what a screenshot is made of)."""
+    table = view.query_one("#figures", DataTable)
+    return "\n".join(table.render_line(y).text for y in range(1, table.row_count + 1))
+
+
+def test_a_figure_that_outgrows_its_column_is_drawn_whole(gateway):
+    """The columns are as wide as their widest figure, whenever it grows: a prompt count past its header's width
+    is drawn in full after a refresh, never cut short."""
+    home = Path(gateway.home)
+
+    def add(rows: list[db.Row]) -> None:
+        conn = db.connect(db.path_in(home), create=True)
+        assert conn is not None
+        try:
+            db.write(conn, rows, db.Retention(None, None), time.time())
+        finally:
+            conn.close()
+
+    add([record("tiny-gguf", "llama-cpp", 0)])
+
+    async def drive() -> None:
+        view = TelemetryScreen(["tiny-gguf"])
+        async with TelemetryApp(view).run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: cell(view, "tiny-gguf", "prompt") == "20", "the first figures")
+            await asyncio.to_thread(add, [record("tiny-gguf", "llama-cpp", 0)._replace(prompt_tokens=123_456_789)])
+            await pilot.press("r")
+            await until(pilot, lambda: "123456809" in drawn(view), "the grown count drawn whole")
+            assert "tiny-gguf" in drawn(view)
+
+    asyncio.run(drive())
 
 
 @pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=["80x24", "160x48"])

@@ -2,15 +2,17 @@
 of each one's decode tokens/s, request by request. Everything is the admin API's (``/telemetry/compare`` and
 ``/telemetry``); the figures are the daemon's, this view only lays them out.
 
-The table is filled once per set of models and then updated cell by cell, so a refresh never flickers; the fetch
-runs in a worker, so a slow daemon delays the figures, never the keyboard.
+The table is laid out once per set of models (and again when a column's width changes), then updated cell by cell,
+so a refresh never flickers; the fetch runs in a worker, so a slow daemon delays the figures, never the keyboard.
 """
 
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Iterable
 from typing import Any
 
+from rich.cells import cell_len
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -48,6 +50,19 @@ def cell(field: str, value: Any) -> str:
     if field.endswith("TokensPerSecond"):
         return f"{value:.1f}" if isinstance(value, (int, float)) else DASH
     return str(value)
+
+
+def row_cells(model: str, figures: dict[str, Any]) -> list[str]:
+    """A model's row of the table from its compare answer (its name alone while it has none)."""
+    return [cell(field, figures.get(field, model if field == "model" else None)) for _, _, field in COLUMNS]
+
+
+def column_widths(rows: Iterable[list[str]]) -> list[int]:
+    """Each column's width in cells: its header's or its widest value's."""
+    widths = [cell_len(header) for _, header, _ in COLUMNS]
+    for values in rows:
+        widths = [max(width, cell_len(value)) for width, value in zip(widths, values, strict=True)]
+    return widths
 
 
 def decode_series(items: list[dict[str, Any]]) -> list[float]:
@@ -95,6 +110,7 @@ class TelemetryScreen(Screen[None]):
         self.loaded = 0  # fetches completed: tests and the title wait on it
         self._sparks: dict[str, tuple[Label, Sparkline]] = {}  # model -> its label and sparkline
         self._spark_texts: dict[str, str] = {}
+        self._widths: list[int] = []  # the table's column widths (``_lay_out``)
         self._fetching = False
 
     def compose(self) -> ComposeResult:
@@ -106,8 +122,7 @@ class TelemetryScreen(Screen[None]):
 
     def on_mount(self) -> None:
         table = self.query_one("#figures", DataTable)
-        for key, header, _ in COLUMNS:
-            table.add_column(header, key=key)
+        self._lay_out(table, {}, column_widths([]))
         table.focus()
         self._title()
         self.fetch()
@@ -193,29 +208,45 @@ class TelemetryScreen(Screen[None]):
         self._title()
 
     async def _show(self, models: list[str], figures: list[dict[str, Any]], series: dict[str, list[float]]) -> None:
-        """Put the answers on screen: rows and sparklines are added or removed only when the set of models
-        changes; otherwise only the cells and sparkline data that changed are updated."""
+        """Put the answers on screen: the table is laid out again only when the set of models or a column's
+        width changes, and sparklines are added or removed only with the models; otherwise only the cells and
+        sparkline data that changed are updated."""
         self.figures = {m: f for m, f in zip(models, figures, strict=False)}
         self.series = series
+        rows = {model: row_cells(model, self.figures.get(model, {})) for model in models}
         table = self.query_one("#figures", DataTable)
+        widths = column_widths(rows.values())
+        if models != self.shown or widths != self._widths:
+            self._lay_out(table, rows, widths)
+        else:
+            for model, values in rows.items():
+                for (key, _, _), value in zip(COLUMNS, values, strict=True):
+                    if table.get_cell(model, key) != value:
+                        table.update_cell(model, key, value)
         if models != self.shown:
             sparks = self.query_one("#sparks", VerticalScroll)
-            table.clear()
             await sparks.remove_children()
-            self._sparks = {}
-            for model in models:
-                table.add_row(*(DASH for _ in COLUMNS), key=model)
-                self._sparks[model] = (Label(model, classes="spark-label", markup=False), Sparkline([]))
+            self._sparks = {model: (Label(model, classes="spark-label", markup=False), Sparkline([]))
+                            for model in models}
             await sparks.mount_all(Vertical(*pair, classes="spark") for pair in self._sparks.values())
             self.shown = list(models)
         for model in models:
-            row = self.figures.get(model, {"model": model})
-            for key, _, field in COLUMNS:
-                value = cell(field, row.get(field, model if field == "model" else None))
-                if table.get_cell(model, key) != value:
-                    table.update_cell(model, key, value, update_width=True)
             self._spark(model, series.get(model, []))
         self.set_class(not any((f.get("requests") or 0) for f in figures), "empty")
+
+    def _lay_out(self, table: DataTable, rows: dict[str, list[str]], widths: list[int]) -> None:
+        """The table again, whole, with each column as wide as its widest cell. The widths are set here rather
+        than left to the table: Textual's DataTable widens a column on its next idle, and a row drawn before then
+        stayed drawn at the old width (a model's name cut short) until its cells next changed."""
+        cursor = table.cursor_row
+        table.clear(columns=True)
+        for (key, header, _), width in zip(COLUMNS, widths, strict=True):
+            table.add_column(header, key=key, width=width)
+        for model, values in rows.items():
+            table.add_row(*values, key=model)
+        self._widths = widths
+        if rows:
+            table.move_cursor(row=min(cursor, len(rows) - 1))
 
     def _spark(self, model: str, points: list[float]) -> None:
         label, spark = self._sparks[model]
