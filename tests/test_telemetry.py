@@ -269,6 +269,25 @@ def test_retention_trims_by_count_and_age(tmp_path):
     conn.close()
 
 
+def test_a_batch_larger_than_one_statement_is_stored_row_for_row_with_its_empty_figures_empty(tmp_path):
+    """``db.write`` puts ``ROWS_PER_INSERT`` rows in each statement and binds an empty figure as ``ABSENT``: a
+    batch of two full statements and a remainder comes back exactly as written, in order, each None still None
+    and every zero still zero."""
+    conn = db.connect(tmp_path / db.FILENAME, create=True)
+    assert conn is not None
+    count = 2 * db.ROWS_PER_INSERT + 23
+    written = [db.Row(1_000_000_000.0 + i, f"m{i % 3}", "llama-server", "/v1/completions", 200 + i % 2,
+                      None if i % 5 == 0 else i, 0 if i % 4 == 0 else i, None if i % 2 else 0,
+                      None if i % 3 == 0 else i / 1000, 0.5 + i, None if i % 7 == 0 else 0.0 + i,
+                      None if i % 6 == 0 else 2.5 * i, i % 2 == 0)
+               for i in range(count)]
+    db.write(conn, written, db.Retention(None, None), 1_000_000_000.0)
+    stored = [db.Row(*r[:-1], bool(r[-1])) for r in conn.execute(f"SELECT {', '.join(db.COLUMNS)} FROM requests "
+                                                                  "ORDER BY id")]
+    conn.close()
+    assert stored == written
+
+
 def test_a_runtime_rate_of_zero_measured_nothing_and_is_not_recorded_as_zero():
     """llama-server reports 0 tokens/s when its timer read 0 ms: a stream falls back to the gateway's own figures,
     a whole answer has none; a real rate is kept as the runtime gave it."""
