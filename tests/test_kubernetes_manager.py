@@ -65,6 +65,18 @@ def test_a_new_gateway_re_attaches_to_the_running_pod_without_restarting_it(gate
     assert gateway.live("tiny-gguf")["pod"] == pod["metadata"]["name"]
 
 
+def test_a_watch_that_goes_quiet_without_ending_does_not_hold_a_stop(gateway, tmp_path):
+    """A watch whose connection a proxy dropped without a word sends nothing more and never ends. The gateway
+    waiting for a scaled-down pod to go lists the pods again and watches afresh after a few quiet seconds
+    (``QUIET_S``), instead of waiting out the pod's grace and more (40 s here) for an event that never comes."""
+    chat(gateway.client, "tiny-gguf")
+    assert _deployment_pods(gateway, "tiny-gguf")
+    gateway.kube.silence_watches()
+    apply_gateway(gateway, tmp_path, "  idleTimeout: 1s\n")  # the idle model is stopped: its pod scaled to 0
+    wait_until(lambda: not _deployment_pods(gateway, "tiny-gguf"), 30, "the pod deleted by the stand-in")
+    wait_until(lambda: gateway.phase("tiny-gguf") == "Standby", 20, "the gateway to see the pod gone")
+
+
 def test_a_model_whose_deployment_was_never_applied_is_a_503_that_says_what_to_do(gateway, tmp_path):
     from fixtures.serving import apply_models, model_spec
     from fixtures.tiny_models import write_tiny_llama_gguf

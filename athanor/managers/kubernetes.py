@@ -52,6 +52,7 @@ GONE_AFTER_GRACE_S = 30.0  # past the caller's grace, how long a terminating pod
 WATCH_S = 300  # a watch is renewed this often (the server ends it), from the last resourceVersion seen
 SYNC_S = 30.0  # how long a request waits for the first list of the pods before it fails
 RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # a failed list or watch is tried again after these pauses, then every 5 s
+QUIET_S = 5.0  # a wait that hears of no change for this long lists the pods again and watches afresh
 _STUCK = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
           "CreateContainerError", "RunContainerError")  # a container waiting for one of these will not start by itself
 
@@ -222,7 +223,11 @@ class KubernetesManager:
                 and _waiting(status) not in _STUCK)
 
     async def _until(self, found: Any, timeout: float) -> Any:
-        """``found()`` once it is truthy, re-checked after every change the watch sees; None after ``timeout``."""
+        """``found()`` once it is truthy, re-checked after every change the watch sees; None after ``timeout``.
+
+        A watch can go quiet without ending (a connection some proxy or load balancer dropped without a word, a
+        stalled stream): one that brings no change for ``QUIET_S`` while something waits on it is replaced by a
+        new list and watch, so a wait ends at most that long after what it waits for happened."""
         deadline = time.monotonic() + timeout
         while True:
             value = found()
@@ -234,12 +239,19 @@ class KubernetesManager:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
-                await asyncio.wait_for(waiter, remaining)
+                await asyncio.wait_for(waiter, min(remaining, QUIET_S))
             except TimeoutError:
-                pass
+                if remaining > QUIET_S:
+                    self._watch_afresh()
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+
+    def _watch_afresh(self) -> None:
+        """End the watch and start another, from a new list of the pods (``_follow``); the cache serves meanwhile."""
+        if self._watch is not None and self._loop is asyncio.get_running_loop():
+            self._watch.cancel()
+            self._watch = self._loop.create_task(self._follow(), name=f"kubernetes-watch-{self.namespace}")
 
     def _changed(self) -> None:
         waiters, self._waiters = self._waiters, []
