@@ -110,7 +110,6 @@ class TelemetryScreen(Screen[None]):
         self.loaded = 0  # fetches completed: tests and the title wait on it
         self._sparks: dict[str, tuple[Label, Sparkline]] = {}  # model -> its label and sparkline
         self._spark_texts: dict[str, str] = {}
-        self._widths: list[int] = []  # the table's column widths (``_lay_out``)
         self._fetching = False
 
     def compose(self) -> ComposeResult:
@@ -216,7 +215,7 @@ class TelemetryScreen(Screen[None]):
         rows = {model: row_cells(model, self.figures.get(model, {})) for model in models}
         table = self.query_one("#figures", DataTable)
         widths = column_widths(rows.values())
-        if models != self.shown or widths != self._widths:
+        if models != self.shown or widths != [column.width for column in table.ordered_columns]:
             self._lay_out(table, rows, widths)
         else:
             for model, values in rows.items():
@@ -244,7 +243,6 @@ class TelemetryScreen(Screen[None]):
             table.add_column(header, key=key, width=width)
         for model, values in rows.items():
             table.add_row(*values, key=model)
-        self._widths = widths
         if rows:
             table.move_cursor(row=min(cursor, len(rows) - 1))
 
