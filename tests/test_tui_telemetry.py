@@ -148,6 +148,16 @@ def record(model: str, runtime: str, n: int) -> db.Row:
                   0.5 + n / 50, 40.0 + 7 * (n % 5), 300.0 + 10 * n, False)
 
 
+def write_records(gateway, rows: list[db.Row]) -> None:
+    """Records written straight into the daemon's file, in the recorder's own format."""
+    conn = db.connect(db.path_in(Path(gateway.home)), create=True)
+    assert conn is not None
+    try:
+        db.write(conn, rows, db.Retention(None, None), time.time())
+    finally:
+        conn.close()
+
+
 def _ready(view: TelemetryScreen, count: int) -> Callable:
     async def wait(pilot) -> None:
         await until(pilot, lambda: view.loaded > 0 and len(view.shown) == count, "the figures")
@@ -161,13 +171,8 @@ def _ready(view: TelemetryScreen, count: int) -> Callable:
 @pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=["80x24", "160x48"])
 def test_snapshot_of_the_telemetry_view(gateway, snap_compare, size):
     """Records written straight into the daemon's file (the recorder's own format), read back through the API."""
-    conn = db.connect(db.path_in(Path(gateway.home)), create=True)
-    assert conn is not None
-    try:
-        db.write(conn, [record("tiny-gguf", "llama-cpp", n) for n in range(12)]
-                 + [record("tiny-mlx", "mlx-lm", n) for n in range(7)], db.Retention(None, None), time.time())
-    finally:
-        conn.close()
+    write_records(gateway, [record("tiny-gguf", "llama-cpp", n) for n in range(12)]
+                  + [record("tiny-mlx", "mlx-lm", n) for n in range(7)])
     view = TelemetryScreen()
     assert snap_compare(TelemetryApp(view), terminal_size=size, run_before=_ready(view, 2))
 
@@ -181,23 +186,14 @@ def drawn(view: TelemetryScreen) -> str:
 def test_a_figure_that_outgrows_its_column_is_drawn_whole(gateway):
     """The columns are as wide as their widest figure, whenever it grows: a prompt count past its header's width
     is drawn in full after a refresh, never cut short."""
-    home = Path(gateway.home)
-
-    def add(rows: list[db.Row]) -> None:
-        conn = db.connect(db.path_in(home), create=True)
-        assert conn is not None
-        try:
-            db.write(conn, rows, db.Retention(None, None), time.time())
-        finally:
-            conn.close()
-
-    add([record("tiny-gguf", "llama-cpp", 0)])
+    write_records(gateway, [record("tiny-gguf", "llama-cpp", 0)])
 
     async def drive() -> None:
         view = TelemetryScreen(["tiny-gguf"])
         async with TelemetryApp(view).run_test(size=SIZE) as pilot:
             await until(pilot, lambda: cell(view, "tiny-gguf", "prompt") == "20", "the first figures")
-            await asyncio.to_thread(add, [record("tiny-gguf", "llama-cpp", 0)._replace(prompt_tokens=123_456_789)])
+            grown = record("tiny-gguf", "llama-cpp", 0)._replace(prompt_tokens=123_456_789)
+            await asyncio.to_thread(write_records, gateway, [grown])
             await pilot.press("r")
             await until(pilot, lambda: "123456809" in drawn(view), "the grown count drawn whole")
             assert "tiny-gguf" in drawn(view)
