@@ -9,8 +9,10 @@ every request and probe. Real runtimes, the real gateway, requests as a hostile 
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
+import socket
 import stat
 import urllib.error
 import urllib.request
@@ -59,6 +61,18 @@ def _direct(port: int, method: str, path: str, headers: dict[str, str], body: by
             return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers, exc.read()
+
+
+def _over_socket(path: str, body: bytes, headers: dict[str, str]) -> int:
+    """The status of a POST to /v1/chat/completions on a runtime's Unix socket, bypassing the gateway."""
+    connection = http.client.HTTPConnection("localhost", timeout=60)
+    connection.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.sock.connect(path)
+        connection.request("POST", "/v1/chat/completions", body, headers)
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 def _secret(gateway: Gateway, name: str) -> str:
@@ -138,9 +152,14 @@ def test_a_gateway_killed_and_restarted_talks_to_the_runtime_it_re_attached(gate
     assert status == 200 and answer["model"] == model, answer
     assert gateway.runtime_pid(model) == pid, "re-attached, not restarted"
     assert _secret(gateway, model) == secret, "the runtime's secret, read back from its file"
-    served = gateway.recorded()["instances"][model]["servedModel"]
-    status, _, _ = _direct(gateway.live(model)["port"], "POST", "/v1/chat/completions", HOSTILE, _body(served))
+    record = gateway.recorded()["instances"][model]
+    status, _, _ = _direct(gateway.live(model)["port"], "POST", "/v1/chat/completions", HOSTILE,
+                           _body(record["servedModel"]))
     assert status == 401
+    if model == "tiny-gguf":  # llama-server's socket, where the gateway's requests go: the secret guards it too
+        assert _over_socket(record["socket"], _body(record["servedModel"]), HOSTILE) == 401
+        connections = [c for c in psutil.Process(pid).net_connections("unix") if c.laddr == record["socket"]]
+        assert len(connections) >= 2, "the new gateway reaches it on its socket (besides the listening one)"
 
 
 def test_a_runtime_whose_secret_is_gone_is_replaced_rather_than_adopted(gateway: Gateway):

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import write
 
 from athanor.errors import RuntimeNotFoundError
-from athanor.runtimes.launch import RUNTIMES, Target, find_runtime, launch_spec
+from athanor.managers.jobs import model_job
+from athanor.managers.process import ProcessManager
+from athanor.runtimes.features import takes_unix_socket
+from athanor.runtimes.launch import RUNTIMES, SOCKET_PATH_MAX, Target, find_runtime, launch_spec, socket_path
 from athanor.runtimes.presets import (
     BUILTIN_RECIPES,
     PRESET_KEYS,
@@ -285,3 +291,51 @@ def test_new_recipes_are_listed_by_the_cli(cli):
     data = json.loads(shown.stdout)
     assert data["values"]["llama-server"]["reasoningFormat"] == "deepseek"
     assert data["values"]["llama-server"]["reasoning"] == "on"
+
+
+def _llama_launch(tmp_path, binary: str, port: int = 8101):
+    return launch_spec(Target("m", "llama-server", str(tmp_path / "m.gguf")), {}, port, binary)
+
+
+def test_the_embedded_supervisor_gives_llama_server_a_socket_beside_its_port(tmp_path):
+    """The socket is the manager's decision (``prepared``) and reaches argv only in the job it spawns, so a launch
+    is compared, recorded and parking-keyed alike under every manager."""
+    launch = _llama_launch(tmp_path, find_runtime("llama-server"))
+    prepared = ProcessManager(tmp_path / "logs", tmp_path / "run").prepared(launch)
+    assert prepared.socket == str(tmp_path / "run" / "port-8101.sock")
+    assert prepared == launch and prepared.argv == launch.argv
+    job = model_job("m", prepared, tmp_path)
+    at = job.argv.index("--host")
+    assert job.argv[at + 1] == f"127.0.0.1,{prepared.socket}" and job.argv.count("--host") == 1
+    assert job.socket == prepared.socket
+    assert model_job("m", launch, tmp_path).argv == tuple(launch.argv)  # launchd and systemd: the port alone
+
+
+def test_no_socket_where_it_could_not_work(tmp_path):
+    mlx = launch_spec(Target("m", "mlx-lm", str(tmp_path / "m")), {}, 8102, sys.executable)
+    assert ProcessManager(tmp_path / "logs", tmp_path / "run").prepared(mlx).socket is None  # mlx_lm.server cannot
+    llama = _llama_launch(tmp_path, find_runtime("llama-server"))
+    deep = tmp_path / ("d" * (SOCKET_PATH_MAX - len(str(tmp_path))))
+    assert socket_path(deep, 8101) is None  # longer than sun_path takes: the port alone
+    assert ProcessManager(tmp_path / "logs", deep).prepared(llama).socket is None
+    assert ProcessManager(tmp_path / "logs").prepared(llama).socket is None  # no directory for sockets given
+
+
+def test_an_older_llama_server_is_not_given_a_socket_and_an_upgraded_one_is(tmp_path):
+    """A llama-server whose --host takes no socket path would exit at start on one; the binary's own help says,
+    and is asked again once the file changes. A wrapper script is never run to ask."""
+    real = find_runtime("llama-server")
+    binary = tmp_path / "llama-server"
+    shutil.copy(shutil.which("echo") or "/bin/echo", binary)  # a real executable whose help names no socket
+    manager = ProcessManager(tmp_path / "logs", tmp_path / "run")
+    assert not takes_unix_socket(str(binary))
+    assert manager.prepared(_llama_launch(tmp_path, str(binary))).socket is None
+    binary.unlink()
+    binary.symlink_to(real)  # replaced by one that takes a socket
+    assert takes_unix_socket(str(binary))
+    assert manager.prepared(_llama_launch(tmp_path, str(binary))).socket is not None
+    wrapper = write(tmp_path / "wrapper", f"#!/bin/sh\ntouch {shlex.quote(str(tmp_path / 'ran'))}\nexec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    assert not takes_unix_socket(str(wrapper)) and not (tmp_path / "ran").exists()
+    assert manager.prepared(_llama_launch(tmp_path, str(wrapper))).socket is None
+    assert not takes_unix_socket(str(tmp_path / "gone"))

@@ -546,3 +546,32 @@ def test_the_cli_reaches_the_admin_api_whatever_the_listen_address(home, models,
     finally:
         gw.athanor("down")
         proc.wait(30)
+
+
+def test_the_gateway_reaches_llama_server_on_its_socket_and_a_killed_one_s_socket_is_cleared(gateway):
+    """Under the embedded supervisor llama-server also listens on a Unix socket in the home's run directory, and
+    the gateway's requests go that way (cheaper than loopback TCP); readiness keeps the port. A runtime killed
+    with SIGKILL leaves its socket file, and llama-server will not bind over one: the next start removes it."""
+    chat(gateway.client, "tiny-gguf")
+    record = gateway.recorded()["instances"]["tiny-gguf"]
+    sock = Path(record["socket"])
+    assert sock.parent == gateway.home / "run" and sock.is_socket()
+    pid = gateway.runtime_pid("tiny-gguf")
+    daemon = psutil.Process(gateway.proc.pid)
+
+    def to_runtime(kind: str) -> list:
+        ours = {(c.laddr, c.raddr) for c in daemon.net_connections(kind)}
+        return [c for c in psutil.Process(pid).net_connections(kind)
+                if c.raddr and (c.raddr, c.laddr) in ours]  # the runtime's connections from the daemon
+
+    for _ in range(4):
+        chat(gateway.client, "tiny-gguf")
+    on_socket = [c for c in psutil.Process(pid).net_connections("unix") if c.laddr == str(sock)]
+    assert len(on_socket) >= 2, "the gateway's kept-alive connection is the socket's (besides its listening one)"
+    assert to_runtime("tcp") == [], "and none to the port"
+
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: gateway.phase("tiny-gguf") == "Failed", 10, "crash noticed")
+    assert sock.is_socket(), "a killed runtime leaves its socket file"
+    chat(gateway.client, "tiny-gguf")
+    assert gateway.runtime_pid("tiny-gguf") != pid and sock.is_socket()

@@ -419,7 +419,7 @@ class Controller:
             try:
                 if launch.park_dir:  # llama-server refuses a --slot-save-path that is not a directory yet
                     park_files.prepare(Path(launch.park_dir))
-                return runtime_secret.issued(launch, spare), room, None
+                return manager.prepared(runtime_secret.issued(launch, spare)), room, None
             except StoreError as exc:
                 raise ModelUnavailable(f"model {inst.name!r}: {exc}") from exc
             except OSError as exc:

@@ -40,6 +40,7 @@ class Upstream:
     incarnation: int
     max_connections: int
     secret: str | None = field(default=None, repr=False)  # sent as a Bearer token: the runtime answers nothing else
+    socket: str | None = None  # a Unix socket to reach it by instead of host:port (``LaunchSpec.socket``)
 
 
 def upstream_of(inst: Instance) -> Upstream:
@@ -51,7 +52,7 @@ def upstream_of(inst: Instance) -> Upstream:
     if made is not None and made[0] is launch and made[1].incarnation == inst.incarnation:
         return made[1]
     upstream = Upstream(inst.name, launch.host, launch.port, launch.served_model, inst.incarnation,
-                        launch.max_connections, launch.secret)
+                        launch.max_connections, launch.secret, launch.socket)
     inst.upstream = (launch, upstream)
     return upstream
 

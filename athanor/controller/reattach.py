@@ -153,5 +153,6 @@ def recorded_launch(record: dict[str, Any]) -> LaunchSpec:
     default_connections = LLAMA_AUTO_PARALLEL if runtime == "llama-server" else MLX_MAX_CONNECTIONS
     launch = LaunchSpec(runtime, list(record.get("argv", [])), {}, record.get("port", 0), record.get("servedModel", ""),
                         record.get("healthPath", "/health"), record.get("maxConnections", default_connections),
-                        secret_file=record.get("secretFile"), park_dir=record.get("parkDir"))
+                        secret_file=record.get("secretFile"), park_dir=record.get("parkDir"),
+                        socket=record.get("socket"))
     return runtime_secret.recalled(launch)  # read once per incarnation, never per request

@@ -51,6 +51,8 @@ def record(inst: Instance) -> dict[str, Any]:
             out["secretFile"] = inst.launch.secret_file  # the secret itself is never recorded
         if inst.launch.park_dir:
             out["parkDir"] = inst.launch.park_dir  # a re-attached runtime parks its slots when it stops
+        if inst.launch.socket:
+            out["socket"] = inst.launch.socket  # a re-attached runtime is reached there as before
     if inst.last_failure:
         out["lastFailure"] = inst.last_failure
     if inst.refusal:

@@ -212,7 +212,7 @@ class Proxy:
         body, raw, model_id = self._outgoing(request, upstream, requested, payload, request.body, changes, tap)
         taken = self.pool.take_idle(upstream.port, "POST", request.target, (), body, raw=raw,
                                     limit=upstream.max_connections, incarnation=upstream.incarnation,
-                                    host=upstream.host)
+                                    host=upstream.host, socket=upstream.socket)
         if taken is None:
             lease.release()
             return None
@@ -289,7 +289,7 @@ class Proxy:
         try:
             async with self.pool.request(upstream.port, "POST", request.target, (), body, raw=raw,
                                          limit=upstream.max_connections, incarnation=upstream.incarnation,
-                                         host=upstream.host) as resp:
+                                         host=upstream.host, socket=upstream.socket) as resp:
                 lease.answered(resp.status)
                 is_sse = "text/event-stream" in resp.content_type
                 if not request.started and not is_sse:

@@ -305,10 +305,11 @@ class _Connection(asyncio.Protocol):
 class _RuntimeConnections:
     """The connections to one runtime incarnation: idle ones, how many are open, and who waits for one."""
 
-    __slots__ = ("address", "host_line", "idle", "incarnation", "limit", "open", "waiters")
+    __slots__ = ("address", "host_line", "idle", "incarnation", "limit", "open", "socket", "waiters")
 
-    def __init__(self, address: tuple[str, int], incarnation: int, limit: int):
+    def __init__(self, address: tuple[str, int], incarnation: int, limit: int, socket: str | None):
         self.address, self.incarnation, self.limit = address, incarnation, limit
+        self.socket = socket  # connect here rather than to ``address``
         self.host_line = f"Host: {authority(*address)}\r\n"  # every request's, written once per runtime
         self.idle: list[_Connection] = []
         self.open = 0
@@ -356,22 +357,23 @@ class UpstreamPool:
     def request(
         self, port: int, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes, *,
         limit: int = DEFAULT_LIMIT, incarnation: int = 0, raw: bytes = b"", host: str = LOOPBACK,
+        socket: str | None = None,
     ) -> _Exchange:
         """Send one request: ``async with pool.request(...) as response``. The body must be read inside the block;
         leaving it early (an error, a cancelled handler) closes the connection, so the runtime stops working for
         nobody. ``incarnation`` names the runtime process behind ``host:port`` (loopback, or a pod's address): a new
-        one gets fresh connections.
+        one gets fresh connections. ``socket``: a Unix socket the runtime also listens on, connected to instead.
         ``raw``: header lines sent as they are, after ``headers`` (a client's, as the gateway received them)."""
-        runtime = self._runtime((host, port), incarnation, limit)
+        runtime = self._runtime((host, port), incarnation, limit, socket)
         return _Exchange(self, runtime, _head(runtime, method, target, headers, body, raw), body)
 
     def take_idle(self, port: int, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes, *,
                   limit: int = DEFAULT_LIMIT, incarnation: int = 0, raw: bytes = b"", host: str = LOOPBACK,
-                  ) -> tuple[_Connection, bytes] | None:
+                  socket: str | None = None) -> tuple[_Connection, bytes] | None:
         """A kept-alive connection to the runtime fit for reuse now and the head to send on it (``send_now``), or
         None when a request would have to wait or connect (``request`` does that). Give it back with
         ``finish_now``."""
-        runtime = self._runtime((host, port), incarnation, limit)
+        runtime = self._runtime((host, port), incarnation, limit, socket)
         if not runtime.idle or runtime.waiters:
             return None
         connection = self._reusable(runtime)
@@ -387,12 +389,13 @@ class UpstreamPool:
         self._busy.discard(connection)
         self._release(connection)
 
-    def _runtime(self, address: tuple[str, int], incarnation: int, limit: int) -> _RuntimeConnections:
+    def _runtime(self, address: tuple[str, int], incarnation: int, limit: int,
+                 socket: str | None) -> _RuntimeConnections:
         runtime = self._runtimes.get(address)
         if runtime is None or runtime.incarnation != incarnation:
             if runtime is not None:
                 self._retire(runtime)
-            runtime = self._runtimes[address] = _RuntimeConnections(address, incarnation, limit)
+            runtime = self._runtimes[address] = _RuntimeConnections(address, incarnation, limit, socket)
         return runtime
 
     def _retire(self, runtime: _RuntimeConnections) -> None:
@@ -448,11 +451,14 @@ class UpstreamPool:
         """Open the connection ``runtime.open`` already counts (or give the count back)."""
         loop = asyncio.get_running_loop()
         try:
-            _, connection = await loop.create_connection(lambda: _Connection(runtime), *runtime.address)
+            if runtime.socket:
+                _, connection = await loop.create_unix_connection(lambda: _Connection(runtime), runtime.socket)
+            else:
+                _, connection = await loop.create_connection(lambda: _Connection(runtime), *runtime.address)
         except BaseException as exc:
             self._free(runtime)
             if isinstance(exc, OSError):
-                where = authority(*runtime.address)
+                where = runtime.socket or authority(*runtime.address)
                 raise UpstreamUnreachable(f"cannot connect to {where}: {exc.strerror or exc}") from exc
             raise
         return connection

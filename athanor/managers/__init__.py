@@ -119,8 +119,9 @@ class Managers:
             assert directory is not None
             return SystemdManager(directory)
         from athanor.managers.process import ProcessManager
+        from athanor.runtimes.secret import SECRET_DIR
 
-        return ProcessManager(self.home / "logs")
+        return ProcessManager(self.home / "logs", self.home / SECRET_DIR)
 
 
 def installed_gateway(home: Path, gateway: dict[str, Any]) -> tuple[ServiceManager, Any] | None:

@@ -55,6 +55,7 @@ class Job:
     log_path: str
     stop_timeout_s: int = 10  # SIGTERM to SIGKILL
     throttle_s: int = 2  # at least this long between two starts by the manager itself
+    socket: str | None = None  # a Unix socket argv listens on, cleared before a start (``LaunchSpec.socket``)
 
     @property
     def label(self) -> str:

@@ -19,15 +19,16 @@ from typing import Any
 
 from athanor.managers import UNDER_ENV
 from athanor.managers.base import Job, sorted_env
-from athanor.runtimes.launch import LaunchSpec
+from athanor.runtimes.launch import LaunchSpec, with_socket
 
 INGRESS_ENV = ("PATH", "LANG", "LC_ALL", "HF_HOME", "HF_HUB_CACHE", "XDG_CONFIG_HOME")
 INGRESS_STOP_S = 90  # the gateway stops every runtime before it exits: its manager must not kill it first
 
 
 def model_job(name: str, launch: LaunchSpec, home: Path) -> Job:
-    return Job(kind="model", name=name, argv=tuple(launch.argv), env=sorted_env(launch.env), workdir=str(home),
-               log_path=str(home / "logs" / f"{name}.log"))
+    argv = with_socket(launch.argv, launch.socket) if launch.socket else launch.argv
+    return Job(kind="model", name=name, argv=tuple(argv), env=sorted_env(launch.env), workdir=str(home),
+               log_path=str(home / "logs" / f"{name}.log"), socket=launch.socket)
 
 
 def ingress_job(home: Path, manager: str, environ: Mapping[str, str] | None = None,

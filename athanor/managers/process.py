@@ -24,12 +24,13 @@ import os
 import select
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from athanor.errors import InvalidValueError, RuntimeNotFoundError
 from athanor.managers import logs
 from athanor.managers.base import Handle, Job, JobState, LocalManager, same_start
 from athanor.paths import ensure_private_dir, open_private_file
+from athanor.runtimes.features import takes_unix_socket
+from athanor.runtimes.launch import RUNTIMES, LaunchSpec, socket_path
 from athanor.timestamps import UTC_FORMAT, utc_timestamp
 
 DEFAULT_LOG_MAX_BYTES = logs.DEFAULT_MAX_BYTES
@@ -406,19 +409,35 @@ class ProcessManager(LocalManager):
 
     A job's environment is added to the daemon's own, as it always was: the runtime inherits PATH, HF_* and the
     rest from the gateway that starts it.
+
+    A runtime that can listen on a Unix socket does, in ``sockets_dir`` (``LaunchSpec.socket``). Only this manager
+    offers one: it spawns every start itself, so it can first remove the socket file a killed runtime left, which
+    llama-server will not bind over. launchd and systemd restart a crashed runtime on their own, past any such care.
     """
 
     name = "process"
 
-    def __init__(self, logs_dir: Path):
+    def __init__(self, logs_dir: Path, sockets_dir: Path | None = None):
         self.supervisor = ProcessSupervisor(logs_dir)
+        self.sockets_dir = sockets_dir
+
+    def prepared(self, launch: LaunchSpec) -> LaunchSpec:
+        if (self.sockets_dir is None or not RUNTIMES[launch.runtime].unix_socket
+                or not takes_unix_socket(launch.argv[0])):  # an older llama-server would not start
+            return launch
+        socket = socket_path(self.sockets_dir, launch.port)
+        return replace(launch, socket=socket) if socket else launch
 
     def files(self, job: Job) -> dict[Path, bytes]:
         return {}
 
     async def start(self, job: Job) -> Handle:
-        handle = await asyncio.to_thread(self.supervisor.start, job.name, list(job.argv), job.environment(),
-                                         Path(job.workdir))
+        def start() -> ProcessHandle:
+            if job.socket:
+                _remove_socket(job.socket)
+            return self.supervisor.start(job.name, list(job.argv), job.environment(), Path(job.workdir))
+
+        handle = await asyncio.to_thread(start)
         return {"manager": self.name, **handle.to_json()}
 
     async def stop(self, handle: Handle, grace: float) -> int | None:
@@ -440,6 +459,16 @@ class ProcessManager(LocalManager):
 
     def forget(self, handle: Handle) -> None:
         self.supervisor.forget(_process_handle(handle))
+
+
+def _remove_socket(path: str) -> None:
+    """Remove the socket a runtime that was killed left at ``path``; anything but a socket stays where it is."""
+    ensure_private_dir(Path(path).parent)  # whoever may connect may talk to the runtime
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _process_handle(handle: Handle) -> ProcessHandle:

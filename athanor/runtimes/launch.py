@@ -15,6 +15,11 @@ Every runtime answers the gateway alone: its argv names the file of a per-start 
 ``runtimes/secret.py``), which llama-server checks itself (``--api-key-file``) and the MLX servers through
 ``runtimes/guarded.py``, each runtime's ``guard`` in its row. The argv names the file, never the secret. (The
 guard runs under the Python in the server script's shebang: the one read of a file while building an argv.)
+
+A runtime that can (``unix_socket`` in its row: llama-server) also listens on a Unix socket when the embedded
+supervisor runs it, and the gateway's requests take that way (``LaunchSpec.socket``, ``with_socket``): on these
+machines it costs the runtime and the gateway less per request than loopback TCP. Everything else (readiness,
+slots, metrics, direct callers) keeps the port.
 """
 
 from __future__ import annotations
@@ -69,6 +74,10 @@ class LaunchSpec:
     # Where the gateway reaches it: loopback for the local managers; the pod's address under Kubernetes, known only
     # once the pod runs (``ServiceManager.endpoint``).
     host: str = field(default=LOOPBACK, compare=False)
+    # A Unix socket it also listens on, which the gateway's requests use (None: the port alone). The manager that
+    # runs it decides (``ServiceManager.prepared``); it is added to argv only when the process is spawned
+    # (``with_socket``), so what a launch is compared and keyed by stays the same under every manager.
+    socket: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,7 @@ class RuntimeKind:
     env: Mapping[str, str] = field(default_factory=dict)
     preset_env: Callable[[Mapping[str, EffectiveValue]], dict[str, str]] = lambda preset: {}  # below spec.env
     quiet_args: tuple[str, ...] = ()  # log errors only (Gateway privacy.runtimeLogs: errors)
+    unix_socket: bool = False  # ``--host`` takes a Unix socket's path beside the loopback address
 
 
 def _llama_args(t: Target) -> list[tuple[str, str]]:
@@ -175,6 +185,7 @@ RUNTIMES: dict[str, RuntimeKind] = {
             env=_LLAMA_CORS,
             preset_env=_llama_fit,
             quiet_args=("--log-verbosity", "1"),
+            unix_socket=True,  # "--host 127.0.0.1,/path/to.sock": both; it will not bind over a stale socket file
         ),
         RuntimeKind(
             name="mlx-lm",
@@ -203,6 +214,27 @@ RUNTIMES: dict[str, RuntimeKind] = {
         ),
     )
 }
+
+
+# The longest socket path every platform takes: sockaddr_un's sun_path is 104 bytes on macOS (108 on Linux), the
+# terminating NUL included.
+SOCKET_PATH_MAX = 103
+
+
+def socket_path(directory: Path, port: int) -> str | None:
+    """Where the runtime on ``port`` listens for the gateway's requests under ``directory`` (named by its port,
+    which no other runtime holds while it runs), or None when that path is too long for a socket: the runtime is
+    then reached on its port alone."""
+    path = str(directory.absolute() / f"port-{port}.sock")
+    return path if len(os.fsencode(path)) <= SOCKET_PATH_MAX else None
+
+
+def with_socket(argv: Sequence[str], socket: str) -> list[str]:
+    """``argv`` listening on ``socket`` too: athanor's ``--host`` (user arguments may not set one) names both."""
+    out = list(argv)
+    at = out.index("--host") + 1
+    out[at] = f"{out[at]},{socket}"
+    return out
 
 
 def launch_spec(target: Target, preset: Mapping[str, EffectiveValue], port: int, binary: str,
