@@ -14,7 +14,8 @@ proxies' share as large as it gets. The peers, side by side:
   ``--skip-litellm`` leaves it out.
 
 Each round measures, in this order: latency (requests interleaved across the peers, p50 each), requests/s at
-concurrency 8 (peers, a minimal aiohttp app and a minimal proxy in a rotating order, with CPU per request of
+concurrency 8 (peers, a minimal aiohttp app and a minimal proxy in a rotating order, each loaded twice for half
+the time, the second pass in mirror order, with CPU per request of
 athanor's daemon and of those two), the client-seen swap A->B (athanor and the router, rotating), streaming through athanor against direct
 (1 stream, several times interleaved with direct, and 64 concurrent streams: tokens/s and time to first token,
 on a model with 64 slots), then the control plane (``athanor get models``,
@@ -222,14 +223,24 @@ class Suite:
             self.add(f"lat.{name}", p50[name])
             self.add(f"added.{name}", p50[name] - p50["direct"])
         loaded = {**sides, **references}
-        rps: dict[str, float] = {}
-        for name in (order + list(references)) if n % 2 == 0 else (list(references) + order):
-            side = loaded[name]
-            before = group_cpu(side.pids)
-            rps[name] = await throughput(session, side.url + "/v1/completions", CONCURRENCY, args.seconds,
-                                         side.headers)
-            if side.pids and name != "direct":
-                self.add(f"cpu.{name}", (group_cpu(side.pids) - before) / (rps[name] * args.seconds) * 1e6)
+        sequence = (order + list(references)) if n % 2 == 0 else (list(references) + order)
+        done = dict.fromkeys(sequence, 0.0)
+        cpu = dict.fromkeys(sequence, 0.0)
+        half = args.seconds / 2
+        # Each side loaded twice for half the time, the second pass in mirror order (A B C, C B A): a drift in the
+        # machine's load over the pass (these runs drift by a tenth within a minute) then weighs on every side
+        # alike, where one window each at different moments turned it into a difference between sides.
+        for passing in (sequence, sequence[::-1]):
+            for name in passing:
+                side = loaded[name]
+                before = group_cpu(side.pids)
+                done[name] += await throughput(session, side.url + "/v1/completions", CONCURRENCY, half,
+                                               side.headers) * half
+                cpu[name] += group_cpu(side.pids) - before
+        rps = {name: count / args.seconds for name, count in done.items()}
+        for name in sequence:
+            if loaded[name].pids and name != "direct":
+                self.add(f"cpu.{name}", cpu[name] / done[name] * 1e6)
         for name in names:
             self.add(f"rps.{name}", rps[name])
             self.add(f"ratio.{name}", rps[name] / rps["direct"])
