@@ -363,7 +363,8 @@ def test_check_updates_offline_is_one_line_and_changes_nothing(cli, registered, 
         monkeypatch.setenv("ATHANOR_PYPI_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")
         code, document = run_doctor(cli, "--check-updates")
         text = cli("doctor", "--check-updates")
-    assert code == text.returncode == 0
+    assert code == 0, json.dumps(document, indent=1)  # the whole report: which check failed, and why
+    assert text.returncode == 0, text.stdout + text.stderr
     [offline] = document["updates"]
     assert not offline["ok"] and not offline["required"]
     assert offline["detail"].startswith("cannot reach PyPI (http://127.0.0.1:")
