@@ -511,3 +511,48 @@ def test_a_request_whose_kept_alive_connection_was_dropped_keeps_its_place():
 
     assert run(handler, scenario) == [b"two", b"three"]
     assert served == [b"one", b"two", b"three"], "the request on a new connection went before the one queued behind it"
+
+
+def _echo_server_handler(seen: list[str], where: str) -> Handler:
+    async def handler(reader, writer):
+        seen.append(where)
+        while not reader.at_eof():
+            try:
+                _, body = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+        writer.close()
+
+    return handler
+
+
+def test_a_runtime_s_socket_is_used_and_a_missing_one_falls_back_to_its_port(tmp_path):
+    """Where the runtime also listens on a Unix socket the pool connects there; a socket that is gone (its file
+    removed under a running runtime) does not fail the request: the port serves the same."""
+    seen: list[str] = []
+    path = str(tmp_path / "rt.sock")
+
+    async def scenario(pool, port):
+        unix = await asyncio.start_unix_server(_echo_server_handler(seen, "socket"), path)
+        try:
+            async with pool.request(port, "POST", "/v1/x", [], b"one", socket=path) as resp:
+                first = await resp.read()
+            pool.close()
+            gone = UpstreamPool()  # a fresh pool: it must connect anew
+            try:
+                missing = str(tmp_path / "gone.sock")
+                async with gone.request(port, "POST", "/v1/x", [], b"two", socket=missing) as resp:
+                    second = await resp.read()
+                async with gone.request(port, "POST", "/v1/x", [], b"three", socket=missing) as resp:
+                    third = await resp.read()
+            finally:
+                gone.close()
+            return first, second, third
+        finally:
+            unix.close()
+            await unix.wait_closed()
+
+    assert run(_echo_server_handler(seen, "port"), scenario) == (b"one", b"two", b"three")
+    assert seen == ["socket", "port"], "one connection each: the socket's, then the port's kept alive"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import select
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -35,6 +36,8 @@ import httptools
 
 from athanor.addresses import authority
 from athanor.runtimes.launch import LOOPBACK
+
+log = logging.getLogger("athanor.ingress")
 
 BUFFER_HIGH = 256 * 1024  # pause reading from the runtime above this many unread bytes, until they are taken
 DEFAULT_LIMIT = 32
@@ -452,13 +455,18 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         try:
             if runtime.socket:
-                _, connection = await loop.create_unix_connection(lambda: _Connection(runtime), runtime.socket)
-            else:
-                _, connection = await loop.create_connection(lambda: _Connection(runtime), *runtime.address)
+                try:
+                    _, connection = await loop.create_unix_connection(lambda: _Connection(runtime), runtime.socket)
+                    return connection
+                except OSError as exc:  # its file removed, say: the runtime's port serves the same
+                    log.warning("cannot connect to %s (%s): %s from now on", runtime.socket, exc.strerror or exc,
+                                authority(*runtime.address))
+                    runtime.socket = None
+            _, connection = await loop.create_connection(lambda: _Connection(runtime), *runtime.address)
         except BaseException as exc:
             self._free(runtime)
             if isinstance(exc, OSError):
-                where = runtime.socket or authority(*runtime.address)
+                where = authority(*runtime.address)
                 raise UpstreamUnreachable(f"cannot connect to {where}: {exc.strerror or exc}") from exc
             raise
         return connection
