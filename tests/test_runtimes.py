@@ -334,7 +334,8 @@ def test_an_older_llama_server_is_not_given_a_socket_and_an_upgraded_one_is(tmp_
     binary.symlink_to(real)  # replaced by one that takes a socket
     assert takes_unix_socket(str(binary))
     assert manager.prepared(_llama_launch(tmp_path, str(binary))).socket is not None
-    wrapper = write(tmp_path / "wrapper", f"#!/bin/sh\ntouch {shlex.quote(str(tmp_path / 'ran'))}\nexec {real} \"$@\"\n")
+    wrapper = write(tmp_path / "wrapper", f"#!/bin/sh\ntouch {shlex.quote(str(tmp_path / 'ran'))}\n"
+                                          f"exec {shlex.quote(real)} \"$@\"\n")
     wrapper.chmod(0o755)
     assert not takes_unix_socket(str(wrapper)) and not (tmp_path / "ran").exists()
     assert manager.prepared(_llama_launch(tmp_path, str(wrapper))).socket is None

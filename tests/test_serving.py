@@ -559,16 +559,15 @@ def test_the_gateway_reaches_llama_server_on_its_socket_and_a_killed_one_s_socke
     pid = gateway.runtime_pid("tiny-gguf")
     daemon = psutil.Process(gateway.proc.pid)
 
-    def to_runtime(kind: str) -> list:
-        ours = {(c.laddr, c.raddr) for c in daemon.net_connections(kind)}
-        return [c for c in psutil.Process(pid).net_connections(kind)
-                if c.raddr and (c.raddr, c.laddr) in ours]  # the runtime's connections from the daemon
+    def tcp_from_daemon() -> list:
+        ours = {(c.laddr, c.raddr) for c in daemon.net_connections("tcp")}
+        return [c for c in psutil.Process(pid).net_connections("tcp") if c.raddr and (c.raddr, c.laddr) in ours]
 
     for _ in range(4):
         chat(gateway.client, "tiny-gguf")
     on_socket = [c for c in psutil.Process(pid).net_connections("unix") if c.laddr == str(sock)]
     assert len(on_socket) >= 2, "the gateway's kept-alive connection is the socket's (besides its listening one)"
-    assert to_runtime("tcp") == [], "and none to the port"
+    assert tcp_from_daemon() == [], "and none to the port"
 
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: gateway.phase("tiny-gguf") == "Failed", 10, "crash noticed")
