@@ -160,10 +160,11 @@ def test_garbage_is_upstream_closed():
     assert run(handler, scenario)
 
 
-def echo_until_eof(connections: list[int]) -> Handler:
-    """A runtime that answers every request on a connection until the gateway hangs up."""
+def echo_until_eof(connections: list[Any], mark: Any = 1) -> Handler:
+    """A runtime that answers every request on a connection until the gateway hangs up; each connection adds
+    ``mark`` to ``connections``."""
     async def handler(reader, writer):
-        connections.append(1)
+        connections.append(mark)
         while True:
             try:
                 _, body = await read_request(reader)
@@ -513,21 +514,6 @@ def test_a_request_whose_kept_alive_connection_was_dropped_keeps_its_place():
     assert served == [b"one", b"two", b"three"], "the request on a new connection went before the one queued behind it"
 
 
-def _echo_server_handler(seen: list[str], where: str) -> Handler:
-    async def handler(reader, writer):
-        seen.append(where)
-        while not reader.at_eof():
-            try:
-                _, body = await read_request(reader)
-            except asyncio.IncompleteReadError:
-                break
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            await writer.drain()
-        writer.close()
-
-    return handler
-
-
 def test_a_runtime_s_socket_is_used_and_a_missing_one_falls_back_to_its_port(tmp_path):
     """Where the runtime also listens on a Unix socket the pool connects there; a socket that is gone (its file
     removed under a running runtime) does not fail the request: the port serves the same."""
@@ -535,7 +521,7 @@ def test_a_runtime_s_socket_is_used_and_a_missing_one_falls_back_to_its_port(tmp
     path = str(tmp_path / "rt.sock")
 
     async def scenario(pool, port):
-        unix = await asyncio.start_unix_server(_echo_server_handler(seen, "socket"), path)
+        unix = await asyncio.start_unix_server(echo_until_eof(seen, "socket"), path)
         try:
             async with pool.request(port, "POST", "/v1/x", [], b"one", socket=path) as resp:
                 first = await resp.read()
@@ -554,5 +540,5 @@ def test_a_runtime_s_socket_is_used_and_a_missing_one_falls_back_to_its_port(tmp
             unix.close()
             await unix.wait_closed()
 
-    assert run(_echo_server_handler(seen, "port"), scenario) == (b"one", b"two", b"three")
+    assert run(echo_until_eof(seen, "port"), scenario) == (b"one", b"two", b"three")
     assert seen == ["socket", "port"], "one connection each: the socket's, then the port's kept alive"
