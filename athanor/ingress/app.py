@@ -24,7 +24,7 @@ from athanor.controller.instance import Phase
 from athanor.ingress.errors import ANTHROPIC_PREFIX, OLLAMA_PREFIX, anthropic_error, error_body, error_bytes, short
 from athanor.ingress.guard import Guard
 from athanor.ingress.limits import Limits
-from athanor.ingress.proxy import Proxy
+from athanor.ingress.proxy import REQUEST_SKIP_BYTES, Proxy
 from athanor.ingress.relay import Relay, ServerFactory
 from athanor.ingress.upstream import UpstreamPool
 from athanor.ingress.wire import Front, Refused, Request
@@ -263,4 +263,5 @@ def front_door(app: web.Application, aiohttp_server: ServerFactory, **timeouts: 
 
     ollama = OllamaFront(app[CONTROLLER], app[PROXY], guard)
     return Front(app[PROXY], Relay(aiohttp_server), max_body=limits.follow, expect=expect, error_body=error_bytes,
-                 cors=cors, posts=dict.fromkeys(MODEL_POSTS, ollama), fast=app[PROXY].fast, **timeouts)
+                 cors=cors, posts=dict.fromkeys(MODEL_POSTS, ollama), fast=app[PROXY].fast,
+                 forward_skip=REQUEST_SKIP_BYTES, **timeouts)

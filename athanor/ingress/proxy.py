@@ -43,6 +43,7 @@ from athanor.ingress.errors import ANTHROPIC_PREFIX, anthropic_error, error_body
 from athanor.ingress.requests import json_body, reasoning_changes, shape_problem, task_refusal
 from athanor.ingress.tap import CLIENT_GONE, Tap
 from athanor.ingress.upstream import (
+    HOP_BY_HOP,
     Response,
     UpstreamClosed,
     UpstreamDropped,
@@ -65,18 +66,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("athanor.ingress")
 
 KEEPALIVE_S = 3.0  # an SSE comment this often to a streaming client while its model loads
-HOP_BY_HOP = frozenset(
-    h.lower() for h in ("Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-                        "Transfer-Encoding", "Upgrade", "Host", "Content-Length")
-)
 # Forwarded as they came, except what the gateway sets itself (framing, the runtime's address, the body type),
 # Expect (the gateway already answered it; a runtime's 100 Continue would only precede the real answer) and
 # Accept-Encoding (a compressed answer could not have its model id rewritten, and loopback needs no compression).
 # The client's credentials stop here too (the gateway's key never reaches a runtime), and so does its Origin (the
 # gateway has judged it); the runtime gets the gateway's per-start secret instead (runtimes/secret.py).
-REQUEST_SKIP = HOP_BY_HOP | {"content-type", "expect", "accept-encoding", "authorization", "x-api-key", "origin"}
-REQUEST_SKIP_BYTES = frozenset(h.encode() for h in REQUEST_SKIP)
-HIDDEN_RESPONSE = frozenset(h.encode() for h in HOP_BY_HOP | {"date"})
+REQUEST_SKIP_BYTES = HOP_BY_HOP | {b"content-type", b"expect", b"accept-encoding", b"authorization", b"x-api-key",
+                                   b"origin"}
 JSON_BODY = ("Content-Type", "application/json")
 SSE_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 
@@ -268,9 +264,7 @@ class Proxy:
             for key in [k for k, v in changes.items() if v is None]:
                 del merged[key]
             body = json.dumps(merged).encode()
-        raw = b"".join([self._lines_for(upstream), *[b"%b: %b\r\n" % (name, value) for name, value
-                                                   in request.raw_headers if name.lower() not in REQUEST_SKIP_BYTES]])
-        return body, raw, model_id
+        return body, self._lines_for(upstream) + request.forward, model_id
 
     def _lines_for(self, upstream: Upstream) -> bytes:
         """The header lines every request to ``upstream`` carries, its body's type and the runtime's per-start
@@ -295,7 +289,7 @@ class Proxy:
                 if not request.started and not is_sse:
                     answer = _whole_answer(resp, await resp.read(), model_id, tap)
                     lease.used(tap.slot_tokens())
-                    await request.respond(resp.status, (), answer, _response_headers(resp.headers))
+                    await request.respond(resp.status, (), answer, resp.passed_on)
                     return resp.status
                 if not is_sse:  # headers already sent: an error becomes an SSE event
                     await request.write(b"data: " + await resp.read() + b"\n\n")
@@ -396,8 +390,7 @@ class _Quick:
             tap.first_byte()
             answer, headers, raw = _passed_on(data, self._model_id, tap), SSE_HEADERS[:1], b""
         else:
-            answer, headers, raw = _whole_answer(response, data, self._model_id, tap), (), _response_headers(
-                response.headers)
+            answer, headers, raw = _whole_answer(response, data, self._model_id, tap), (), response.passed_on
         lease.used(tap.slot_tokens())
         request.respond_now(response.status, headers, answer, raw)
         self._end(response.status, client_gone=False)
@@ -498,17 +491,6 @@ async def _failed(request: Request, status: int, message: str, code: str) -> int
 
 async def _start_sse(request: Request, status: int) -> None:
     await request.start(status, SSE_HEADERS)
-
-
-def _response_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The runtime's header lines a client may see: no framing and no date (the front door sets its own) and no
-    CORS (the gateway decides)."""
-    lines = []
-    for name, value in headers:
-        lower = name.lower()
-        if lower not in HIDDEN_RESPONSE and not lower.startswith(b"access-control-"):
-            lines.append(b"%b: %b\r\n" % (name, value))
-    return b"".join(lines)
 
 
 async def _pump(resp: Response, request: Request, model_id: ModelIdRewrite | None, tap: Tap) -> None:

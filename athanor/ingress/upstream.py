@@ -43,6 +43,14 @@ BUFFER_HIGH = 256 * 1024  # pause reading from the runtime above this many unrea
 DEFAULT_LIMIT = 32
 ONE_WRITE_BODY = 16 * 1024  # bodies up to this size go out with the head in one write (copying beats a syscall)
 REUSE_IDLE_S = 4.0  # llama-server (cpp-httplib) and uvicorn close a connection idle for 5 s
+# Header names (lower-case) that belong to one hop, framing among them: never passed on as they came.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+                        b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length"})
+# A runtime's header lines its caller never passes on (``Response.passed_on``): hop-by-hop ones and the date (the
+# gateway frames and dates its own answers), and CORS (the gateway decides that for itself).
+NOT_PASSED_ON = HOP_BY_HOP | {b"date"}
+NOT_PASSED_ON_PREFIX = b"access-control-"
+_FRAMING = (b"content-length", b"transfer-encoding")
 
 
 class UpstreamError(Exception):
@@ -78,6 +86,7 @@ class Response:
         self._connection = connection
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self.passed_on = b""  # the header lines a client may see, as the runtime sent them (``NOT_PASSED_ON``)
         self.content_type = ""
 
     async def read(self) -> bytes:
@@ -187,12 +196,19 @@ class _Connection(asyncio.Protocol):
         response.status = status = self.parser.get_status_code()
         response.headers = headers = self._raw_headers
         framed = False
+        passed_on = []
         for name, value in headers:
             lower = name.lower()
+            if lower in NOT_PASSED_ON:
+                if lower in _FRAMING:
+                    framed = True
+                continue
             if lower == b"content-type":
                 response.content_type = value.decode("latin-1")
-            elif lower == b"content-length" or lower == b"transfer-encoding":
-                framed = True
+            elif lower.startswith(NOT_PASSED_ON_PREFIX):
+                continue
+            passed_on.append(b"%b: %b\r\n" % (name, value))
+        response.passed_on = b"".join(passed_on)
         # llama-server closes the connection right after an event stream, while its headers say Keep-Alive: a
         # request handed the connection before that close arrives is written into it and lost. Not reused.
         self.keep_alive = self.parser.should_keep_alive() and "text/event-stream" not in response.content_type

@@ -45,6 +45,12 @@ HEADER_TIMEOUT_S = 30.0  # a request's headers must be complete this long after 
 KEEPALIVE_S = 75.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
 MAX_QUEUED = 8  # pipelined requests read ahead of the one being answered; reading pauses beyond
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+# The headers read on every request (``Request.fields``): by the front door (framing, Expect, CORS) and the guard.
+FIELDS = frozenset({b"host", b"origin", b"sec-fetch-site", b"authorization", b"x-api-key", b"content-length",
+                    b"expect"})
+# Their names as code spells them (``headers.get("Host")``), to the key in ``Request.fields``.
+_FIELD_KEYS = {spelling: field for field in FIELDS
+               for spelling in {field.decode(), field.decode().title(), field.decode().upper()}}
 
 Handler = Callable[["Request"], Awaitable[None]]
 # Takes a request to answer in callbacks, returning what to call if its client goes away meanwhile; None: declined.
@@ -68,13 +74,15 @@ class Front:
                  expect: Callable[[Request], Refused | None], error_body: ErrorBody,
                  cors: Callable[[Request], list[tuple[str, str]]], posts: Mapping[str, Handler] | None = None,
                  header_timeout: float = HEADER_TIMEOUT_S, keepalive: float = KEEPALIVE_S,
-                 fast: FastHandler | None = None):
+                 fast: FastHandler | None = None, forward_skip: frozenset[bytes] = frozenset()):
         """``hot``: answers ``POST /v1/...``; ``posts``: other POSTs answered here, by exact path (Ollama's model
         requests); ``relay``: everything else. ``max_body``: the body limit now; ``expect``: the refusal of a
         request that asks ``Expect: 100-continue`` (None: go on); ``cors``: headers for an answer to a request
         with ``Origin``. ``fast``: offered each ``hot`` request that arrives while its connection is idle, before
-        ``hot``: it answers the common case in callbacks, with no coroutine (``proxy.Proxy.fast``)."""
+        ``hot``: it answers the common case in callbacks, with no coroutine (``proxy.Proxy.fast``).
+        ``forward_skip``: lower-cased names of the header lines ``Request.forward`` leaves out."""
         self.hot, self.relay, self.posts, self.fast = hot, relay, dict(posts or {}), fast
+        self.forward_skip = forward_skip
         self.max_body, self.expect, self.error_body, self.cors = max_body, expect, error_body, cors
         self.header_timeout, self.keepalive = header_timeout, keepalive
         self.connections: set[Connection] = set()
@@ -116,21 +124,58 @@ class Front:
             connection.close()
 
 
+class Headers:
+    """``Request.headers``: ``get`` and ``in`` for the headers in ``FIELDS`` straight from ``Request.fields``
+    (the guard asks for those on every request), anything else from the whole multidict."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: Request):
+        self._request = request
+
+    def get(self, name: str, default: Any = None) -> Any:
+        key = _FIELD_KEYS.get(name)
+        if key is None:
+            return self._request.all_headers().get(name, default)
+        value = self._request.fields.get(key)
+        return default if value is None else value.decode("utf-8", "surrogateescape")
+
+    def __contains__(self, name: object) -> bool:
+        key = _FIELD_KEYS.get(name) if isinstance(name, str) else None
+        if key is None:
+            return name in self._request.all_headers()
+        return key in self._request.fields
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def getall(self, name: str, default: Any = None) -> Any:
+        return self._request.all_headers().getall(name, default)
+
+    def items(self) -> Any:
+        return self._request.all_headers().items()
+
+    def __iter__(self) -> Any:
+        return iter(self._request.all_headers())
+
+    def __len__(self) -> int:
+        return len(self._request.raw_headers)
+
+
 class Request:
     """One request on a client connection, and the means to answer it (one object per request)."""
 
-    __slots__ = ("body", "connection", "headers", "keep_alive", "method", "path", "raw_headers", "refused", "started",
-                 "status", "target", "version", "_chunked")
+    __slots__ = ("_chunked", "_headers", "_view", "body", "connection", "fields", "forward", "keep_alive", "method",
+                 "path", "raw_headers", "refused", "started", "status", "target", "version")
 
     def __init__(self, connection: Connection, method: str, target: str, version: str,
                  raw_headers: list[tuple[bytes, bytes]], keep_alive: bool):
         self.connection = connection
         self.method, self.target, self.version = method, target, version
         self.raw_headers = raw_headers  # as they came, to pass on
-        # As aiohttp: header bytes as UTF-8, anything else kept as surrogates (the same bytes go on upstream).
-        self.headers: CIMultiDict[str] = CIMultiDict([
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            for name, value in raw_headers])
         self.path = target.partition("?")[0]
         self.keep_alive = keep_alive
         self.body = b""
@@ -138,6 +183,39 @@ class Request:
         self.started = False  # the status line went out: an error now can only end the answer
         self.status = 0
         self._chunked = False
+        self._headers: CIMultiDict[str] | None = None
+        self._view: Headers | None = None
+        # One pass over the headers instead of a multidict per request: the values the front door and the hot
+        # path look at (the first of each, as ``headers.get`` gives), lower-cased names to raw values, and the
+        # header lines a proxied request passes on as they came (``Front.forward_skip`` names those it does not).
+        fields: dict[bytes, bytes] = {}
+        skip = connection.front.forward_skip
+        forward = []
+        for name, value in raw_headers:
+            lower = name.lower()
+            if lower in FIELDS and lower not in fields:
+                fields[lower] = value
+            if lower not in skip:
+                forward.append(b"%b: %b\r\n" % (name, value))
+        self.fields = fields
+        self.forward = b"".join(forward)
+
+    @property
+    def headers(self) -> Headers:
+        """The request's headers, case-insensitive, values as str (as aiohttp: UTF-8, other bytes kept as
+        surrogates, so the same bytes go on upstream). Those in ``FIELDS`` are read without building anything."""
+        view = self._view
+        if view is None:
+            view = self._view = Headers(self)
+        return view
+
+    def all_headers(self) -> CIMultiDict[str]:
+        """Every header in a multidict, made on first use (the hot path never needs it)."""
+        if self._headers is None:
+            self._headers = CIMultiDict([
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+                for name, value in self.raw_headers])
+        return self._headers
 
     @property
     def remote(self) -> str | None:
@@ -151,7 +229,7 @@ class Request:
 
     def _head(self, status: int, headers: Sequence[tuple[str, str]], framing: str, raw: bytes = b"") -> bytes:
         self.status, self.started = status, True
-        if "Origin" in self.headers:
+        if b"origin" in self.fields:
             headers = [*headers, *self.connection.front.cors(self)]
         lines = "".join([*[f"{k}: {v}\r\n" for k, v in headers], framing]) if headers else framing
         return b"".join((_status_line(status), lines.encode("utf-8", "surrogateescape"), _date_line(),
@@ -324,12 +402,12 @@ class Connection(asyncio.Protocol):
             raise Refused(400, "malformed HTTP request: the request target is not UTF-8", "bad_request") from None
         request = self._request = Request(self, parser.get_method().decode("ascii", "replace"), target,
                                           parser.get_http_version(), self._raw_headers, parser.should_keep_alive())
-        headers = request.headers
+        fields = request.fields
         self._limit = self.front.max_body()
-        length = headers.get("Content-Length")
+        length = fields.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self._limit:
             request.refused = self._too_large()
-        if "Expect" in headers:
+        if b"expect" in fields:
             self._expect(request)
 
     def on_body(self, body: bytes) -> None:

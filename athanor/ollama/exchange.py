@@ -17,9 +17,7 @@ from typing import TYPE_CHECKING, Any
 from athanor.ollama import shapes
 
 if TYPE_CHECKING:
-    from multidict import CIMultiDict
-
-    from athanor.ingress.wire import Request
+    from athanor.ingress.wire import Headers, Request
 
 JSON = [("Content-Type", "application/json; charset=utf-8")]
 NDJSON = [("Content-Type", "application/x-ndjson")]
@@ -54,8 +52,16 @@ class OllamaExchange:
         return self._client.raw_headers
 
     @property
-    def headers(self) -> CIMultiDict[str]:
+    def headers(self) -> Headers:
         return self._client.headers
+
+    @property
+    def fields(self) -> dict[bytes, bytes]:
+        return self._client.fields
+
+    @property
+    def forward(self) -> bytes:
+        return self._client.forward
 
     @property
     def remote(self) -> str | None:
