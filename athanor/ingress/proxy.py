@@ -379,21 +379,26 @@ class _Quick:
             return
         proxy, request = self._proxy, self._request
         error, response = connection.error, connection.response
-        data = b"".join(connection.take_all()) if error is None else b""
-        proxy.pool.finish_now(connection)  # back to the pool (a waiter may be handed it), or closed
         if error is not None or response is None:
+            proxy.pool.finish_now(connection)  # closed
             self._recovering = asyncio.ensure_future(self._recover(error or UpstreamClosed("no answer")))
             return
-        lease, tap = self._lease, self._tap
-        lease.answered(response.status)
+        data = b"".join(connection.take_all())
+        tap, model_id, status = self._tap, self._model_id, response.status
         if "text/event-stream" in response.content_type:  # a stream nobody asked for: passed on whole
             tap.first_byte()
-            answer, headers, raw = _passed_on(data, self._model_id, tap), SSE_HEADERS[:1], b""
+            request.respond_now(status, SSE_HEADERS[:1], _passed_on(data, model_id, tap))
         else:
-            answer, headers, raw = _whole_answer(response, data, self._model_id, tap), (), response.passed_on
+            request.respond_now(status, (), model_id.apply(data) if model_id is not None else data,
+                                response.passed_on)
+            if status == 200:
+                tap.read_usage(data)
+        # The rest is bookkeeping, done once the client has its answer: the next request it sends comes sooner.
+        proxy.pool.finish_now(connection)  # back to the pool (a waiter may be handed it)
+        lease = self._lease
+        lease.answered(status)
         lease.used(tap.slot_tokens())
-        request.respond_now(response.status, headers, answer, raw)
-        self._end(response.status, client_gone=False)
+        self._end(status, client_gone=False)
 
     def client_gone(self) -> None:
         """The client went away before its answer: the runtime's connection closes, so it stops working for
