@@ -50,6 +50,30 @@ class Histogram:
         return out
 
 
+class RouteCounts:
+    """What one (model, route) has counted: requests by status, their durations, and the tokens its runtime
+    reported (a list shared by the model's routes: [prompt, completion]). A request's ``Tap`` takes its counts
+    when it begins and adds to them once, at its end: one object per request instead of a lookup of four
+    tuple-keyed dicts."""
+
+    __slots__ = ("latency", "statuses", "tokens")
+
+    def __init__(self, tokens: list[int]):
+        self.statuses: dict[int, int] = {}
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.tokens = tokens
+
+    def add(self, status: int, seconds: float, prompt: int = 0, completion: int = 0) -> None:
+        """One request that is over (499: its client went away), with the usage it reported."""
+        statuses = self.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        self.latency.observe(seconds)
+        if prompt or completion:
+            tokens = self.tokens
+            tokens[0] += prompt
+            tokens[1] += completion
+
+
 def _float_text(value: float) -> str:
     return repr(float(value))
 
@@ -57,10 +81,9 @@ def _float_text(value: float) -> str:
 class Metrics:
     def __init__(self) -> None:
         self.started = time.time()
-        self.requests: dict[tuple[str, str, int], int] = {}  # (model, route, status) -> count
-        self.latency: dict[tuple[str, str], Histogram] = {}  # (model, route)
+        self._routes: dict[tuple[str, str], RouteCounts] = {}  # (model, route)
+        self._tokens: dict[str, list[int]] = {}  # model -> [prompt, completion], shared by its RouteCounts
         self.ttft: dict[str, Histogram] = {}  # model -> time to the first streamed byte
-        self.tokens: dict[tuple[str, str], int] = {}  # (model, prompt|completion) -> count
         self.loads: dict[str, Histogram] = {}  # model -> seconds from start to ready
         self.evictions: dict[str, int] = {}
         self.failures: dict[tuple[str, str], int] = {}  # (model, reason)
@@ -70,25 +93,36 @@ class Metrics:
 
     # ------------------------------------------------------------------ the request path
 
-    def request(self, model: str, route: str, status: int, seconds: float) -> None:
-        """One request that is over (called once per request, by ``Tap.finish``); 499: its client went away."""
-        key = (model, route, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        hist = self.latency.get((model, route))
-        if hist is None:
-            hist = self.latency[(model, route)] = Histogram(LATENCY_BUCKETS)
-        hist.observe(seconds)
+    def counts(self, model: str, route: str) -> RouteCounts:
+        """What requests of ``model`` on ``route`` add to (``Tap``), made on first use."""
+        found = self._routes.get((model, route))
+        if found is None:
+            tokens = self._tokens.setdefault(model, [0, 0])
+            found = self._routes[(model, route)] = RouteCounts(tokens)
+        return found
+
+    @property
+    def requests(self) -> dict[tuple[str, str, int], int]:
+        """(model, route, status) -> count."""
+        return {(model, route, status): count for (model, route), counts in self._routes.items()
+                for status, count in counts.statuses.items()}
+
+    @property
+    def latency(self) -> dict[tuple[str, str], Histogram]:
+        """(model, route) -> the durations of its requests."""
+        return {key: counts.latency for key, counts in self._routes.items() if counts.statuses}
+
+    @property
+    def tokens(self) -> dict[tuple[str, str], int]:
+        """(model, prompt|completion) -> tokens reported, for those with any."""
+        return {(model, kind): count for model, (prompt, completion) in self._tokens.items()
+                for kind, count in (("prompt", prompt), ("completion", completion)) if count}
 
     def first_token(self, model: str, seconds: float) -> None:
         hist = self.ttft.get(model)
         if hist is None:
             hist = self.ttft[model] = Histogram(TTFT_BUCKETS)
         hist.observe(seconds)
-
-    def usage(self, model: str, prompt: int, completion: int) -> None:
-        for kind, count in (("prompt", prompt), ("completion", completion)):
-            if count:
-                self.tokens[(model, kind)] = self.tokens.get((model, kind), 0) + count
 
     # ------------------------------------------------------------------ the controller's events
 

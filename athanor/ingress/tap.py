@@ -66,11 +66,12 @@ class Tap:
     usage the runtime reported. A stream whose client did not ask for usage is asked for it anyway
     (``stream_options``), and the usage-only chunk is dropped on the way back (``drop_usage``)."""
 
-    __slots__ = ("_tokens_seen", "arrived", "counts", "drop_usage", "metrics", "model", "route", "runtime", "tail",
-                 "telemetry", "timings", "ttft")
+    __slots__ = ("_tokens_seen", "arrived", "counts", "drop_usage", "metrics", "model", "route", "route_counts",
+                 "runtime", "tail", "telemetry", "timings", "ttft")
 
     def __init__(self, metrics: Metrics, model: str, route: str, arrived: float, telemetry: Recorder | None = None):
         self.metrics, self.model, self.route, self.arrived = metrics, model, route, arrived
+        self.route_counts = metrics.counts(model, route)  # what ``finish`` adds to
         self.telemetry = telemetry
         self.runtime = ""  # set once the model's runtime is known (``app._for_model``)
         self.drop_usage = False
@@ -140,11 +141,12 @@ class Tap:
         total = time.monotonic() - self.arrived
         if client_gone:
             status = CLIENT_GONE
-        self.metrics.request(self.model, self.route, status, total)
         prompt = completion = cached = None
         if self.counts:
             prompt, completion, cached = self._tokens()
-            self.metrics.usage(self.model, prompt, completion)
+            self.route_counts.add(status, total, prompt, completion)
+        else:
+            self.route_counts.add(status, total)
         if self.telemetry is not None:
             self.telemetry.record((time.time() - total, self.model, self.runtime, self.route, status, prompt,
                                    completion, cached, self.ttft, total, self.timings, client_gone))
