@@ -32,6 +32,7 @@ class DesiredState:
     def __init__(self, store: Store, emit: Callable[..., Event]):
         """``emit``: the event log's, for the store becoming unreadable and readable again."""
         self._store = store
+        self._path = os.fspath(store.models.path)  # a str: stat'ed on every request, without pathlib's frames
         self._emit = emit
         self.doc: dict[str, Any] = {"models": {}, "recipes": {}, "gateway": None, "ignoredSources": []}
         self.gateway: dict[str, Any] = catalog.gateway_spec(self.doc)
@@ -42,7 +43,7 @@ class DesiredState:
     def refresh(self) -> dict[str, Any]:
         """The document, re-read first if it changed on disk since the last look."""
         try:
-            st = os.stat(self._store.models.path)
+            st = os.stat(self._path)
             stamp: object = (st.st_ino, st.st_mtime_ns, st.st_size)  # every atomic write is a new inode
         except FileNotFoundError:
             stamp = None

@@ -129,9 +129,10 @@ class Instance:
         self.observers.append(observer)
 
     def enter(self) -> None:
+        if not self.inflight:
+            self.idle.clear()
         self.inflight += 1
         self.last_used = time.monotonic()
-        self.idle.clear()
         self.changes.bump()
 
     def leave(self) -> None:
