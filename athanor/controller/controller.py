@@ -137,7 +137,7 @@ class Controller:
         """The Gateway spec. ``refresh=False``: the caller looked at the desired state for this request already
         (the front door does, for the body limit, as a request's headers arrive)."""
         if refresh:
-            self.doc()
+            self._desired.refresh()  # ``doc()``
         return self._desired.gateway
 
     def setting(self, obj: dict[str, Any] | None, key: str) -> Any:
@@ -204,6 +204,15 @@ class Controller:
             if inst.waiting >= limit:
                 raise QueueFull(f"{inst.waiting} requests already wait for model {name!r} (limits.maxQueue {limit})")
         return Lease(self, inst, waiting=not serving)
+
+    def use_now(self, name: str) -> Lease | None:
+        """``use`` for a request that can go to the runtime now: a lease counted in flight on the runtime that
+        serves the resolved model ``name``, or None (nothing counted) when it does not serve right now, and the
+        caller takes ``use``'s way instead (the fast path, ``proxy.Proxy.fast``)."""
+        inst = self.instances.get(name)
+        if inst is None or not self.serving(inst):
+            return None
+        return Lease.in_flight(self, inst)
 
     async def make_ready(self, inst: Instance) -> None:
         """Wait in the swap gate, then until the model serves: share the start under way, or start it (making

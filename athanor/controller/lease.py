@@ -87,11 +87,18 @@ class Lease:
             await self._controller.make_ready(inst)
         return self._enter()
 
-    def acquire_now(self) -> Upstream | None:
-        """``acquire`` when the model serves now; None (and nothing counted) when it would have to wait."""
-        if self._upstream is not None or not self._controller.serving(self._instance):
-            return None
-        return self._enter()
+    @classmethod
+    def in_flight(cls, controller: Keeper, instance: Instance) -> Lease:
+        """A lease already acquired, on a model the caller found serving just now (``Controller.use_now``)."""
+        lease = cls(controller, instance, waiting=False)
+        instance.enter()
+        lease._upstream = upstream_of(instance)
+        return lease
+
+    @property
+    def upstream(self) -> Upstream | None:
+        """Where the request goes, once acquired."""
+        return self._upstream
 
     def _enter(self) -> Upstream:
         inst = self._instance

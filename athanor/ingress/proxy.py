@@ -197,14 +197,11 @@ class Proxy:
         refusal, changes = self._refusal(name, route, payload, tap)
         if refusal is not None:
             return None
-        try:
-            lease = self.controller.use(name)
-        except ServingError:
+        lease = self.controller.use_now(name)
+        if lease is None:
             return None
-        upstream = lease.acquire_now()
-        if upstream is None:
-            lease.release()
-            return None
+        upstream = lease.upstream
+        assert upstream is not None
         body, raw, model_id = self._outgoing(request, upstream, requested, payload, request.body, changes, tap)
         taken = self.pool.take_idle(upstream.port, "POST", request.target, (), body, raw=raw,
                                     limit=upstream.max_connections, incarnation=upstream.incarnation,
