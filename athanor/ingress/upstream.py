@@ -136,6 +136,7 @@ class _Connection(asyncio.Protocol):
         self._poll: select.poll | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._done: Callable[[_Connection], None] | None = None  # an exchange answered in callbacks (``send_now``)
+        self._chunks: collections.deque[bytes] = collections.deque()
         self._reset()
 
     def _reset(self) -> None:
@@ -147,7 +148,7 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.close_delimited = False
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks.clear()  # taken whole by ``take_all``, or left by an exchange that failed
         self._buffered = 0
         self._paused = False
 
@@ -392,7 +393,9 @@ class UpstreamPool:
         """A kept-alive connection to the runtime fit for reuse now and the head to send on it (``send_now``), or
         None when a request would have to wait or connect (``request`` does that). Give it back with
         ``finish_now``."""
-        runtime = self._runtime((host, port), incarnation, limit, socket)
+        runtime = self._runtimes.get((host, port))
+        if runtime is None or runtime.incarnation != incarnation:
+            runtime = self._runtime((host, port), incarnation, limit, socket)
         if not runtime.idle or runtime.waiters:
             return None
         connection = self._reusable(runtime)
@@ -496,7 +499,7 @@ class UpstreamPool:
         runtime = connection.runtime
         if connection.reusable and runtime is self._runtimes.get(runtime.address):
             connection.idle_since = time.monotonic()
-            if not runtime.pass_on(connection):
+            if not runtime.waiters or not runtime.pass_on(connection):
                 runtime.idle.append(connection)
             return
         self._discard(connection)
