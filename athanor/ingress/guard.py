@@ -167,18 +167,23 @@ class Guard:
         """(status, reason) when the request must be refused, else None. ``auth``: the Gateway's spec.auth.
         Never raises: the caller runs it outside its error handling."""
         try:
-            return self._refusal(request, policy, auth)
+            if isinstance(request, web.BaseRequest):
+                headers = request.headers
+                host, origin, fetch_site = headers.get("Host"), headers.get("Origin"), headers.get("Sec-Fetch-Site")
+            else:  # the front door's request (or a stand-in): the values as its one pass over the headers read them
+                fields = request.fields
+                host, origin, fetch_site = (_text(fields.get(b"host")), _text(fields.get(b"origin")),
+                                            _text(fields.get(b"sec-fetch-site")))
+            return self._refusal(request, host, origin, fetch_site, policy, auth)
         except Exception:  # noqa: BLE001 - a bug here must still answer in the format clients parse
             log.exception("unexpected error checking %s %s", request.method, request.path[:200])
             return 500, "internal error in the gateway (see its log)"
 
-    def _refusal(self, request: web.Request, policy: Policy, auth: dict[str, Any]) -> tuple[int, str] | None:
-        host = request.headers.get("Host")
+    def _refusal(self, request: web.Request, host: str | None, origin: str | None, fetch_site: str | None,
+                 policy: Policy, auth: dict[str, Any]) -> tuple[int, str] | None:
         if host is not None and not self._host_allowed(host, policy):
             return 403, (f"host {host[:100]!r} is not served here (DNS-rebinding protection); add it to the "
                          "Gateway's spec.allowedHosts to allow it")
-        origin = request.headers.get("Origin")
-        fetch_site = request.headers.get("Sec-Fetch-Site")
         path = request.path
         self.keys.refresh(auth)
         if path.startswith(ADMIN_PREFIX) or path == METRICS_PATH:
@@ -243,6 +248,11 @@ class Guard:
         if names:
             headers["Access-Control-Allow-Headers"] = ", ".join(names)
         return 204, headers, None
+
+
+def _text(value: bytes | None) -> str | None:
+    """A header value as ``headers.get`` gives it: UTF-8, other bytes kept as surrogates."""
+    return None if value is None else value.decode("utf-8", "surrogateescape")
 
 
 def _cors_preflight(request: web.Request, policy: Policy) -> bool:
