@@ -7,8 +7,8 @@ ingress adds ``stream_options.include_usage``), and the usage-only event is cut 
 ``Tap.finish`` is the one point where a request is over, whatever ended it (an answer, an error, a client that
 went away): everything about it is counted there, once, and handed to the telemetry recorder
 (``telemetry/recorder.py``) as one tuple appended to its buffer. llama-server's ``timings`` object, which follows
-``usage`` in the same answer or event, is kept as its five figures' raw bytes; the rates are worked out off the
-request path.
+``usage`` in the same answer or event, is kept as it came (a slice of the answer); the telemetry writer reads it
+and works out the rates, off the request path.
 """
 
 from __future__ import annotations
@@ -24,17 +24,11 @@ if TYPE_CHECKING:
 
 _TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens|cache_read_input_tokens|'
                      rb'cache_creation_input_tokens|cached_tokens)"\s*:\s*(\d+)')
-_TIMINGS = re.compile(rb'"(prompt_n|prompt_per_second|predicted_n|predicted_per_second|cache_n)"\s*:\s*([0-9.eE+-]+)')
-# llama-server's own layout of both objects (every answer and final streamed event of this build), matched whole
-# from where it starts: one regular expression call instead of a scan of each object. Any other layout (another
-# runtime, another build, Anthropic's or the Responses API's usage) takes the general patterns above.
+# llama-server's own layout of its usage (every answer and final streamed event of this build), matched whole
+# from where it starts: one regular expression call instead of a scan of the object. Any other layout (another
+# runtime, another build, Anthropic's or the Responses API's usage) takes the general pattern above.
 _LLAMA_USAGE = re.compile(rb'"usage":\{"completion_tokens":(\d+),"prompt_tokens":(\d+),"total_tokens":\d+'
                           rb'(?:,"prompt_tokens_details":\{"cached_tokens":(\d+)\})?\}')
-_LLAMA_TIMINGS = re.compile(rb'"timings":\{"cache_n":(\d+),"prompt_n":(\d+),"prompt_ms":[^,]*,"prompt_per_token_ms":'
-                            rb'[^,]*,"prompt_per_second":([^,]*),"predicted_n":(\d+),"predicted_ms":[^,]*,'
-                            rb'"predicted_per_token_ms":[^,]*,"predicted_per_second":([^,}]*)\}')
-# The timings kept, in the order of ``_LLAMA_TIMINGS``'s groups (``Tap.timings``, ``recorder.Record``).
-TIMING_KEYS = (b"cache_n", b"prompt_n", b"prompt_per_second", b"predicted_n", b"predicted_per_second")
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 # How each streamed API says its answer is complete: OpenAI's chat and completions, Anthropic's Messages, and
 # the Responses API. A client may hang up as soon as it has read one of these.
@@ -76,8 +70,8 @@ class Tap:
         self.runtime = ""  # set once the model's runtime is known (``app._for_model``)
         self.drop_usage = False
         self.counts: dict[bytes, int] = {}
-        # llama-server's own timings, unparsed: the values of TIMING_KEYS in that order (None: not given)
-        self.timings: tuple[bytes | None, ...] | None = None
+        # llama-server's own ``"timings": {...}``, as it sent them: only telemetry reads them, off the request path
+        self.timings: bytes | None = None
         self._tokens_seen: tuple[int, int, int | None] | None = None  # ``_tokens`` of ``counts`` as they are now
         self.ttft: float | None = None  # seconds from arrival to the first streamed byte
         self.tail = b""  # the last bytes of a stream written to the client
@@ -104,12 +98,7 @@ class Tap:
                     counts[key] = int(value)
         start = data.find(b'"timings"')
         if start >= 0:
-            llama = _LLAMA_TIMINGS.match(data, start)
-            if llama is not None:
-                self.timings = llama.groups()
-            else:
-                found = dict(_TIMINGS.findall(data, start, _object_end(data, start)))
-                self.timings = tuple([found.get(key) for key in TIMING_KEYS]) if found else None
+            self.timings = data[start:_object_end(data, start)]  # read by the telemetry writer (``timings_of``)
 
     def usage_lines(self, lines: bytes) -> bytes:
         """SSE lines that mention usage: count it, and cut the usage-only event the client did not ask for."""

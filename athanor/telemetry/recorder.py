@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import sqlite3
 import time
 from collections import deque
@@ -29,11 +30,20 @@ log = logging.getLogger("athanor.telemetry")
 FLUSH_S = 1.0
 MAX_PENDING = 100_000
 
+# A runtime's ``"timings": {...}`` object, kept raw by ``Tap``, is read here, off the request path: llama-server's
+# own layout (every answer and final streamed event of this build) in one match, any other by the general pattern.
+_LLAMA_TIMINGS = re.compile(rb'"timings":\{"cache_n":(\d+),"prompt_n":(\d+),"prompt_ms":[^,]*,"prompt_per_token_ms":'
+                            rb'[^,]*,"prompt_per_second":([^,]*),"predicted_n":(\d+),"predicted_ms":[^,]*,'
+                            rb'"predicted_per_token_ms":[^,]*,"predicted_per_second":([^,}]*)\}')
+_TIMINGS = re.compile(rb'"(prompt_n|prompt_per_second|predicted_n|predicted_per_second|cache_n)"\s*:\s*([0-9.eE+-]+)')
+# The timings stored, in the order of ``_LLAMA_TIMINGS``'s groups.
+TIMING_KEYS = (b"cache_n", b"prompt_n", b"prompt_per_second", b"predicted_n", b"predicted_per_second")
+
 # What Tap.finish appends: (arrived at, epoch s; model; runtime; route; status (499: client gone); prompt,
 # completion, cached tokens (None: not reported); TTFT s (None: not streamed); total s; the runtime's own
-# timings, the raw bytes of ``tap.TIMING_KEYS``' values in that order (None: not given), or None; client gone)
-Record = tuple[float, str, str, str, int, int | None, int | None, int | None, float | None, float,
-               tuple[bytes | None, ...] | None, bool]
+# timings object as it sent it (``timings_of``), or None; client gone)
+Record = tuple[float, str, str, str, int, int | None, int | None, int | None, float | None, float, bytes | None,
+               bool]
 _NO_TIMINGS = (None,) * 5
 T = TypeVar("T")
 
@@ -72,12 +82,24 @@ def _measured(rate: float | None) -> float | None:
     return rate if rate is not None and 0 < rate < math.inf else None
 
 
+def timings_of(raw: bytes | None) -> tuple[bytes | None, ...] | None:
+    """The values of ``TIMING_KEYS``, in that order, as the runtime wrote them (None: not given), from the
+    ``"timings"`` object ``Tap`` kept; None when there is none."""
+    if not raw:
+        return None
+    llama = _LLAMA_TIMINGS.match(raw)
+    if llama is not None:
+        return llama.groups()
+    found = dict(_TIMINGS.findall(raw))
+    return tuple([found.get(key) for key in TIMING_KEYS]) if found else None
+
+
 def row_of(record: Record) -> db.Values:
     """The row to store, as a plain tuple in ``db.COLUMNS`` order. This runs for every request: a tuple is made
     faster than a ``db.Row``, and sqlite3 binds an int faster than a bool (a bool is offered to its adapters
     first). Of the runtime's timings, only what is stored is parsed."""
     arrived, model, runtime, route, status, prompt, completion, cached, ttft, total, raw, gone = record
-    cache_n, _, prefill_rate, predicted_n, decode_rate = raw or _NO_TIMINGS
+    cache_n, _, prefill_rate, predicted_n, decode_rate = timings_of(raw) or _NO_TIMINGS
     if cached is None and cache_n is not None:
         cached = _count(cache_n)
     if completion is None and predicted_n is not None:
