@@ -167,6 +167,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamClosed(f"invalid HTTP from the runtime: {exc}"))
             self.close()
+            return
+        if self._done is not None and self.idle_timeout:  # answered in callbacks, not complete yet: something
+            self.deadline = time.monotonic() + self.idle_timeout  # came, so the idle limit counts from now
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -215,7 +218,8 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive() and "text/event-stream" not in response.content_type
         self.close_delimited = not framed and status >= 200 and status not in (204, 304)
         self.headers_done = True
-        self._wake()
+        if self._done is None:  # answered in callbacks: only its end is waited for
+            self._wake()
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(bytes(body))
@@ -223,7 +227,8 @@ class _Connection(asyncio.Protocol):
         if self._buffered > BUFFER_HIGH and not self._paused and self.transport is not None and self._done is None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self._done is None:
+            self._wake()
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -262,12 +267,9 @@ class _Connection(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-        elif self._done is not None:
-            if self.complete or self.error is not None:
-                done, self._done = self._done, None
-                done(self)
-            elif self.idle_timeout:  # something came: the idle limit counts from now, as a wait's would
-                self.deadline = time.monotonic() + self.idle_timeout
+        elif self._done is not None and (self.complete or self.error is not None):
+            done, self._done = self._done, None
+            done(self)
 
     def _fail(self, error: UpstreamError) -> None:
         if self.error is None:
@@ -330,7 +332,7 @@ class _RuntimeConnections:
     def __init__(self, address: tuple[str, int], incarnation: int, limit: int, socket: str | None):
         self.address, self.incarnation, self.limit = address, incarnation, limit
         self.socket = socket  # connect here rather than to ``address``
-        self.host_line = f"Host: {authority(*address)}\r\n"  # every request's, written once per runtime
+        self.host_line = f"Host: {authority(*address)}\r\n".encode()  # every request's, made once per runtime
         self.idle: list[_Connection] = []
         self.open = 0
         self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
@@ -533,10 +535,10 @@ class UpstreamPool:
 
 def _head(runtime: _RuntimeConnections, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes,
           raw: bytes) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1\r\n", runtime.host_line,
-             *[f"{name}: {value}\r\n" for name, value in headers], f"Content-Length: {len(body)}\r\n"]
     # A client's header bytes were decoded as UTF-8 with surrogateescape: this gives back the same bytes.
-    return "".join(lines).encode("utf-8", "surrogateescape") + raw + b"\r\n"
+    extra = "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("utf-8", "surrogateescape")
+    return b"%b %b HTTP/1.1\r\n%b%bContent-Length: %d\r\n%b\r\n" % (
+        method.encode(), target.encode("utf-8", "surrogateescape"), runtime.host_line, extra, len(body), raw)
 
 
 class _Exchange:
