@@ -1,8 +1,9 @@
 """The controller: desired state from the store, instances in memory, jobs through a service manager.
 
 The ingress asks for exactly one thing: ``controller.use(name)``, a lease (``lease.py``) that admits or refuses the
-request at once, then yields the runtime to send it to. Behind it the controller decides whether that means
-nothing (ready), waiting (a start is under way: everyone shares it), starting, or swapping.
+request at once, then yields the runtime to send it to (``use_now`` is the same for a model serving right now, in
+one step, as the fast path needs it). Behind it the controller decides whether that means nothing (ready),
+waiting (a start is under way: everyone shares it), starting, or swapping.
 
 Swap policy (anti-thrash). Requests for a model that is serving (ready, spec unchanged) go straight to it, whatever
 else is loading: under ``memory`` residency one model keeps answering while another loads. Every other request

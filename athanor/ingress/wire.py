@@ -152,11 +152,8 @@ class Headers:
             raise KeyError(name)
         return value
 
-    def getall(self, name: str, default: Any = None) -> Any:
-        return self._request.all_headers().getall(name, default)
-
-    def items(self) -> Any:
-        return self._request.all_headers().items()
+    def __getattr__(self, name: str) -> Any:  # items, getall, keys...: what a multidict does, from the whole one
+        return getattr(self._request.all_headers(), name)
 
     def __iter__(self) -> Any:
         return iter(self._request.all_headers())
