@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -116,3 +118,28 @@ def gateway(root: Path, preset: str, names: tuple[str, ...] = ("m1", "m2"), *,
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait()
+
+
+def sweep(root: Path) -> list[int]:
+    """Kill every process still running that names ``root`` in its command line or ATHANOR_HOME (a runtime
+    or a daemon that outlived its stop); returns their pids."""
+    killed = []
+    mark_path = str(root)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            named = any(mark_path in part for part in proc.info["cmdline"] or [])
+            if not named:
+                named = proc.environ().get("ATHANOR_HOME", "").startswith(mark_path)
+            if named:
+                proc.kill()
+                killed.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    gone = []
+    for pid in killed:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            gone.append(psutil.Process(pid))
+    psutil.wait_procs(gone, timeout=10)
+    return killed

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import _minimal_proxy
-from _gateway import ATHANOR, tiny_models
+from _gateway import ATHANOR, sweep, tiny_models
 
 BODY = b'{"model": "m1", "prompt": "hi", "max_tokens": 1, "temperature": 0}'
 REQUEST = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept: */*\r\nAccept-Encoding: gzip, deflate\r\n"
@@ -237,7 +237,12 @@ def run_here(args: argparse.Namespace) -> dict[str, Any]:
         subprocess.run([ATHANOR, "apply", "-f", "-"], input=spec, text=True, env={**os.environ, **env}, check=True,
                        capture_output=True)
         os.environ.update(env)
-        return uvloop.run(measure(root, args))
+        try:
+            return uvloop.run(measure(root, args))
+        finally:
+            leftovers = sweep(root)  # a runtime that outlived a failed run
+            if leftovers:
+                print(f"killed processes left running: {leftovers}", file=sys.stderr)
 
 
 def instructions(args: argparse.Namespace) -> dict[str, float]:
@@ -246,7 +251,12 @@ def instructions(args: argparse.Namespace) -> dict[str, float]:
         out = Path(tmp) / "cg.out"
         command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                    sys.executable, __file__, "--requests", str(args.requests), "--rounds", "1"]
-        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "REQUEST_PATH_CALLGRIND": "1"})
+        try:
+            subprocess.run(command, check=True, capture_output=True,
+                           env={**os.environ, "REQUEST_PATH_CALLGRIND": "1"})
+        except subprocess.CalledProcessError as exc:
+            detail = exc.stderr.decode(errors="replace")[-2000:]
+            raise SystemExit(f"the run under callgrind failed:\n{detail}") from None
         totals = []
         for part in (1, 2):  # one dump after each side's rounds
             text = Path(f"{out}.{part}").read_text()

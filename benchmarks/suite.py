@@ -65,7 +65,7 @@ import psutil
 from _control_plane import athanor_env, generated_cache, get_models, model_spec, rss_round
 from _control_plane import apply as apply_spec
 from _control_plane import scan as scan_cache
-from _gateway import gateway
+from _gateway import gateway, sweep
 from _litellm import LITELLM_VERSION, litellm_proxy, litellm_venv
 from _peers import direct_server, shared_flags
 from _report import Row, compare, figures_table, median, rows_json, table
@@ -405,31 +405,6 @@ def _listener_pid(url: str) -> int | None:
         if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
             return conn.pid
     return None
-
-
-def sweep(root: Path) -> list[int]:
-    """Kill every process still running that names ``root`` in its command line or ATHANOR_HOME (a runtime
-    or a daemon that outlived its stop); returns their pids."""
-    killed = []
-    mark_path = str(root)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if proc.pid == os.getpid():
-            continue
-        try:
-            named = any(mark_path in part for part in proc.info["cmdline"] or [])
-            if not named:
-                named = proc.environ().get("ATHANOR_HOME", "").startswith(mark_path)
-            if named:
-                proc.kill()
-                killed.append(proc.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    gone = []
-    for pid in killed:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            gone.append(psutil.Process(pid))
-    psutil.wait_procs(gone, timeout=10)
-    return killed
 
 
 def _terminate(signum: int, frame: object) -> None:
