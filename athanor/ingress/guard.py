@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from athanor.auth import KeyCache, presented
+from athanor.ingress.wire import header_text
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +252,7 @@ class Guard:
 
 
 def _text(value: bytes | None) -> str | None:
-    """A header value as ``headers.get`` gives it: UTF-8, other bytes kept as surrogates."""
-    return None if value is None else value.decode("utf-8", "surrogateescape")
+    return None if value is None else header_text(value)
 
 
 def _cors_preflight(request: web.Request, policy: Policy) -> bool:

@@ -124,6 +124,12 @@ class Front:
             connection.close()
 
 
+def header_text(value: bytes) -> str:
+    """Header bytes as text, as aiohttp gives them: UTF-8, any other byte kept as a surrogate (so the same bytes go
+    on upstream)."""
+    return value.decode("utf-8", "surrogateescape")
+
+
 class Headers:
     """``Request.headers``: ``get`` and ``in`` for the headers in ``FIELDS`` straight from ``Request.fields``
     (the guard asks for those on every request), anything else from the whole multidict."""
@@ -138,7 +144,7 @@ class Headers:
         if key is None:
             return self._request.all_headers().get(name, default)
         value = self._request.fields.get(key)
-        return default if value is None else value.decode("utf-8", "surrogateescape")
+        return default if value is None else header_text(value)
 
     def __contains__(self, name: object) -> bool:
         key = _FIELD_KEYS.get(name) if isinstance(name, str) else None
@@ -210,8 +216,7 @@ class Request:
         """Every header in a multidict, made on first use (the hot path never needs it)."""
         if self._headers is None:
             self._headers = CIMultiDict([
-                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-                for name, value in self.raw_headers])
+                (header_text(name), header_text(value)) for name, value in self.raw_headers])
         return self._headers
 
     @property
