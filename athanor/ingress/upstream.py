@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 import httptools
 
 from athanor.addresses import authority
+from athanor.ingress.heads import HEAD_END, HeadMemo, length_key, only_length
 from athanor.runtimes.launch import LOOPBACK
 
 log = logging.getLogger("athanor.ingress")
@@ -51,6 +52,10 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"p
 NOT_PASSED_ON = HOP_BY_HOP | {b"date"}
 NOT_PASSED_ON_PREFIX = b"access-control-"
 _FRAMING = (b"content-length", b"transfer-encoding")
+# What ``on_headers_complete`` makes of a head, remembered per runtime (``heads.py``): status, the raw headers,
+# where Content-Length is among them, the lines passed on, the content type, whether the connection stays open.
+KnownHead = tuple[int, list[tuple[bytes, bytes]], int, bytes, str, bool]
+_NOT_REMEMBERED = frozenset({b"transfer-encoding"})  # a head with these is parsed every time
 
 
 class UpstreamError(Exception):
@@ -148,6 +153,9 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.close_delimited = False
+        self._fresh = True  # nothing of this answer read yet: its head may be one parsed before (``heads.py``)
+        self._learning: tuple[bytes, bytes, int] | None = None  # its ``length_key``, while llhttp parses it
+        self._left = 0  # body bytes still to come of an answer whose head was known
         self._chunks.clear()  # taken whole by ``take_all``, or left by an exchange that failed
         self._buffered = 0
         self._paused = False
@@ -162,12 +170,25 @@ class _Connection(asyncio.Protocol):
             self._poll.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamClosed(f"invalid HTTP from the runtime: {exc}"))
-            self.close()
-            return
+        if self._left:
+            data = self._body_rest(data)
+        elif self._fresh and self.response is not None:
+            self._fresh = False
+            end = data.find(HEAD_END)
+            found = length_key(data, end) if end > 0 else None
+            if found is not None:
+                known = self.runtime.heads.get(found[0])
+                if known is None:
+                    self._learning = found
+                else:
+                    data = self._known_head(known, found, data, end + len(HEAD_END))
+        if data:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                self._fail(UpstreamClosed(f"invalid HTTP from the runtime: {exc}"))
+                self.close()
+                return
         if self._done is not None and self.idle_timeout:  # answered in callbacks, not complete yet: something
             self.deadline = time.monotonic() + self.idle_timeout  # came, so the idle limit counts from now
 
@@ -195,11 +216,10 @@ class _Connection(asyncio.Protocol):
         self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        response = self.response
-        assert response is not None
-        response.status = status = self.parser.get_status_code()
-        response.headers = headers = self._raw_headers
+        status = self.parser.get_status_code()
+        headers = self._raw_headers
         framed = False
+        content_type = ""
         passed_on = []
         for name, value in headers:
             lower = name.lower()
@@ -208,18 +228,60 @@ class _Connection(asyncio.Protocol):
                     framed = True
                 continue
             if lower == b"content-type":
-                response.content_type = value.decode("latin-1")
+                content_type = value.decode("latin-1")
             elif lower.startswith(NOT_PASSED_ON_PREFIX):
                 continue
             passed_on.append(b"%b: %b\r\n" % (name, value))
-        response.passed_on = b"".join(passed_on)
         # llama-server closes the connection right after an event stream, while its headers say Keep-Alive: a
         # request handed the connection before that close arrives is written into it and lost. Not reused.
-        self.keep_alive = self.parser.should_keep_alive() and "text/event-stream" not in response.content_type
-        self.close_delimited = not framed and status >= 200 and status not in (204, 304)
+        keep_alive = self.parser.should_keep_alive() and "text/event-stream" not in content_type
+        head = (status, headers, -1, b"".join(passed_on), content_type, keep_alive)
+        learning, self._learning = self._learning, None
+        if learning is not None and status >= 200 and status not in (204, 304):
+            at = only_length(headers, learning[1], _NOT_REMEMBERED)
+            if at is not None:
+                head = (status, headers, at, head[3], content_type, keep_alive)
+                self.runtime.heads.remember(learning[0], head)
+        self._headed(head, close_delimited=not framed and status >= 200 and status not in (204, 304))
+
+    def _headed(self, head: KnownHead, *, close_delimited: bool = False) -> None:
+        response = self.response
+        assert response is not None
+        response.status, response.headers, _, response.passed_on, response.content_type, self.keep_alive = head
+        self.close_delimited = close_delimited
         self.headers_done = True
         if self._done is None:  # answered in callbacks: only its end is waited for
             self._wake()
+
+    def _known_head(self, known: KnownHead, found: tuple[bytes, bytes, int], data: bytes, start: int) -> bytes:
+        """An answer whose head was parsed before: what llhttp's callbacks would do, without it. Returns what
+        follows the answer in ``data``, for llhttp."""
+        _, value, length = found
+        headers, at = known[1].copy(), known[2]
+        headers[at] = (headers[at][0], value)  # the one part of the head that differs
+        self._headed((known[0], headers, at, *known[3:]))
+        end = start + length
+        if len(data) < end:
+            if len(data) > start:
+                self.on_body(data[start:])
+            self._left = end - len(data)
+            return b""
+        if length:
+            self.on_body(data[start:end])
+        self.on_message_complete()
+        return data[end:]
+
+    def _body_rest(self, data: bytes) -> bytes:
+        """More of a body whose head was known (``_known_head``); returns what follows the answer, for llhttp."""
+        left = self._left
+        if len(data) < left:
+            self._left = left - len(data)
+            self.on_body(data)
+            return b""
+        self._left = 0
+        self.on_body(data[:left])
+        self.on_message_complete()
+        return data[left:]
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(bytes(body))
@@ -327,13 +389,14 @@ class _Connection(asyncio.Protocol):
 class _RuntimeConnections:
     """The connections to one runtime incarnation: idle ones, how many are open, and who waits for one."""
 
-    __slots__ = ("address", "host_line", "idle", "incarnation", "limit", "open", "socket", "waiters")
+    __slots__ = ("address", "heads", "host_line", "idle", "incarnation", "limit", "open", "socket", "waiters")
 
     def __init__(self, address: tuple[str, int], incarnation: int, limit: int, socket: str | None):
         self.address, self.incarnation, self.limit = address, incarnation, limit
         self.socket = socket  # connect here rather than to ``address``
         self.host_line = f"Host: {authority(*address)}\r\n".encode()  # every request's, made once per runtime
         self.idle: list[_Connection] = []
+        self.heads: HeadMemo[KnownHead] = HeadMemo()  # the answers' heads parsed so far (``heads.py``)
         self.open = 0
         self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
 

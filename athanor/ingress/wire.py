@@ -36,6 +36,8 @@ from typing import Any
 import httptools
 from multidict import CIMultiDict
 
+from athanor.ingress.heads import HEAD_END, HeadMemo, length_key, only_length
+
 log = logging.getLogger("athanor.ingress")
 
 MAX_TARGET = 8190  # bytes of a request target (aiohttp's max_line_size)
@@ -51,6 +53,13 @@ FIELDS = frozenset({b"host", b"origin", b"sec-fetch-site", b"authorization", b"x
 # Their names as code spells them (``headers.get("Host")``), to the key in ``Request.fields``.
 _FIELD_KEYS = {spelling: field for field in FIELDS
                for spelling in {field.decode(), field.decode().title(), field.decode().upper()}}
+
+# Heads with these are parsed every time (``heads.py``): the body is framed otherwise, or the answer or what follows
+# it depends on more than the head (``Expect``, an upgrade).
+_NOT_REMEMBERED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+# What ``on_headers_complete`` makes of a head, remembered (``heads.py``): method, target, version, the raw headers,
+# where Content-Length is among them, ``Request.fields`` and ``Request.forward``, and keep-alive.
+KnownHead = tuple[str, str, str, list[tuple[bytes, bytes]], int, dict[bytes, bytes], bytes, bool]
 
 Handler = Callable[["Request"], Awaitable[None]]
 # Takes a request to answer in callbacks, returning what to call if its client goes away meanwhile; None: declined.
@@ -85,6 +94,9 @@ class Front:
         self.forward_skip = forward_skip
         self.max_body, self.expect, self.error_body, self.cors = max_body, expect, error_body, cors
         self.header_timeout, self.keepalive = header_timeout, keepalive
+        # The heads parsed so far, when a request's forwarded lines leave its length out (``Request.forward``
+        # cannot then differ between two heads with the same key).
+        self.heads: HeadMemo[KnownHead] | None = HeadMemo() if b"content-length" in forward_skip else None
         self.connections: set[Connection] = set()
         self._sweeping: asyncio.TimerHandle | None = None
 
@@ -175,7 +187,9 @@ class Request:
                  "path", "raw_headers", "refused", "started", "status", "target", "version")
 
     def __init__(self, connection: Connection, method: str, target: str, version: str,
-                 raw_headers: list[tuple[bytes, bytes]], keep_alive: bool):
+                 raw_headers: list[tuple[bytes, bytes]], keep_alive: bool, fields: dict[bytes, bytes],
+                 forward: bytes):
+        """``fields`` and ``forward``: ``header_pass``'s of ``raw_headers``."""
         self.connection = connection
         self.method, self.target, self.version = method, target, version
         self.raw_headers = raw_headers  # as they came, to pass on
@@ -188,20 +202,7 @@ class Request:
         self._chunked = False
         self._headers: CIMultiDict[str] | None = None
         self._view: Headers | None = None
-        # One pass over the headers instead of a multidict per request: the values the front door and the hot
-        # path look at (the first of each, as ``headers.get`` gives), lower-cased names to raw values, and the
-        # header lines a proxied request passes on as they came (``Front.forward_skip`` names those it does not).
-        fields: dict[bytes, bytes] = {}
-        skip = connection.front.forward_skip
-        forward = []
-        for name, value in raw_headers:
-            lower = name.lower()
-            if lower in FIELDS and lower not in fields:
-                fields[lower] = value
-            if lower not in skip:
-                forward.append(b"%b: %b\r\n" % (name, value))
-        self.fields = fields
-        self.forward = b"".join(forward)
+        self.fields, self.forward = fields, forward
 
     @property
     def headers(self) -> Headers:
@@ -282,6 +283,21 @@ class Request:
         await self.respond(status, [("Content-Type", "application/json; charset=utf-8"), *(headers or [])], body)
 
 
+def header_pass(raw_headers: list[tuple[bytes, bytes]], skip: frozenset[bytes]) -> tuple[dict[bytes, bytes], bytes]:
+    """One pass over a request's headers instead of a multidict per request: the values the front door and the hot
+    path look at (the first of each, as ``headers.get`` gives), lower-cased names to raw values, and the header
+    lines a proxied request passes on as they came (``skip``: the lower-cased names of those it does not)."""
+    fields: dict[bytes, bytes] = {}
+    forward = []
+    for name, value in raw_headers:
+        lower = name.lower()
+        if lower in FIELDS and lower not in fields:
+            fields[lower] = value
+        if lower not in skip:
+            forward.append(b"%b: %b\r\n" % (name, value))
+    return fields, b"".join(forward)
+
+
 class Connection(asyncio.Protocol):
     """One client connection: parsing, the queue of requests read ahead, and the one being answered."""
 
@@ -303,6 +319,8 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._closing_after: Refused | None = None  # a malformed request: answered after those before it
+        self._learning: tuple[bytes, bytes, int] | None = None  # the head llhttp parses now: its ``length_key``
+        self._left = 0  # body bytes still to come of a request whose head was known (``heads.py``)
         self._new_message()
 
     def _new_message(self) -> None:
@@ -328,6 +346,20 @@ class Connection(asyncio.Protocol):
         self._arm(self.front.header_timeout)
 
     def data_received(self, data: bytes) -> None:
+        self._learning = None
+        if self._left:
+            data = self._body_rest(data)
+        elif not self._in_message and self._closing_after is None and self.front.heads is not None:
+            end = data.find(HEAD_END)
+            found = length_key(data, end) if end > 0 else None
+            if found is not None:
+                known = self.front.heads.get(found[0])
+                if known is None:
+                    self._learning = found
+                else:
+                    data = self._known_head(known, found, data, end + len(HEAD_END))
+        if not data:
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -396,14 +428,25 @@ class Connection(asyncio.Protocol):
                           "headers_too_large")
 
     def on_headers_complete(self) -> None:
-        self.deadline = 0.0  # ``_disarm``
-        parser = self._parser
+        parser, front, headers = self._parser, self.front, self._raw_headers
         try:
             target = self._url.decode()
         except UnicodeDecodeError:
             raise Refused(400, "malformed HTTP request: the request target is not UTF-8", "bad_request") from None
-        request = self._request = Request(self, parser.get_method().decode("ascii", "replace"), target,
-                                          parser.get_http_version(), self._raw_headers, parser.should_keep_alive())
+        method, version = parser.get_method().decode("ascii", "replace"), parser.get_http_version()
+        keep_alive = parser.should_keep_alive()
+        fields, forward = header_pass(headers, front.forward_skip)
+        learning, self._learning = self._learning, None
+        if learning is not None and front.heads is not None:
+            at = only_length(headers, learning[1], _NOT_REMEMBERED)
+            if at is not None:
+                front.heads.remember(learning[0], (method, target, version, headers, at, fields, forward, keep_alive))
+        self._headed(Request(self, method, target, version, headers, keep_alive, fields, forward))
+
+    def _headed(self, request: Request) -> None:
+        """A request's head is complete (parsed, or known): the limits that depend on more than the head."""
+        self.deadline = 0.0  # ``_disarm``
+        self._request = request
         fields = request.fields
         self._limit = self.front.max_body()
         length = fields.get(b"content-length")
@@ -442,6 +485,39 @@ class Connection(asyncio.Protocol):
                 self._stop_reading()
         self._new_message()
         self._next()
+
+    def _known_head(self, known: KnownHead, found: tuple[bytes, bytes, int], data: bytes, start: int) -> bytes:
+        """A request whose head was parsed before (``heads.py``): llhttp's callbacks, without llhttp. Returns what
+        follows the request in ``data`` (pipelined requests), for llhttp."""
+        _, value, length = found
+        method, target, version, headers, at, fields, forward, keep_alive = known
+        headers = headers.copy()
+        headers[at] = (headers[at][0], value)  # the one part of the head that differs
+        self.on_message_begin()
+        self._headed(Request(self, method, target, version, headers, keep_alive, {**fields, b"content-length": value},
+                             forward))
+        end = start + length
+        if len(data) < end:
+            if len(data) > start:
+                self.on_body(data[start:])
+            self._left = end - len(data)
+            return b""
+        if length:
+            self.on_body(data[start:end])
+        self.on_message_complete()
+        return data[end:]
+
+    def _body_rest(self, data: bytes) -> bytes:
+        """More of a body whose head was known (``_known_head``); returns what follows the request, for llhttp."""
+        left = self._left
+        if len(data) < left:
+            self._left = left - len(data)
+            self.on_body(data)
+            return b""
+        self._left = 0
+        self.on_body(data[:left])
+        self.on_message_complete()
+        return data[left:]
 
     def _too_large(self) -> Refused:
         return Refused(413, f"request body larger than the gateway's limit of {self._limit} bytes",
