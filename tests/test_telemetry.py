@@ -313,6 +313,18 @@ def test_timings_in_another_layout_are_read_and_a_figure_that_is_not_a_number_is
     assert (row[7], row[10], row[11]) == (3, None, 250.5)  # cached from cache_n; no decode rate; the prefill's
 
 
+def test_the_usage_read_is_the_runtime_s_not_a_generated_text_that_says_usage():
+    """A model that answers with the word "usage" (a JSON string value, quoted like a key) comes before the answer's
+    own usage: the counts and the timings are still the runtime's, and what is kept of the timings is the object."""
+    tap = Tap(Metrics(), "m", "/v1/chat/completions", arrived=0.0)
+    tap.read_usage(b'{"choices":[{"message":{"role":"assistant","content":"usage"}}],"usage":{"completion_tokens":3,'
+                   b'"prompt_tokens":9,"total_tokens":12},"id":"x","timings":{"cache_n":0,"prompt_n":9,"prompt_ms":1,'
+                   b'"prompt_per_token_ms":0.1,"prompt_per_second":9000.5,"predicted_n":3,"predicted_ms":2,'
+                   b'"predicted_per_token_ms":0.6,"predicted_per_second":1500.25}}')
+    assert tap.slot_tokens() == 12
+    assert timings_of(tap.timings) == (b"0", b"9", b"9000.5", b"3", b"1500.25")
+
+
 def test_tokens_worked_out_once_still_follow_a_later_usage():
     """``slot_tokens`` and ``finish`` share one working-out of the counts; usage read after the first still counts
     (an Anthropic stream sends its input count first and its final output count last)."""

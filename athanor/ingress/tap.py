@@ -34,9 +34,12 @@ _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 # the Responses API. A client may hang up as soon as it has read one of these.
 STREAM_ENDS = (b"data: [DONE]", b"event: message_stop", b"event: response.completed")
 CLIENT_GONE = 499  # the status a request is counted with when its client went away before the end (llama-swap's)
+# What is kept of an answer from its ``"timings"`` on: the object is cut out of it by the telemetry writer
+# (``recorder.timings_of``), off the request path. llama-server's is about 230 bytes.
+TIMINGS_BYTES = 1024
 
 
-def _object_end(data: bytes, start: int) -> int:
+def object_end(data: bytes, start: int) -> int:
     """Where the JSON object that opens first after ``start`` ends (braces inside strings aside: usage and
     timings objects hold numbers only). The patterns above then scan that object alone, not the rest of the body."""
     at = data.find(b"{", start)
@@ -84,7 +87,9 @@ class Tap:
         """Token counts from a body or SSE event with a ``usage`` object; the last value of each wins (an
         Anthropic stream sends its input count first and its final output count last)."""
         counts = self.counts
-        start = data.find(b'"usage"')
+        after = 0  # where the timings are looked for from
+        # The last one: a runtime puts its usage after the choices, where a generated text that says "usage" is.
+        start = data.rfind(b'"usage"')
         if start >= 0:
             self._tokens_seen = None
             llama = _LLAMA_USAGE.match(data, start)
@@ -93,12 +98,15 @@ class Tap:
                 counts[b"completion_tokens"], counts[b"prompt_tokens"] = int(completion), int(prompt)
                 if cached is not None:
                     counts[b"cached_tokens"] = int(cached)
+                after = llama.end()  # llama-server's timings follow its usage
             else:
-                for key, value in _TOKENS.findall(data, start, _object_end(data, start)):
+                for key, value in _TOKENS.findall(data, start, object_end(data, start)):
                     counts[key] = int(value)
-        start = data.find(b'"timings"')
+        start = data.find(b'"timings"', after)
+        if start < 0 and after:
+            start = data.find(b'"timings"')
         if start >= 0:
-            self.timings = data[start:_object_end(data, start)]  # read by the telemetry writer (``timings_of``)
+            self.timings = data[start:start + TIMINGS_BYTES]  # cut to the object by the telemetry writer
 
     def usage_lines(self, lines: bytes) -> bytes:
         """SSE lines that mention usage: count it, and cut the usage-only event the client did not ask for."""

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from athanor.ingress.tap import object_end
 from athanor.quantities import parse_duration
 from athanor.telemetry import db
 
@@ -84,13 +85,14 @@ def _measured(rate: float | None) -> float | None:
 
 def timings_of(raw: bytes | None) -> tuple[bytes | None, ...] | None:
     """The values of ``TIMING_KEYS``, in that order, as the runtime wrote them (None: not given), from the
-    ``"timings"`` object ``Tap`` kept; None when there is none."""
+    ``"timings"`` object at the start of what ``Tap`` kept (``TIMINGS_BYTES`` of the answer from there); None when
+    there is none."""
     if not raw:
         return None
     llama = _LLAMA_TIMINGS.match(raw)
     if llama is not None:
         return llama.groups()
-    found = dict(_TIMINGS.findall(raw))
+    found = dict(_TIMINGS.findall(raw, 0, object_end(raw, 0)))
     return tuple([found.get(key) for key in TIMING_KEYS]) if found else None
 
 
