@@ -535,6 +535,7 @@ class Controller:
         await self._tasks.wait()
         await self._writer.close()
         await self.managers.close()
+        self._desired.close()
 
     def stopping(self, name: str) -> bool:
         """Whether a stop of ``name`` is under way."""

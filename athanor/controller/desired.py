@@ -1,14 +1,17 @@
 """Desired state: models.json as the daemon serves it, re-read when it changes on disk.
 
-``apply`` and every other CLI command reach a running daemon this way, at once: each request resolves its model
-first, which costs one stat (about a microsecond); the parse, the name index and the Gateway spec are redone
-only on a change. A document that does not parse is reported once (an event, ``problem`` for the admin API's
-status) and the last good one keeps serving until the file is readable again.
+``apply`` and every other CLI command reach a running daemon this way, at once: each request looks whether
+anything changed in the store's directory since the last request (``dirwatch.py``: one poll(2) of an inotify
+watch, on Linux) and only then stats the file (elsewhere, on every request: about a microsecond); the parse, the
+name index and the Gateway spec are redone only on a change. A document that does not parse is reported once (an
+event, ``problem`` for the admin API's status) and the last good one keeps serving until the file is readable
+again.
 
-An inotify watch of the file in place of the per-request stat was tried: now and then the event loop read a
-request that followed an ``apply`` before the watch's event, and served it from the old document
-(``tests/reliability/test_slow_readers.py`` and ``tests/test_apply_reaches_requests.py`` catch it), so the stat
-stays.
+The watch is read by each request itself, not by the event loop: a watch whose events the loop delivered was
+tried first, and now and then the loop read a request that followed an ``apply`` before the watch's event and
+served it from the old document (``tests/reliability/test_slow_readers.py`` and
+``tests/test_apply_reaches_requests.py`` catch it). The kernel queues the event before the rename returns, so a
+poll at the request's own turn always finds it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from athanor import catalog
+from athanor.controller.dirwatch import DirectoryWatch
 from athanor.controller.events import Event
 from athanor.errors import StoreError
 from athanor.store import Store
@@ -39,9 +43,15 @@ class DesiredState:
         self.problem: str | None = None  # models.json is unreadable: serving goes on from the last good one
         self._stamp: object = None
         self._names: dict[str, str] = {}
+        self._watch: DirectoryWatch | None = None  # set at the first look, before the stat it vouches for
 
     def refresh(self) -> dict[str, Any]:
         """The document, re-read first if it changed on disk since the last look."""
+        watch = self._watch
+        if watch is None:
+            watch = self._watch = DirectoryWatch(os.path.dirname(self._path))
+        elif not watch.changed():
+            return self.doc
         try:
             st = os.stat(self._path)
             stamp: object = (st.st_ino, st.st_mtime_ns, st.st_size)  # every atomic write is a new inode
@@ -51,6 +61,8 @@ class DesiredState:
             stamp = str(exc)
         if stamp != self._stamp:
             self._stamp = stamp
+            if not watch.watching:  # none could be set (no directory yet, say): tried again at the next look
+                self._watch = None
             try:
                 doc = self._store.models.load()
             except StoreError as exc:
@@ -60,6 +72,11 @@ class DesiredState:
                 if self.problem is not None:
                     self._recovered()
         return self.doc
+
+    def close(self) -> None:
+        """Give back the watch (the controller's end)."""
+        if self._watch is not None:
+            self._watch.close()
 
     def resolve(self, requested: str, *, refresh: bool = True) -> str | None:
         """A model's name from its name, an alias, or its discovered id (``org/repo`` or ``org/repo:file``).
