@@ -341,3 +341,87 @@ def test_an_answer_with_another_framing_on_a_known_head_is_read_by_llhttp():
     assert got[0] == b"{}" and isinstance(got[1], UpstreamClosed) and got[2] == b"{}", got
     assert remembered == 1
 
+
+# ---------------------------------------------------------------------------------------------- the guard
+
+
+def judged(specs: list[dict[str, Any] | str], head: bytes = HEAD, target: bytes = b"/v1/chat/completions",
+           listen: str = "127.0.0.1:8080") -> tuple[list[tuple[int, str] | None], int]:
+    """The guard's answer to one request with ``head`` under each gateway spec in turn (the head remembered by the
+    front door from the first on), and how many admissions the guard remembers at the end. A spec is kept as one
+    dict while it does not change, as the controller keeps it; a str in ``specs`` rebinds the guard to that
+    address instead."""
+    from athanor import catalog
+    from athanor.ingress.guard import Guard
+
+    head = head.replace(b"/v1/chat/completions", target)
+    answers: list[tuple[int, str] | None] = []
+    remembered = []
+
+    async def main() -> None:
+        requests: list[Request] = []
+
+        async def keep(request: Request) -> None:
+            requests.append(request)
+            await request.respond(200, [], b"")
+
+        front = Front(keep, keep, max_body=lambda: 1000, expect=lambda request: None,
+                      error_body=lambda *args: b"{}", cors=lambda request: [], forward_skip=REQUEST_SKIP_BYTES)
+        guard = Guard(listen)
+        gateway: dict[str, Any] = {}
+        applied: object = None
+        for spec in specs:
+            if isinstance(spec, str):
+                guard.rebind(spec)
+                continue
+            if spec != applied:
+                applied, gateway = spec, catalog.gateway_spec({"gateway": {"spec": spec}})
+            connection = front()
+            connection.connection_made(Kept())  # type: ignore[arg-type]
+            connection.data_received(head % 2 + b"{}")
+            await until(lambda: len(requests) == len(answers) + 1)
+            answers.append(guard.refusal(requests[-1], guard.policy(gateway), gateway["auth"]))
+            connection.connection_lost(None)
+        front.close()
+        remembered.append(len(guard._admitted))
+        assert requests[-1].head_key is not None  # the head was remembered: the later answers could come from there
+
+    asyncio.run(main())
+    return answers, remembered[0]
+
+
+def test_an_admission_remembered_by_its_head_ends_when_the_api_keys_change(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("k\n")
+    other = tmp_path / "other"
+    other.write_text("someone-else\n")
+    answers, remembered = judged([{"auth": {"apiKeyFile": str(keys)}}, {"auth": {"apiKeyFile": str(keys)}},
+                                  {"auth": {"apiKeyFile": str(other)}}, {"auth": {"apiKeyFile": str(keys)}}])
+    assert answers[:2] == [None, None] and remembered == 1
+    assert answers[2] is not None and answers[2][0] == 401, answers  # the head presents k, no longer a key
+    assert answers[3] is None
+
+
+def test_an_admission_remembered_by_its_head_ends_when_the_host_is_no_longer_served():
+    head = HEAD.replace(b"Host: 127.0.0.1:8080", b"Host: models.example")
+    answers, _ = judged([{"allowedHosts": ["models.example"]}, {"allowedHosts": ["models.example"]},
+                         {"allowedHosts": []}], head)
+    assert answers[:2] == [None, None]
+    assert answers[2] is not None and answers[2][0] == 403, answers
+
+
+def test_an_admission_remembered_by_its_head_ends_when_the_gateway_listens_elsewhere():
+    """The same spec, the same keys: only the addresses the gateway listens on (whose names it serves) change."""
+    head = HEAD.replace(b"Host: 127.0.0.1:8080", b"Host: box.lan:8080")
+    answers, remembered = judged([{}, {}, "127.0.0.1:8080", {}], head, listen="box.lan:8080")
+    assert answers[:2] == [None, None] and remembered == 0  # the rebind forgot it
+    assert answers[2] is not None and answers[2][0] == 403, answers
+
+
+def test_the_admin_api_is_judged_on_every_request():
+    """Its admission depends on the peer's address too: never taken from the head."""
+    from athanor.ollama.exchange import OllamaExchange
+
+    answers, remembered = judged([{}, {}], target=b"/athanor/v1/apply")
+    assert answers == [None, None] and remembered == 0  # a loopback peer, no admin key configured: not remembered
+    assert OllamaExchange.head_key is None  # a stand-in whose route is not its head's is judged every time

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from athanor.auth import KeyCache, presented
+from athanor.ingress.heads import HeadMemo
 from athanor.ingress.wire import header_text
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,8 @@ class Guard:
         self._machine = frozenset(_this_machine()) if wildcard else frozenset()
         self._cached: tuple[object, Policy] | None = None
         self._hosts: dict[str, bool] = {}  # Host header -> allowed, for the policy cached above
+        # Heads admitted, by their key in the front door's memo: (the policy, the API keys) they were admitted under
+        self._admitted: HeadMemo[tuple[Policy, object]] = HeadMemo()
 
     def policy(self, gateway: dict[str, Any]) -> Policy:
         """The policy for this gateway spec (the controller keeps one dict per version of the spec): rebuilt only
@@ -172,9 +175,19 @@ class Guard:
                 headers = request.headers
                 host, origin, fetch_site = headers.get("Host"), headers.get("Origin"), headers.get("Sec-Fetch-Site")
             else:  # the front door's request (or a stand-in): the values as its one pass over the headers read them
+                key = request.head_key
+                if key is not None:  # a head the front door remembers: admitted before, under these settings?
+                    self.keys.refresh(auth)
+                    admitted = self._admitted.get(key)
+                    if admitted is not None and admitted[0] is policy and admitted[1] is self.keys.api:
+                        return None
                 fields = request.fields
                 host, origin, fetch_site = (_text(fields.get(b"host")), _text(fields.get(b"origin")),
                                             _text(fields.get(b"sec-fetch-site")))
+                refused = self._refusal(request, host, origin, fetch_site, policy, auth)
+                if refused is None and key is not None and not _judged_by_peer(request.path):
+                    self._admitted.remember(key, (policy, self.keys.api))
+                return refused
             return self._refusal(request, host, origin, fetch_site, policy, auth)
         except Exception:  # noqa: BLE001 - a bug here must still answer in the format clients parse
             log.exception("unexpected error checking %s %s", request.method, request.path[:200])
@@ -249,6 +262,12 @@ class Guard:
         if names:
             headers["Access-Control-Allow-Headers"] = ", ".join(names)
         return 204, headers, None
+
+
+def _judged_by_peer(path: str) -> bool:
+    """Whether a request to ``path`` is judged by its peer's address too (the admin API's, without keys): its
+    admission does not follow from its head alone."""
+    return path.startswith(ADMIN_PREFIX) or path == METRICS_PATH
 
 
 def _text(value: bytes | None) -> str | None:

@@ -183,13 +183,15 @@ class Headers:
 class Request:
     """One request on a client connection, and the means to answer it (one object per request)."""
 
-    __slots__ = ("_chunked", "_headers", "_view", "body", "connection", "fields", "forward", "keep_alive", "method",
-                 "path", "raw_headers", "refused", "started", "status", "target", "version")
+    __slots__ = ("_chunked", "_headers", "_view", "body", "connection", "fields", "forward", "head_key", "keep_alive",
+                 "method", "path", "raw_headers", "refused", "started", "status", "target", "version")
 
     def __init__(self, connection: Connection, method: str, target: str, version: str,
                  raw_headers: list[tuple[bytes, bytes]], keep_alive: bool, fields: dict[bytes, bytes],
-                 forward: bytes):
-        """``fields`` and ``forward``: ``header_pass``'s of ``raw_headers``."""
+                 forward: bytes, head_key: bytes | None = None):
+        """``fields`` and ``forward``: ``header_pass``'s of ``raw_headers``. ``head_key``: the head's key in the
+        front door's memo when it is remembered there (``heads.py``), for what else is the same for every request
+        with that head (the guard's admission)."""
         self.connection = connection
         self.method, self.target, self.version = method, target, version
         self.raw_headers = raw_headers  # as they came, to pass on
@@ -202,7 +204,7 @@ class Request:
         self._chunked = False
         self._headers: CIMultiDict[str] | None = None
         self._view: Headers | None = None
-        self.fields, self.forward = fields, forward
+        self.fields, self.forward, self.head_key = fields, forward, head_key
 
     @property
     def headers(self) -> Headers:
@@ -437,11 +439,13 @@ class Connection(asyncio.Protocol):
         keep_alive = parser.should_keep_alive()
         fields, forward = header_pass(headers, front.forward_skip)
         learning, self._learning = self._learning, None
+        key = None
         if learning is not None and front.heads is not None:
             at = only_length(headers, learning[1], _NOT_REMEMBERED)
             if at is not None:
-                front.heads.remember(learning[0], (method, target, version, headers, at, fields, forward, keep_alive))
-        self._headed(Request(self, method, target, version, headers, keep_alive, fields, forward))
+                key = learning[0]
+                front.heads.remember(key, (method, target, version, headers, at, fields, forward, keep_alive))
+        self._headed(Request(self, method, target, version, headers, keep_alive, fields, forward, key))
 
     def _headed(self, request: Request) -> None:
         """A request's head is complete (parsed, or known): the limits that depend on more than the head."""
@@ -489,13 +493,13 @@ class Connection(asyncio.Protocol):
     def _known_head(self, known: KnownHead, found: tuple[bytes, bytes, int], data: bytes, start: int) -> bytes:
         """A request whose head was parsed before (``heads.py``): llhttp's callbacks, without llhttp. Returns what
         follows the request in ``data`` (pipelined requests), for llhttp."""
-        _, value, length = found
+        key, value, length = found
         method, target, version, headers, at, fields, forward, keep_alive = known
         headers = headers.copy()
         headers[at] = (headers[at][0], value)  # the one part of the head that differs
         self.on_message_begin()
         self._headed(Request(self, method, target, version, headers, keep_alive, {**fields, b"content-length": value},
-                             forward))
+                             forward, key))
         end = start + length
         if len(data) < end:
             if len(data) > start:

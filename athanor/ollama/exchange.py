@@ -29,6 +29,10 @@ class OllamaExchange:
     __slots__ = ("_client", "_stream", "body", "kind", "method", "model", "path", "started", "status", "target",
                  "translator", "clock")
 
+    # Not the client's: the guard's admissions are remembered by the head they were judged on, and this request's
+    # route is not its head's (``guard.Guard.refusal``).
+    head_key = None
+
     def __init__(self, client: Request, route: str, body: bytes, *, kind: str, model: str, stream: bool,
                  clock: shapes.Clock):
         """``kind``: chat, generate, embed or embeddings. ``model``: the name the client asked for, which every
