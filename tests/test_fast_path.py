@@ -63,7 +63,7 @@ def test_a_client_that_leaves_before_its_answer_is_counted_once_and_the_pool_sta
             await until(lambda: received(tier) == 2, "the request to reach the runtime")
             await hang_up(writer)
             inst = c.instances["m"]
-            await asyncio.wait_for(inst.idle.wait(), 10)  # let go of at once, not when the runtime answers
+            await asyncio.wait_for(inst.until_idle(), 10)  # let go of at once, not when the runtime answers
             answer.open()  # the runtime answers into the connection the gateway closed: nobody reads it
             assert (await post(session, url + CHAT, body()))[0] == 200, "the runtime's connections still serve"
             await until(lambda: received(tier) == 3, "the last request to reach the runtime")

@@ -209,7 +209,7 @@ def test_a_client_that_hangs_up_at_done_is_counted_once_as_answered(tier: Tier):
             raw = await exchange(tier.port, CHAT, body(stream=True), hang_up_at=b"data: [DONE]")
             assert b"data: [DONE]" in raw and not dechunk(raw)[2], "hung up before the end of the body"
             # The request lets go of the runtime in the same step as it is counted: once idle, it is counted.
-            await asyncio.wait_for(inst.idle.wait(), 10)
+            await asyncio.wait_for(inst.until_idle(), 10)
             end.open()
             async with session.get(url + "/metrics") as resp:
                 samples = scrape(await resp.text())
@@ -233,7 +233,7 @@ def test_a_client_that_hangs_up_mid_stream_is_counted_once_as_499(tier: Tier):
             inst = c.instances["m"]
             raw = await exchange(tier.port, CHAT, body(stream=True), hang_up_at=b'"content"')
             assert b"[DONE]" not in raw
-            await asyncio.wait_for(inst.idle.wait(), 10)
+            await asyncio.wait_for(inst.until_idle(), 10)
             done.open()
             async with session.get(url + "/metrics") as resp:
                 samples = scrape(await resp.text())

@@ -301,4 +301,4 @@ async def until_logged(tier: Tier, line: str, count: int) -> None:
 
 
 async def until_idle(controller: Controller, name: str) -> None:
-    await asyncio.wait_for(controller.instances[name].idle.wait(), 10)
+    await asyncio.wait_for(controller.instances[name].until_idle(), 10)

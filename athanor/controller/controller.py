@@ -356,7 +356,7 @@ class Controller:
                 return
 
     async def _drained(self, inst: Instance) -> None:
-        idle = asyncio.ensure_future(inst.idle.wait())
+        idle = asyncio.ensure_future(inst.until_idle())
         hurry = asyncio.ensure_future(self._hurry.wait())
         await asyncio.wait({idle, hurry}, timeout=DRAIN_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
         idle.cancel()

@@ -90,12 +90,11 @@ class Instance:
     cleanup_task: asyncio.Task[None] | None = None  # stopping a failed runtime's process; a new start waits for it
     abort: asyncio.Event = field(default_factory=asyncio.Event)  # set: the start under way must give up
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when the last request in flight leaves; made only while someone waits (``until_idle``): the request path
+    # enters and leaves once per request, and an Event's set and clear cost two calls each time.
+    _idle: asyncio.Event | None = field(default=None, init=False, repr=False)
     observers: list[Observer] = field(default_factory=list)
     changes: Changes = field(default_factory=Changes)  # the controller's: bumped by phases and counts (status feed)
-
-    def __post_init__(self) -> None:
-        self.idle.set()
 
     def move(self, new: Phase, message: str = "") -> None:
         old = self.phase
@@ -129,8 +128,6 @@ class Instance:
         self.observers.append(observer)
 
     def enter(self) -> None:
-        if not self.inflight:
-            self.idle.clear()
         self.inflight += 1
         self.last_used = time.monotonic()
         self.changes.bump()
@@ -138,9 +135,17 @@ class Instance:
     def leave(self) -> None:
         self.inflight -= 1
         self.last_used = time.monotonic()
-        if self.inflight == 0:
-            self.idle.set()
+        if self.inflight == 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
         self.changes.bump()
+
+    async def until_idle(self) -> None:
+        """Until no request is in flight."""
+        while self.inflight:
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            await self._idle.wait()
 
     def slot_used(self, tokens: int | None, incarnation: int) -> None:
         """A request to runtime ``incarnation`` is over; ``tokens``: what it may have left in a slot (None: not
