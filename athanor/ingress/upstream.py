@@ -598,8 +598,10 @@ class UpstreamPool:
 
 def _head(runtime: _RuntimeConnections, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes,
           raw: bytes) -> bytes:
-    # A client's header bytes were decoded as UTF-8 with surrogateescape: this gives back the same bytes.
-    extra = "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("utf-8", "surrogateescape")
+    # A client's header bytes were decoded as UTF-8 with surrogateescape: this gives back the same bytes. (The
+    # proxy passes none this way: its lines come raw.)
+    extra = ("".join([f"{name}: {value}\r\n" for name, value in headers]).encode("utf-8", "surrogateescape")
+             if headers else b"")
     return b"%b %b HTTP/1.1\r\n%b%bContent-Length: %d\r\n%b\r\n" % (
         method.encode(), target.encode("utf-8", "surrogateescape"), runtime.host_line, extra, len(body), raw)
 
