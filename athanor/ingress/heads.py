@@ -18,7 +18,7 @@ Why that answers as llhttp would:
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 HEAD_END = b"\r\n\r\n"
 MAX_REMEMBERED = 64  # distinct heads per memo: a few clients, each with its own (their user agents differ)
@@ -56,6 +56,59 @@ class HeadMemo(dict[bytes, T]):
         if len(self) >= MAX_REMEMBERED:
             self.clear()
         self[key] = parsed
+
+
+class KnownHeads:
+    """A read that starts a message, looked up by its head before llhttp sees it, and what llhttp's body callbacks
+    (``on_body``, ``on_message_complete``) would see of a message whose head was known; for the protocol that mixes
+    it in (the front door's connection, the pool's), which takes a known head in ``known_head``."""
+
+    _left = 0  # the body's bytes still to come (``body_rest`` takes them first)
+    _learning: tuple[bytes, bytes, int] | None = None  # the key of the head llhttp parses now, to remember it by
+
+    def known_head(self, known: Any, found: tuple[bytes, bytes, int], data: bytes, start: int) -> bytes:
+        """What the head's parse made, remembered (``found``: ``length_key``'s; the body begins at ``start``).
+        Returns what follows the message in ``data``, for llhttp (``body_from``'s)."""
+        raise NotImplementedError
+
+    def on_body(self, body: bytes) -> None:
+        raise NotImplementedError
+
+    def on_message_complete(self) -> None:
+        raise NotImplementedError
+
+    def head_looked_up(self, memo: HeadMemo[Any], data: bytes) -> bytes:
+        """A read that starts a message: taken here when its head is in ``memo``, and what follows the message is
+        returned for llhttp; else all of ``data`` is, with the head's key kept (``_learning``) for the parse's
+        end to remember it by."""
+        end = data.find(HEAD_END)
+        found = length_key(data, end) if end > 0 else None
+        if found is None:
+            return data
+        known = memo.get(found[0])
+        if known is None:
+            self._learning = found
+            return data
+        return self.known_head(known, found, data, end + len(HEAD_END))
+
+    def body_from(self, data: bytes, start: int, length: int) -> bytes:
+        """The body of ``length`` bytes from ``data[start:]`` on, as much of it as came; returns what follows the
+        message in ``data``, for llhttp (pipelined messages)."""
+        end = start + length
+        if len(data) < end:
+            if len(data) > start:
+                self.on_body(data[start:])
+            self._left = end - len(data)
+            return b""
+        if length:
+            self.on_body(data[start:end])
+        self.on_message_complete()
+        return data[end:]
+
+    def body_rest(self, data: bytes) -> bytes:
+        """More of a body ``body_from`` began; returns what follows the message, for llhttp."""
+        left, self._left = self._left, 0
+        return self.body_from(data, 0, left)
 
 
 def only_length(headers: list[tuple[bytes, bytes]], value: bytes, unless: frozenset[bytes]) -> int | None:

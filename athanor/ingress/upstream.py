@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 import httptools
 
 from athanor.addresses import authority
-from athanor.ingress.heads import HEAD_END, HeadMemo, length_key, only_length
+from athanor.ingress.heads import HeadMemo, KnownHeads, only_length
 from athanor.runtimes.launch import LOOPBACK
 
 log = logging.getLogger("athanor.ingress")
@@ -126,7 +126,7 @@ class Response:
         return self._connection.close_delimited
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(KnownHeads, asyncio.Protocol):
     """One keep-alive connection and the response currently being read on it."""
 
     def __init__(self, runtime: _RuntimeConnections):
@@ -154,7 +154,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.close_delimited = False
         self._fresh = True  # nothing of this answer read yet: its head may be one parsed before (``heads.py``)
-        self._learning: tuple[bytes, bytes, int] | None = None  # its ``length_key``, while llhttp parses it
+        self._learning = None  # the key of a head llhttp parses (``heads.KnownHeads``)
         self._left = 0  # body bytes still to come of an answer whose head was known
         self._chunks.clear()  # taken whole by ``take_all``, or left by an exchange that failed
         self._buffered = 0
@@ -171,17 +171,10 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._left:
-            data = self._body_rest(data)
-        elif self._fresh and self.response is not None:
+            data = self.body_rest(data)
+        elif self._fresh and self.response is not None:  # the first read of an answer
             self._fresh = False
-            end = data.find(HEAD_END)
-            found = length_key(data, end) if end > 0 else None
-            if found is not None:
-                known = self.runtime.heads.get(found[0])
-                if known is None:
-                    self._learning = found
-                else:
-                    data = self._known_head(known, found, data, end + len(HEAD_END))
+            data = self.head_looked_up(self.runtime.heads, data)
         if data:
             try:
                 self.parser.feed_data(data)
@@ -253,35 +246,13 @@ class _Connection(asyncio.Protocol):
         if self._done is None:  # answered in callbacks: only its end is waited for
             self._wake()
 
-    def _known_head(self, known: KnownHead, found: tuple[bytes, bytes, int], data: bytes, start: int) -> bytes:
-        """An answer whose head was parsed before: what llhttp's callbacks would do, without it. Returns what
-        follows the answer in ``data``, for llhttp."""
+    def known_head(self, known: KnownHead, found: tuple[bytes, bytes, int], data: bytes, start: int) -> bytes:
+        """An answer whose head was parsed before: what llhttp's callbacks would do, without it."""
         _, value, length = found
         headers, at = known[1].copy(), known[2]
         headers[at] = (headers[at][0], value)  # the one part of the head that differs
         self._headed((known[0], headers, at, *known[3:]))
-        end = start + length
-        if len(data) < end:
-            if len(data) > start:
-                self.on_body(data[start:])
-            self._left = end - len(data)
-            return b""
-        if length:
-            self.on_body(data[start:end])
-        self.on_message_complete()
-        return data[end:]
-
-    def _body_rest(self, data: bytes) -> bytes:
-        """More of a body whose head was known (``_known_head``); returns what follows the answer, for llhttp."""
-        left = self._left
-        if len(data) < left:
-            self._left = left - len(data)
-            self.on_body(data)
-            return b""
-        self._left = 0
-        self.on_body(data[:left])
-        self.on_message_complete()
-        return data[left:]
+        return self.body_from(data, start, length)
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(bytes(body))

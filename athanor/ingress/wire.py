@@ -36,7 +36,7 @@ from typing import Any
 import httptools
 from multidict import CIMultiDict
 
-from athanor.ingress.heads import HEAD_END, HeadMemo, length_key, only_length
+from athanor.ingress.heads import HeadMemo, KnownHeads, only_length
 
 log = logging.getLogger("athanor.ingress")
 
@@ -300,7 +300,7 @@ def header_pass(raw_headers: list[tuple[bytes, bytes]], skip: frozenset[bytes]) 
     return fields, b"".join(forward)
 
 
-class Connection(asyncio.Protocol):
+class Connection(KnownHeads, asyncio.Protocol):
     """One client connection: parsing, the queue of requests read ahead, and the one being answered."""
 
     def __init__(self, front: Front):
@@ -321,8 +321,6 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._closing_after: Refused | None = None  # a malformed request: answered after those before it
-        self._learning: tuple[bytes, bytes, int] | None = None  # the head llhttp parses now: its ``length_key``
-        self._left = 0  # body bytes still to come of a request whose head was known (``heads.py``)
         self._new_message()
 
     def _new_message(self) -> None:
@@ -350,16 +348,9 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._learning = None
         if self._left:
-            data = self._body_rest(data)
+            data = self.body_rest(data)
         elif not self._in_message and self._closing_after is None and self.front.heads is not None:
-            end = data.find(HEAD_END)
-            found = length_key(data, end) if end > 0 else None
-            if found is not None:
-                known = self.front.heads.get(found[0])
-                if known is None:
-                    self._learning = found
-                else:
-                    data = self._known_head(known, found, data, end + len(HEAD_END))
+            data = self.head_looked_up(self.front.heads, data)
         if not data:
             return
         try:
@@ -490,9 +481,8 @@ class Connection(asyncio.Protocol):
         self._new_message()
         self._next()
 
-    def _known_head(self, known: KnownHead, found: tuple[bytes, bytes, int], data: bytes, start: int) -> bytes:
-        """A request whose head was parsed before (``heads.py``): llhttp's callbacks, without llhttp. Returns what
-        follows the request in ``data`` (pipelined requests), for llhttp."""
+    def known_head(self, known: KnownHead, found: tuple[bytes, bytes, int], data: bytes, start: int) -> bytes:
+        """A request whose head was parsed before (``heads.py``): llhttp's callbacks, without llhttp."""
         key, value, length = found
         method, target, version, headers, at, fields, forward, keep_alive = known
         headers = headers.copy()
@@ -500,28 +490,7 @@ class Connection(asyncio.Protocol):
         self.on_message_begin()
         self._headed(Request(self, method, target, version, headers, keep_alive, {**fields, b"content-length": value},
                              forward, key))
-        end = start + length
-        if len(data) < end:
-            if len(data) > start:
-                self.on_body(data[start:])
-            self._left = end - len(data)
-            return b""
-        if length:
-            self.on_body(data[start:end])
-        self.on_message_complete()
-        return data[end:]
-
-    def _body_rest(self, data: bytes) -> bytes:
-        """More of a body whose head was known (``_known_head``); returns what follows the request, for llhttp."""
-        left = self._left
-        if len(data) < left:
-            self._left = left - len(data)
-            self.on_body(data)
-            return b""
-        self._left = 0
-        self.on_body(data[:left])
-        self.on_message_complete()
-        return data[left:]
+        return self.body_from(data, start, length)
 
     def _too_large(self) -> Refused:
         return Refused(413, f"request body larger than the gateway's limit of {self._limit} bytes",
