@@ -38,37 +38,12 @@ from typing import Any
 
 import _minimal_proxy
 from _gateway import ATHANOR, sweep, tiny_models
+from fixtures.transports import KeptTransport
 
 BODY = b'{"model": "m1", "prompt": "hi", "max_tokens": 1, "temperature": 0}'
 REQUEST = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept: */*\r\nAccept-Encoding: gzip, deflate\r\n"
            b"User-Agent: Python/3.11 aiohttp/3.9.5\r\nContent-Length: %d\r\nContent-Type: application/json\r\n\r\n%b")
 WARM = 2000  # requests before the rounds (caches, the pool's and the guard's memos)
-
-
-class Recorded:
-    """A transport that keeps what is written (cleared between rounds)."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8080)}.get(name, default)
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 def collecting(on: bool) -> None:
@@ -101,10 +76,10 @@ def minimal_proxy(answer: bytes) -> tuple[Callable[[], None], list[list[bytes]],
     """The baseline: ``_minimal_proxy``'s protocols with recording transports."""
     idle: list[_minimal_proxy.Upstream] = []
     upstream = _minimal_proxy.Upstream(idle)
-    upstream.connection_made(Recorded())  # type: ignore[arg-type]
+    upstream.connection_made(KeptTransport())  # type: ignore[arg-type]
     idle.append(upstream)
     client = _minimal_proxy.Client(0, idle)
-    client_transport = Recorded()
+    client_transport = KeptTransport()
     client.connection_made(client_transport)  # type: ignore[arg-type]
     request = REQUEST % (8080, len(BODY), BODY)
 
@@ -156,12 +131,12 @@ async def measure(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             runtime.idle.clear()
             runtime.open = 1
             upstream = _Connection(runtime)
-            upstream_transport = Recorded()
+            upstream_transport = KeptTransport()
             upstream.connection_made(upstream_transport)  # type: ignore[arg-type]
             upstream.idle_since = float("inf")  # never too old to reuse: the runtime never sees this connection
             runtime.idle.append(upstream)
             client = front()
-            client_transport = Recorded()
+            client_transport = KeptTransport()
             client.connection_made(client_transport)  # type: ignore[arg-type]
 
             def one() -> None:

@@ -20,6 +20,7 @@ from athanor.ingress.heads import MAX_REMEMBERED, HeadMemo, length_key
 from athanor.ingress.proxy import REQUEST_SKIP_BYTES
 from athanor.ingress.upstream import UpstreamClosed, UpstreamPool, _Connection, _RuntimeConnections
 from athanor.ingress.wire import Front, Request
+from fixtures.transports import KeptTransport
 
 # ---------------------------------------------------------------------------------------------- the key
 
@@ -68,33 +69,6 @@ def test_the_memo_is_bounded():
 # ---------------------------------------------------------------------------------------------- the front door
 
 
-class Kept:
-    """A transport that keeps what is written."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closing = False
-        self.reading = True
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8080)}.get(name, default)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-
 Seen = tuple[str, str, bytes, bytes | None, bytes, list[tuple[bytes, bytes]]]
 
 
@@ -119,7 +93,7 @@ def front_door(scenario: Callable[[Front, Callable[[list[bytes]], Awaitable[list
 
         async def send(reads: list[bytes]) -> list[Seen]:
             connection = front()
-            connection.connection_made(Kept())  # type: ignore[arg-type]
+            connection.connection_made(KeptTransport())  # type: ignore[arg-type]
             for data in reads:
                 connection.data_received(data)
             answers = [await asyncio.wait_for(seen.get(), 10) for _ in range(sum(r.count(b"POST") for r in reads))]
@@ -203,10 +177,10 @@ def test_a_smuggling_attempt_on_a_remembered_head_is_still_refused(variant: byte
     async def scenario(front: Front, send: Callable[[list[bytes]], Awaitable[list[Seen]]]) -> None:
         await send([post(b"{}")])
         connection = front()
-        transport = Kept()
+        transport = KeptTransport()
         connection.connection_made(transport)  # type: ignore[arg-type]
         connection.data_received(head % 2 + b"{}" + post(b"{}"))
-        await until(lambda: transport.closing)  # the refusal is written by the connection's task
+        await until(lambda: transport.closed)  # the refusal is written by the connection's task
         answer = b"".join(transport.written)
         assert answer.startswith(b"HTTP/1.1 400 "), answer
         assert answer.count(b"HTTP/1.1") == 1, answer  # nothing after the attempt was read as a request
@@ -220,7 +194,7 @@ def test_a_head_with_expect_or_a_body_too_large_is_never_taken_for_a_known_one()
         assert len(front.heads) == 0  # Expect: answered with more than the head says
         await send([post(b"{}")])
         connection = front()
-        transport = Kept()
+        transport = KeptTransport()
         connection.connection_made(transport)  # type: ignore[arg-type]
         connection.data_received(post(b"x" * 1001))  # the limit is 1000: known head, refused all the same
         await until(lambda: transport.written)
@@ -290,7 +264,7 @@ def read_by_the_pool(answers: list[list[bytes]]) -> tuple[list[tuple[int, bytes,
 async def _read_by_the_pool(answers: list[list[bytes]]) -> tuple[list[tuple[int, bytes, bytes]], int]:
     runtime = _RuntimeConnections(("127.0.0.1", 1), 1, 4, None)
     connection = _Connection(runtime)
-    connection.connection_made(Kept())  # type: ignore[arg-type]
+    connection.connection_made(KeptTransport())  # type: ignore[arg-type]
     read = []
     for reads in answers:
         done: list[_Connection] = []
@@ -377,7 +351,7 @@ def judged(specs: list[dict[str, Any] | str], head: bytes = HEAD, target: bytes 
             if spec != applied:
                 applied, gateway = spec, catalog.gateway_spec({"gateway": {"spec": spec}})
             connection = front()
-            connection.connection_made(Kept())  # type: ignore[arg-type]
+            connection.connection_made(KeptTransport())  # type: ignore[arg-type]
             connection.data_received(head % 2 + b"{}")
             await until(lambda: len(requests) == len(answers) + 1)
             answers.append(guard.refusal(requests[-1], guard.policy(gateway), gateway["auth"]))
