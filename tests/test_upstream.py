@@ -542,3 +542,187 @@ def test_a_runtime_s_socket_is_used_and_a_missing_one_falls_back_to_its_port(tmp
 
     assert run(echo_until_eof(seen, "port"), scenario) == (b"one", b"two", b"three")
     assert seen == ["socket", "port"], "one connection each: the socket's, then the port's kept alive"
+
+
+def closes_after(limit: int, connections: list[int]) -> Handler:
+    """A runtime that keeps a connection alive for ``limit`` requests and ends it after the last one's answer, as
+    cpp-httplib does (llama-server: 100); ``limit=1`` ends every connection after its answer (an HTTP/1.0
+    server). Each connection adds 1 to ``connections``."""
+    async def handler(reader, writer):
+        connections.append(1)
+        for served in range(1, limit + 1):
+            try:
+                _, body = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            last = b"Connection: close\r\n" if served == limit else b""
+            writer.write(b"HTTP/1.1 200 OK\r\n%bContent-Length: %d\r\n\r\n%s" % (last, len(body), body))
+            await writer.drain()
+        writer.close()
+
+    return handler
+
+
+def test_a_connection_the_runtime_ends_at_its_request_limit_is_replaced_before_the_next_request():
+    """The next request finds a connection open and waiting (the callbacks' fast lane takes only such), instead
+    of waiting for one to be made."""
+    connections: list[int] = []
+
+    async def scenario(pool, port):
+        answers = [await get(pool, port, b"%d" % i) for i in range(3)]
+        await pool.settled()
+        assert len(connections) == 2, "the runtime ended the first connection, and one was opened in its place"
+        taken = pool.take_idle(port, "POST", "/v1/x", [], b"4")
+        assert taken is not None, "the next request needs no connection made first"
+        connection, head = taken
+        assert connection.exchanges == 0
+        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        connection.send_now(head, b"4", None, lambda c: done.set_result(b"".join(c.take_all())))
+        answers.append(await done)
+        pool.finish_now(connection)
+        return answers, len(connections)
+
+    answers, opened = run(closes_after(3, connections), scenario)
+    assert answers == [(200, "", b"0"), (200, "", b"1"), (200, "", b"2"), b"4"]
+    assert opened == 2, "the connection opened ahead carried the fourth request"
+
+
+def test_a_connection_the_runtime_ends_after_an_event_stream_is_replaced():
+    """llama-server's streams say Keep-Alive, and then it ends the connection: the next request finds another."""
+    connections: list[int] = []
+
+    async def handler(reader, writer):
+        connections.append(1)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nKeep-Alive: timeout=5, max=100\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for event in (b"data: 1\n\n", b"data: [DONE]\n\n"):
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def scenario(pool, port):
+        async with pool.request(port, "POST", "/v1/x", [], b"{}") as resp:
+            streamed = await resp.read()
+        await pool.settled()
+        taken = pool.take_idle(port, "POST", "/v1/x", [], b"{}")
+        if taken is not None:
+            pool.finish_now(taken[0])  # unused: closed
+        return streamed, len(connections), taken is not None
+
+    assert run(handler, scenario) == (b"data: 1\n\ndata: [DONE]\n\n", 2, True)
+
+
+def test_no_connection_is_opened_ahead_for_a_runtime_that_ends_every_connection():
+    """An HTTP/1.0-style server may serve one connection at a time: an idle one opened ahead would hold it."""
+    connections: list[int] = []
+
+    async def scenario(pool, port):
+        answers = []
+        for i in range(3):
+            answers.append(await get(pool, port, b"%d" % i))
+            await pool.settled()
+            assert len(connections) == i + 1, "a connection per request, opened by the request"
+        return answers
+
+    assert run(closes_after(1, connections), scenario) == [(200, "", b"0"), (200, "", b"1"), (200, "", b"2")]
+
+
+def test_a_connection_ended_by_a_failed_answer_is_not_replaced():
+    """Only an answer the runtime completed and then ended its connection after counts: a runtime that breaks
+    off an answer may be dying, and the next request finds out for itself."""
+    connections: list[int] = []
+
+    async def handler(reader, writer):
+        connections.append(1)
+        for cut in (False, True):
+            await read_request(reader)
+            if cut:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")  # and hangs up
+                await writer.drain()
+                writer.close()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def scenario(pool, port):
+        assert await get(pool, port) == (200, "", b"ok")
+        with pytest.raises(UpstreamClosed):
+            await get(pool, port)
+        await pool.settled()
+        return len(connections)
+
+    assert run(handler, scenario) == 1
+
+
+def test_a_connection_closed_because_its_client_left_is_not_replaced():
+    """The fast lane closes the runtime's connection when its client leaves before the answer: the gateway ended
+    that one, not the runtime."""
+    connections: list[int] = []
+    held = asyncio.Event()
+
+    async def handler(reader, writer):
+        connections.append(1)
+        _, body = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        await read_request(reader)  # and never answers
+        held.set()
+        await reader.read()
+
+    async def scenario(pool, port):
+        assert await get(pool, port, b"one") == (200, "", b"one")
+        taken = pool.take_idle(port, "POST", "/v1/x", [], b"two")
+        assert taken is not None
+        connection, head = taken
+        connection.send_now(head, b"two", None, lambda c: None)
+        await held.wait()
+        pool.finish_now(connection)  # its client went away
+        await pool.settled()
+        return len(connections), connection.closed
+
+    assert run(handler, scenario) == (1, True)
+
+
+def test_a_real_llama_server_s_hundredth_request_and_its_streams_leave_a_connection_open(llama_server, tmp_path):
+    """llama-server ends a kept-alive connection after 100 requests (cpp-httplib's limit), and every connection
+    after an event stream."""
+    from fixtures.tiny_models import write_tiny_llama_gguf
+
+    _, url, _ = llama_server(write_tiny_llama_gguf(tmp_path / "m.gguf", context_length=256))
+    port = int(url.rsplit(":", 1)[1])
+
+    async def main() -> tuple[list[int], int]:
+        pool = UpstreamPool()
+        try:
+            statuses = []
+            for _ in range(100):
+                async with pool.request(port, "GET", "/health", [], b"") as resp:
+                    await resp.read()
+                    statuses.append(resp.status)
+            await pool.settled()
+            taken = pool.take_idle(port, "GET", "/health", [], b"")
+            assert taken is not None, "a connection open and waiting after the runtime ended the first"
+            connection, _ = taken
+            assert connection.exchanges == 0, "opened in place of the one the runtime ended"
+            pool.finish_now(connection)  # unused: closed
+            stream = b'{"prompt": "hi", "max_tokens": 2, "stream": true}'
+            async with pool.request(port, "POST", "/v1/completions", [("Content-Type", "application/json")],
+                                    stream) as resp:
+                events = await resp.read()
+                statuses.append(resp.status)
+            assert events.rstrip().endswith(b"data: [DONE]"), events
+            await pool.settled()
+            taken = pool.take_idle(port, "GET", "/health", [], b"")
+            assert taken is not None, "a connection open and waiting after the runtime ended the stream's"
+            connection, _ = taken
+            assert connection.exchanges == 0
+            pool.finish_now(connection)
+            return statuses, pool._runtimes[("127.0.0.1", port)].open
+        finally:
+            pool.close()
+
+    statuses, still_open = asyncio.run(main())
+    assert statuses == [200] * 101
+    assert still_open == 0

@@ -227,7 +227,10 @@ class _Connection(KnownHeads, asyncio.Protocol):
             passed_on.append(b"%b: %b\r\n" % (name, value))
         # llama-server closes the connection right after an event stream, while its headers say Keep-Alive: a
         # request handed the connection before that close arrives is written into it and lost. Not reused.
-        keep_alive = self.parser.should_keep_alive() and "text/event-stream" not in content_type
+        keep_alive = self.parser.should_keep_alive()
+        if keep_alive:
+            self.runtime.keeps_alive = True
+        keep_alive = keep_alive and "text/event-stream" not in content_type
         head = (status, headers, -1, b"".join(passed_on), content_type, keep_alive)
         learning, self._learning = self._learning, None
         if learning is not None and status >= 200 and status not in (204, 304):
@@ -356,11 +359,20 @@ class _Connection(KnownHeads, asyncio.Protocol):
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not self.closed and self.error is None
 
+    @property
+    def ended_by_runtime(self) -> bool:
+        """The runtime ended this connection after a whole answer, and it is one that keeps connections alive, so
+        a connection waiting idle for the next request is what it expects. (One that ends every connection after
+        an answer, as an HTTP/1.0 server does, may serve one connection at a time: an idle one opened ahead would
+        hold it.)"""
+        return self.complete and not self.keep_alive and self.error is None and self.runtime.keeps_alive
+
 
 class _RuntimeConnections:
     """The connections to one runtime incarnation: idle ones, how many are open, and who waits for one."""
 
-    __slots__ = ("address", "heads", "host_line", "idle", "incarnation", "limit", "open", "socket", "waiters")
+    __slots__ = ("address", "heads", "host_line", "idle", "incarnation", "keeps_alive", "limit", "open", "socket",
+                 "waiters")
 
     def __init__(self, address: tuple[str, int], incarnation: int, limit: int, socket: str | None):
         self.address, self.incarnation, self.limit = address, incarnation, limit
@@ -369,6 +381,7 @@ class _RuntimeConnections:
         self.idle: list[_Connection] = []
         self.heads: HeadMemo[KnownHead] = HeadMemo()  # the answers' heads parsed so far (``heads.py``)
         self.open = 0
+        self.keeps_alive = False  # an answer said so (HTTP/1.1 without Connection: close)
         self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
 
     def pass_on(self, connection: _Connection | None) -> bool:
@@ -392,6 +405,7 @@ class UpstreamPool:
         self.reuse_idle_s = reuse_idle_s
         self._busy: set[_Connection] = set()  # in an exchange: the sweep looks at these
         self._sweeping: asyncio.TimerHandle | None = None
+        self._refills: set[asyncio.Task[None]] = set()  # connections opened ahead (``_refill``)
 
     def _watch(self, connection: _Connection) -> None:
         self._busy.add(connection)
@@ -533,12 +547,46 @@ class UpstreamPool:
 
     def _release(self, connection: _Connection) -> None:
         runtime = connection.runtime
-        if connection.reusable and runtime is self._runtimes.get(runtime.address):
-            connection.idle_since = time.monotonic()
-            if not runtime.waiters or not runtime.pass_on(connection):
-                runtime.idle.append(connection)
+        current = runtime is self._runtimes.get(runtime.address)
+        if connection.reusable and current:
+            self._give(runtime, connection)
             return
         self._discard(connection)
+        if current and connection.ended_by_runtime and runtime.open < runtime.limit and not runtime.waiters:
+            self._refill(runtime)
+
+    def _give(self, runtime: _RuntimeConnections, connection: _Connection) -> None:
+        """A connection free for the next request: to the oldest waiter, else idle."""
+        connection.idle_since = time.monotonic()
+        if not runtime.waiters or not runtime.pass_on(connection):
+            runtime.idle.append(connection)
+
+    def _refill(self, runtime: _RuntimeConnections) -> None:
+        """Open a connection in place of one the runtime ended after an answer, before a request needs it.
+
+        llama-server (cpp-httplib) ends a kept-alive connection after 100 requests, and every connection after an
+        event stream: without this, the next request would wait for a connection to be made, and would leave the
+        callbacks' fast lane for it (``Proxy.fast``)."""
+        runtime.open += 1
+        task = asyncio.ensure_future(self._refilled(runtime))
+        self._refills.add(task)
+        task.add_done_callback(self._refills.discard)
+
+    async def settled(self) -> None:
+        """Until the connections being opened ahead are open, or have failed."""
+        if self._refills:
+            await asyncio.wait(list(self._refills))
+
+    async def _refilled(self, runtime: _RuntimeConnections) -> None:
+        try:
+            connection = await self._connect(runtime)
+        except UpstreamUnreachable as exc:  # stopping, or dead: the next request finds out for itself
+            log.debug("no connection opened ahead to %s: %s", authority(*runtime.address), exc)
+            return
+        if runtime is self._runtimes.get(runtime.address):
+            self._give(runtime, connection)
+        else:  # stopped, or replaced by a new incarnation, meanwhile
+            self._discard(connection)
 
     def _discard(self, connection: _Connection) -> None:
         connection.close()
@@ -560,6 +608,8 @@ class UpstreamPool:
             self._retire(runtime)
 
     def close(self) -> None:
+        for task in self._refills:
+            task.cancel()
         if self._sweeping is not None:
             self._sweeping.cancel()
             self._sweeping = None
