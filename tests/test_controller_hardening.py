@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import aiohttp
-import psutil
 import pytest
 
 from athanor.controller import memory_guard
@@ -29,6 +28,7 @@ from athanor.managers.process import ProcessSupervisor
 from athanor.metrics import Metrics
 from athanor.quantities import parse_budget
 from athanor.store.store import MAX_EVENTS
+from fixtures.serving import gone
 from fixtures.tier import Tier, phase, pid_of, supervise_with, until
 
 GIB = 2**30
@@ -40,14 +40,6 @@ async def ready(controller: Controller, name: str) -> int:
     async with controller.use(name) as lease:
         await lease.acquire()
     return pid_of(controller.instances[name])
-
-
-def gone(pid: int) -> bool:
-    """Dead (a zombie not yet collected counts: it runs nothing)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 # ---------------------------------------------------------------------------------------------- one residency plan

@@ -28,6 +28,7 @@ from fixtures.serving import (
     apply_models,
     chat,
     free_port,
+    gone,
     long_gguf,
     model_spec,
     start_daemon,
@@ -227,7 +228,7 @@ def test_down_after_a_killed_gateway_stops_its_runtimes_through_the_state_machin
     gateway.proc.wait(30)
     result = gateway.athanor("down")
     assert result.returncode == 0 and f"model/tiny-gguf stopped (pid {pid})" in result.stdout, result.stderr
-    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10, "runtime exit")
+    wait_until(lambda: gone(pid), 10, "runtime exit")
     state = gateway.state()
     assert state["instances"]["tiny-gguf"]["phase"] == "Standby" and "handle" not in state["instances"]["tiny-gguf"]
     moves = [e["message"].split(":")[0] for e in state["events"] if e["name"] == "tiny-gguf"][-3:]
@@ -241,7 +242,7 @@ def test_down_leaves_no_runtime_behind(gateway):
     result = gateway.athanor("down")
     assert result.returncode == 0, result.stderr
     gateway.proc.wait(30)
-    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10, "runtime exit")
+    wait_until(lambda: gone(pid), 10, "runtime exit")
     assert gateway.state()["daemon"] is None
 
 
@@ -300,7 +301,7 @@ def test_idle_model_is_unloaded(gateway, tmp_path):
     chat(gateway.client, "tiny-gguf")
     pid = gateway.runtime_pid("tiny-gguf")
     wait_until(lambda: gateway.phase("tiny-gguf") == "Standby", 20, "idle unload")
-    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10, "exit")
+    wait_until(lambda: gone(pid), 10, "exit")
 
 
 def _gated_llama_server(gateway: Gateway, tmp_path: Path, keep_gateway_spec: str = "") -> Path:
@@ -475,7 +476,7 @@ def test_changed_spec_restarts_the_runtime_on_next_use_and_delete_stops_it(gatew
     assert new_pid != pid
     assert "--ctx-size 128" in " ".join(psutil.Process(new_pid).cmdline())
     assert gateway.athanor("delete", "model", "tiny-gguf").returncode == 0
-    wait_until(lambda: not psutil.pid_exists(new_pid) or psutil.Process(new_pid).status() == "zombie", 15,
+    wait_until(lambda: gone(new_pid), 15,
                "the deleted model's runtime to stop")
 
 
