@@ -86,6 +86,10 @@ def test_content_length_responses_reuse_one_connection():
     assert b"Content-Length: 8\r\n" in seen[0]
 
 
+async def never_called() -> None:
+    raise AssertionError("the sink never asked to wait")
+
+
 def test_chunked_stream_arrives_chunk_by_chunk():
     release = asyncio.Event()
 
@@ -100,10 +104,14 @@ def test_chunked_stream_arrives_chunk_by_chunk():
 
     async def scenario(pool, port):
         got = []
+
+        def sink(chunk: bytes) -> bool:
+            got.append(chunk)
+            release.set()
+            return True
+
         async with pool.request(port, "POST", "/", [], b"") as resp:
-            async for chunk in resp.iter_chunks():
-                got.append(chunk)
-                release.set()
+            await resp.relay(sink, never_called)
         return resp.content_type, got
 
     content_type, chunks = run(handler, scenario)
@@ -317,9 +325,17 @@ def test_leaving_early_closes_the_connection_so_the_runtime_stops():
         closed.set()
 
     async def scenario(pool, port):
-        async with pool.request(port, "POST", "/", [], b"") as resp:
-            async for _ in resp.iter_chunks():
-                break  # a client that went away after the first token
+        first = asyncio.Event()
+
+        async def stream() -> None:
+            async with pool.request(port, "POST", "/", [], b"") as resp:
+                await resp.relay(lambda chunk: first.set() or True, never_called)
+
+        streaming = asyncio.ensure_future(stream())
+        await first.wait()
+        streaming.cancel()  # a client that went away after the first token: its handler is cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await streaming
         await asyncio.wait_for(closed.wait(), 10)
         return True
 
@@ -353,6 +369,77 @@ def test_a_slow_reader_pauses_the_runtime_instead_of_buffering_everything():
     buffered, received, sent_total = run(handler, scenario)
     assert BUFFER_HIGH < buffered < BUFFER_HIGH + 2**20, "paused just past the high-water mark"
     assert received == sent_total == total, "and resumed: the whole body arrives"
+
+
+def test_a_relay_whose_reader_lags_pauses_the_runtime_until_it_drained():
+    """A streamed body goes to its sink as it comes; a sink whose client cannot take more stops the reading from
+    the runtime (which then blocks in its own writes) until the client drained."""
+    total = BUFFER_HIGH * 16
+    block = b"x" * 65536
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(total // len(block)):
+            writer.write(b"%x\r\n%s\r\n" % (len(block), block))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async def scenario(pool, port):
+        received = [0]
+        lagging = [True]
+        at_drain: list[tuple[bool, int]] = []  # (reading paused, bytes handed over while the client lagged)
+
+        def sink(chunk: bytes) -> bool:
+            received[0] += len(chunk)
+            return not lagging[0]
+
+        async with pool.request(port, "POST", "/", [], b"") as resp:
+            connection = resp._connection
+
+            async def drain() -> None:
+                before = received[0]
+                for _ in range(50):  # loop turns in which a connection still read would be handed more
+                    await asyncio.sleep(0)
+                at_drain.append((connection.held, received[0] - before))
+                lagging[0] = False  # the client caught up
+
+            await resp.relay(sink, drain)
+        return at_drain, received[0], connection.held
+
+    at_drain, received, held_after = run(handler, scenario)
+    assert at_drain and at_drain[0] == (True, 0), "reading from the runtime was paused while the client lagged"
+    assert received == total and not held_after, "and resumed: the whole body arrived"
+
+
+def test_a_stream_that_ends_while_its_reader_lags_leaves_its_connection_reading_for_the_next_request():
+    connections: list[int] = []
+
+    async def handler(reader, writer):
+        connections.append(1)
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n")  # the whole stream in one write, kept alive
+            await writer.drain()
+
+    async def scenario(pool, port):
+        got: list[bytes] = []
+
+        async def drain() -> None:
+            pass  # the client caught up at once
+
+        async with pool.request(port, "POST", "/", [], b"") as resp:
+            await resp.relay(lambda chunk: got.append(chunk) or False, drain)  # a client that always lags
+        return got, await asyncio.wait_for(get(pool, port, b"next"), 10)
+
+    got, answer = run(handler, scenario)
+    assert got == [b"one", b"two"] and answer == (200, "", b"onetwo")
+    assert connections == [1], "the second request went on the same connection, which was read again"
 
 
 def test_header_bytes_a_client_sent_reach_the_runtime_unchanged():

@@ -496,21 +496,41 @@ async def _start_sse(request: Request, status: int) -> None:
 
 
 async def _pump(resp: Response, request: Request, model_id: ModelIdRewrite | None, tap: Tap) -> None:
-    """Copy the upstream stream as it arrives, whole lines at a time (so a model id or a usage object split
-    across two chunks is still found); the last bytes written are left in ``tap.tail``."""
-    carry = b""
-    first = True
-    async for chunk in resp.iter_chunks():
-        if first:
+    """Copy the upstream stream as it arrives (``_Relay``, in the connection's callbacks); the last bytes written
+    are left in ``tap.tail``."""
+    relay = _Relay(request, model_id, tap)
+    await resp.relay(relay, request.drain)
+    if relay.carry:
+        await _write_lines(request, relay.carry, model_id, tap)
+
+
+class _Relay:
+    """A stream's events from the runtime's connection to the client's, whole lines at a time (so a model id or a
+    usage object split across two chunks is still found). Called by the connection for each chunk: returns
+    whether the client can take more now."""
+
+    __slots__ = ("carry", "first", "model_id", "request", "tap")
+
+    def __init__(self, request: Request, model_id: ModelIdRewrite | None, tap: Tap):
+        self.request, self.model_id, self.tap = request, model_id, tap
+        self.carry = b""  # the start of a line whose end has not come yet
+        self.first = True
+
+    def __call__(self, chunk: bytes) -> bool:
+        tap = self.tap
+        if self.first:
             tap.first_byte()
-            first = False
-        data = carry + chunk if carry else chunk
+            self.first = False
+        data = self.carry + chunk if self.carry else chunk
         cut = data.rfind(b"\n") + 1
-        carry = data[cut:]
-        if cut:
-            await _write_lines(request, data[:cut], model_id, tap)
-    if carry:
-        await _write_lines(request, carry, model_id, tap)
+        self.carry = data[cut:]
+        if not cut:
+            return True
+        lines = _passed_on(data[:cut], self.model_id, tap)
+        if not lines:
+            return True
+        tap.tail = lines
+        return self.request.write_now(lines)
 
 
 async def _write_lines(request: Request, lines: bytes, model_id: ModelIdRewrite | None, tap: Tap) -> None:

@@ -30,7 +30,7 @@ import collections
 import logging
 import select
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import httptools
 
@@ -105,20 +105,30 @@ class Response:
                 raise connection.error
             await connection.wait()
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, everything received so far in one piece (under load several events go out in
-        one write); raises UpstreamClosed if the connection ends before the body does."""
+    async def relay(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]]) -> None:
+        """The body handed to ``sink`` as it arrives, from the connection's callbacks: no task step, future or
+        coroutine per chunk, which a stream of tokens would pay for each event. ``sink`` returns False when its
+        reader cannot take more now: reading from the runtime then pauses until ``drain`` returns. Raises
+        UpstreamClosed if the connection ends before the body does, UpstreamTimeout past the idle limit, which
+        counts from the runtime's last bytes."""
         connection = self._connection
-        while True:
-            chunks = connection.take_all()
-            if chunks:
-                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            elif connection.complete:
-                return
-            elif connection.error is not None:
-                raise connection.error
-            else:
-                await connection.wait()
+        connection.sink = sink
+        try:
+            for chunk in connection.take_all():  # what came with the head
+                connection.to_sink(chunk)
+            while True:
+                if connection.complete:
+                    return
+                if connection.error is not None:
+                    raise connection.error
+                if connection.held:
+                    await drain()
+                    connection.go_on()
+                else:
+                    await connection.wait()
+        finally:
+            connection.sink = None
+            connection.go_on()  # the body ended while its reader lagged: nothing more to read of it
 
     @property
     def close_delimited(self) -> bool:
@@ -141,6 +151,7 @@ class _Connection(KnownHeads, asyncio.Protocol):
         self._poll: select.poll | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._done: Callable[[_Connection], None] | None = None  # an exchange answered in callbacks (``send_now``)
+        self.sink: Callable[[bytes], bool] | None = None  # where the body goes as it comes (``Response.relay``)
         self._chunks: collections.deque[bytes] = collections.deque()
         self._reset()
 
@@ -159,6 +170,7 @@ class _Connection(KnownHeads, asyncio.Protocol):
         self._chunks.clear()  # taken whole by ``take_all``, or left by an exchange that failed
         self._buffered = 0
         self._paused = False
+        self.held = False  # reading paused for the sink's reader (``Response.relay``)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -182,8 +194,8 @@ class _Connection(KnownHeads, asyncio.Protocol):
                 self._fail(UpstreamClosed(f"invalid HTTP from the runtime: {exc}"))
                 self.close()
                 return
-        if self._done is not None and self.idle_timeout:  # answered in callbacks, not complete yet: something
-            self.deadline = time.monotonic() + self.idle_timeout  # came, so the idle limit counts from now
+        if (self._done is not None or self.sink is not None) and self.idle_timeout:  # answered in callbacks, not
+            self.deadline = time.monotonic() + self.idle_timeout  # complete yet: the idle limit counts from now
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -258,6 +270,9 @@ class _Connection(KnownHeads, asyncio.Protocol):
         return self.body_from(data, start, length)
 
     def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.to_sink(body)
+            return
         self._chunks.append(bytes(body))
         self._buffered += len(body)
         if self._buffered > BUFFER_HIGH and not self._paused and self.transport is not None and self._done is None:
@@ -279,6 +294,20 @@ class _Connection(KnownHeads, asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
         return chunks
+
+    def to_sink(self, body: bytes) -> None:
+        assert self.sink is not None
+        if not self.sink(body) and not self.held and self.transport is not None:
+            self.held = True
+            self.transport.pause_reading()
+            self._wake()  # ``Response.relay`` waits for the sink's reader
+
+    def go_on(self) -> None:
+        """The sink's reader took what it had (``relay``): reading from the runtime resumes."""
+        if self.held:
+            self.held = False
+            if self.transport is not None:
+                self.transport.resume_reading()
 
     async def wait(self) -> None:
         """Until the runtime sends something (or the connection ends); at most ``idle_timeout`` seconds, which

@@ -271,6 +271,18 @@ class Request:
         connection.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
         await connection.drain()
 
+    def write_now(self, data: bytes) -> bool:
+        """``write`` without waiting, from a callback: whether the client can take more now (False: it reads
+        slowly, or went away; ``drain`` then waits, or raises ConnectionResetError)."""
+        connection = self.connection
+        if data and not connection.lost:
+            connection.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        return not (connection._write_paused or connection.lost)
+
+    async def drain(self) -> None:
+        """Until the client took what was written; ConnectionResetError: it went away."""
+        await self.connection.drain()
+
     async def end(self) -> None:
         """The end of a started answer."""
         if self._chunked and not self.connection.lost:

@@ -114,6 +114,15 @@ class OllamaExchange:
         if objects:
             await self._client.write(b"".join(_line(obj) for obj in objects))
 
+    def write_now(self, data: bytes) -> bool:
+        """``write`` from a callback (``wire.Request.write_now``)."""
+        assert self.translator is not None
+        objects = self.translator.feed(data)
+        return self._client.write_now(b"".join(_line(obj) for obj in objects) if objects else b"")
+
+    async def drain(self) -> None:
+        await self._client.drain()
+
     async def end(self) -> None:
         translator = self.translator
         if translator is not None and not translator.done:  # a stream without [DONE] still gets its final object
