@@ -265,11 +265,10 @@ class Request:
         """Part of a started answer; waits while the client reads slowly. ConnectionResetError: it went away."""
         if not data:
             return
-        connection = self.connection
-        if connection.lost:
+        if self.connection.lost:
             raise ConnectionResetError("the client went away")
-        connection.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
-        await connection.drain()
+        if not self.write_now(data):
+            await self.connection.drain()
 
     def write_now(self, data: bytes) -> bool:
         """``write`` without waiting, from a callback: whether the client can take more now (False: it reads

@@ -108,14 +108,12 @@ class OllamaExchange:
         await self._client.start(status, NDJSON)
 
     async def write(self, data: bytes) -> None:
-        """Whole SSE lines from the proxy: each event that carries something becomes one NDJSON object."""
-        assert self.translator is not None
-        objects = self.translator.feed(data)
-        if objects:
-            await self._client.write(b"".join(_line(obj) for obj in objects))
+        if not self.write_now(data):
+            await self._client.drain()
 
     def write_now(self, data: bytes) -> bool:
-        """``write`` from a callback (``wire.Request.write_now``)."""
+        """Whole SSE lines from the proxy: each event that carries something becomes one NDJSON object. From a
+        callback, as ``wire.Request.write_now``: whether the client can take more now."""
         assert self.translator is not None
         objects = self.translator.feed(data)
         return self._client.write_now(b"".join(_line(obj) for obj in objects) if objects else b"")
