@@ -9,7 +9,6 @@ delivers a watch's readiness in its own time, possibly after the request it shou
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import select
@@ -17,15 +16,13 @@ import struct
 import sys
 import weakref
 
+from athanor.controller import inotify
+
 log = logging.getLogger("athanor.controller")
 
-# <sys/inotify.h>
-_IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
-_IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
-_IN_DELETE_SELF, _IN_MOVE_SELF, _IN_IGNORED = 0x400, 0x800, 0x8000
-_MASK = (_IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
-         | _IN_DELETE_SELF | _IN_MOVE_SELF)
-_GONE = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED  # the directory itself went: the watch with it
+_MASK = (inotify.IN_MODIFY | inotify.IN_ATTRIB | inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_FROM | inotify.IN_MOVED_TO
+         | inotify.IN_CREATE | inotify.IN_DELETE | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF)
+_GONE = inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF | inotify.IN_IGNORED  # the directory itself went: the watch too
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (a name of len bytes follows)
 
 
@@ -82,14 +79,7 @@ def _watch(directory: str) -> int | None:
     """An inotify descriptor watching ``directory``, or None (no inotify here, or no watch could be set: the limit
     of watches or instances reached, say)."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    except (OSError, AttributeError):
+        return inotify.watch(directory, _MASK)
+    except OSError as exc:
+        log.debug("no inotify watch on %s: %s", directory, exc.strerror or exc)
         return None
-    if fd < 0:
-        return None
-    if libc.inotify_add_watch(fd, os.fsencode(directory), _MASK) < 0:
-        log.debug("no inotify watch on %s: %s", directory, os.strerror(ctypes.get_errno()))
-        os.close(fd)
-        return None
-    return fd

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import functools
 import logging
 import os
 import select
@@ -22,10 +20,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from athanor.controller import inotify
+
 log = logging.getLogger("athanor.controller")
-
-_IN_MODIFY = 0x2
-
 
 class LogWatch:
     """Sets ``written`` each time the watched file grows (a reader on the event loop); ``close`` when done."""
@@ -66,18 +63,9 @@ def watch_log(path: str | Path) -> LogWatch | None:
     return None
 
 
-def _inotify(path: str) -> LogWatch | None:
-    libc = _libc()
-    if libc is None:
-        return None
-    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+def _inotify(path: str) -> LogWatch:
+    fd = inotify.watch(path, inotify.IN_MODIFY)
     try:
-        if libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, os.strerror(errno))
-
         def drain() -> None:
             with contextlib.suppress(BlockingIOError):
                 while os.read(fd, 4096):
@@ -111,13 +99,3 @@ def _kqueue(path: str) -> LogWatch:
 def _close(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    """The C library this process runs with, if it has inotify (looked up once)."""
-    library = ctypes.CDLL(None, use_errno=True)
-    if not hasattr(library, "inotify_init1"):
-        return None
-    library.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-    return library
