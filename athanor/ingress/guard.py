@@ -39,7 +39,10 @@ from aiohttp import web
 
 from athanor.auth import KeyCache, presented
 from athanor.ingress.heads import HeadMemo
-from athanor.ingress.wire import header_text
+from athanor.ingress.wire import ClientExchange, header_text
+
+# aiohttp's request (the admin API, the other listeners) or the front door's (the /v1 path, and its stand-ins)
+ClientRequest = web.Request | ClientExchange
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +170,7 @@ class Guard:
                 self._hosts[host] = allowed
         return allowed
 
-    def refusal(self, request: web.Request, policy: Policy, auth: dict[str, Any]) -> tuple[int, str] | None:
+    def refusal(self, request: ClientRequest, policy: Policy, auth: dict[str, Any]) -> tuple[int, str] | None:
         """(status, reason) when the request must be refused, else None. ``auth``: the Gateway's spec.auth.
         Never raises: the caller runs it outside its error handling."""
         try:
@@ -195,7 +198,7 @@ class Guard:
             log.exception("unexpected error checking %s %s", request.method, request.path[:200])
             return 500, "internal error in the gateway (see its log)"
 
-    def _refusal(self, request: web.Request, host: str | None, origin: str | None, fetch_site: str | None,
+    def _refusal(self, request: ClientRequest, host: str | None, origin: str | None, fetch_site: str | None,
                  policy: Policy, auth: dict[str, Any]) -> tuple[int, str] | None:
         if host is not None and not self._host_allowed(host, policy):
             return 403, (f"host {host[:100]!r} is not served here (DNS-rebinding protection); add it to the "
@@ -216,7 +219,7 @@ class Guard:
             return _key_refusal(self.keys.api, request, "API")
         return None
 
-    def _admin_refusal(self, request: web.Request) -> tuple[int, str] | None:
+    def _admin_refusal(self, request: ClientRequest) -> tuple[int, str] | None:
         """An admin key admits everything; a read-only key, GETs only (from any peer, like an admin key). Without
         an admin key configured, a loopback peer that presents no key is admitted, as before there were keys."""
         admin, read_only = self.keys.admin, self.keys.read_only
@@ -238,14 +241,14 @@ class Guard:
         return None
 
     @staticmethod
-    def cors_headers(request: web.Request, policy: Policy) -> dict[str, str]:
+    def cors_headers(request: ClientRequest, policy: Policy) -> dict[str, str]:
         """Headers for an answer to an allowed cross-origin request (none for anything else)."""
         origin = request.headers.get("Origin")
         if origin is None or request.path.startswith(ADMIN_PREFIX) or not policy.cors_allowed(origin):
             return {}
         return {"Access-Control-Allow-Origin": "*" if policy.any_origin else origin, "Vary": "Origin"}
 
-    def preflight(self, request: web.Request, policy: Policy) -> tuple[int, dict[str, str], str | None]:
+    def preflight(self, request: ClientRequest, policy: Policy) -> tuple[int, dict[str, str], str | None]:
         """The answer to ``OPTIONS``: (status, headers, error message or None)."""
         allow = {"Allow": "GET, POST, OPTIONS"}
         origin = request.headers.get("Origin")
@@ -279,7 +282,7 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else header_text(value)
 
 
-def _cors_preflight(request: web.Request, policy: Policy) -> bool:
+def _cors_preflight(request: ClientRequest, policy: Policy) -> bool:
     """A browser's CORS preflight from an origin the Gateway lists: it carries no key (browsers never send
     ``Authorization`` on one) and does nothing but ask; the request it clears must present the key."""
     origin = request.headers.get("Origin")
@@ -287,7 +290,7 @@ def _cors_preflight(request: web.Request, policy: Policy) -> bool:
             and "Access-Control-Request-Method" in request.headers and policy.cors_allowed(origin))
 
 
-def _key_refusal(keys: Any, request: web.Request, what: str) -> tuple[int, str] | None:
+def _key_refusal(keys: Any, request: ClientRequest, what: str) -> tuple[int, str] | None:
     key = presented(request.headers)
     if keys.admits(key):
         return None
@@ -298,5 +301,5 @@ def _key_refusal(keys: Any, request: web.Request, what: str) -> tuple[int, str] 
     return 401, f"the {what} key presented is not valid"
 
 
-def _loopback_peer(request: web.Request) -> bool:
+def _loopback_peer(request: ClientRequest) -> bool:
     return _is_loopback((request.remote or "").split("%")[0])  # an IPv4 peer of [::] arrives as ::ffff:a.b.c.d

@@ -52,7 +52,7 @@ from athanor.ingress.upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from athanor.ingress.wire import Request
+from athanor.ingress.wire import ClientExchange, Request
 from athanor.runtimes.launch import RUNTIMES
 from athanor.runtimes.routes import ALL_ROUTES, USAGE_ROUTES
 
@@ -86,7 +86,7 @@ class Proxy:
         self._runtime_lines: tuple[Upstream, bytes] | None = None  # _lines_for's last answer
         self._admitted: tuple[dict[str, Any], str, str, tuple[Any, ...] | None, dict[str, Any]] | None = None
 
-    async def __call__(self, request: Request) -> None:
+    async def __call__(self, request: ClientExchange) -> None:
         arrived = time.monotonic()
         try:
             payload, requested, name = self._named(request)
@@ -108,7 +108,7 @@ class Proxy:
                 status = request.status or CLIENT_GONE
             tap.finish(status, client_gone=request.client_gone and not tap.stream_ended())
 
-    def _named(self, request: Request) -> tuple[dict[str, Any], str, str]:
+    def _named(self, request: ClientExchange) -> tuple[dict[str, Any], str, str]:
         """The request's JSON body, the model it asks for, and that model's name; raises _Refused with the answer
         to a request refused before any model is known (not counted against a model)."""
         controller = self.controller
@@ -163,7 +163,7 @@ class Proxy:
             return (400, shape[0], "invalid_type", shape[1]), {}
         return None, changes or {}
 
-    async def _for_model(self, request: Request, name: str, requested: str, route: str, payload: dict[str, Any],
+    async def _for_model(self, request: ClientExchange, name: str, requested: str, route: str, payload: dict[str, Any],
                          body: bytes, tap: Tap) -> int:
         """Everything after the model is known (and every answer from here on is counted against it): what it
         cannot be asked is refused, then it is leased and served. Returns the status answered."""
@@ -215,7 +215,7 @@ class Proxy:
         connection.send_now(head, body, self.pool.idle_timeout, quick.answered)
         return quick.client_gone
 
-    async def _serve(self, request: Request, lease: Lease, name: str, requested: str, payload: dict[str, Any],
+    async def _serve(self, request: ClientExchange, lease: Lease, name: str, requested: str, payload: dict[str, Any],
                      body: bytes, changes: dict[str, Any], tap: Tap, attempts: tuple[int, ...] = (1, 2)) -> int:
         """Wait for the runtime, forward, and try once more if it turned out to be gone before it got the request."""
         try:
@@ -225,25 +225,25 @@ class Proxy:
                 upstream = await _acquire(lease, request, name)
                 try:
                     return await self._forward(request, lease, upstream, requested, payload, body, changes, tap)
-                except UpstreamUnreachable as exc:
+                except UpstreamUnreachable as unreachable:
                     # Nothing reached the runtime: it died since it was last seen. The lease reports it (a death is
                     # recorded once) and the second try gets whatever runtime comes next, a restarted one if need be.
                     await lease.runtime_died()
                     if attempt == 2:
-                        return await _failed(request, 502, f"runtime for {name!r} is not reachable: {exc}",
+                        return await _failed(request, 502, f"runtime for {name!r} is not reachable: {unreachable}",
                                              "upstream_failed")
-                except UpstreamDropped as exc:  # a kept-alive connection the runtime, alive, dropped: sent again
+                except UpstreamDropped as dropped:  # a kept-alive connection the runtime, alive, dropped: sent again
                     if attempt == 2:
-                        return await _failed(request, 502, f"runtime for {name!r} failed mid-request: {exc}",
+                        return await _failed(request, 502, f"runtime for {name!r} failed mid-request: {dropped}",
                                              "upstream_failed")
-        except ServingError as exc:
-            return await _failed(request, *serving_status(exc))
+        except ServingError as unavailable:
+            return await _failed(request, *serving_status(unavailable))
         except ConnectionResetError:
             return request.status  # the client went away while being kept alive
         raise AssertionError("unreachable")
 
-    def _outgoing(self, request: Request, upstream: Upstream, requested: str, payload: dict[str, Any], body: bytes,
-                  changes: dict[str, Any], tap: Tap) -> tuple[bytes, bytes, ModelIdRewrite | None]:
+    def _outgoing(self, request: ClientExchange, upstream: Upstream, requested: str, payload: dict[str, Any],
+                  body: bytes, changes: dict[str, Any], tap: Tap) -> tuple[bytes, bytes, ModelIdRewrite | None]:
         """What goes to the runtime: (body, its header lines: the runtime's own and the client's passed on, the
         model id's rewrite for the answer, if the runtime answers to another name)."""
         model_id = None
@@ -274,7 +274,7 @@ class Proxy:
             cached = self._runtime_lines = (upstream, lines.encode())
         return cached[1]
 
-    async def _forward(self, request: Request, lease: Lease, upstream: Upstream, requested: str,
+    async def _forward(self, request: ClientExchange, lease: Lease, upstream: Upstream, requested: str,
                        payload: dict[str, Any], body: bytes, changes: dict[str, Any], tap: Tap) -> int:
         body, raw, model_id = self._outgoing(request, upstream, requested, payload, body, changes, tap)
         try:
@@ -310,7 +310,8 @@ class Proxy:
             # generating for it and the slot is freed.
             return request.status
 
-    async def _upstream_failed(self, request: Request, lease: Lease, upstream: Upstream, exc: UpstreamError) -> int:
+    async def _upstream_failed(self, request: ClientExchange, lease: Lease, upstream: Upstream,
+                               exc: UpstreamError) -> int:
         """The answer to a request whose runtime failed it once sent; raises UpstreamDropped when it may be sent
         again (a kept-alive connection the runtime, alive, dropped as the request went out)."""
         if isinstance(exc, UpstreamDropped):
@@ -448,7 +449,7 @@ def _whole_answer(response: Response, data: bytes, model_id: ModelIdRewrite | No
     return model_id.apply(data) if model_id is not None else data
 
 
-async def _acquire(lease: Lease, request: Request, name: str) -> Upstream:
+async def _acquire(lease: Lease, request: ClientExchange, name: str) -> Upstream:
     """``lease.acquire()``; a streaming client whose headers are out gets an SSE comment every few seconds
     meanwhile, so it and any proxy in between do not time out."""
     if not request.started or lease.ready:
@@ -474,12 +475,12 @@ def serving_status(exc: ServingError) -> tuple[int, str, str]:
     return 503, str(exc), "model_unavailable"
 
 
-async def _error(request: Request, status: int, message: str, code: str, param: str | None = None) -> int:
+async def _error(request: ClientExchange, status: int, message: str, code: str, param: str | None = None) -> int:
     await request.error(status, message, code, param)
     return status
 
 
-async def _failed(request: Request, status: int, message: str, code: str) -> int:
+async def _failed(request: ClientExchange, status: int, message: str, code: str) -> int:
     """An error as the answer, or as the last SSE event of a stream whose head is out."""
     if not request.started:
         return await _error(request, status, message, code)
@@ -491,11 +492,11 @@ async def _failed(request: Request, status: int, message: str, code: str) -> int
     return request.status
 
 
-async def _start_sse(request: Request, status: int) -> None:
+async def _start_sse(request: ClientExchange, status: int) -> None:
     await request.start(status, SSE_HEADERS)
 
 
-async def _pump(resp: Response, request: Request, model_id: ModelIdRewrite | None, tap: Tap) -> None:
+async def _pump(resp: Response, request: ClientExchange, model_id: ModelIdRewrite | None, tap: Tap) -> None:
     """Copy the upstream stream as it arrives (``_Relay``, in the connection's callbacks); the last bytes written
     are left in ``tap.tail``."""
     relay = _Relay(request, model_id, tap)
@@ -511,7 +512,7 @@ class _Relay:
 
     __slots__ = ("carry", "first", "model_id", "request", "tap")
 
-    def __init__(self, request: Request, model_id: ModelIdRewrite | None, tap: Tap):
+    def __init__(self, request: ClientExchange, model_id: ModelIdRewrite | None, tap: Tap):
         self.request, self.model_id, self.tap = request, model_id, tap
         self.carry = b""  # the start of a line whose end has not come yet
         self.first = True
@@ -533,7 +534,7 @@ class _Relay:
         return self.request.write_now(lines)
 
 
-async def _write_lines(request: Request, lines: bytes, model_id: ModelIdRewrite | None, tap: Tap) -> None:
+async def _write_lines(request: ClientExchange, lines: bytes, model_id: ModelIdRewrite | None, tap: Tap) -> None:
     lines = _passed_on(lines, model_id, tap)
     if lines:
         tap.tail = lines

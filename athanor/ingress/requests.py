@@ -16,7 +16,7 @@ from typing import Any
 from athanor.runtimes.routes import MESSAGE_ROUTES, REASONING_ROUTES, REQUIRES_MESSAGES, TASK_ROUTES
 
 _TASK_ONLY = frozenset().union(*TASK_ROUTES.values())
-_scan_json = json.JSONDecoder().scan_once  # the C scanner json.loads ends in
+_scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # the C scanner json.loads ends in
 _JSON_SPACE = " \t\n\r"
 
 

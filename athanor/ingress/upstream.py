@@ -354,14 +354,14 @@ class _Connection(KnownHeads, asyncio.Protocol):
 
     # one exchange
     async def send(self, head: bytes, body: bytes, idle_timeout: float | None) -> Response:
-        self._write(head, body, idle_timeout)
+        response = self._write(head, body, idle_timeout)
         while not self.headers_done:
             if self.error is not None:
                 raise self.error
             if self.closed:
                 raise UpstreamDropped("the runtime closed the connection without answering", reused=self.exchanges > 1)
             await self.wait()
-        return self.response
+        return response
 
     def send_now(self, head: bytes, body: bytes, idle_timeout: float | None,
                  done: Callable[[_Connection], None]) -> None:
@@ -372,10 +372,10 @@ class _Connection(KnownHeads, asyncio.Protocol):
             self.deadline = time.monotonic() + idle_timeout
         self._done = done
 
-    def _write(self, head: bytes, body: bytes, idle_timeout: float | None) -> None:
+    def _write(self, head: bytes, body: bytes, idle_timeout: float | None) -> Response:
         self._reset()
         self.idle_timeout = idle_timeout
-        self.response = Response(self)
+        self.response = response = Response(self)
         self.exchanges += 1
         assert self.transport is not None
         if len(body) <= ONE_WRITE_BODY:
@@ -383,6 +383,7 @@ class _Connection(KnownHeads, asyncio.Protocol):
         else:
             self.transport.write(head)
             self.transport.write(body)
+        return response
 
     @property
     def reusable(self) -> bool:
@@ -556,9 +557,9 @@ class UpstreamPool:
                 try:
                     _, connection = await loop.create_unix_connection(lambda: _Connection(runtime), runtime.socket)
                     return connection
-                except OSError as exc:  # its file removed, say: the runtime's port serves the same
-                    log.warning("cannot connect to %s (%s): %s from now on", runtime.socket, exc.strerror or exc,
-                                authority(*runtime.address))
+                except OSError as unreachable:  # its file removed, say: the runtime's port serves the same
+                    log.warning("cannot connect to %s (%s): %s from now on", runtime.socket,
+                                unreachable.strerror or unreachable, authority(*runtime.address))
                     runtime.socket = None
             _, connection = await loop.create_connection(lambda: _Connection(runtime), *runtime.address)
         except BaseException as exc:

@@ -31,7 +31,7 @@ import http
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 from multidict import CIMultiDict
@@ -178,6 +178,40 @@ class Headers:
 
     def __len__(self) -> int:
         return len(self._request.raw_headers)
+
+
+class ClientExchange(Protocol):
+    """What the proxy's coroutine path and the guard read and call of a client's request: the front door's
+    ``Request``, or a stand-in that answers in another API's shape (``ollama/exchange.py``). A protocol rather than
+    the class because compiled (``athanor/native.py``) a parameter typed as ``Request`` accepts that class only."""
+
+    method: str
+    target: str
+    path: str
+    body: bytes
+    status: int
+    started: bool
+
+    @property
+    def fields(self) -> dict[bytes, bytes]: ...
+    @property
+    def forward(self) -> bytes: ...
+    @property
+    def head_key(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Headers: ...
+    @property
+    def remote(self) -> str | None: ...
+    @property
+    def client_gone(self) -> bool: ...
+    async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes, raw: bytes = b"") -> None: ...
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None: ...
+    async def write(self, data: bytes) -> None: ...
+    def write_now(self, data: bytes) -> bool: ...
+    async def drain(self) -> None: ...
+    async def end(self) -> None: ...
+    async def error(self, status: int, message: str, code: str, param: str | None = None, *,
+                    headers: list[tuple[str, str]] | None = None) -> None: ...
 
 
 class Request:
@@ -372,11 +406,11 @@ class Connection(KnownHeads, asyncio.Protocol):
             self._stop_reading()
             if self._queue and isinstance(self._queue[-1], Request):
                 self._queue[-1].keep_alive = False
-        except httptools.HttpParserCallbackError as exc:
-            refused = exc.__context__ if isinstance(exc.__context__, Refused) else None
+        except httptools.HttpParserCallbackError as failed:
+            refused = failed.__context__ if isinstance(failed.__context__, Refused) else None
             self._malformed(refused or Refused(400, "malformed HTTP request", "bad_request"))
-        except httptools.HttpParserError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "malformed request"
+        except httptools.HttpParserError as malformed:
+            reason = str(malformed).strip().splitlines()[0] if str(malformed).strip() else "malformed request"
             self._malformed(Refused(400, f"malformed HTTP request: {reason[:120]}", "bad_request"))
 
     def eof_received(self) -> bool:
