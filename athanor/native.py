@@ -3,16 +3,20 @@
 Why: on a small machine the client, the gateway and the runtime share the cores, so every microsecond the gateway
 spends on a proxied request is taken from the other two (README, "The hot path"). The modules each proxied request
 runs through (the front door, the upstream pool, the fast path, the heads' memo, the usage tap, the body's reading)
-are compiled unchanged, as C extensions: the same code, about a fifth less of the gateway's CPU per request.
+are compiled unchanged, as C extensions: the same code, less than half its time in-process.
 
 How it stays safe:
-- The build lives apart from the sources, in ``athanor/ingress/_compiled/``, with a stamp holding the hash of each
-  source it was compiled from. ``athanor.ingress`` puts that directory ahead of its own on its ``__path__`` only
-  while every hash and the interpreter's ABI match: an edited source runs as Python, never as a stale build.
+- The build lives apart from the sources, under ``athanor/ingress/_compiled/``, with a stamp holding the hash of each
+  compiled source, the size and time of every athanor module they import (compiled code checks the types those
+  declare, and takes their constants as they were), the interpreter's extension ABI and the machine, and the
+  files the build made. ``athanor.ingress`` puts the build ahead of its own directory on its ``__path__`` only while
+  all of it matches: an edited module runs as Python, never against a stale build.
 - Nothing needs it. Without mypy or a C compiler (a wheel, a Mac without Xcode's tools) the same modules run as
   Python; ``ATHANOR_COMPILED=0`` runs them as Python anyway (profiling with cProfile or py-spy's Python frames,
   debugging).
-- A build replaces the last one whole, and writes its stamp last: an interrupted build leaves the old one or none.
+- Each build goes in a directory of its own, and the stamp that names it replaces the old one in one rename: a
+  process starting meanwhile loads the old build or the new one whole. The build before stays (a process may have
+  read the old stamp and not yet imported); older ones are removed.
 
     python -m athanor.native build     compile, unless the build is current (scripts/setup.sh runs it)
     python -m athanor.native status    compiled or not, and why
@@ -30,13 +34,14 @@ from pathlib import Path
 from typing import Any
 
 INGRESS = Path(__file__).parent / "ingress"
-BUILD_DIR = "_compiled"
+BUILD_DIR = "_compiled"  # in the package: the stamp, and a directory per build
 STAMP = "stamp.json"
 # Every proxied request runs through these, and they type-check under mypy as mypyc needs. One group: they call
 # one another as C, so they are compiled (and loaded) together or not at all.
 MODULES = ("heads", "requests", "tap", "upstream", "wire", "proxy")
-GROUP = "athanor.ingress._hot"  # the shared library of the group, next to the modules
-BUILD_COMMAND = "python -m athanor.native build"
+GROUP = "athanor.ingress._hot"  # the group's shared library, beside the modules
+BUILD_COMMAND = f"{sys.executable} -m athanor.native build"
+USAGE = "usage: python -m athanor.native build|status"
 
 
 class BuildFailed(Exception):
@@ -49,48 +54,112 @@ class HotPath:
 
     compiled: bool
     reason: str
-
-
-def _abi() -> str:
-    return EXTENSION_SUFFIXES[0]  # what this interpreter's extension modules end in: ".cpython-311-x86_64-linux-gnu.so"
-
-
-def fingerprint(package: Path = INGRESS) -> dict[str, Any]:
-    """What a build must match to be used: the interpreter's extension ABI and each module's source."""
-    return {"abi": _abi(),
-            "modules": {name: hashlib.sha256((package / f"{name}.py").read_bytes()).hexdigest() for name in MODULES}}
+    directory: str | None = None  # the build's, when compiled
 
 
 def hot_path(package: Path = INGRESS) -> HotPath:
     """Never raises: a missing, foreign or damaged build only means the modules run as Python."""
     if os.environ.get("ATHANOR_COMPILED", "").strip() == "0":
         return HotPath(False, "Python: ATHANOR_COMPILED=0")
+    return _current(package)
+
+
+def package_path(path: list[str], hot: HotPath) -> list[str]:
+    """``athanor.ingress``'s ``__path__``: the build's directory first while it matches the sources."""
+    return [hot.directory, *path] if hot.compiled and hot.directory else path
+
+
+def _current(package: Path) -> HotPath:
     stamp_path = package / BUILD_DIR / STAMP
     try:
         stamp = json.loads(stamp_path.read_text())
-        built_abi, built = stamp["abi"], stamp["modules"]
-        current = fingerprint(package)
+        built = package / BUILD_DIR / stamp["build"]
+        if stamp["abi"] != _abi() or stamp["machine"] != os.uname().machine:
+            return HotPath(False, f"Python: compiled for {stamp['machine']} {stamp['abi']}, this interpreter is "
+                                  f"{os.uname().machine} {_abi()}")
+        sources = _sources(package)
+        changed = [f"{name}.py" for name in MODULES if stamp["modules"].get(name) != sources[name]]
+        root = package.parent.parent
+        changed += [path for path, seen in stamp["depends"].items() if _seen(root / path) != seen]
+        if changed:
+            return HotPath(False, f"Python: changed since compiled: {', '.join(changed)}")
+        missing = [name for name in stamp["files"] if not (built / name).is_file()]
+        if missing or not stamp["files"]:
+            return HotPath(False, f"Python: the build in {built} lacks {', '.join(missing) or 'every file'}")
+        return HotPath(True, f"compiled (mypyc {stamp['mypy']})", str(built))
     except FileNotFoundError:
-        return HotPath(False, f"Python: not compiled ({BUILD_COMMAND})")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return HotPath(False, f"Python: {stamp_path} is unreadable ({type(exc).__name__}: {exc}); {BUILD_COMMAND}")
-    if built_abi != current["abi"]:
-        return HotPath(False, f"Python: compiled for {built_abi}, this interpreter loads {current['abi']} "
-                              f"({BUILD_COMMAND})")
-    changed = [f"{name}.py" for name in MODULES
-               if not isinstance(built, dict) or built.get(name) != current["modules"][name]]
-    if changed:
-        return HotPath(False, f"Python: changed since compiled: {', '.join(changed)} ({BUILD_COMMAND})")
-    return HotPath(True, f"compiled (mypyc {stamp.get('mypy', '?')})")
+        return HotPath(False, "Python: not compiled")
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with the stamp, Python runs
+        return HotPath(False, f"Python: {stamp_path} is unreadable ({type(exc).__name__}: {exc})")
 
 
-def package_path(path: list[str], hot: HotPath, package: Path = INGRESS) -> list[str]:
-    """``athanor.ingress``'s ``__path__``: the build's directory first while it matches the sources."""
-    return [str(package / BUILD_DIR), *path] if hot.compiled else path
+def can_compile() -> bool:
+    """mypyc installed, and a C compiler for it on PATH."""
+    import importlib.util
+    import shutil
+
+    return importlib.util.find_spec("mypyc") is not None and any(
+        shutil.which(cc) for cc in (os.environ.get("CC", "cc"), "cc", "gcc", "clang"))
+
+
+def fingerprint(package: Path, mypy_version: str) -> dict[str, Any]:
+    """What a build of ``package``'s MODULES made now is stamped with (``build`` and ``files`` follow)."""
+    root = package.parent.parent
+    return {"abi": _abi(), "machine": os.uname().machine, "mypy": mypy_version, "modules": _sources(package),
+            "depends": {str(path.relative_to(root)): _seen(path) for path in _depends(package)}}
+
+
+def _abi() -> str:
+    return EXTENSION_SUFFIXES[0]  # what this interpreter's extension modules end in: ".cpython-311-x86_64-linux-gnu.so"
+
+
+def _sources(package: Path) -> dict[str, str]:
+    return {name: hashlib.sha256((package / f"{name}.py").read_bytes()).hexdigest() for name in MODULES}
+
+
+def _seen(path: Path) -> list[int] | None:
+    """A dependency's size and modification time: cheap enough for every start of the CLI, and an edit changes
+    them (a touch without an edit only costs a build)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _depends(package: Path) -> list[Path]:
+    """The athanor modules the compiled ones import, directly or not (TYPE_CHECKING and function-level imports
+    included: mypy reads them all), by their sources' import statements."""
+    import ast
+
+    root = package.parent.parent
+    found: dict[str, Path] = {}
+    todo = [f"athanor.ingress.{name}" for name in MODULES]
+    while todo:
+        module = todo.pop()
+        if module in found:
+            continue
+        parts = module.split(".")
+        path = next((p for p in (root.joinpath(*parts, "__init__.py"), root.joinpath(*parts).with_suffix(".py"))
+                     if p.is_file()), None)
+        if path is None:  # a name imported from a module, not a module
+            continue
+        found[module] = path
+        for node in ast.walk(ast.parse(path.read_bytes())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            for name in names:
+                if name.split(".")[0] == "athanor":  # and every package on the way, for its __init__
+                    todo += [".".join(name.split(".")[:end]) for end in range(1, name.count(".") + 2)]
+    compiled = {package / f"{name}.py" for name in MODULES}
+    return sorted(path for path in found.values() if path not in compiled)
 
 
 def build(package: Path = INGRESS) -> HotPath:
-    """Compile MODULES with mypyc and put the result in place of the last build. Raises BuildFailed, saying why."""
+    """Compile MODULES with mypyc and put the build in place of the last one. Raises BuildFailed, saying why."""
     import shutil
     import tempfile
 
@@ -101,12 +170,13 @@ def build(package: Path = INGRESS) -> HotPath:
     except ImportError as exc:
         raise BuildFailed(f"mypy (mypyc) and setuptools are needed to compile: pip install "
                           f"'athanor-gateway[compiled]' ({exc})") from None
-    if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
-        raise BuildFailed("no C compiler (cc) on PATH")
+    if not can_compile():
+        raise BuildFailed("no C compiler (cc, gcc or clang) on PATH")
     # Taken before compiling: a source edited during the build leaves a stamp that does not match (Python runs),
     # never one that matches code the build did not see.
-    stamp = {**fingerprint(package), "mypy": mypy.version.__version__}
+    stamp = fingerprint(package, mypy.version.__version__)
     sources = [str((package / f"{name}.py").resolve()) for name in MODULES]
+    builds = package / BUILD_DIR
     with tempfile.TemporaryDirectory(prefix="athanor-mypyc-") as work_dir:
         work = Path(work_dir)
         here = Path.cwd()
@@ -116,35 +186,47 @@ def build(package: Path = INGRESS) -> HotPath:
                 name="athanor-hot-path",
                 ext_modules=mypycify(sources, group_name=GROUP, target_dir=str(work / "c")),
                 script_args=["--quiet", "build_ext", "--build-lib", str(work / "lib"), "--build-temp",
-                             str(work / "o"), f"--parallel={os.cpu_count() or 1}"],
+                             str(work / "o")],
             )
         except SystemExit as exc:  # mypy's type errors and the compiler's, already printed
             raise BuildFailed(f"mypyc failed ({exc})") from None
         finally:
             os.chdir(here)
-        built = sorted((work / "lib" / "athanor" / "ingress").glob(f"*{_abi()}"))
-        if not built:
+        made = sorted((work / "lib" / "athanor" / "ingress").glob(f"*{_abi()}"))
+        if not made:
             raise BuildFailed(f"mypyc produced no extension modules in {work / 'lib'}")
-        fresh, target, old = (package / f"{BUILD_DIR}.new", package / BUILD_DIR, package / f"{BUILD_DIR}.old")
-        for leftover in (fresh, old):
-            shutil.rmtree(leftover, ignore_errors=True)
-        fresh.mkdir()
-        for extension in built:
-            shutil.copy2(extension, fresh / extension.name)
-        (fresh / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
-        if target.exists():
-            target.rename(old)
-        fresh.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    return hot_path(package)
+        try:
+            builds.mkdir(exist_ok=True)
+            fresh = Path(tempfile.mkdtemp(prefix="build-", dir=builds))
+            for extension in made:
+                shutil.copy2(extension, fresh / extension.name)
+            stamp.update(build=fresh.name, files=[extension.name for extension in made])
+            previous = _named_build(builds / STAMP)
+            written = fresh.with_suffix(".stamp")
+            written.write_text(json.dumps(stamp, indent=2) + "\n")
+            os.replace(written, builds / STAMP)
+        except OSError as exc:
+            raise BuildFailed(f"cannot install the build in {builds}: {exc}") from None
+    for old in builds.iterdir():
+        if old.name not in (fresh.name, previous, STAMP):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return _current(package)
+
+
+def _named_build(stamp_path: Path) -> str | None:
+    try:
+        return str(json.loads(stamp_path.read_text())["build"])
+    except Exception:  # noqa: BLE001 - no stamp, or a damaged one: no build to keep
+        return None
 
 
 def main(argv: list[str]) -> int:
     if argv == ["status"]:
-        print(hot_path().reason)
+        hot = hot_path()
+        print(hot.reason if hot.compiled else f"{hot.reason} (to compile: {BUILD_COMMAND})")
         return 0
     if argv == ["build"]:
-        current = hot_path()
+        current = _current(INGRESS)  # not hot_path(): ATHANOR_COMPILED=0 says how to run, not whether to build
         if current.compiled:
             print(f"athanor's hot path: {current.reason}, up to date")
             return 0
@@ -155,7 +237,7 @@ def main(argv: list[str]) -> int:
             return 1
         print(f"athanor's hot path: {result.reason}")
         return 0 if result.compiled else 1
-    print(__doc__.rsplit("\n\n", 1)[-1].rstrip(), file=sys.stderr)
+    print(USAGE, file=sys.stderr)
     return 2
 
 
