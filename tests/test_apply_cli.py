@@ -80,6 +80,23 @@ def test_typo_is_reported_with_file_line_column_and_path(cli, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_whole_float_where_an_integer_belongs_is_refused_once(cli, home, tmp_path):
+    """JSON Schema counts 1048576.0 as an integer; the gateway's body limit is a count of bytes (the compiled hot
+    path takes an int and nothing else). A preset's integers were checked before: one message per field."""
+    gateway = "apiVersion: athanor.dev/v1alpha1\nkind: Gateway\nmetadata: {name: gateway}\nspec:\n  limits:\n"
+    spec = write(tmp_path / "gateway.yaml", gateway + "    maxRequestBytes: 1048576.0\n")
+    result = cli("apply", "-f", str(spec))
+    assert result.returncode == 1
+    assert result.stderr == f"{spec}:6:5: spec.limits.maxRequestBytes: expected integer, got number 1048576.0\n"
+    assert not (home / "models.json").exists()
+    assert cli("apply", "-f", str(write(spec, gateway + "    maxRequestBytes: 1048576\n"))).returncode == 0
+
+    model = write(tmp_path / "models.yaml", GGUF_MODEL.replace("ctxSize: 128", "ctxSize: 128.0"))
+    result = cli("apply", "-f", str(model))
+    assert result.returncode == 1
+    assert result.stderr.count("spec.preset.ctxSize") == 1, result.stderr
+
+
 def test_every_error_of_every_file_is_reported_and_nothing_is_written(cli, home, tmp_path):
     write(tmp_path / "specs" / "a.yaml", GGUF_MODEL.replace("recipe: coding", "recipe: codng"))
     write(tmp_path / "specs" / "nested" / "b.yml", MLX_MODEL.replace("kind: Model", "kind: Model\nbogus: 1"))

@@ -33,7 +33,7 @@ class Limits:
         spec = self._controller.gateway()["limits"]
         if spec is not self._seen:  # the spec was re-read (any apply): compare the values themselves
             self._seen = spec
-            self.max_body = spec["maxRequestBytes"]
+            self.max_body = int(spec["maxRequestBytes"])  # JSON Schema's integer admits 1048576.0
             idle = spec["upstreamIdleTimeout"]
             if idle != self._idle_text:
                 self._idle_text = idle

@@ -54,7 +54,12 @@ def schema() -> dict[str, Any]:
 def _validator() -> Any:
     import jsonschema
 
-    return jsonschema.Draft202012Validator(schema())
+    # JSON Schema counts 8080.0 as an integer. athanor passes these values on as counts, ports and command-line
+    # arguments (``--parallel 8.0`` is an error to llama-server; the compiled hot path takes ints only), so a spec
+    # must write 8080.
+    integers = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
+    return jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=integers)(schema())
 
 
 def validate_documents(
@@ -79,7 +84,9 @@ def validate_documents(
             resources.append(res)
         if not any(i.path.startswith(("kind", "metadata.name")) for i in found):
             checkable.append(res)  # cross-document rules still run on documents with unrelated schema errors
-    issues += _cross_issues(checkable, stored_models, set(stored_recipes))
+    said = {(issue.file, issue.path) for issue in issues}  # one message per field, the schema's or a rule's
+    issues += [issue for issue in _cross_issues(checkable, stored_models, set(stored_recipes))
+               if (issue.file, issue.path) not in said]
     if issues:
         raise SpecError(issues)
     return resources
