@@ -337,11 +337,12 @@ def _route_refusal(name: str, route: str, obj: dict[str, Any]) -> tuple[str, tup
     keeps the last answer with the object it came from."""
     runtime = obj["spec"]["runtime"]
     artifact = obj.get("artifact") or {}
-    metadata = artifact.get("metadata") or {}
+    metadata, capabilities = artifact.get("metadata"), artifact.get("capabilities")
+    metadata = metadata if isinstance(metadata, dict) else {}  # discovery writes these; a hand edit may not have
     if route not in RUNTIMES[runtime].routes:
         return runtime, (404, f"model {name!r} runs on {runtime}, which does not serve {route} (it serves "
                          f"{', '.join(sorted(RUNTIMES[runtime].routes))})", "unsupported_route"), metadata
-    refusal = task_refusal(name, route, artifact.get("capabilities") or [])
+    refusal = task_refusal(name, route, capabilities if isinstance(capabilities, list) else [])
     if refusal:
         return runtime, (400, refusal, "unsupported_model_task", "model"), metadata
     return runtime, None, metadata

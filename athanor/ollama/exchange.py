@@ -24,7 +24,8 @@ NDJSON = [("Content-Type", "application/x-ndjson")]
 
 
 class OllamaExchange:
-    """Stands in for ``wire.Request`` (the attributes and methods the proxy uses) for one translated request."""
+    """Stands in for ``wire.Request`` for one translated request: a ``wire.ClientExchange``, what the proxy's
+    coroutine path and the guard use of a request."""
 
     __slots__ = ("_client", "_stream", "body", "kind", "method", "model", "path", "started", "status", "target",
                  "translator", "clock")
