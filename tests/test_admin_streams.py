@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 from athanor import views
-from athanor.ingress.heartbeat import HEARTBEAT_ENV
+from athanor.heartbeat import HEARTBEAT_ENV
 from athanor.liveness import daemon_record
 from athanor.store import open_store
 from conftest import ATHANOR

@@ -1,7 +1,7 @@
 """The CLI's side of the admin API (``ingress/admin.py``): requests and Server-Sent Event streams over urllib, so
 commands that talk to the daemon import no HTTP framework.
 
-A stream is read with a timeout of several heartbeats (``ingress/heartbeat.py``): a quiet gateway sends a
+A stream is read with a timeout of several heartbeats (``athanor/heartbeat.py``): a quiet gateway sends a
 heartbeat comment, which is skipped, so only a gateway that sends nothing at all for that long ends a stream."""
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from athanor import catalog
+from athanor import catalog, heartbeat
 from athanor.auth import admin_key_for_cli
 from athanor.errors import AthanorError, NotFoundError
-from athanor.ingress import heartbeat
 from athanor.liveness import daemon_record
 from athanor.store import Store
 

@@ -24,6 +24,7 @@ from athanor.controller import inotify
 
 log = logging.getLogger("athanor.controller")
 
+
 class LogWatch:
     """Sets ``written`` each time the watched file grows (a reader on the event loop); ``close`` when done."""
 

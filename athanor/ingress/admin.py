@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
-from athanor import __version__, views
+from athanor import __version__, heartbeat, views
 from athanor.addresses import authority
 from athanor.controller.events import Lagged
 from athanor.errors import InvalidValueError, ModelUnavailable
-from athanor.ingress import admin_facts, admin_telemetry, heartbeat
+from athanor.ingress import admin_facts, admin_telemetry
 from athanor.ingress.app import CONTROLLER, METRICS, error_response, short
 from athanor.managers.log_reader import POLL_S, LogReader
 from athanor.timestamps import utc_timestamp

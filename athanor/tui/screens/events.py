@@ -32,7 +32,7 @@ class EventsScreen(Screen[None]):
 
     @work(exclusive=True, group="events-view")
     async def stream(self) -> None:
-        from athanor.ingress import heartbeat
+        from athanor import heartbeat
         from athanor.tui.client import AdminUnavailable
 
         log = self.query_one(Log)

@@ -90,7 +90,7 @@ class LogsScreen(Screen[None]):
 
     @work(exclusive=True, group="logs-view")
     async def stream(self) -> None:
-        from athanor.ingress import heartbeat
+        from athanor import heartbeat
         from athanor.tui.client import AdminUnavailable, model_path
 
         while True:

@@ -267,7 +267,7 @@ class MainScreen(Screen[None]):
 
     @work(exclusive=True, group="events")
     async def follow_events(self, session: AdminSession) -> None:
-        from athanor.ingress import heartbeat
+        from athanor import heartbeat
 
         feed = self.query_one(EventFeed)
         feed.clear()
@@ -284,7 +284,7 @@ class MainScreen(Screen[None]):
     async def follow_status(self, session: AdminSession) -> None:
         """In-flight and waiting counts as they change, from the status feed when the daemon has one (an older
         daemon answers 404 and the once-a-second refresh carries them instead)."""
-        from athanor.ingress import heartbeat
+        from athanor import heartbeat
 
         with contextlib.suppress(AdminUnavailable):
             async for kind, status in session.stream("/status?follow=1", heartbeat.read_timeout()):
@@ -307,7 +307,7 @@ class MainScreen(Screen[None]):
     async def follow_log(self, session: AdminSession, name: str) -> None:
         """The selected model's log from its last lines on, across restarts; tried again every second when the
         stream fails (the model may have no log yet)."""
-        from athanor.ingress import heartbeat
+        from athanor import heartbeat
 
         tail = self.query_one(LogTail)
         while self._log_for == name and self.session is session:
