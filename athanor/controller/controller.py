@@ -257,9 +257,12 @@ class Controller:
             if (inst.phase not in (Phase.STANDBY, Phase.FAILED)
                     or self._desired.doc["models"].get(name) is not obj or self._closing):
                 continue  # something changed while room was made: look again
-            spawned = (lambda: self._spawn(self._make_room(name, evict), f"make-room-for-{name}")) if beside else None
-            inst.start_task = self._spawn(self._life.start(inst, obj, launch, spawned or (lambda: None)),
-                                          f"start-{name}")
+
+            def spawned() -> None:  # room made beside the start, once it is under way
+                if beside:
+                    self._spawn(self._make_room(name, evict), f"make-room-for-{name}")
+
+            inst.start_task = self._spawn(self._life.start(inst, obj, launch, spawned), f"start-{name}")
             await asyncio.wait({inst.start_task})
             if self._start_failed(inst):
                 raise ModelUnavailable(f"model {name!r} failed to start: {inst.message}")
@@ -424,17 +427,17 @@ class Controller:
             if not manager.local:
                 try:
                     return manager.prepared(launch), room, None
-                except AthanorError as exc:
-                    raise ModelUnavailable(f"model {inst.name!r}: {exc}") from exc
+                except AthanorError as refused:  # compiled, a name keeps the type it was first bound to
+                    raise ModelUnavailable(f"model {inst.name!r}: {refused}") from refused
             try:
                 if launch.park_dir:  # llama-server refuses a --slot-save-path that is not a directory yet
                     park_files.prepare(Path(launch.park_dir))
                 return manager.prepared(runtime_secret.issued(launch, spare)), room, None
-            except StoreError as exc:
-                raise ModelUnavailable(f"model {inst.name!r}: {exc}") from exc
-            except OSError as exc:
+            except StoreError as unreadable:
+                raise ModelUnavailable(f"model {inst.name!r}: {unreadable}") from unreadable
+            except OSError as failed:
                 raise ModelUnavailable(f"model {inst.name!r}: cannot make its park directory {launch.park_dir}: "
-                                       f"{exc.strerror or exc}") from exc
+                                       f"{failed.strerror or failed}") from failed
 
         try:
             launch, room, problem = await asyncio.to_thread(prepare)

@@ -57,8 +57,8 @@ class DesiredState:
             stamp: object = (st.st_ino, st.st_mtime_ns, st.st_size)  # every atomic write is a new inode
         except FileNotFoundError:
             stamp = None
-        except OSError as exc:
-            stamp = str(exc)
+        except OSError as unreadable:  # compiled, a name keeps the type it was first bound to
+            stamp = str(unreadable)
         if stamp != self._stamp:
             self._stamp = stamp
             if not watch.watching:  # none could be set (no directory yet, say): tried again at the next look

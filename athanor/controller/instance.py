@@ -25,22 +25,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from athanor.controller.changes import Changes
+from athanor.controller.phase import Phase, TransitionError
 from athanor.managers.base import Handle
 from athanor.runtimes.launch import LaunchSpec
 
-
-class Phase(str, Enum):
-    STANDBY = "Standby"
-    STARTING = "Starting"
-    READY = "Ready"
-    DRAINING = "Draining"
-    STOPPING = "Stopping"
-    FAILED = "Failed"
-
+__all__ = ["ALLOWED", "RUNNING", "Instance", "Observer", "Phase", "TransitionError"]
 
 ALLOWED: dict[Phase, frozenset[Phase]] = {
     Phase.STANDBY: frozenset({Phase.STARTING}),
@@ -53,10 +45,6 @@ ALLOWED: dict[Phase, frozenset[Phase]] = {
 RUNNING = frozenset({Phase.STARTING, Phase.READY, Phase.DRAINING})  # a process of ours may be serving
 
 Observer = Callable[["Instance", Phase, Phase], None]  # (instance, old phase, new phase)
-
-
-class TransitionError(RuntimeError):
-    """A phase change the table forbids: a bug in the controller, never a user error."""
 
 
 @dataclass(eq=False)
@@ -95,6 +83,9 @@ class Instance:
     _idle: asyncio.Event | None = field(default=None, init=False, repr=False)
     observers: list[Observer] = field(default_factory=list)
     changes: Changes = field(default_factory=Changes)  # the controller's: bumped by phases and counts (status feed)
+
+    def __post_init__(self) -> None:
+        self._idle = None  # compiled (athanor/native.py), a field left out of __init__ gets no default of its own
 
     def move(self, new: Phase, message: str = "") -> None:
         old = self.phase

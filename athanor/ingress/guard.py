@@ -32,7 +32,7 @@ import logging
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -82,7 +82,7 @@ def _this_machine() -> set[str]:
     Local facts only (no DNS lookup, which can take seconds): the host name, its ``.local`` (mDNS) name and the
     interfaces' addresses as they are when the gateway starts.
     """
-    import psutil
+    import psutil  # type: ignore[import-untyped]  # no stubs: mypy checks this module for the compiled build
 
     hostname = socket.gethostname().lower()
     names = {hostname, hostname.split(".")[0] + ".local"}
@@ -181,17 +181,17 @@ class Guard:
                 headers = request.headers
                 host, origin, fetch_site = headers.get("Host"), headers.get("Origin"), headers.get("Sec-Fetch-Site")
             else:  # the values as the front door's one pass over the headers read them
-                fields = request.fields
+                fields = cast(ClientExchange, request).fields
                 if key is not None:  # a head the front door remembers: admitted before, under these settings?
                     self.keys.refresh(auth)
-                    admitted = self._admitted.get(key)
+                    admitted = self._admitted.get(cast(bytes, key))
                     if admitted is not None and admitted[0] is policy and admitted[1] is self.keys.api:
                         return None
                 host, origin, fetch_site = (_text(fields.get(b"host")), _text(fields.get(b"origin")),
                                             _text(fields.get(b"sec-fetch-site")))
                 refused = self._refusal(request, host, origin, fetch_site, policy, auth)
                 if refused is None and key is not None and not _judged_by_peer(request.path):
-                    self._admitted.remember(key, (policy, self.keys.api))
+                    self._admitted.remember(cast(bytes, key), (policy, self.keys.api))
                 return refused
             return self._refusal(request, host, origin, fetch_site, policy, auth)
         except Exception:  # noqa: BLE001 - a bug here must still answer in the format clients parse
