@@ -2,15 +2,18 @@
 
 Why: on a small machine the client, the gateway and the runtime share the cores, so every microsecond the gateway
 spends on a proxied request is taken from the other two (README, "The hot path"). The modules each proxied request
-runs through (the front door, the upstream pool, the fast path, the heads' memo, the usage tap, the body's reading)
-are compiled unchanged, as C extensions: the same code, less than half its time in-process.
+runs through are compiled unchanged, as C extensions: in ``athanor.ingress`` the front door, the upstream pool,
+the fast path, the heads' memo, the usage tap, the body's reading, the guard and the limits; in
+``athanor.controller`` the admission (``use_now``), the lease, the instance's counts and the desired state's
+freshness. The same code, about a third of its time in-process.
 
 How it stays safe:
-- The build lives apart from the sources, under ``athanor/ingress/_compiled/``, with a stamp holding the hash of each
+- The build lives apart from the sources, under ``athanor/_compiled/``, with a stamp holding the hash of each
   compiled source, the size and time of every athanor module they import (compiled code checks the types those
   declare, and takes their constants as they were), the interpreter's extension ABI and the machine, and the
-  files the build made. ``athanor.ingress`` puts the build ahead of its own directory on its ``__path__`` only while
-  all of it matches: an edited module runs as Python, never against a stale build.
+  files the build made. ``athanor.ingress`` and ``athanor.controller`` put the build's directory for them ahead of
+  their own on their ``__path__`` only while all of it matches: an edited module runs as Python, never against a
+  stale build. Both ask once per process (``for_this_process``), so they agree.
 - Nothing needs it. Without mypy or a C compiler (a wheel, a Mac without Xcode's tools) the same modules run as
   Python; ``ATHANOR_COMPILED=0`` runs them as Python anyway (profiling with cProfile or py-spy's Python frames,
   debugging).
@@ -24,6 +27,7 @@ How it stays safe:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -33,13 +37,17 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import Any
 
-INGRESS = Path(__file__).parent / "ingress"
-BUILD_DIR = "_compiled"  # in the package: the stamp, and a directory per build
+ROOT = Path(__file__).parent  # the athanor package
+BUILD_DIR = "_compiled"  # in the package: the stamp, and a directory per build (a subdirectory per package)
 STAMP = "stamp.json"
 # Every proxied request runs through these, and they type-check under mypy as mypyc needs. One group: they call
-# one another as C, so they are compiled (and loaded) together or not at all.
-MODULES = ("heads", "requests", "tap", "upstream", "wire", "proxy")
-GROUP = "athanor.ingress._hot"  # the group's shared library, beside the modules
+# one another as C, so they are compiled (and loaded) together or not at all. Each package listed here sets its
+# ``__path__`` with ``package_path``.
+MODULES = ("ingress.heads", "ingress.requests", "ingress.tap", "ingress.upstream", "ingress.wire", "ingress.proxy",
+           "ingress.guard", "ingress.limits", "controller.changes", "controller.desired", "controller.instance",
+           "controller.lease", "controller.controller")
+PACKAGES = tuple(sorted({module.split(".")[0] for module in MODULES}))
+GROUP = "athanor.ingress._hot"  # the group's shared library, beside the ingress modules
 BUILD_COMMAND = f"{sys.executable} -m athanor.native build"
 USAGE = "usage: python -m athanor.native build|status"
 
@@ -57,30 +65,36 @@ class HotPath:
     directory: str | None = None  # the build's, when compiled
 
 
-def hot_path(package: Path = INGRESS) -> HotPath:
+def hot_path(root: Path = ROOT) -> HotPath:
     """Never raises: a missing, foreign or damaged build only means the modules run as Python."""
     if os.environ.get("ATHANOR_COMPILED", "").strip() == "0":
         return HotPath(False, "Python: ATHANOR_COMPILED=0")
-    return _current(package)
+    return _current(root)
 
 
-def package_path(path: list[str], hot: HotPath) -> list[str]:
-    """``athanor.ingress``'s ``__path__``: the build's directory first while it matches the sources."""
-    return [hot.directory, *path] if hot.compiled and hot.directory else path
+@functools.cache
+def for_this_process() -> HotPath:
+    """``hot_path()``, asked once per process: every package with compiled modules loads from the same build, or
+    none does."""
+    return hot_path()
 
 
-def _current(package: Path) -> HotPath:
-    stamp_path = package / BUILD_DIR / STAMP
+def package_path(path: list[str], hot: HotPath, package: str) -> list[str]:
+    """The ``__path__`` of ``athanor.<package>``: the build's directory for it first while the build matches."""
+    return [os.path.join(hot.directory, package), *path] if hot.compiled and hot.directory else path
+
+
+def _current(root: Path) -> HotPath:
+    stamp_path = root / BUILD_DIR / STAMP
     try:
         stamp = json.loads(stamp_path.read_text())
-        built = package / BUILD_DIR / stamp["build"]
+        built = root / BUILD_DIR / stamp["build"]
         if stamp["abi"] != _abi() or stamp["machine"] != os.uname().machine:
             return HotPath(False, f"Python: compiled for {stamp['machine']} {stamp['abi']}, this interpreter is "
                                   f"{os.uname().machine} {_abi()}")
-        sources = _sources(package)
-        changed = [f"{name}.py" for name in MODULES if stamp["modules"].get(name) != sources[name]]
-        root = package.parent.parent
-        changed += [path for path, seen in stamp["depends"].items() if _seen(root / path) != seen]
+        sources = _sources(root)
+        changed = [_file(module) for module in MODULES if stamp["modules"].get(module) != sources[module]]
+        changed += [path for path, seen in stamp["depends"].items() if _seen(root.parent / path) != seen]
         if changed:
             return HotPath(False, f"Python: changed since compiled: {', '.join(changed)}")
         missing = [name for name in stamp["files"] if not (built / name).is_file()]
@@ -102,19 +116,23 @@ def can_compile() -> bool:
         shutil.which(cc) for cc in (os.environ.get("CC", "cc"), "cc", "gcc", "clang"))
 
 
-def fingerprint(package: Path, mypy_version: str) -> dict[str, Any]:
-    """What a build of ``package``'s MODULES made now is stamped with (``build`` and ``files`` follow)."""
-    root = package.parent.parent
-    return {"abi": _abi(), "machine": os.uname().machine, "mypy": mypy_version, "modules": _sources(package),
-            "depends": {str(path.relative_to(root)): _seen(path) for path in _depends(package)}}
+def fingerprint(root: Path, mypy_version: str) -> dict[str, Any]:
+    """What a build of the MODULES under ``root`` made now is stamped with (``build`` and ``files`` follow)."""
+    return {"abi": _abi(), "machine": os.uname().machine, "mypy": mypy_version, "modules": _sources(root),
+            "depends": {str(path.relative_to(root.parent)): _seen(path) for path in _depends(root)}}
 
 
 def _abi() -> str:
     return EXTENSION_SUFFIXES[0]  # what this interpreter's extension modules end in: ".cpython-311-x86_64-linux-gnu.so"
 
 
-def _sources(package: Path) -> dict[str, str]:
-    return {name: hashlib.sha256((package / f"{name}.py").read_bytes()).hexdigest() for name in MODULES}
+def _file(module: str) -> str:
+    """A compiled module's source, relative to the athanor package: ``ingress/wire.py``."""
+    return module.replace(".", "/") + ".py"
+
+
+def _sources(root: Path) -> dict[str, str]:
+    return {module: hashlib.sha256((root / _file(module)).read_bytes()).hexdigest() for module in MODULES}
 
 
 def _seen(path: Path) -> list[int] | None:
@@ -127,14 +145,14 @@ def _seen(path: Path) -> list[int] | None:
     return [info.st_size, info.st_mtime_ns]
 
 
-def _depends(package: Path) -> list[Path]:
+def _depends(package_root: Path) -> list[Path]:
     """The athanor modules the compiled ones import, directly or not (TYPE_CHECKING and function-level imports
     included: mypy reads them all), by their sources' import statements."""
     import ast
 
-    root = package.parent.parent
+    root = package_root.parent
     found: dict[str, Path] = {}
-    todo = [f"athanor.ingress.{name}" for name in MODULES]
+    todo = [f"athanor.{module}" for module in MODULES]
     while todo:
         module = todo.pop()
         if module in found:
@@ -154,11 +172,11 @@ def _depends(package: Path) -> list[Path]:
             for name in names:
                 if name.split(".")[0] == "athanor":  # and every package on the way, for its __init__
                     todo += [".".join(name.split(".")[:end]) for end in range(1, name.count(".") + 2)]
-    compiled = {package / f"{name}.py" for name in MODULES}
+    compiled = {package_root / _file(module) for module in MODULES}
     return sorted(path for path in found.values() if path not in compiled)
 
 
-def build(package: Path = INGRESS) -> HotPath:
+def build(root: Path = ROOT) -> HotPath:
     """Compile MODULES with mypyc and put the build in place of the last one. Raises BuildFailed, saying why."""
     import shutil
     import tempfile
@@ -174,9 +192,9 @@ def build(package: Path = INGRESS) -> HotPath:
         raise BuildFailed("no C compiler (cc, gcc or clang) on PATH")
     # Taken before compiling: a source edited during the build leaves a stamp that does not match (Python runs),
     # never one that matches code the build did not see.
-    stamp = fingerprint(package, mypy.version.__version__)
-    sources = [str((package / f"{name}.py").resolve()) for name in MODULES]
-    builds = package / BUILD_DIR
+    stamp = fingerprint(root, mypy.version.__version__)
+    sources = [str((root / _file(module)).resolve()) for module in MODULES]
+    builds = root / BUILD_DIR
     with tempfile.TemporaryDirectory(prefix="athanor-mypyc-") as work_dir:
         work = Path(work_dir)
         here = Path.cwd()
@@ -192,15 +210,17 @@ def build(package: Path = INGRESS) -> HotPath:
             raise BuildFailed(f"mypyc failed ({exc})") from None
         finally:
             os.chdir(here)
-        made = sorted((work / "lib" / "athanor" / "ingress").glob(f"*{_abi()}"))
+        lib = work / "lib" / "athanor"
+        made = sorted(path.relative_to(lib) for package in PACKAGES for path in (lib / package).glob(f"*{_abi()}"))
         if not made:
             raise BuildFailed(f"mypyc produced no extension modules in {work / 'lib'}")
         try:
             builds.mkdir(exist_ok=True)
             fresh = Path(tempfile.mkdtemp(prefix="build-", dir=builds))
             for extension in made:
-                shutil.copy2(extension, fresh / extension.name)
-            stamp.update(build=fresh.name, files=[extension.name for extension in made])
+                (fresh / extension.parent).mkdir(exist_ok=True)
+                shutil.copy2(lib / extension, fresh / extension)
+            stamp.update(build=fresh.name, files=[str(extension) for extension in made])
             previous = _named_build(builds / STAMP)
             written = fresh.with_suffix(".stamp")
             written.write_text(json.dumps(stamp, indent=2) + "\n")
@@ -210,7 +230,8 @@ def build(package: Path = INGRESS) -> HotPath:
     for old in builds.iterdir():
         if old.name not in (fresh.name, previous, STAMP):
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-    return _current(package)
+    shutil.rmtree(root / "ingress" / BUILD_DIR, ignore_errors=True)  # where builds went before they moved here
+    return _current(root)
 
 
 def _named_build(stamp_path: Path) -> str | None:
@@ -226,7 +247,7 @@ def main(argv: list[str]) -> int:
         print(hot.reason if hot.compiled else f"{hot.reason} (to compile: {BUILD_COMMAND})")
         return 0
     if argv == ["build"]:
-        current = _current(INGRESS)  # not hot_path(): ATHANOR_COMPILED=0 says how to run, not whether to build
+        current = _current(ROOT)  # not hot_path(): ATHANOR_COMPILED=0 says how to run, not whether to build
         if current.compiled:
             print(f"athanor's hot path: {current.reason}, up to date")
             return 0

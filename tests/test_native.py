@@ -20,11 +20,21 @@ import pytest
 import athanor
 import athanor.ingress
 from athanor import native
-from athanor.native import BUILD_COMMAND, BUILD_DIR, MODULES, STAMP, can_compile, fingerprint, hot_path, package_path
+from athanor.native import (
+    BUILD_COMMAND,
+    BUILD_DIR,
+    MODULES,
+    PACKAGES,
+    STAMP,
+    can_compile,
+    fingerprint,
+    hot_path,
+    package_path,
+)
 
 EXTENSION = importlib.machinery.EXTENSION_SUFFIXES[0]
 SOURCES = Path(athanor.__file__).parent
-PROBE = "import athanor.ingress as i, athanor.ingress.{module} as m; print(i.HOT_PATH.compiled, m.__file__)"
+PROBE = "import athanor.ingress as i, athanor.{module} as m; print(i.HOT_PATH.compiled, m.__file__)"
 
 
 @pytest.fixture(autouse=True)
@@ -47,55 +57,75 @@ def test_this_checkout_runs_its_hot_path_compiled_where_it_can_be():
         assert hot.compiled, f"{hot.reason}: the tests would run the hot path as Python ({BUILD_COMMAND})"
     else:
         assert not hot.compiled
+    import athanor.controller.lease as lease
     import athanor.ingress.wire as wire
 
     assert wire.__file__.endswith(EXTENSION) is hot.compiled
+    assert lease.__file__.endswith(EXTENSION) is hot.compiled
+
+
+def source(module: str) -> str:
+    """A compiled module's source, relative to the athanor package."""
+    return module.replace(".", "/") + ".py"
 
 
 @pytest.fixture
 def package(tmp_path: Path) -> Path:
     """A copy of the hot modules' sources and one module they import, with a build stamped as made from them (its
     files empty: the stamp and their presence decide, not their contents)."""
-    ingress = tmp_path / "athanor" / "ingress"
-    ingress.mkdir(parents=True)
-    for name in MODULES:
-        shutil.copy(SOURCES / "ingress" / f"{name}.py", ingress)
-    shutil.copy(SOURCES / "errors.py", tmp_path / "athanor")  # proxy.py imports athanor.errors
-    build = ingress / BUILD_DIR / "build-1"
-    build.mkdir(parents=True)
-    files = [f"{name}{EXTENSION}" for name in (*MODULES, "_hot__mypyc")]
+    root = tmp_path / "athanor"
+    for module in MODULES:
+        (root / source(module)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SOURCES / source(module), root / source(module))
+    shutil.copy(SOURCES / "errors.py", root)  # proxy.py imports athanor.errors
+    build = root / BUILD_DIR / "build-1"
+    files = [f"{module.replace('.', '/')}{EXTENSION}" for module in (*MODULES, "ingress._hot__mypyc")]
     for name in files:
+        (build / name).parent.mkdir(parents=True, exist_ok=True)
         (build / name).touch()
-    stamp = {**fingerprint(ingress, "2.4.1"), "build": build.name, "files": files}
-    (ingress / BUILD_DIR / STAMP).write_text(json.dumps(stamp))
-    return ingress
+    stamp = {**fingerprint(root, "2.4.1"), "build": build.name, "files": files}
+    (root / BUILD_DIR / STAMP).write_text(json.dumps(stamp))
+    return root
 
 
 def test_a_build_is_used_only_while_every_source_matches(package: Path):
     hot = hot_path(package)
-    assert hot == native.HotPath(True, "compiled (mypyc 2.4.1)", str(package / BUILD_DIR / "build-1"))
-    assert package_path(["/src/ingress"], hot) == [str(package / BUILD_DIR / "build-1"), "/src/ingress"]
+    build = package / BUILD_DIR / "build-1"
+    assert hot == native.HotPath(True, "compiled (mypyc 2.4.1)", str(build))
+    assert package_path(["/src/ingress"], hot, "ingress") == [str(build / "ingress"), "/src/ingress"]
+    assert package_path(["/src/controller"], hot, "controller") == [str(build / "controller"), "/src/controller"]
 
-    with (package / "tap.py").open("a") as source:
-        source.write("# edited\n")
+    with (package / "ingress" / "tap.py").open("a") as edited:
+        edited.write("# edited\n")
+    with (package / "controller" / "lease.py").open("a") as edited:
+        edited.write("# edited\n")
     hot = hot_path(package)
-    assert hot == native.HotPath(False, "Python: changed since compiled: tap.py")
-    assert package_path(["/src/ingress"], hot) == ["/src/ingress"]
+    assert hot == native.HotPath(False, "Python: changed since compiled: ingress/tap.py, controller/lease.py")
+    assert package_path(["/src/ingress"], hot, "ingress") == ["/src/ingress"]
+
+
+def test_every_package_with_compiled_modules_takes_the_build(package: Path):
+    """Each sets its ``__path__`` from the one answer of its process (``for_this_process``)."""
+    assert PACKAGES == ("controller", "ingress")
+    for name in PACKAGES:
+        init = (SOURCES / name / "__init__.py").read_text()
+        assert "for_this_process()" in init and f'package_path(__path__, ' in init and f'"{name}")' in init
 
 
 def test_an_edited_module_the_compiled_ones_import_makes_the_build_stale(package: Path):
     """Compiled code checks the types other modules declare, and takes their constants as they were."""
     stamp = json.loads((package / BUILD_DIR / STAMP).read_text())
-    assert "athanor/errors.py" in stamp["depends"] and not any(path.startswith("athanor/ingress/")
-                                                               for path in stamp["depends"])
-    with (package.parent / "errors.py").open("a") as source:
-        source.write("# edited\n")
+    assert "athanor/errors.py" in stamp["depends"]
+    assert not set(stamp["depends"]) & {f"athanor/{source(module)}" for module in MODULES}
+    with (package / "errors.py").open("a") as edited:
+        edited.write("# edited\n")
     assert hot_path(package).reason == "Python: changed since compiled: athanor/errors.py"
 
 
 def test_a_build_missing_a_file_is_not_used(package: Path):
-    (package / BUILD_DIR / "build-1" / f"wire{EXTENSION}").unlink()
-    assert hot_path(package).reason == f"Python: the build in {package / BUILD_DIR / 'build-1'} lacks wire{EXTENSION}"
+    (package / BUILD_DIR / "build-1" / "controller" / f"lease{EXTENSION}").unlink()
+    assert hot_path(package).reason == (f"Python: the build in {package / BUILD_DIR / 'build-1'} lacks "
+                                        f"controller/lease{EXTENSION}")
 
 
 def test_a_build_for_another_interpreter_is_not_used(package: Path):
@@ -141,19 +171,21 @@ def test_an_interpreter_loads_the_build_and_leaves_it_for_an_edited_source(tmp_p
         return
     root = tmp_path / "copy"
     shutil.copytree(SOURCES, root / "athanor", ignore=shutil.ignore_patterns("__pycache__"))  # times kept
-    ingress = root / "athanor" / "ingress"
-    build = Path(athanor.ingress.HOT_PATH.directory or "").name
-    assert loaded(root, "upstream") == (True, str(ingress / BUILD_DIR / build / f"upstream{EXTENSION}"))
-    assert loaded(root, "upstream", ATHANOR_COMPILED="0") == (False, str(ingress / "upstream.py"))
+    package = root / "athanor"
+    build = package / BUILD_DIR / Path(athanor.ingress.HOT_PATH.directory or "").name
+    assert loaded(root, "ingress.upstream") == (True, str(build / "ingress" / f"upstream{EXTENSION}"))
+    assert loaded(root, "controller.lease") == (True, str(build / "controller" / f"lease{EXTENSION}"))
+    assert loaded(root, "ingress.upstream", ATHANOR_COMPILED="0") == (False, str(package / "ingress" / "upstream.py"))
 
-    with (ingress / "heads.py").open("a") as source:
-        source.write("# edited\n")
-    assert loaded(root, "upstream") == (False, str(ingress / "upstream.py"))
-    shutil.copy2(SOURCES / "ingress" / "heads.py", ingress / "heads.py")
-    assert loaded(root, "upstream")[0]
-    with (root / "athanor" / "controller" / "lease.py").open("a") as source:
-        source.write("# edited\n")
-    assert loaded(root, "upstream") == (False, str(ingress / "upstream.py"))
+    with (package / "ingress" / "heads.py").open("a") as edited:
+        edited.write("# edited\n")
+    assert loaded(root, "ingress.upstream") == (False, str(package / "ingress" / "upstream.py"))
+    assert loaded(root, "controller.lease") == (False, str(package / "controller" / "lease.py"))
+    shutil.copy2(SOURCES / "ingress" / "heads.py", package / "ingress" / "heads.py")
+    assert loaded(root, "controller.lease")[0]
+    with (package / "controller" / "phase.py").open("a") as edited:  # imported by a compiled module, not compiled
+        edited.write("# edited\n")
+    assert loaded(root, "ingress.upstream") == (False, str(package / "ingress" / "upstream.py"))
 
 
 def test_each_exception_name_in_a_compiled_function_is_bound_to_one_type():
@@ -162,7 +194,7 @@ def test_each_exception_name_in_a_compiled_function_is_bound_to_one_type():
     handling the error (a failed start answered 500, not 503)."""
     reused = []
     for name in MODULES:
-        tree = ast.parse((SOURCES / "ingress" / f"{name}.py").read_text())
+        tree = ast.parse((SOURCES / source(name)).read_text())
         for function in ast.walk(tree):
             if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
@@ -170,7 +202,7 @@ def test_each_exception_name_in_a_compiled_function_is_bound_to_one_type():
             for node in _own_nodes(function):
                 if isinstance(node, ast.ExceptHandler) and node.name:
                     bound.setdefault(node.name, set()).add(ast.unparse(node.type) if node.type else "")
-            reused += [f"{name}.py {function.name}(): {var} as {sorted(types)}"
+            reused += [f"{source(name)} {function.name}(): {var} as {sorted(types)}"
                        for var, types in bound.items() if len(types) > 1]
     assert not reused
 
