@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,14 @@ from athanor.store import Store, open_store
 
 ATHANOR = shutil.which("athanor", path=str(Path(sys.executable).parent)) or "athanor"
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell starts a background job (`pytest ... &`, nohup) with SIGINT ignored, and the processes the tests start
+    # would inherit that: Python installs no KeyboardInterrupt in a process that starts with SIGINT ignored, so the
+    # tests that stop a CLI with Ctrl-C's signal would find it ignored. The tests get SIGINT as a terminal gives it.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
