@@ -24,7 +24,6 @@ from athanor.native import (
     BUILD_COMMAND,
     BUILD_DIR,
     MODULES,
-    PACKAGES,
     STAMP,
     can_compile,
     fingerprint,
@@ -102,14 +101,6 @@ def test_a_build_is_used_only_while_every_source_matches(package: Path):
     hot = hot_path(package)
     assert hot == native.HotPath(False, "Python: changed since compiled: ingress/tap.py, controller/lease.py")
     assert package_path(["/src/ingress"], hot, "ingress") == ["/src/ingress"]
-
-
-def test_every_package_with_compiled_modules_takes_the_build(package: Path):
-    """Each sets its ``__path__`` from the one answer of its process (``for_this_process``)."""
-    assert PACKAGES == ("controller", "ingress")
-    for name in PACKAGES:
-        init = (SOURCES / name / "__init__.py").read_text()
-        assert "for_this_process()" in init and f'package_path(__path__, ' in init and f'"{name}")' in init
 
 
 def test_an_edited_module_the_compiled_ones_import_makes_the_build_stale(package: Path):
