@@ -58,7 +58,7 @@ class BuildFailed(Exception):
 
 @dataclass(frozen=True)
 class HotPath:
-    """Whether ``athanor.ingress`` runs its hot modules compiled, and in words why (doctor, the daemon's log)."""
+    """Whether the hot modules run compiled, and in words why (doctor, the daemon's log)."""
 
     compiled: bool
     reason: str
@@ -93,7 +93,7 @@ def _current(root: Path) -> HotPath:
             return HotPath(False, f"Python: compiled for {stamp['machine']} {stamp['abi']}, this interpreter is "
                                   f"{os.uname().machine} {_abi()}")
         sources = _sources(root)
-        changed = [_file(module) for module in MODULES if stamp["modules"].get(module) != sources[module]]
+        changed = [source_file(module) for module in MODULES if stamp["modules"].get(module) != sources[module]]
         changed += [path for path, seen in stamp["depends"].items() if _seen(root.parent / path) != seen]
         if changed:
             return HotPath(False, f"Python: changed since compiled: {', '.join(changed)}")
@@ -126,17 +126,17 @@ def _abi() -> str:
     return EXTENSION_SUFFIXES[0]  # what this interpreter's extension modules end in: ".cpython-311-x86_64-linux-gnu.so"
 
 
-def _file(module: str) -> str:
+def source_file(module: str) -> str:
     """A compiled module's source, relative to the athanor package: ``ingress/wire.py``."""
     return module.replace(".", "/") + ".py"
 
 
 def _sources(root: Path) -> dict[str, str]:
-    return {module: hashlib.sha256((root / _file(module)).read_bytes()).hexdigest() for module in MODULES}
+    return {module: hashlib.sha256((root / source_file(module)).read_bytes()).hexdigest() for module in MODULES}
 
 
 def _seen(path: Path) -> list[int] | None:
-    """A dependency's size and modification time: cheap enough for every start of the CLI, and an edit changes
+    """A dependency's size and modification time: cheap enough for every start of a gateway, and an edit changes
     them (a touch without an edit only costs a build)."""
     try:
         info = path.stat()
@@ -145,12 +145,12 @@ def _seen(path: Path) -> list[int] | None:
     return [info.st_size, info.st_mtime_ns]
 
 
-def _depends(package_root: Path) -> list[Path]:
+def _depends(root: Path) -> list[Path]:
     """The athanor modules the compiled ones import, directly or not (TYPE_CHECKING and function-level imports
     included: mypy reads them all), by their sources' import statements."""
     import ast
 
-    root = package_root.parent
+    top = root.parent  # where "athanor" is found
     found: dict[str, Path] = {}
     todo = [f"athanor.{module}" for module in MODULES]
     while todo:
@@ -158,7 +158,7 @@ def _depends(package_root: Path) -> list[Path]:
         if module in found:
             continue
         parts = module.split(".")
-        path = next((p for p in (root.joinpath(*parts, "__init__.py"), root.joinpath(*parts).with_suffix(".py"))
+        path = next((p for p in (top.joinpath(*parts, "__init__.py"), top.joinpath(*parts).with_suffix(".py"))
                      if p.is_file()), None)
         if path is None:  # a name imported from a module, not a module
             continue
@@ -172,7 +172,7 @@ def _depends(package_root: Path) -> list[Path]:
             for name in names:
                 if name.split(".")[0] == "athanor":  # and every package on the way, for its __init__
                     todo += [".".join(name.split(".")[:end]) for end in range(1, name.count(".") + 2)]
-    compiled = {package_root / _file(module) for module in MODULES}
+    compiled = {root / source_file(module) for module in MODULES}
     return sorted(path for path in found.values() if path not in compiled)
 
 
@@ -193,7 +193,7 @@ def build(root: Path = ROOT) -> HotPath:
     # Taken before compiling: a source edited during the build leaves a stamp that does not match (Python runs),
     # never one that matches code the build did not see.
     stamp = fingerprint(root, mypy.version.__version__)
-    sources = [str((root / _file(module)).resolve()) for module in MODULES]
+    sources = [str((root / source_file(module)).resolve()) for module in MODULES]
     builds = root / BUILD_DIR
     with tempfile.TemporaryDirectory(prefix="athanor-mypyc-") as work_dir:
         work = Path(work_dir)

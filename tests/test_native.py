@@ -29,6 +29,7 @@ from athanor.native import (
     fingerprint,
     hot_path,
     package_path,
+    source_file,
 )
 
 EXTENSION = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -63,19 +64,14 @@ def test_this_checkout_runs_its_hot_path_compiled_where_it_can_be():
     assert lease.__file__.endswith(EXTENSION) is hot.compiled
 
 
-def source(module: str) -> str:
-    """A compiled module's source, relative to the athanor package."""
-    return module.replace(".", "/") + ".py"
-
-
 @pytest.fixture
 def package(tmp_path: Path) -> Path:
     """A copy of the hot modules' sources and one module they import, with a build stamped as made from them (its
     files empty: the stamp and their presence decide, not their contents)."""
     root = tmp_path / "athanor"
     for module in MODULES:
-        (root / source(module)).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(SOURCES / source(module), root / source(module))
+        (root / source_file(module)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SOURCES / source_file(module), root / source_file(module))
     shutil.copy(SOURCES / "errors.py", root)  # proxy.py imports athanor.errors
     build = root / BUILD_DIR / "build-1"
     files = [f"{module.replace('.', '/')}{EXTENSION}" for module in (*MODULES, "ingress._hot__mypyc")]
@@ -107,7 +103,7 @@ def test_an_edited_module_the_compiled_ones_import_makes_the_build_stale(package
     """Compiled code checks the types other modules declare, and takes their constants as they were."""
     stamp = json.loads((package / BUILD_DIR / STAMP).read_text())
     assert "athanor/errors.py" in stamp["depends"]
-    assert not set(stamp["depends"]) & {f"athanor/{source(module)}" for module in MODULES}
+    assert not set(stamp["depends"]) & {f"athanor/{source_file(module)}" for module in MODULES}
     with (package / "errors.py").open("a") as edited:
         edited.write("# edited\n")
     assert hot_path(package).reason == "Python: changed since compiled: athanor/errors.py"
@@ -185,7 +181,7 @@ def test_each_exception_name_in_a_compiled_function_is_bound_to_one_type():
     handling the error (a failed start answered 500, not 503)."""
     reused = []
     for name in MODULES:
-        tree = ast.parse((SOURCES / source(name)).read_text())
+        tree = ast.parse((SOURCES / source_file(name)).read_text())
         for function in ast.walk(tree):
             if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
@@ -193,7 +189,7 @@ def test_each_exception_name_in_a_compiled_function_is_bound_to_one_type():
             for node in _own_nodes(function):
                 if isinstance(node, ast.ExceptHandler) and node.name:
                     bound.setdefault(node.name, set()).add(ast.unparse(node.type) if node.type else "")
-            reused += [f"{source(name)} {function.name}(): {var} as {sorted(types)}"
+            reused += [f"{source_file(name)} {function.name}(): {var} as {sorted(types)}"
                        for var, types in bound.items() if len(types) > 1]
     assert not reused
 
