@@ -4,25 +4,18 @@
 Three kinds: API keys (the OpenAI routes), admin keys (the whole admin API) and read-only admin keys (its GETs).
 Keys configured but unreadable fail closed: every request is refused, rather than the gateway quietly serving
 without the protection its user asked for. The reason, which names the file, goes to the gateway's log, once per
-change of the key configuration; a client, who may not have presented any key yet, learns only that the keys
-cannot be checked, never the gateway's paths. The CLI reads the admin key the same way, so ``athanor start``
-works wherever the key file is readable by its user.
+change of the key configuration (``ingress/keycache.py``); a client, who may not have presented any key yet,
+learns only that the keys cannot be checked, never the gateway's paths. The CLI reads the admin key the same way,
+so ``athanor start`` works wherever the key file is readable by its user.
 """
 
 from __future__ import annotations
 
 import hmac
-import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
-
-RECHECK_S = 1.0  # how often a key file's mtime is looked at: a rotated key counts within a second
-
 
 @dataclass(frozen=True)
 class Keys:
@@ -92,43 +85,6 @@ def presented(headers: Any) -> str | None:
         scheme, _, token = value.partition(" ")
         return token.strip() if scheme.lower() == "bearer" else None
     return headers.get("x-api-key")
-
-
-class KeyCache:
-    """The keys of one Gateway spec, re-read when a key file changes (checked at most once a second)."""
-
-    def __init__(self) -> None:
-        self._auth: dict[str, Any] | None = None
-        self._stamp: object = None
-        self._checked = 0.0
-        self.api = Keys()
-        self.admin = Keys()
-        self.read_only = Keys()  # admin keys that grant GETs only
-
-    def refresh(self, auth: dict[str, Any]) -> None:
-        now = time.monotonic()
-        if auth is self._auth and now - self._checked < RECHECK_S:
-            return
-        self._checked = now
-        stamp = (repr(sorted(auth.items())),
-                 *(_mtime(auth.get(k)) for k in ("apiKeyFile", "adminKeyFile", "readOnlyKeyFile")))
-        if auth is self._auth and stamp == self._stamp:
-            return
-        self._auth, self._stamp = auth, stamp
-        self.api, self.admin, self.read_only = load(auth, "api"), load(auth, "admin"), load(auth, "readOnly")
-        for keys in (self.api, self.admin, self.read_only):
-            if keys.problem:  # the client is told only that keys cannot be checked: the why is for the log
-                log.error("every request that needs this key is refused: %s", keys.problem)
-
-
-def _mtime(file: str | None) -> object:
-    if not file:
-        return None
-    try:
-        st = Path(file).expanduser().stat()
-    except OSError as exc:
-        return exc.errno
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def admin_key_for_cli(auth: dict[str, Any]) -> str | None:

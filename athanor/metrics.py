@@ -1,8 +1,8 @@
 """Prometheus metrics, counted with plain integers on the request path and rendered only when scraped.
 
-The proxy's hot path costs about 150 us of CPU per request; prometheus-client's own counters take a lock and
-resolve label children on every increment. So requests are counted into dicts keyed by label tuples (one dict
-lookup and an add), histograms are bucket lists, and ``render`` turns them into the text format at scrape time,
+prometheus-client's own counters take a lock and resolve label children on every increment, a cost every proxied
+request would pay. So requests are counted into dicts keyed by label tuples (``ingress/counters.py``, compiled with
+the request path), histograms are bucket lists, and ``render`` turns them into the text format at scrape time,
 through prometheus-client's collector API so the exposition is exactly what Prometheus parses.
 
 What the controller does (loads, swaps, evictions, failures) arrives as events (``controller/events.py``); what
@@ -12,15 +12,14 @@ is true now (phases, queue depth, requests in flight) is read from the controlle
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+from athanor.ingress.counters import Histogram, RequestCounts
 
 if TYPE_CHECKING:
     from athanor.controller.controller import Controller
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 LOAD_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 FAILURE_REASONS = ("Crashed", "Hung", "Unhealthy", "StartFailed", "StopFailed", "RestoreFailed")
 PARKING = {"Parked": "park", "Restored": "restore"}  # event reason -> operation
@@ -28,62 +27,11 @@ PARKING_PROBLEMS = ("ParkRejected", "RestoreRefused", "ParkFailed", "ParkEvicted
 PHASES = ("Standby", "Starting", "Ready", "Draining", "Stopping", "Failed")
 
 
-class Histogram:
-    """Bucket counts (not cumulative; the last bucket is +Inf) and a sum."""
-
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        out, running = [], 0
-        for bound, count in zip((*map(_float_text, self.bounds), "+Inf"), self.counts, strict=True):
-            running += count
-            out.append((bound, running))
-        return out
-
-
-class RouteCounts:
-    """What one (model, route) has counted: requests by status, their durations, and the tokens its runtime
-    reported (a list shared by the model's routes: [prompt, completion]). A request's ``Tap`` takes its counts
-    when it begins and adds to them once, at its end: one object per request instead of a lookup of four
-    tuple-keyed dicts."""
-
-    __slots__ = ("latency", "statuses", "tokens")
-
-    def __init__(self, tokens: list[int]):
-        self.statuses: dict[int, int] = {}
-        self.latency = Histogram(LATENCY_BUCKETS)
-        self.tokens = tokens
-
-    def add(self, status: int, seconds: float, prompt: int = 0, completion: int = 0) -> None:
-        """One request that is over (499: its client went away), with the usage it reported."""
-        statuses = self.statuses
-        statuses[status] = statuses.get(status, 0) + 1
-        self.latency.observe(seconds)
-        if prompt or completion:
-            tokens = self.tokens
-            tokens[0] += prompt
-            tokens[1] += completion
-
-
-def _float_text(value: float) -> str:
-    return repr(float(value))
-
-
 class Metrics:
     def __init__(self) -> None:
         self.started = time.time()
-        self._routes: dict[tuple[str, str], RouteCounts] = {}  # (model, route)
-        self._tokens: dict[str, list[int]] = {}  # model -> [prompt, completion], shared by its RouteCounts
-        self.ttft: dict[str, Histogram] = {}  # model -> time to the first streamed byte
+        self.request_counts = RequestCounts()  # what each request adds, on the request path (``Tap``)
+        self.ttft = self.request_counts.ttft  # model -> time to the first streamed byte
         self.loads: dict[str, Histogram] = {}  # model -> seconds from start to ready
         self.evictions: dict[str, int] = {}
         self.failures: dict[tuple[str, str], int] = {}  # (model, reason)
@@ -91,38 +39,24 @@ class Metrics:
         self.parking: dict[tuple[str, str], list[float]] = {}  # (model, park|restore) -> [count, bytes, seconds]
         self.parking_problems: dict[tuple[str, str], int] = {}  # (model, reason)
 
-    # ------------------------------------------------------------------ the request path
-
-    def counts(self, model: str, route: str) -> RouteCounts:
-        """What requests of ``model`` on ``route`` add to (``Tap``), made on first use."""
-        found = self._routes.get((model, route))
-        if found is None:
-            tokens = self._tokens.setdefault(model, [0, 0])
-            found = self._routes[(model, route)] = RouteCounts(tokens)
-        return found
+    # ------------------------------------------------------------------ what requests counted
 
     @property
     def requests(self) -> dict[tuple[str, str, int], int]:
         """(model, route, status) -> count."""
-        return {(model, route, status): count for (model, route), counts in self._routes.items()
+        return {(model, route, status): count for (model, route), counts in self.request_counts.routes.items()
                 for status, count in counts.statuses.items()}
 
     @property
     def latency(self) -> dict[tuple[str, str], Histogram]:
         """(model, route) -> the durations of its requests."""
-        return {key: counts.latency for key, counts in self._routes.items() if counts.statuses}
+        return {key: counts.latency for key, counts in self.request_counts.routes.items() if counts.statuses}
 
     @property
     def tokens(self) -> dict[tuple[str, str], int]:
         """(model, prompt|completion) -> tokens reported, for those with any."""
-        return {(model, kind): count for model, (prompt, completion) in self._tokens.items()
+        return {(model, kind): count for model, (prompt, completion) in self.request_counts.tokens.items()
                 for kind, count in (("prompt", prompt), ("completion", completion)) if count}
-
-    def first_token(self, model: str, seconds: float) -> None:
-        hist = self.ttft.get(model)
-        if hist is None:
-            hist = self.ttft[model] = Histogram(TTFT_BUCKETS)
-        hist.observe(seconds)
 
     # ------------------------------------------------------------------ the controller's events
 

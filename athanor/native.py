@@ -44,8 +44,9 @@ STAMP = "stamp.json"
 # one another as C, so they are compiled (and loaded) together or not at all. Each package listed here sets its
 # ``__path__`` with ``package_path``.
 MODULES = ("ingress.heads", "ingress.requests", "ingress.tap", "ingress.upstream", "ingress.wire", "ingress.proxy",
-           "ingress.guard", "ingress.limits", "controller.changes", "controller.desired", "controller.instance",
-           "controller.lease", "controller.controller")
+           "ingress.guard", "ingress.limits", "ingress.counters", "ingress.keycache", "controller.changes",
+           "controller.desired", "controller.dirwatch", "controller.instance", "controller.lease",
+           "controller.controller")
 PACKAGES = tuple(sorted({module.split(".")[0] for module in MODULES}))
 GROUP = "athanor.ingress._hot"  # the group's shared library, beside the ingress modules
 BUILD_COMMAND = f"{sys.executable} -m athanor.native build"

@@ -3,6 +3,8 @@ loop in between, and a watch that cannot be kept answers "maybe" from then on (t
 
 from __future__ import annotations
 
+import gc
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -40,6 +42,24 @@ def test_a_watch_whose_directory_went_answers_maybe_from_then_on(tmp_path: Path)
     shutil.rmtree(directory)
     assert watch.changed()
     assert not watch.watching and watch.changed() and watch.changed()
+
+
+@linux
+def test_a_watch_gives_its_descriptor_back_when_closed_twice_or_collected(tmp_path: Path):
+    def descriptors() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    before = descriptors()
+    closed = DirectoryWatch(str(tmp_path))
+    assert closed.watching and len(descriptors() - before) == 1
+    closed.close()
+    closed.close()  # a second close is nothing
+    assert descriptors() == before
+    dropped = DirectoryWatch(str(tmp_path))
+    assert dropped.watching and len(descriptors() - before) == 1
+    del dropped  # the desired state's watch goes with its owner: no inotify instance leaks per controller
+    gc.collect()
+    assert descriptors() == before
 
 
 def test_no_directory_no_watch_and_always_maybe(tmp_path: Path):

@@ -15,8 +15,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from athanor.ingress.heads import MAX_REMEMBERED, HeadMemo, length_key
+from athanor.ingress.heads import MAX_REMEMBERED, HeadMemo, length_key, number_at
 from athanor.ingress.proxy import REQUEST_SKIP_BYTES
 from athanor.ingress.upstream import UpstreamClosed, UpstreamPool, _Connection, _RuntimeConnections
 from athanor.ingress.wire import Front, Request
@@ -51,6 +53,40 @@ def test_the_key_is_the_head_without_the_length_s_value(head: bytes, value: byte
 ])
 def test_a_head_whose_length_is_not_plain_digits_has_no_key(head: bytes):
     assert length_key(head + b"\r\n\r\n", len(head)) is None
+
+
+def _length_key_by_searches(data: bytes, end: int) -> tuple[bytes, bytes, int] | None:
+    """``length_key`` as it was written before ``number_at`` (a search for the line's end, ``isdigit``, ``int``): the
+    reference the hand-read value must agree with."""
+    for line in (b"\r\nContent-Length: ", b"\r\ncontent-length: "):
+        at = data.find(line)
+        if 0 <= at < end:
+            start = at + len(line)
+            stop = data.find(b"\r", start)
+            value = data[start:stop]
+            if len(value) > 15 or not value.isdigit():
+                return None
+            return data[:start] + data[stop:end], value, int(value)
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b"\r\nContent-Length: ", b"\r\ncontent-length: ", b"0", b"7", b"12345678",
+                                 b" ", b"+", b",", b"\n", b"\r\n", b"\r\nHost: h", b"\xd9", b"-"]), max_size=8))
+def test_the_length_read_by_hand_agrees_with_searches_and_int(parts: list[bytes]):
+    head = b"POST /v1/x HTTP/1.1" + b"".join(parts)
+    if b"\r\n\r\n" in head:
+        return
+    data = head + b"\r\n\r\n{}"
+    assert length_key(data, len(head)) == _length_key_by_searches(data, len(head))
+
+
+@pytest.mark.parametrize("data, at, expected", [
+    (b"12ab", 0, (12, 2)), (b"x", 0, (0, 0)), (b"", 0, (0, 0)), (b"a0099", 1, (99, 5)),
+    (b"12345678901234567890123", 0, (12345678901234567890123, 23)), (b"9/", 0, (9, 1)), (b"9:", 0, (9, 1)),
+])
+def test_number_at_reads_ascii_digits_only(data: bytes, at: int, expected: tuple[int, int]):
+    assert number_at(data, at) == expected
 
 
 def test_a_length_in_the_body_is_not_the_head_s():

@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -16,6 +17,8 @@ import urllib.request
 from pathlib import Path
 
 from fixtures.llama_direct import LlamaServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from fixtures.serving import Gateway, apply_gateway, long_gguf, start_daemon, wait_until
 from fixtures.tiny_models import write_tiny_llama_gguf
 
@@ -248,7 +251,7 @@ def test_usage_and_timings_read_from_the_real_runtimes_answers_as_they_are(llama
         kept = timings_of(tap.timings)
         assert kept is not None
         assert [float(value) for value in kept] == [timings[key.decode()] for key in recorder_module.TIMING_KEYS]
-        assert tap_module._LLAMA_USAGE.match(data, data.find(b'"usage"')), data
+        assert tap_module.llama_usage(data, data.find(b'"usage"')) is not None, data  # the fast path
         assert recorder_module._LLAMA_TIMINGS.match(data, data.find(b'"timings"')), data
 
 
@@ -323,6 +326,28 @@ def test_the_usage_read_is_the_runtime_s_not_a_generated_text_that_says_usage():
                    b'"predicted_per_token_ms":0.6,"predicted_per_second":1500.25}}')
     assert tap.slot_tokens() == 12
     assert timings_of(tap.timings) == (b"0", b"9", b"9000.5", b"3", b"1500.25")
+
+
+# llama-server's usage layout as a regular expression: the reference ``tap.llama_usage`` reads by hand
+_LLAMA_USAGE = re.compile(rb'"usage":\{"completion_tokens":(\d+),"prompt_tokens":(\d+),"total_tokens":\d+'
+                          rb'(?:,"prompt_tokens_details":\{"cached_tokens":(\d+)\})?\}')
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b'"usage":{"completion_tokens":', b',"prompt_tokens":', b',"total_tokens":',
+                                 b',"prompt_tokens_details":{"cached_tokens":', b"}", b"0", b"42",
+                                 b"123456789012345678901", b" ", b",", b'"', b"-", b"\xd9", b"{"]), max_size=12),
+       st.booleans())
+def test_llama_s_usage_read_by_hand_agrees_with_its_pattern(parts: list[bytes], canonical: bool):
+    """Whatever the bytes (llama-server's layout, one cut short or changed anywhere), the hand-read usage is the
+    pattern's match: the same counts, the same end, and None where it does not match."""
+    data = b"".join(parts)
+    if canonical:  # half the cases start as llama-server's own layout, so the deep branches are reached too
+        data = b'"usage":{"completion_tokens":4,"prompt_tokens":20,"total_tokens":24' + data
+    match = _LLAMA_USAGE.match(data, 0)
+    expected = None if match is None else (int(match[1]), int(match[2]),
+                                           None if match[3] is None else int(match[3]), match.end())
+    assert tap_module.llama_usage(data, 0) == expected
 
 
 def test_tokens_worked_out_once_still_follow_a_later_usage():

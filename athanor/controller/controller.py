@@ -46,7 +46,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 
@@ -82,7 +82,7 @@ __all__ = ["Controller", "exit_text", "stop_left_behind"]
 
 log = logging.getLogger("athanor.controller")
 
-DRAIN_TIMEOUT_S = 30.0
+DRAIN_TIMEOUT_S: Final = 30.0
 
 
 class Controller:

@@ -14,21 +14,24 @@ import os
 import select
 import struct
 import sys
-import weakref
+from typing import Final
 
 from athanor.controller import inotify
 
 log = logging.getLogger("athanor.controller")
 
-_MASK = (inotify.IN_MODIFY | inotify.IN_ATTRIB | inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_FROM | inotify.IN_MOVED_TO
-         | inotify.IN_CREATE | inotify.IN_DELETE | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF)
-_GONE = inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF | inotify.IN_IGNORED  # the directory itself went: the watch too
-_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (a name of len bytes follows)
+_MASK: Final = (inotify.IN_MODIFY | inotify.IN_ATTRIB | inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_FROM
+                | inotify.IN_MOVED_TO | inotify.IN_CREATE | inotify.IN_DELETE | inotify.IN_DELETE_SELF
+                | inotify.IN_MOVE_SELF)
+# the directory itself went: the watch too
+_GONE: Final = inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF | inotify.IN_IGNORED
+_EVENT: Final = struct.Struct("iIII")  # wd, mask, cookie, len (a name of len bytes follows)
 
 
 class DirectoryWatch:
     """``changed()``: whether anything in ``directory`` (or the directory itself) may have changed since the last
-    call. ``close()`` gives the watch back (also done when the object is collected)."""
+    call. ``close()`` gives the watch back (also done when the object is collected: ``__del__``, not
+    ``weakref.finalize``, which a compiled class cannot take)."""
 
     def __init__(self, directory: str):
         self._fd: int | None = None
@@ -38,7 +41,6 @@ class DirectoryWatch:
         if self._fd is not None:
             self._poll = select.poll()
             self._poll.register(self._fd, select.POLLIN)
-            self._closer = weakref.finalize(self, os.close, self._fd)
 
     @property
     def watching(self) -> bool:
@@ -54,9 +56,13 @@ class DirectoryWatch:
         return True
 
     def close(self) -> None:
-        if self._poll is not None:
-            self._poll = None
-            self._closer()
+        self._poll = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
     def _drain(self) -> None:
         assert self._fd is not None

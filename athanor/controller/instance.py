@@ -25,7 +25,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from athanor.controller.changes import Changes
 from athanor.controller.phase import Phase, TransitionError
@@ -34,7 +34,7 @@ from athanor.runtimes.launch import LaunchSpec
 
 __all__ = ["ALLOWED", "RUNNING", "Instance", "Observer", "Phase", "TransitionError"]
 
-ALLOWED: dict[Phase, frozenset[Phase]] = {
+ALLOWED: Final[dict[Phase, frozenset[Phase]]] = {
     Phase.STANDBY: frozenset({Phase.STARTING}),
     Phase.STARTING: frozenset({Phase.READY, Phase.FAILED, Phase.STOPPING}),
     Phase.READY: frozenset({Phase.DRAINING, Phase.FAILED}),
@@ -42,7 +42,7 @@ ALLOWED: dict[Phase, frozenset[Phase]] = {
     Phase.STOPPING: frozenset({Phase.STANDBY, Phase.FAILED}),  # Failed: the stop failed, the job may still run
     Phase.FAILED: frozenset({Phase.STARTING, Phase.STOPPING}),
 }
-RUNNING = frozenset({Phase.STARTING, Phase.READY, Phase.DRAINING})  # a process of ours may be serving
+RUNNING: Final = frozenset({Phase.STARTING, Phase.READY, Phase.DRAINING})  # a process of ours may be serving
 
 Observer = Callable[["Instance", Phase, Phase], None]  # (instance, old phase, new phase)
 

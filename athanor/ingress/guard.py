@@ -32,12 +32,13 @@ import logging
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from athanor.auth import KeyCache, presented
+from athanor.auth import presented
+from athanor.ingress.keycache import KeyCache
 from athanor.ingress.heads import HeadMemo
 from athanor.ingress.wire import ClientExchange, header_text
 
@@ -46,14 +47,15 @@ ClientRequest = web.Request | ClientExchange
 
 log = logging.getLogger(__name__)
 
-ADMIN_PREFIX = "/athanor/"
-METRICS_PATH = "/metrics"
-API_PREFIXES = ("/v1/", "/api/")  # the model APIs spec.auth's API keys guard: OpenAI's (and Anthropic's), Ollama's
-READ_METHODS = frozenset({"GET", "HEAD"})  # what a read-only admin key grants
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
-_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
-MAX_REMEMBERED_HOSTS = 64
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+ADMIN_PREFIX: Final = "/athanor/"
+METRICS_PATH: Final = "/metrics"
+# the model APIs spec.auth's API keys guard: OpenAI's (and Anthropic's), Ollama's
+API_PREFIXES: Final = ("/v1/", "/api/")
+READ_METHODS: Final = frozenset({"GET", "HEAD"})  # what a read-only admin key grants
+_LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+_WILDCARDS: Final = frozenset({"", "0.0.0.0", "::"})
+MAX_REMEMBERED_HOSTS: Final = 64
+_TOKEN: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def host_part(value: str) -> str:
@@ -269,7 +271,7 @@ class Guard:
         return 204, headers, None
 
 
-_NO_HEAD = object()
+_NO_HEAD: Final = object()
 
 
 def _judged_by_peer(path: str) -> bool:
@@ -294,7 +296,7 @@ def _key_refusal(keys: Any, request: ClientRequest, what: str) -> tuple[int, str
     key = presented(request.headers)
     if keys.admits(key):
         return None
-    if keys.problem:  # the why (a file's path) is in the gateway's log (auth.KeyCache), not for any client
+    if keys.problem:  # the why (a file's path) is in the gateway's log (ingress/keycache.py), not for any client
         return 503, f"the gateway's {what} key configuration is unreadable, so it refuses every request (see its log)"
     if key is None:
         return 401, f"an {what} key is required: send Authorization: Bearer KEY"

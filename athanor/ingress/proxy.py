@@ -35,7 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from athanor.controller.lease import Lease, Upstream
 from athanor.errors import ModelUnavailable, QueueFull, ServingError
@@ -65,16 +65,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("athanor.ingress")
 
-KEEPALIVE_S = 3.0  # an SSE comment this often to a streaming client while its model loads
+KEEPALIVE_S: Final = 3.0  # an SSE comment this often to a streaming client while its model loads
 # Forwarded as they came, except what the gateway sets itself (framing, the runtime's address, the body type),
 # Expect (the gateway already answered it; a runtime's 100 Continue would only precede the real answer) and
 # Accept-Encoding (a compressed answer could not have its model id rewritten, and loopback needs no compression).
 # The client's credentials stop here too (the gateway's key never reaches a runtime), and so does its Origin (the
 # gateway has judged it); the runtime gets the gateway's per-start secret instead (runtimes/secret.py).
-REQUEST_SKIP_BYTES = HOP_BY_HOP | {b"content-type", b"expect", b"accept-encoding", b"authorization", b"x-api-key",
-                                   b"origin"}
-JSON_BODY = ("Content-Type", "application/json")
-SSE_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+REQUEST_SKIP_BYTES: Final = HOP_BY_HOP | {b"content-type", b"expect", b"accept-encoding", b"authorization",
+                                          b"x-api-key", b"origin"}
+JSON_BODY: Final = ("Content-Type", "application/json")
+SSE_HEADERS: Final = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 
 
 class Proxy:

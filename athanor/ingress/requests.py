@@ -11,13 +11,13 @@ itself. Anthropic's ``/v1/messages`` takes ``thinking`` natively and is passed a
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Final
 
 from athanor.runtimes.routes import MESSAGE_ROUTES, REASONING_ROUTES, REQUIRES_MESSAGES, TASK_ROUTES
 
-_TASK_ONLY = frozenset().union(*TASK_ROUTES.values())
+_TASK_ONLY: Final = frozenset().union(*TASK_ROUTES.values())
 _scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # the C scanner json.loads ends in
-_JSON_SPACE = " \t\n\r"
+_JSON_SPACE: Final = " \t\n\r"
 
 
 def json_body(body: bytes) -> Any:

@@ -31,6 +31,7 @@ import logging
 import select
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Final
 
 import httptools
 
@@ -40,22 +41,22 @@ from athanor.runtimes.launch import LOOPBACK
 
 log = logging.getLogger("athanor.ingress")
 
-BUFFER_HIGH = 256 * 1024  # pause reading from the runtime above this many unread bytes, until they are taken
-DEFAULT_LIMIT = 32
-ONE_WRITE_BODY = 16 * 1024  # bodies up to this size go out with the head in one write (copying beats a syscall)
-REUSE_IDLE_S = 4.0  # llama-server (cpp-httplib) and uvicorn close a connection idle for 5 s
+BUFFER_HIGH: Final = 256 * 1024  # pause reading from the runtime above this many unread bytes, until they are taken
+DEFAULT_LIMIT: Final = 32
+ONE_WRITE_BODY: Final = 16 * 1024  # bodies up to this size go out with the head in one write (copying beats a syscall)
+REUSE_IDLE_S: Final = 4.0  # llama-server (cpp-httplib) and uvicorn close a connection idle for 5 s
 # Header names (lower-case) that belong to one hop, framing among them: never passed on as they came.
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+HOP_BY_HOP: Final = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length"})
 # A runtime's header lines its caller never passes on (``Response.passed_on``): hop-by-hop ones and the date (the
 # gateway frames and dates its own answers), and CORS (the gateway decides that for itself).
-NOT_PASSED_ON = HOP_BY_HOP | {b"date"}
-NOT_PASSED_ON_PREFIX = b"access-control-"
-_FRAMING = (b"content-length", b"transfer-encoding")
+NOT_PASSED_ON: Final = HOP_BY_HOP | {b"date"}
+NOT_PASSED_ON_PREFIX: Final = b"access-control-"
+_FRAMING: Final = (b"content-length", b"transfer-encoding")
 # What ``on_headers_complete`` makes of a head, remembered per runtime (``heads.py``): status, the raw headers,
 # where Content-Length is among them, the lines passed on, the content type, whether the connection stays open.
 KnownHead = tuple[int, list[tuple[bytes, bytes]], int, bytes, str, bool]
-_NOT_REMEMBERED = frozenset({b"transfer-encoding"})  # a head with these is parsed every time
+_NOT_REMEMBERED: Final = frozenset({b"transfer-encoding"})  # a head with these is parsed every time
 
 
 class UpstreamError(Exception):

@@ -31,7 +31,7 @@ import http
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import httptools
 from multidict import CIMultiDict
@@ -40,23 +40,23 @@ from athanor.ingress.heads import HeadMemo, KnownHeads, only_length
 
 log = logging.getLogger("athanor.ingress")
 
-MAX_TARGET = 8190  # bytes of a request target (aiohttp's max_line_size)
-MAX_HEADER_BYTES = 64 * 1024
-MAX_HEADERS = 128
-HEADER_TIMEOUT_S = 30.0  # a request's headers must be complete this long after it began
-KEEPALIVE_S = 75.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
-MAX_QUEUED = 8  # pipelined requests read ahead of the one being answered; reading pauses beyond
-_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+MAX_TARGET: Final = 8190  # bytes of a request target (aiohttp's max_line_size)
+MAX_HEADER_BYTES: Final = 64 * 1024
+MAX_HEADERS: Final = 128
+HEADER_TIMEOUT_S: Final = 30.0  # a request's headers must be complete this long after it began
+KEEPALIVE_S: Final = 75.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
+MAX_QUEUED: Final = 8  # pipelined requests read ahead of the one being answered; reading pauses beyond
+_REASONS: Final = {status.value: status.phrase for status in http.HTTPStatus}
 # The headers read on every request (``Request.fields``): by the front door (framing, Expect, CORS) and the guard.
-FIELDS = frozenset({b"host", b"origin", b"sec-fetch-site", b"authorization", b"x-api-key", b"content-length",
+FIELDS: Final = frozenset({b"host", b"origin", b"sec-fetch-site", b"authorization", b"x-api-key", b"content-length",
                     b"expect"})
 # Their names as code spells them (``headers.get("Host")``), to the key in ``Request.fields``.
-_FIELD_KEYS = {spelling: field for field in FIELDS
+_FIELD_KEYS: Final = {spelling: field for field in FIELDS
                for spelling in {field.decode(), field.decode().title(), field.decode().upper()}}
 
 # Heads with these are parsed every time (``heads.py``): the body is framed otherwise, or the answer or what follows
 # it depends on more than the head (``Expect``, an upgrade).
-_NOT_REMEMBERED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_NOT_REMEMBERED: Final = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 # What ``on_headers_complete`` makes of a head, remembered (``heads.py``): method, target, version, the raw headers,
 # where Content-Length is among them, ``Request.fields`` and ``Request.forward``, and keep-alive.
 KnownHead = tuple[str, str, str, list[tuple[bytes, bytes]], int, dict[bytes, bytes], bytes, bool]
