@@ -108,7 +108,7 @@ def test_the_memo_is_bounded():
 Seen = tuple[str, str, bytes, bytes | None, bytes, list[tuple[bytes, bytes]]]
 
 
-def front_door(scenario: Callable[[Front, Callable[[list[bytes]], Awaitable[list[Seen]]]], Awaitable[None]]) -> None:
+def front_door(scenario: Callable[[Front, Any], Awaitable[None]]) -> None:
     """``scenario(front, send)``: ``send(reads)`` feeds one new connection those reads and returns what the handler
     saw of each request it answered (method, target, body, Content-Length, forwarded lines, raw headers)."""
 
@@ -127,12 +127,21 @@ def front_door(scenario: Callable[[Front, Callable[[list[bytes]], Awaitable[list
                       error_body=lambda *args: b'{"error": {}}', cors=lambda request: [],
                       forward_skip=REQUEST_SKIP_BYTES)
 
-        async def send(reads: list[bytes]) -> list[Seen]:
+        async def send(reads: list[bytes], *, one_by_one: bool = False,
+                       before: Callable[[int], None] | None = None) -> list[Seen]:
+            """``one_by_one``: each read once the one before was answered (so each starts a message);
+            ``before(n)`` runs before read ``n`` is fed."""
             connection = front()
             connection.connection_made(KeptTransport())  # type: ignore[arg-type]
-            for data in reads:
+            answers = []
+            for n, data in enumerate(reads):
+                if before is not None:
+                    before(n)
                 connection.data_received(data)
-            answers = [await asyncio.wait_for(seen.get(), 10) for _ in range(sum(r.count(b"POST") for r in reads))]
+                if one_by_one:
+                    answers.append(await asyncio.wait_for(seen.get(), 10))
+            if not one_by_one:
+                answers = [await asyncio.wait_for(seen.get(), 10) for _ in range(sum(r.count(b"POST") for r in reads))]
             connection.connection_lost(None)
             return answers
 
@@ -188,6 +197,31 @@ def test_a_body_that_comes_in_later_reads_after_a_known_head(cut: str):
         await send([post(b"{}")])
         (seen,) = await send(reads)
         assert seen[2] == body
+
+    front_door(scenario)
+
+
+def test_a_connection_s_last_head_is_taken_by_its_bytes_and_any_other_head_is_looked_up():
+    """A connection repeats its last head (``KnownHeads._last``): with the memo emptied, the same head with another
+    length still reads as parsed; a head that differs anywhere else, before the length or after it, is parsed."""
+    async def scenario(front: Front, send: Any) -> None:
+        other_after = HEAD.replace(b"Bearer k", b"Bearer q")
+        other_before = HEAD.replace(b"t/1", b"t/2")
+        reads = [post(b"{}"), post(b'{"n": 1}')]  # parsed and remembered, then found in the memo
+        _, second = await send(reads, one_by_one=True)
+
+        def before(n: int) -> None:
+            if n == 2:
+                front.heads.clear()
+
+        seen = await send([*reads, post(b'{"n": 1}'), post(b'{"n": 4444}'), post(b'{"n": 5}', other_after),
+                           post(b'{"n": 6}', other_before)], one_by_one=True, before=before)
+        assert [s[2] for s in seen] == [b"{}", b'{"n": 1}', b'{"n": 1}', b'{"n": 4444}', b'{"n": 5}', b'{"n": 6}']
+        assert [s[3] for s in seen] == [b"2", b"8", b"8", b"11", b"8", b"8"]
+        assert seen[2] == second  # by the last head: what the parse made
+        assert seen[3][4] == second[4] and seen[3][5][:-2] == second[5][:-2]  # the same lines, but the length
+        assert dict(seen[4][5])[b"Authorization"] == b"Bearer q" and dict(seen[5][5])[b"User-Agent"] == b"t/2"
+        assert len(front.heads) == 2  # the memo emptied, then the two other heads parsed into it; the last one not
 
     front_door(scenario)
 
