@@ -83,6 +83,7 @@ __all__ = ["Controller", "exit_text", "stop_left_behind"]
 log = logging.getLogger("athanor.controller")
 
 DRAIN_TIMEOUT_S: Final = 30.0
+_READY: Final = Phase.READY  # compiled, a C static: an attribute of the (Python) enum costs 70 ns per look
 
 
 class Controller:
@@ -168,12 +169,16 @@ class Controller:
 
         Reads the document as last loaded: every request resolves its model first, which re-reads it if changed.
         """
-        obj = self._desired.doc["models"].get(inst.name)
-        return bool(obj and inst.generation and obj["metadata"].get("generation", 1) != inst.generation)
+        models: dict[str, Any] = self._desired.doc["models"]  # typed: a dict's ``get``, not a generic method call
+        obj = models.get(inst.name)
+        if not obj or not inst.generation:
+            return False
+        metadata: dict[str, Any] = obj["metadata"]
+        return metadata.get("generation", 1) != inst.generation
 
     def serving(self, inst: Instance) -> bool:
         """A request for this instance can go straight to its runtime: ready and started from the current spec."""
-        return inst.phase is Phase.READY and not self.outdated(inst)
+        return inst.phase is _READY and not self.outdated(inst)
 
     def instance(self, name: str) -> Instance:
         inst = self.instances.get(name)

@@ -32,6 +32,8 @@ from athanor.controller.phase import Phase, TransitionError
 from athanor.managers.base import Handle
 from athanor.runtimes.launch import LaunchSpec
 
+_monotonic: Final = time.monotonic  # compiled, a C static: ``time.monotonic`` is a module lookup per call
+
 __all__ = ["ALLOWED", "RUNNING", "Instance", "Observer", "Phase", "TransitionError"]
 
 ALLOWED: Final[dict[Phase, frozenset[Phase]]] = {
@@ -98,11 +100,11 @@ class Instance:
             self.slot_tokens = None  # a start says 0 once its process is new; a re-attached one's are not known
             self.missed_probes = 0
             self.error_streak = 0
-            self.starting_since = time.monotonic()
+            self.starting_since = _monotonic()
             self.load_seconds = None
             self.abort = asyncio.Event()
         if new is Phase.READY:
-            self.last_used = time.monotonic()  # idle time counts from readiness, not from the last request
+            self.last_used = _monotonic()  # idle time counts from readiness, not from the last request
         elif new in (Phase.STANDBY, Phase.FAILED):
             self.keep_alive = None  # it held for that load only
         self.message = message
@@ -120,12 +122,12 @@ class Instance:
 
     def enter(self) -> None:
         self.inflight += 1
-        self.last_used = time.monotonic()
+        self.last_used = _monotonic()
         self.changes.bump()
 
     def leave(self) -> None:
         self.inflight -= 1
-        self.last_used = time.monotonic()
+        self.last_used = _monotonic()
         if self.inflight == 0 and self._idle is not None:
             self._idle.set()
             self._idle = None

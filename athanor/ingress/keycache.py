@@ -14,6 +14,8 @@ from typing import Any, Final
 
 from athanor.auth import Keys, load
 
+_monotonic: Final = time.monotonic  # compiled, a C static: ``time.monotonic`` is a module lookup per call
+
 log = logging.getLogger("athanor.auth")
 
 RECHECK_S: Final = 1.0  # how often a key file's mtime is looked at: a rotated key counts within a second
@@ -31,7 +33,7 @@ class KeyCache:
         self.read_only = Keys()  # admin keys that grant GETs only
 
     def refresh(self, auth: dict[str, Any]) -> None:
-        now = time.monotonic()
+        now = _monotonic()
         if auth is self._auth and now - self._checked < RECHECK_S:
             return
         self._checked = now

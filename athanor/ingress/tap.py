@@ -23,6 +23,8 @@ from athanor.metrics import Metrics
 if TYPE_CHECKING:
     from athanor.telemetry.recorder import Recorder
 
+_monotonic: Final = time.monotonic  # compiled, a C static: ``time.monotonic`` is a module lookup per call
+
 _TOKENS: Final = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens|cache_read_input_tokens|'
                      rb'cache_creation_input_tokens|cached_tokens)"\s*:\s*(\d+)')
 # llama-server's own layout of its usage (every answer and final streamed event of this build), read whole from
@@ -119,7 +121,7 @@ class Tap:
         self.tail = b""  # the last bytes of a stream written to the client
 
     def first_byte(self) -> None:
-        self.ttft = time.monotonic() - self.arrived
+        self.ttft = _monotonic() - self.arrived
         self.request_counts.first_token(self.model, self.ttft)
 
     def read_usage(self, data: bytes) -> None:
@@ -173,7 +175,7 @@ class Tap:
         client was answered (or was being answered when it went away); ``client_gone``: it went away before the
         end of its answer, counted as 499. The one place a per-request record is taken from: the telemetry
         recorder gets one tuple appended to its buffer (``telemetry/recorder.py``: ``Record``)."""
-        total = time.monotonic() - self.arrived
+        total = _monotonic() - self.arrived
         if client_gone:
             status = CLIENT_GONE
         prompt = completion = cached = None

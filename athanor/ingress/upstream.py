@@ -39,6 +39,8 @@ from athanor.addresses import authority
 from athanor.ingress.heads import HeadMemo, KnownHeads, only_length
 from athanor.runtimes.launch import LOOPBACK
 
+_monotonic: Final = time.monotonic  # compiled, a C static: ``time.monotonic`` is a module lookup per call
+
 log = logging.getLogger("athanor.ingress")
 
 BUFFER_HIGH: Final = 256 * 1024  # pause reading from the runtime above this many unread bytes, until they are taken
@@ -196,7 +198,7 @@ class _Connection(KnownHeads, asyncio.Protocol):
                 self.close()
                 return
         if (self._done is not None or self.sink is not None) and self.idle_timeout:  # answered in callbacks, not
-            self.deadline = time.monotonic() + self.idle_timeout  # complete yet: the idle limit counts from now
+            self.deadline = _monotonic() + self.idle_timeout  # complete yet: the idle limit counts from now
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -314,7 +316,7 @@ class _Connection(KnownHeads, asyncio.Protocol):
         """Until the runtime sends something (or the connection ends); at most ``idle_timeout`` seconds, which
         the pool's sweep enforces (``UpstreamPool._sweep``)."""
         if self.idle_timeout:
-            self.deadline = time.monotonic() + self.idle_timeout
+            self.deadline = _monotonic() + self.idle_timeout
         self._waiter = self._loop.create_future()
         try:
             await self._waiter
@@ -370,7 +372,7 @@ class _Connection(KnownHeads, asyncio.Protocol):
         callbacks, when the response is complete or has failed (``error``); nothing waits in between."""
         self._write(head, body, idle_timeout)
         if idle_timeout:
-            self.deadline = time.monotonic() + idle_timeout
+            self.deadline = _monotonic() + idle_timeout
         self._done = done
 
     def _write(self, head: bytes, body: bytes, idle_timeout: float | None) -> Response:
@@ -449,7 +451,7 @@ class UpstreamPool:
     def _sweep(self) -> None:
         """End the exchanges whose runtime has sent nothing for the idle limit. One timer for the pool rather than
         one per wait: a streamed answer waits once per chunk."""
-        now = time.monotonic()
+        now = _monotonic()
         for connection in [c for c in self._busy if c.late(now)]:
             connection.expire()
         self._sweeping = (asyncio.get_running_loop().call_later(self._sweep_every(), self._sweep)
@@ -542,7 +544,7 @@ class UpstreamPool:
     def _reusable(self, runtime: _RuntimeConnections) -> _Connection | None:
         """An idle connection fit for reuse, if there is one; those unfit are closed on the way."""
         if runtime.idle:
-            now = time.monotonic()
+            now = _monotonic()
             while runtime.idle:
                 connection = runtime.idle.pop()  # the most recently used first: the least likely to be dropped
                 if now - connection.idle_since < self.reuse_idle_s and not connection.dropped():
@@ -588,7 +590,7 @@ class UpstreamPool:
 
     def _give(self, runtime: _RuntimeConnections, connection: _Connection) -> None:
         """A connection free for the next request: to the oldest waiter, else idle."""
-        connection.idle_since = time.monotonic()
+        connection.idle_since = _monotonic()
         if not runtime.waiters or not runtime.pass_on(connection):
             runtime.idle.append(connection)
 
