@@ -88,8 +88,14 @@ def _outcome(parse: Callable[[bytes], Any], body: bytes) -> tuple[str, str]:
     st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                  lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
                  max_leaves=12).map(lambda value: json.dumps(value).encode()),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                 lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                 max_leaves=12).map(lambda value: json.dumps(value, ensure_ascii=False).encode("utf-8",
+                                                                                                "surrogatepass")),
+    st.binary(max_size=12).map(lambda raw: b'{"model": "m", "prompt": "' + raw + b'"}'),  # any bytes in a string
+    st.from_regex(rb"\A-?[0-9]{1,40}(\.[0-9]{0,30})?([eE][+-]?[0-9]{1,5})?\Z"),  # numbers, far beyond a float's range
 ))
 def test_the_body_is_parsed_exactly_as_json_loads_parses_it(body: bytes):
-    """The body's parse skips json.loads's wrappers (``requests.json_body``): every value, and every error with its
-    message (which a client reads in the 400), must be json.loads's own."""
+    """The body's parse takes msgspec first and skips json.loads's wrappers (``requests.json_body``): every value,
+    and every error with its message (which a client reads in the 400), must be json.loads's own."""
     assert _outcome(json_body, body) == _outcome(lambda b: json.loads(b.decode()), body)
