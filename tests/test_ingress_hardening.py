@@ -21,8 +21,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from athanor.ingress.proxy import ModelIdRewrite
+from athanor.ingress.proxy import ModelIdRewrite, _Relay
+from athanor.ingress.tap import Tap
+from athanor.metrics import Metrics
 from athanor.managers.process import ProcessHandle, ProcessSupervisor
 from athanor.managers.systemd import SystemctlError
 from fixtures.tier import Tier, pid_of, supervise_with
@@ -191,6 +195,43 @@ def test_the_model_id_rewrite_changes_model_keys_at_any_depth_and_no_text():
     assert rewritten == {**answer, "model": 'my "yes" model'}
     untouched = b'{"model": "no", "content": "yes-ish"}'
     assert rewrite.apply(untouched) is untouched, "a body without the served name is passed through as it is"
+
+
+_STREAM = (b'data: {"model":"yes","choices":[{"delta":{"content":"yes, "}}]}\n\n'
+           b'data: {"model":"yes","choices":[{"delta":{"content":"\\"usage\\""}}]}\n\n'
+           b'data: {"model":"yes","choices":[],"usage":{"completion_tokens":2,"prompt_tokens":3,"total_tokens":5}}\n\n'
+           b"data: [DONE]\n\n")
+
+
+class _KeptWrites:
+    """What ``_Relay`` needs of a client's exchange: the writes, kept."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write_now(self, data: bytes) -> bool:
+        self.written.append(data)
+        return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(st.integers(min_value=1, max_value=len(_STREAM) - 1), max_size=12))
+def test_a_stream_relayed_in_any_cut_reaches_the_client_as_in_one_piece(cuts: set[int]):
+    """However the runtime's stream is cut into chunks, the client gets whole lines, the model id rewritten where it
+    is one and nowhere else, the usage counted, and the usage-only event it did not ask for left out."""
+    edges = [0, *sorted(cuts), len(_STREAM)]
+    tap = Tap(Metrics(), "m", "/v1/chat/completions", arrived=0.0)
+    tap.drop_usage = True
+    client = _KeptWrites()
+    relay = _Relay(client, ModelIdRewrite("yes", "asked"), tap)  # type: ignore[arg-type]
+    for start, end in zip(edges, edges[1:]):
+        assert relay(_STREAM[start:end])
+    assert relay.carry == b""
+    assert all(write.endswith(b"\n") for write in client.written)
+    assert b"".join(client.written) == (b'data: {"model":"asked","choices":[{"delta":{"content":"yes, "}}]}\n\n'
+                                        b'data: {"model":"asked","choices":[{"delta":{"content":"\\"usage\\""}}]}'
+                                        b"\n\ndata: [DONE]\n\n")
+    assert tap.counts == {b"completion_tokens": 2, b"prompt_tokens": 3}
 
 
 # ---------------------------------------------------------------------------------------------- counting

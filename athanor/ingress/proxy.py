@@ -526,11 +526,15 @@ class _Relay:
             tap.first_byte()
             self.first = False
         data = self.carry + chunk if self.carry else chunk
-        cut = data.rfind(b"\n") + 1
-        self.carry = data[cut:]
-        if not cut:
-            return True
-        lines = _passed_on(data[:cut], self.model_id, tap)
+        if data.endswith(b"\n"):  # whole events, as a runtime sends them: no search (a compiled primitive)
+            self.carry = b""
+        else:
+            cut = data.rfind(b"\n") + 1
+            self.carry = data[cut:]
+            if not cut:
+                return True
+            data = data[:cut]
+        lines = _passed_on(data, self.model_id, tap)
         if not lines:
             return True
         tap.tail = lines
@@ -547,7 +551,7 @@ async def _write_lines(request: ClientExchange, lines: bytes, model_id: ModelIdR
 def _passed_on(lines: bytes, model_id: ModelIdRewrite | None, tap: Tap) -> bytes:
     """SSE lines as the client gets them: usage counted (and the usage-only event it did not ask for cut), the
     model id rewritten."""
-    if b'"usage"' in lines:
+    if tap.skip_blank or b'"usage"' in lines:
         lines = tap.usage_lines(lines)
     return model_id.apply(lines) if model_id is not None else lines
 

@@ -104,7 +104,7 @@ class Tap:
     (``stream_options``), and the usage-only chunk is dropped on the way back (``drop_usage``)."""
 
     __slots__ = ("_tokens_seen", "arrived", "counts", "drop_usage", "model", "request_counts", "route",
-                 "route_counts", "runtime", "tail", "telemetry", "timings", "ttft")
+                 "route_counts", "runtime", "skip_blank", "tail", "telemetry", "timings", "ttft")
 
     def __init__(self, metrics: Metrics, model: str, route: str, arrived: float, telemetry: Recorder | None = None):
         self.model, self.route, self.arrived = model, route, arrived
@@ -119,6 +119,7 @@ class Tap:
         self._tokens_seen: tuple[int, int, int | None] | None = None  # ``_tokens`` of ``counts`` as they are now
         self.ttft: float | None = None  # seconds from arrival to the first streamed byte
         self.tail = b""  # the last bytes of a stream written to the client
+        self.skip_blank = False  # a usage-only event was cut and the blank line that ends it has not come yet
 
     def first_byte(self) -> None:
         self.ttft = _monotonic() - self.arrived
@@ -149,9 +150,10 @@ class Tap:
             self.timings = data[start:start + TIMINGS_BYTES]  # cut to the object by the telemetry writer
 
     def usage_lines(self, lines: bytes) -> bytes:
-        """SSE lines that mention usage: count it, and cut the usage-only event the client did not ask for."""
+        """SSE lines that mention usage: count it, and cut the usage-only event the client did not ask for, with the
+        blank line that ends it, which may come with the next chunk (``skip_blank``)."""
         out = []
-        skip_blank = False
+        skip_blank = self.skip_blank
         for line in lines.splitlines(keepends=True):
             if skip_blank and not line.strip():
                 skip_blank = False
@@ -163,6 +165,7 @@ class Tap:
                     skip_blank = True
                     continue
             out.append(line)
+        self.skip_blank = skip_blank
         return b"".join(out)
 
     def stream_ended(self) -> bool:
