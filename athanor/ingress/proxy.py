@@ -76,7 +76,8 @@ KEEPALIVE_S: Final = 3.0  # an SSE comment this often to a streaming client whil
 REQUEST_SKIP_BYTES: Final = HOP_BY_HOP | {b"content-type", b"expect", b"accept-encoding", b"authorization",
                                           b"x-api-key", b"origin"}
 JSON_BODY: Final = ("Content-Type", "application/json")
-SSE_HEADERS: Final = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+SSE_HEADERS: Final = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+                      ("X-Accel-Buffering", "no")]
 
 
 class Proxy:

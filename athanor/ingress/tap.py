@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 _monotonic: Final = time.monotonic  # compiled, a C static: ``time.monotonic`` is a module lookup per call
 
 _TOKENS: Final = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens|cache_read_input_tokens|'
-                     rb'cache_creation_input_tokens|cached_tokens)"\s*:\s*(\d+)')
+                            rb'cache_creation_input_tokens|cached_tokens)"\s*:\s*(\d+)')
 # llama-server's own layout of its usage (every answer and final streamed event of this build), read whole from
 # where it starts by ``llama_usage``. Any other layout (another runtime, another build, Anthropic's or the Responses
 # API's usage) takes the general pattern above.
@@ -38,7 +38,8 @@ _NO_CHOICES: Final = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 # How each streamed API says its answer is complete: OpenAI's chat and completions, Anthropic's Messages, and
 # the Responses API. A client may hang up as soon as it has read one of these.
 STREAM_ENDS: Final = (b"data: [DONE]", b"event: message_stop", b"event: response.completed")
-CLIENT_GONE: Final = 499  # the status a request is counted with when its client went away before the end (llama-swap's)
+# the status a request is counted with when its client went away before the end (llama-swap's)
+CLIENT_GONE: Final = 499
 # What is kept of an answer from its ``"timings"`` on: the object is cut out of it by the telemetry writer
 # (``recorder.timings_of``), off the request path. llama-server's is about 230 bytes.
 TIMINGS_BYTES: Final = 1024

@@ -45,11 +45,12 @@ log = logging.getLogger("athanor.ingress")
 
 BUFFER_HIGH: Final = 256 * 1024  # pause reading from the runtime above this many unread bytes, until they are taken
 DEFAULT_LIMIT: Final = 32
-ONE_WRITE_BODY: Final = 16 * 1024  # bodies up to this size go out with the head in one write (copying beats a syscall)
+# bodies up to this size go out with the head in one write (copying beats a system call)
+ONE_WRITE_BODY: Final = 16 * 1024
 REUSE_IDLE_S: Final = 4.0  # llama-server (cpp-httplib) and uvicorn close a connection idle for 5 s
 # Header names (lower-case) that belong to one hop, framing among them: never passed on as they came.
 HOP_BY_HOP: Final = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-                        b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length"})
+                               b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length"})
 # A runtime's header lines its caller never passes on (``Response.passed_on``): hop-by-hop ones and the date (the
 # gateway frames and dates its own answers), and CORS (the gateway decides that for itself).
 NOT_PASSED_ON: Final = HOP_BY_HOP | {b"date"}

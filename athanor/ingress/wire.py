@@ -50,11 +50,11 @@ KEEPALIVE_S: Final = 75.0  # an idle kept-alive connection is closed after this 
 MAX_QUEUED: Final = 8  # pipelined requests read ahead of the one being answered; reading pauses beyond
 _REASONS: Final = {status.value: status.phrase for status in http.HTTPStatus}
 # The headers read on every request (``Request.fields``): by the front door (framing, Expect, CORS) and the guard.
-FIELDS: Final = frozenset({b"host", b"origin", b"sec-fetch-site", b"authorization", b"x-api-key", b"content-length",
-                    b"expect"})
+FIELDS: Final = frozenset({b"host", b"origin", b"sec-fetch-site", b"authorization", b"x-api-key",
+                           b"content-length", b"expect"})
 # Their names as code spells them (``headers.get("Host")``), to the key in ``Request.fields``.
 _FIELD_KEYS: Final = {spelling: field for field in FIELDS
-               for spelling in {field.decode(), field.decode().title(), field.decode().upper()}}
+                      for spelling in {field.decode(), field.decode().title(), field.decode().upper()}}
 
 # Heads with these are parsed every time (``heads.py``): the body is framed otherwise, or the answer or what follows
 # it depends on more than the head (``Expect``, an upgrade).
