@@ -50,34 +50,34 @@ def llama_usage(data: bytes, start: int) -> tuple[int, int, int | None, int] | N
     starts at ``start``: ``"usage":{"completion_tokens":C,"prompt_tokens":P,"total_tokens":T}``, with
     ``,"prompt_tokens_details":{"cached_tokens":N}`` before the last brace or not; else None. Read by hand, with no
     regular expression, search or ``int()``: compiled, that is a sixth of their cost, and it runs for every answer."""
-    at = start + len(_USAGE_OPEN)
-    if data[start:at] != _USAGE_OPEN:
+    completion, end = _labelled_number(data, start, _USAGE_OPEN)
+    if end < 0:
         return None
-    completion, end = number_at(data, at)
-    if end == at:
+    prompt, end = _labelled_number(data, end, _PROMPT)
+    if end < 0:
         return None
-    at = end + len(_PROMPT)
-    if data[end:at] != _PROMPT:
-        return None
-    prompt, end = number_at(data, at)
-    if end == at:
-        return None
-    at = end + len(_TOTAL)
-    if data[end:at] != _TOTAL:
-        return None
-    _, end = number_at(data, at)
-    if end == at:
+    _, end = _labelled_number(data, end, _TOTAL)
+    if end < 0:
         return None
     cached: int | None = None
-    at = end + len(_CACHED)
-    if data[end:at] == _CACHED:
-        cached, end = number_at(data, at)
-        if end == at or data[end:end + 1] != b"}":
+    if data[end:end + len(_CACHED)] == _CACHED:
+        cached, end = _labelled_number(data, end, _CACHED)
+        if end < 0 or data[end:end + 1] != b"}":
             return None
         end += 1
     if data[end:end + 1] != b"}":
         return None
     return completion, prompt, cached, end + 1
+
+
+def _labelled_number(data: bytes, at: int, label: bytes) -> tuple[int, int]:
+    """(the number that follows ``label`` at ``data[at:]``, where it ends); the end is -1 when the label or the
+    digits are not there."""
+    start = at + len(label)
+    if data[at:start] != label:
+        return 0, -1
+    value, end = number_at(data, start)
+    return value, end if end > start else -1
 
 
 def object_end(data: bytes, start: int) -> int:
